@@ -206,7 +206,7 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(group, dim=1)  # (B, H, S, D): each kv head serves `group` query heads
         v = v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
         T, S = scores.shape[-2:]
         if mask is None:  # plain causal: query i (at absolute position S - T + i) sees keys <= it
             mask = causal_mask(T, S, device=q.device)

@@ -1,0 +1,273 @@
+"""The Transformer against Hugging Face transformers and torch references.
+
+Every Hugging Face model here is built in the test with random weights (nothing is
+downloaded); its state dict goes through scratchlm.hf and the logits must agree.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from scratchlm import ModelConfig, Transformer
+from scratchlm.hf import from_hf_model
+from scratchlm.model import apply_rope, causal_mask, rope_table
+
+transformers.logging.set_verbosity_error()
+ATOL = 1e-4
+
+
+def _hf_gpt2(**kw):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=211, n_positions=128, n_embd=64, n_layer=3, n_head=4,
+                                     bos_token_id=0, eos_token_id=0, **kw)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _hf_llama(n_kv_heads=4, tie=False, rope_scaling=None, max_positions=128, theta=10000.0):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=199, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions, rope_theta=theta,
+        rope_scaling=rope_scaling, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 32}
+
+HF_CASES = {
+    "gpt2": lambda: _hf_gpt2(),
+    "llama2-mha": lambda: _hf_llama(n_kv_heads=4),
+    "llama3-gqa": lambda: _hf_llama(n_kv_heads=2, theta=500000.0),
+    # original context 32, model context 256: positions up to 200 are "beyond the original context"
+    "llama3.1-rope-scaling": lambda: _hf_llama(n_kv_heads=2, rope_scaling=LLAMA31_SCALING, max_positions=256),
+    "llama3.2-tied": lambda: _hf_llama(n_kv_heads=2, tie=True, rope_scaling=LLAMA31_SCALING, max_positions=256),
+    "mqa": lambda: _hf_llama(n_kv_heads=1),
+}
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "reference"])
+def test_logits_equal_hugging_face(case, use_sdpa):
+    hf = HF_CASES[case]()
+    ours = from_hf_model(hf).eval()
+    ours.use_sdpa = use_sdpa
+    T = 200 if "rope-scaling" in case or "tied" in case else 100
+    ids = torch.randint(0, hf.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_tied_head_shares_one_matrix():
+    ours = from_hf_model(HF_CASES["llama3.2-tied"]())
+    assert ours.lm_head.weight is ours.tok_emb.weight
+    untied = from_hf_model(HF_CASES["llama2-mha"]())
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def test_rope_equals_hugging_face_rotary_embedding():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    hf = HF_CASES["llama3.1-rope-scaling"]()
+    ours = from_hf_model(hf)
+    rotary = LlamaRotaryEmbedding(hf.config)
+    positions = torch.arange(0, 256)[None]
+    x = torch.randn(1, 4, 256, 16)
+    hf_cos, hf_sin = rotary(x, positions)
+    cos, sin = rope_table(ours.config, 256)
+    torch.testing.assert_close(cos, hf_cos[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sin, hf_sin[0], atol=1e-5, rtol=0)
+    q, k = torch.randn(1, 4, 256, 16), torch.randn(1, 2, 256, 16)
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
+    torch.testing.assert_close(apply_rope(q, cos[None, None], sin[None, None]), hf_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(apply_rope(k, cos[None, None], sin[None, None]), hf_k, atol=1e-5, rtol=0)
+
+
+def test_rope_scaling_changes_only_low_frequencies():
+    base = ModelConfig.preset("llama-tiny", context_length=256)
+    scaled = base.replace(rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_context_length": 32})
+    from scratchlm.model import rope_frequencies
+
+    f0, f1 = rope_frequencies(base), rope_frequencies(scaled)
+    assert torch.equal(f0[0], f1[0])  # the fastest rotation is kept
+    torch.testing.assert_close(f1[-1], f0[-1] / 8)  # the slowest is slowed by `factor`
+
+
+def test_rope_preserves_norm_and_relative_position():
+    config = ModelConfig.preset("llama-tiny")
+    cos, sin = rope_table(config, 64)
+    q, k = torch.randn(config.head_dim), torch.randn(config.head_dim)
+
+    def rot(x, p):
+        return apply_rope(x[None, None, None], cos[p][None, None, None], sin[p][None, None, None]).flatten()
+
+    torch.testing.assert_close(rot(q, 5).norm(), q.norm())
+    # <R_m q, R_n k> depends only on m - n: the reason RoPE encodes relative positions
+    torch.testing.assert_close(rot(q, 7) @ rot(k, 3), rot(q, 14) @ rot(k, 10), atol=1e-5, rtol=0)
+
+
+# ---- reference attention vs F.scaled_dot_product_attention ------------------------------
+ATTENTION_KINDS = {"mha": 4, "gqa": 2, "mqa": 1}
+POSITION_KINDS = ["learned", "sinusoidal", "rope"]
+
+
+def _tiny(positions="rope", n_kv_heads=2, **kw):
+    torch.manual_seed(0)
+    norm, mlp = ("rmsnorm", "swiglu") if positions == "rope" else ("layernorm", "gelu")
+    config = ModelConfig(vocab_size=97, context_length=96, d_model=64, n_layers=2, n_heads=4,
+                         n_kv_heads=n_kv_heads, d_ff=128, norm=norm, mlp=mlp, positions=positions, **kw)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # make every weight matter (norm gains and biases start at 1 / 0)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_reference_attention_equals_sdpa(kind):
+    model = _tiny(n_kv_heads=ATTENTION_KINDS[kind])
+    ids = torch.randint(0, 97, (3, 50))
+    with torch.no_grad():
+        fast = model(ids)
+        model.use_sdpa = False
+        reference = model(ids)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+
+
+def test_reference_attention_matches_torch_functional_with_mask():
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    model = _tiny(n_kv_heads=4)
+    attn = model.blocks[0].attn
+    mask = causal_mask(5, 9)
+    torch.testing.assert_close(attn._reference(q, k, v, None),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-6, rtol=0)
+
+
+def test_causal_mask_shape_and_offset():
+    mask = causal_mask(2, 5)  # 2 new queries after 3 cached positions
+    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_future_tokens_do_not_change_past_logits():
+    model = _tiny()
+    ids = torch.randint(0, 97, (1, 30))
+    changed = ids.clone()
+    changed[0, 20:] = (changed[0, 20:] + 1) % 97
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, :20], model(changed)[:, :20])
+
+
+# ---- KV cache -------------------------------------------------------------------------------
+@pytest.mark.parametrize("positions", POSITION_KINDS)
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_cached_decoding_equals_uncached(positions, kind):
+    model = _tiny(positions=positions, n_kv_heads=ATTENTION_KINDS[kind])
+    prompt = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(3))
+    steps = 50
+    with torch.no_grad():
+        # uncached: the whole sequence again at every step
+        ids = prompt
+        uncached_logits = []
+        for _ in range(steps):
+            logits = model(ids)[:, -1]
+            uncached_logits.append(logits)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        # cached: the prompt once, then one token at a time
+        cache = model.new_cache(batch_size=1)
+        logits = model(prompt, cache=cache)[:, -1]
+        cached_ids, cached_logits = prompt, []
+        for _ in range(steps):
+            cached_logits.append(logits)
+            next_id = logits.argmax(-1, keepdim=True)
+            cached_ids = torch.cat([cached_ids, next_id], dim=1)
+            logits = model(next_id, cache=cache)[:, -1]
+    assert torch.equal(ids, cached_ids)  # same greedy tokens
+    torch.testing.assert_close(torch.stack(cached_logits), torch.stack(uncached_logits), atol=1e-5, rtol=0)
+    assert cache.length == 7 + steps
+
+
+def test_cache_is_written_in_place_and_chunked_prefill_works():
+    model = _tiny()
+    cache = model.new_cache(batch_size=2, max_length=40)
+    storage = [k.data_ptr() for k in cache.k]
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        chunks = [model(ids[:, a:b], cache=cache) for a, b in [(0, 12), (12, 13), (13, 30)]]
+        full = model(ids)
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
+    assert [k.data_ptr() for k in cache.k] == storage  # preallocated, never reallocated
+    assert cache.k[0].shape == (2, 2, 40, 16)  # (batch, n_kv_heads, max_length, head_dim)
+
+
+@pytest.mark.parametrize("positions", POSITION_KINDS)
+def test_left_padded_row_equals_unpadded(positions):
+    """A batch row padded on the left (masked keys, positions from 0) gives the same logits."""
+    model = _tiny(positions=positions)
+    short = torch.randint(1, 97, (1, 6))
+    pad = 4
+    ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)
+    positions_ = torch.cat([torch.zeros(pad, dtype=torch.long), torch.arange(6)])[None]
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        cache.key_mask = torch.zeros(1, cache.max_length, dtype=torch.bool)
+        cache.key_mask[0, pad:] = True
+        padded = model(ids, cache=cache, positions=positions_)[:, pad:]
+        alone = model(short)
+        next_id = alone[:, -1:].argmax(-1)
+        step_padded = model(next_id, cache=cache, positions=torch.tensor([[6]]))
+        step_alone = model(torch.cat([short, next_id], dim=1))[:, -1:]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step_padded, step_alone, atol=1e-5, rtol=0)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_token_ids_outside_vocabulary():
+    model = _tiny()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[-1, 3]]))
+
+
+def test_sequence_longer_than_context():
+    model = _tiny()
+    with pytest.raises(ValueError, match="exceeds the context length 96"):
+        model(torch.zeros(1, 97, dtype=torch.long))
+    cache = model.new_cache(1, max_length=10)
+    model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="exceeds the context length 10"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+# ---- training-time behaviour ------------------------------------------------------------------
+def test_gpt2_style_init_scales_residual_projections():
+    config = ModelConfig.preset("gpt2", n_layers=8, vocab_size=1000, context_length=64)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    std_out = model.blocks[0].attn.out_proj.weight.std().item()
+    std_qkv = model.blocks[0].attn.qkv_proj.weight.std().item()
+    assert abs(std_qkv - 0.02) < 0.002
+    assert abs(std_out - 0.02 / (2 * 8) ** 0.5) < 0.001
+
+
+def test_dropout_only_in_training_mode():
+    model = _tiny(dropout=0.5)
+    ids = torch.randint(0, 97, (1, 20))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids), model(ids))
+        model.train()
+        assert not torch.equal(model(ids), model(ids))
+
+
+def test_tables_are_shared_not_copied_per_layer():
+    model = _tiny(positions="rope")
+    buffers = dict(model.named_buffers())
+    assert set(buffers) == {"rope_cos", "rope_sin"}  # one table for the model, none per layer
+    assert "rope_cos" not in model.state_dict()  # rebuilt on load, never stored
