@@ -6,13 +6,14 @@ args and returning an exit code or None). Modules import their heavy or optional
 dependencies inside those functions, so `scratchlm --help` stays fast.
 
 A user mistake (missing file, bad value, unknown preset...) ends with one line on stderr
-and exit code 2, never a traceback.
+and exit code 2, never a traceback (set SCRATCHLM_DEBUG=1 to see one).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that register commands, in the order they appear in --help.
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print("scratchlm: interrupted", file=sys.stderr)
         return 130
     except user_errors() as e:
+        if os.environ.get("SCRATCHLM_DEBUG"):
+            raise  # the full traceback, for developers
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"scratchlm: error: {message}", file=sys.stderr)
         return 2
