@@ -1,0 +1,313 @@
+"""generate() and stream(): greedy equals Hugging Face, batching, streaming, stops, sampling filters."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchlm import ModelConfig, Transformer
+from scratchlm.generate import (Completion, SamplingOptions, apply_repetition_penalty, generate,
+                                min_p_filter, sample_next, stream, top_k_filter, top_p_filter)
+
+transformers = pytest.importorskip("transformers")
+
+
+# ---- tiny models --------------------------------------------------------------------------
+def hf_gpt2(vocab=96, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def hf_llama(vocab=96, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def pair(request):
+    """(hf_model, our_model) with the same random weights."""
+    from scratchlm.hf import from_hf_model
+
+    hf = hf_gpt2() if request.param == "gpt2" else hf_llama()
+    # Sharpen the random weights so greedy choices are not near-ties.
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return hf, from_hf_model(hf).eval()
+
+
+class ByteTok:
+    """A byte-level stand-in tokenizer: id = byte value + 2 (0 = pad/bos, 1 = eot)."""
+
+    vocab_size, eot_id, bos_id, special_tokens, chat_template = 258, 1, 0, {}, None
+
+    def encode(self, text):
+        return [b + 2 for b in text.encode("utf-8")]
+
+    def decode_bytes(self, ids):
+        return bytes(i - 2 for i in ids if i >= 2)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def byte_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.preset("gpt-tiny").replace(vocab_size=258)).eval()
+
+
+# ---- greedy equals Hugging Face ---------------------------------------------------------
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_matches_hf_generate(pair, use_cache):
+    hf, ours = pair
+    prompt = [5, 17, 42, 8, 3]
+    expected = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           do_sample=False, max_new_tokens=20, eos_token_id=None)[0, len(prompt):].tolist()
+    [c] = generate(ours, None, [prompt], max_new_tokens=20, use_cache=use_cache)
+    assert c.token_ids == expected
+    assert c.finish_reason == "length" and c.prompt_tokens == 5 and c.completion_tokens == 20
+
+
+def test_batch_of_different_lengths_equals_each_alone(pair):
+    _, ours = pair
+    prompts = [[5, 17, 42, 8, 3, 9, 11], [7], [30, 31, 32]]
+    alone = [generate(ours, None, [p], max_new_tokens=12)[0].token_ids for p in prompts]
+    batched = [c.token_ids for c in generate(ours, None, prompts, max_new_tokens=12)]
+    assert batched == alone
+    no_cache = [c.token_ids for c in generate(ours, None, prompts, max_new_tokens=12, use_cache=False)]
+    assert no_cache == alone
+
+
+def test_batched_greedy_matches_hf_left_padded(pair):
+    hf, ours = pair
+    prompts = [[5, 17, 42, 8, 3], [7, 9]]
+    ids = torch.tensor([[5, 17, 42, 8, 3], [0, 0, 0, 7, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    expected = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
+                           eos_token_id=None)[:, 5:].tolist()
+    assert [c.token_ids for c in generate(ours, None, prompts, max_new_tokens=10)] == expected
+
+
+# ---- stops ---------------------------------------------------------------------------------
+def test_stop_token_id_ends_the_row(pair):
+    _, ours = pair
+    full = generate(ours, None, [[5, 17, 42]], max_new_tokens=15)[0].token_ids
+    stop_id = full[6]
+    first = full.index(stop_id)
+    [c] = generate(ours, None, [[5, 17, 42]], max_new_tokens=15, stop_token_ids=[stop_id])
+    assert c.token_ids == full[:first] and c.finish_reason == "stop" and c.completion_tokens == first + 1
+
+
+def test_stop_strings_cut_where_they_should():
+    model, tok = byte_model(), ByteTok()
+    full = generate(model, tok, "Hello", max_new_tokens=30, ignore_eos=True)[0]
+    assert len(full.text) >= 10
+    needle = full.text[5:8]
+    cut = full.text.index(needle)
+    c = generate(model, tok, "Hello", max_new_tokens=30, ignore_eos=True, stop=["\x00never", needle])[0]
+    assert c.text == full.text[:cut]
+    assert c.finish_reason == "stop"
+    assert full.text.startswith(c.text)
+    # The ids run up to the token that completed the stop string.
+    assert tok.decode(c.token_ids).startswith(c.text + needle[:1]) or needle in tok.decode(c.token_ids)
+
+
+def test_eot_ends_generation_and_is_not_in_output():
+    model, tok = byte_model(), ByteTok()
+    full = generate(model, tok, "abc", max_new_tokens=8, ignore_eos=True)[0]
+    tok.eot_id = full.token_ids[3]  # pretend this generated token is the end of text
+    first = full.token_ids.index(tok.eot_id)
+    c = generate(model, tok, "abc", max_new_tokens=8)[0]
+    assert c.token_ids == full.token_ids[:first] and c.finish_reason == "stop"
+    assert c.text == tok.decode(full.token_ids[:first])
+    assert c.completion_tokens == first + 1
+
+
+# ---- streaming -----------------------------------------------------------------------------
+@pytest.mark.parametrize("stop", [None, ["e "], ["zz"]])
+def test_stream_joined_equals_generate(stop):
+    model, tok = byte_model(1), ByteTok()
+    options = dict(max_new_tokens=25, temperature=0.9, seed=3, stop=stop, ignore_eos=True)
+    c = generate(model, tok, "The cat", **options)[0]
+    deltas = list(stream(model, tok, "The cat", **options))
+    assert "".join(d.text for d in deltas) == c.text
+    assert [d.token_id for d in deltas if d.token_id is not None] == c.token_ids
+    assert [d.finish_reason for d in deltas][-1] == c.finish_reason
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_stream_is_utf8_safe():
+    """A character split over several tokens is handed out whole, once complete."""
+    from scratchlm.generate import _TextAssembler
+
+    tok = ByteTok()
+    text = "é€😀"
+    asm = _TextAssembler(tok, [])
+    pieces = [asm.add(t)[0] for t in tok.encode(text)] + [asm.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[:2] == ["", "é"]  # a 2-byte char: nothing after its first byte
+    assert pieces[2:5] == ["", "", "€"] and pieces[5:9] == ["", "", "", "😀"]
+
+
+def test_held_back_stop_prefix_is_released():
+    from scratchlm.generate import _TextAssembler
+
+    tok = ByteTok()
+    asm = _TextAssembler(tok, ["END"])
+    out = [asm.add(t)[0] for t in tok.encode("xEN")]
+    assert "".join(out) == "x"  # "EN" might become "END": held back
+    piece, hit = asm.add(tok.encode("d")[0])
+    assert not hit and piece == "ENd"
+    assert [asm.add(t)[1] for t in tok.encode("aEND")] == [False, False, False, True]
+    assert asm.text == "xENda"
+
+
+# ---- sampling: seeds and filters ---------------------------------------------------------
+def test_same_seed_same_sample_different_seed_differs():
+    model = byte_model()
+    a = generate(model, None, [[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=123)[0].token_ids
+    b = generate(model, None, [[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=123)[0].token_ids
+    c = generate(model, None, [[5, 6, 7]], max_new_tokens=30, temperature=1.0, seed=124)[0].token_ids
+    assert a == b and a != c
+
+
+PROBS = torch.tensor([0.05, 0.30, 0.10, 0.40, 0.15])  # a known distribution; sorted: 3, 1, 4, 2, 0
+
+
+def kept(logits):
+    return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
+
+
+@pytest.mark.parametrize("k, expected", [(1, {3}), (2, {3, 1}), (3, {3, 1, 4}), (5, {0, 1, 2, 3, 4}), (9, {0, 1, 2, 3, 4})])
+def test_top_k_keeps_the_k_most_likely(k, expected):
+    assert kept(top_k_filter(PROBS.log(), k)) == expected
+
+
+@pytest.mark.parametrize("p, expected", [(0.3, {3}), (0.4, {3}), (0.41, {3, 1}), (0.69, {3, 1}),
+                                         (0.71, {3, 1, 4}), (0.9, {3, 1, 4, 2}), (1.0, {0, 1, 2, 3, 4})])
+def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
+    assert kept(top_p_filter(PROBS.log(), p)) == expected
+
+
+@pytest.mark.parametrize("m, expected", [(0.0, {0, 1, 2, 3, 4}), (0.2, {1, 2, 3, 4}), (0.3, {1, 3, 4}),
+                                         (0.5, {1, 3}), (0.9, {3}), (1.0, {3})])
+def test_min_p_keeps_tokens_above_a_fraction_of_the_top(m, expected):
+    assert kept(min_p_filter(PROBS.log(), m)) == expected
+
+
+def test_filters_match_a_torch_reference_on_random_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 1000) * 3
+    probs = logits.softmax(-1)
+    # top-k: the k largest by a full sort
+    ref_topk = logits >= logits.sort(-1, descending=True).values[:, 19:20]
+    assert torch.equal(torch.isfinite(top_k_filter(logits, 20)), ref_topk)
+    # top-p: walk each row's sorted probabilities in Python
+    got = torch.isfinite(top_p_filter(logits, 0.8))
+    for row in range(8):
+        order = probs[row].argsort(descending=True).tolist()
+        total, keep = 0.0, set()
+        for i in order:
+            keep.add(i)
+            total += probs[row, i].item()
+            if total >= 0.8:
+                break
+        assert set(torch.nonzero(got[row]).flatten().tolist()) == keep
+    # min-p
+    ref_minp = probs >= 0.05 * probs.max(-1, keepdim=True).values
+    assert torch.equal(torch.isfinite(min_p_filter(logits, 0.05)), ref_minp)
+
+
+def test_filtered_logits_renormalize_to_the_kept_mass():
+    got = F.softmax(top_p_filter(PROBS.log(), 0.71), -1)
+    assert torch.allclose(got, torch.tensor([0, 0.30, 0, 0.40, 0.15]) / 0.85)
+
+
+def test_samples_stay_inside_the_filtered_set():
+    logits = PROBS.log().repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    for options, allowed in [(SamplingOptions(1.0, top_k=2), {1, 3}), (SamplingOptions(1.0, top_p=0.71), {1, 3, 4}),
+                             (SamplingOptions(1.0, min_p=0.5), {1, 3}),
+                             (SamplingOptions(1.0, top_k=3, top_p=0.5), {1, 3})]:
+        drawn = sample_next(logits, options, g)
+        assert set(drawn.tolist()) == allowed
+    # With no filter, the frequencies follow the distribution.
+    freq = torch.bincount(sample_next(logits, SamplingOptions(1.0), g), minlength=5).float() / 2000
+    assert torch.allclose(freq, PROBS, atol=0.04)
+
+
+def test_temperature_reshapes_the_distribution():
+    logits = PROBS.log().repeat(4000, 1)
+    g = torch.Generator().manual_seed(1)
+    cold = torch.bincount(sample_next(logits, SamplingOptions(0.25), g), minlength=5).float() / 4000
+    expected = F.softmax(PROBS.log() / 0.25, -1)
+    assert torch.allclose(cold, expected, atol=0.03)
+
+
+def test_repetition_penalty_matches_hf():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    ids = torch.tensor([[3, 7, 7, 9], [1, 2, 3, 4]])
+    seen = torch.zeros(2, 50, dtype=torch.bool).scatter_(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+
+def test_greedy_with_repetition_penalty_matches_hf(pair):
+    hf, ours = pair
+    prompt = [5, 17, 42, 8, 3]
+    expected = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
+                           do_sample=False, max_new_tokens=15, eos_token_id=None,
+                           repetition_penalty=1.5)[0, 5:].tolist()
+    assert generate(ours, None, [prompt], max_new_tokens=15, repetition_penalty=1.5)[0].token_ids == expected
+
+
+# ---- bad input -----------------------------------------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.2), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(overflow="wrap"), "overflow")])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        generate(byte_model(), ByteTok(), "hi", **options)
+
+
+def test_empty_prompt_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        generate(byte_model(), ByteTok(), "")
+    with pytest.raises(ValueError, match="empty"):
+        generate(byte_model(), None, [[]])
+    with pytest.raises(ValueError, match="empty"):
+        stream(byte_model(), ByteTok(), "")  # raised at the call, before iterating
+
+
+def test_text_prompt_without_tokenizer_is_an_error():
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(byte_model(), None, "hello")
+
+
+def test_prompt_longer_than_context_errors_or_truncates():
+    model = byte_model()  # context 128
+    long = list(range(2, 122))
+    with pytest.raises(ValueError, match="context length 128"):
+        generate(model, None, [long], max_new_tokens=20)
+    with pytest.warns(UserWarning, match="cut from the left"):
+        [c] = generate(model, None, [long], max_new_tokens=20, overflow="truncate")
+    assert c.prompt_tokens == 108 and c.completion_tokens == 20
+    assert c.token_ids == generate(model, None, [long[-108:]], max_new_tokens=20)[0].token_ids
+
+
+def test_zero_new_tokens_and_return_types():
+    out = generate(byte_model(), ByteTok(), ["a", "bc"], max_new_tokens=0)
+    assert out == [Completion("", [], "length", 1, 0), Completion("", [], "length", 2, 0)]
+    assert isinstance(generate(byte_model(), ByteTok(), "a", max_new_tokens=1), list)
