@@ -53,15 +53,26 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(path: str | os.PathLike, model: Transformer, tokenizer=None,
-               extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write config, weights and tokenizer (and whatever ``extra(tmp_dir)`` writes) atomically."""
+               extra: Optional[Callable[[Path], None]] = None,
+               state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write config, weights and tokenizer (and whatever ``extra(tmp_dir)`` writes) atomically.
+
+    ``state``: the weights to write instead of ``model.state_dict()``, e.g. the full state
+    gathered from a sharded (FSDP) model; ``model`` then only supplies ``model.config``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         model.config.save(tmp / "config.json")
-        save_file(_unique_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if state is None:
+            state = _unique_state(model)
+        else:
+            state = {k: v.detach().contiguous() for k, v in state.items()}
+            if model.config.tie_embeddings:
+                state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
         if extra is not None:
@@ -163,6 +174,30 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtyp
     return model, tokenizer
 
 
+TRAIN_STATE = "train_state.pt"
+
+
+def save_train_state(directory: Path, state: dict) -> None:
+    """Write ``train_state.pt`` (optimizer state, step, RNG states, data position...) into
+    ``directory``: meant as the ``extra`` of ``save_model``, so it is part of the atomic swap.
+    Only tensors, numbers, strings, lists and dicts: loadable with ``weights_only=True``."""
+    torch.save(state, Path(directory) / TRAIN_STATE)
+
+
+def load_train_state(path: str | os.PathLike) -> dict:
+    """The training state of a model directory; CheckpointError if missing or corrupt."""
+    path = resolve_dir(path)
+    file = path / TRAIN_STATE
+    if not file.exists():
+        raise CheckpointError(f"{path} has no {TRAIN_STATE}: nothing to resume from")
+    try:
+        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zip, pickle and unpickler errors all mean "corrupt"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{file} is corrupt or truncated ({first[:200]})") from None
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -172,4 +207,5 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-__all__ = ["CheckpointError", "save_model", "load_model", "load_config", "resolve_dir", "DTYPES"]
+__all__ = ["CheckpointError", "save_model", "load_model", "load_config", "resolve_dir", "DTYPES",
+           "save_train_state", "load_train_state"]
