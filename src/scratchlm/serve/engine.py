@@ -1,0 +1,389 @@
+"""The model worker: one thread runs the model for every request, batching them step by step.
+
+Generation on a CPU is compute-bound, and PyTorch already spreads one forward pass over
+the cores, so two threads running the model at once would only fight. Instead the HTTP
+handlers put requests in a queue and one worker thread serves them all:
+
+    HTTP handlers --submit()--> waiting queue --admit (FIFO, up to max_batch)--> running batch
+                                                                                     |
+    each step: prefill the newly admitted rows one by one, then ONE forward pass of
+    one token for every running row; sample each row's next token with its own options;
+    send each row its new text; drop rows that finished or were cancelled.
+                                                                                     |
+    HTTP handlers <--events (thread-safe callbacks)--------------------------------- +
+
+This is *continuous batching*: a request joins the running batch at the next step after
+it arrives and leaves as soon as it is done, instead of waiting for a whole batch to
+finish. A decode step of B rows costs little more than a step of one row while the model
+is small enough that per-step overhead dominates (benchmarks/serve_load.py measures it:
+see docs/serving.md), so batching multiplies throughput; ``max_batch=1`` gives plain
+first-in-first-out serving.
+
+How rows of different lengths share one KV cache: every row's keys sit *right-aligned*
+in the cache, ending at the column the next step writes (``cache.length``). A row with u
+tokens so far owns columns [length - u, length); ``cache.key_mask`` hides the columns to
+the left of it, and each row passes its own position ids, so a row computes what it
+would compute alone. When a row joins, its prompt's keys (from its own prefill) are
+copied in; when the cache's columns run out, all rows shift left together.
+
+>>> import torch
+>>> from scratchlm import ModelConfig, Transformer
+>>> _ = torch.manual_seed(0)
+>>> model = Transformer(ModelConfig.preset("gpt-tiny")).eval()
+>>> engine = Engine(model, tokenizer=None, max_batch=4).start()
+>>> events = []
+>>> seq = Sequence([1, 2, 3], SamplingParams(max_tokens=5), events.append)
+>>> engine.submit([seq]); seq.done.wait(10)
+True
+>>> events[-1].finish_reason, events[-1].completion_tokens
+('length', 5)
+>>> engine.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..generate import SamplingOptions, _TextAssembler, sample_next
+from ..model import KVCache
+
+log = logging.getLogger("scratchlm.serve")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts (answered with HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """What one choice of one request asks for. Checked by the HTTP layer beforehand."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)  # strings that end the text (and are cut)
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that end it (EOT is added)
+
+    def options(self) -> SamplingOptions:
+        return SamplingOptions(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+
+
+@dataclass
+class Event:
+    """What the worker tells a sequence's owner: new text, and at the end why it stopped.
+
+    An ``error`` event ends the sequence too (finish_reason is None then).
+    """
+
+    text: str
+    completion_tokens: int  # tokens produced so far (a final stop id included, as generate() counts)
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+class Sequence:
+    """One choice being generated: its prompt, its tokens so far, where its events go.
+
+    ``emit`` is called from the worker thread; the HTTP layer passes a function that hands
+    the event over to its event loop. ``cancel()`` may be called from any thread: the worker
+    drops the row before its next step.
+    """
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None]):
+        if not prompt_ids:
+            raise ValueError("a prompt needs at least one token")
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.emit = emit
+        self.generated: list[int] = []  # sampled ids, in order (a final stop id included)
+        self.cancelled = False
+        self.done = threading.Event()  # set once the last event was emitted (or on cancel)
+        self._options = params.options()
+        self._generator: Optional[torch.Generator] = None
+        self._text: Optional[_TextAssembler] = None
+        self._seen: Optional[torch.Tensor] = None  # (1, V) for the repetition penalty
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many of this row's tokens are in the KV cache: the prompt and every sampled
+        token but the last (which is the input of the next step)."""
+        return len(self.prompt_ids) + max(len(self.generated) - 1, 0)
+
+
+class Engine:
+    """The queue and the worker thread. ``submit`` from any thread; events come back through
+    each Sequence's ``emit``.
+
+    max_batch: rows decoded together (1 = one at a time, first come first served).
+    max_queue: sequences allowed to wait for a row; ``submit`` raises QueueFull past it.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be at least 1")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
+        self.eot_ids = {int(eot)} if eot is not None else set()
+        self._waiting: deque[Sequence] = deque()
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="scratchlm-model", daemon=True)
+        self.batch = RunningBatch(model)
+        self.steps = 0  # decode steps run (for /health and tests)
+
+    # ---- the HTTP side -------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue all of ``sequences`` (one request's choices), or none of them."""
+        with self._wakeup:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + len(sequences) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (limit {self.max_queue})")
+            self._waiting.extend(sequences)
+            self._wakeup.notify()
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        for seq in sequences:
+            seq.cancel()
+        with self._wakeup:
+            self._wakeup.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        """Rows in the running batch right now."""
+        return len(self.batch.rows)
+
+    # ---- the worker thread ---------------------------------------------------------------
+    def _work(self) -> None:
+        with torch.inference_mode():
+            while True:
+                admitted = self._wait_for_work()
+                if admitted is None:
+                    break
+                for seq in admitted:
+                    self._guard([seq], self._start, seq)
+                if self.batch.rows:
+                    self._guard(list(self.batch.rows), self._step)
+        for seq in list(self.batch.rows) + list(self._waiting):  # shutting down: end everyone
+            self._fail(seq, "the server is shutting down")
+
+    def _wait_for_work(self) -> Optional[list[Sequence]]:
+        """Block until there is something to do; take waiting sequences (FIFO) into free rows."""
+        with self._wakeup:
+            while True:
+                for seq in [s for s in self._waiting if s.cancelled]:
+                    self._waiting.remove(seq)
+                    seq.done.set()
+                if self._closed:
+                    return None
+                if self._waiting or self.batch.rows:
+                    break
+                self._wakeup.wait()
+            free = self.max_batch - len(self.batch.rows)
+            return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+
+    def _guard(self, sequences: list[Sequence], fn, *args) -> None:
+        """Run one unit of work; if it fails, end the sequences involved with an error instead
+        of killing the worker (the server keeps serving everyone else)."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("generation failed")
+            self.batch.remove([s for s in sequences if s in self.batch.rows])
+            for seq in sequences:
+                self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        if not seq.done.is_set():
+            seq.emit(Event("", len(seq.generated), None, error=message))
+            seq.done.set()
+
+    def _start(self, seq: Sequence) -> None:
+        """Prefill one new sequence alone, sample its first token, and let it join the batch."""
+        if seq.cancelled:
+            seq.done.set()
+            return
+        model = self.model
+        device = model.tok_emb.weight.device
+        p = seq.params
+        if p.seed is not None:
+            seq._generator = torch.Generator(device=device).manual_seed(int(p.seed))
+        seq._text = _TextAssembler(self.tokenizer, p.stop)
+        if p.repetition_penalty != 1.0:
+            seq._seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+            seq._seen[0, seq.prompt_ids] = True
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)  # (1, P)
+        cache = model.new_cache(1, len(seq.prompt_ids))
+        hidden = model(ids, cache=cache, return_hidden=True)
+        logits = model.lm_head(hidden[:, -1])  # (1, V): only the last position matters
+        token = int(sample_next(logits, seq._options, seq._generator, seq._seen)[0])
+        if self._accept(seq, token):
+            self.batch.add(seq, cache)
+
+    def _step(self) -> None:
+        """One decode step for every running row."""
+        batch = self.batch
+        cancelled = [s for s in batch.rows if s.cancelled]
+        batch.remove(cancelled)
+        for seq in cancelled:
+            seq.done.set()
+        if not batch.rows:
+            return
+        logits = batch.step()  # (B, V)
+        self.steps += 1
+        tokens = self._sample(batch.rows, logits)
+        finished = [seq for seq, token in zip(list(batch.rows), tokens) if not self._accept(seq, token)]
+        batch.remove(finished)
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's next token with its own options. Greedy rows (the common case) are
+        decided together with one argmax; sampled rows each draw from their own generator."""
+        tokens = logits.float().argmax(dim=-1).tolist()
+        for i, seq in enumerate(rows):
+            if not seq._options.greedy or seq._seen is not None:
+                tokens[i] = int(sample_next(logits[i:i + 1], seq._options, seq._generator, seq._seen)[0])
+        return tokens
+
+    def _accept(self, seq: Sequence, token: int) -> bool:
+        """Record a sampled token, send the text it completes; False when the row is done.
+
+        The rules are generate()'s: a stop id (EOT or a requested one) ends the row and is
+        not part of the text; a stop string ends it and is cut off; otherwise the row ends
+        at max_tokens or when the context is full.
+        """
+        seq.generated.append(token)
+        if seq._seen is not None:
+            seq._seen[0, token] = True
+        produced = len(seq.generated)
+        if token in self.eot_ids or token in seq.params.stop_token_ids:
+            return self._finish(seq, seq._text.flush(), "stop")
+        piece, hit_stop = seq._text.add(token)
+        if hit_stop:
+            return self._finish(seq, piece, "stop")
+        context = self.model.config.context_length
+        if produced >= seq.params.max_tokens or len(seq.prompt_ids) + produced >= context:
+            return self._finish(seq, piece + seq._text.flush(), "length")
+        if piece:
+            seq.emit(Event(piece, produced))
+        return True
+
+    def _finish(self, seq: Sequence, text: str, reason: str) -> bool:
+        seq.emit(Event(text, len(seq.generated), reason))
+        seq.done.set()
+        return False
+
+
+class RunningBatch:
+    """The KV cache of every row in flight, side by side and right-aligned (see the module
+    docstring). Rows are Sequences; row i of the cache belongs to ``rows[i]``."""
+
+    def __init__(self, model):
+        self.model = model
+        self.capacity = model.config.context_length  # columns of the cache
+        self.rows: list[Sequence] = []
+        self.cache: Optional[KVCache] = None
+
+    def add(self, seq: Sequence, prefill: KVCache) -> None:
+        """Append a row whose prompt is in ``prefill`` (a batch-1 cache holding P positions)."""
+        P = prefill.length
+        if self.cache is None:
+            self.cache = self._new_cache(1, P)
+            self._copy_row(prefill, 0, P)
+            self.rows = [seq]
+            return
+        if self.cache.length < P:  # not enough columns to the left: shift everyone right
+            self._shift(P - self.cache.length)
+        B = len(self.rows)
+        old = self.cache
+        self.cache = self._new_cache(B + 1, old.length)
+        for layer in range(len(old.k)):
+            self.cache.k[layer][:B] = old.k[layer]
+            self.cache.v[layer][:B] = old.v[layer]
+        self.cache.key_mask[:B] = old.key_mask
+        self._copy_row(prefill, B, P)
+        self.rows.append(seq)
+
+    def remove(self, leaving: list[Sequence]) -> None:
+        if not leaving:
+            return
+        keep = [i for i, s in enumerate(self.rows) if s not in leaving]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = None
+            return
+        index = torch.tensor(keep, device=self.cache.key_mask.device)
+        c = self.cache
+        c.k = [t.index_select(0, index) for t in c.k]
+        c.v = [t.index_select(0, index) for t in c.v]
+        c.key_mask = c.key_mask.index_select(0, index)
+        c.batch_size = len(keep)
+
+    def step(self) -> torch.Tensor:
+        """Feed every row its last sampled token; return the next logits (B, V)."""
+        if self.cache.length == self.capacity:  # out of columns: drop the unused ones on the left
+            longest = max(s.cached_tokens for s in self.rows)
+            self._shift(longest - self.cache.length)
+        device = self.cache.key_mask.device
+        ids = torch.tensor([[s.generated[-1]] for s in self.rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[s.cached_tokens] for s in self.rows], dtype=torch.long, device=device)
+        self.cache.key_mask[:, self.cache.length] = True  # the column this step writes
+        hidden = self.model(ids, cache=self.cache, positions=positions, return_hidden=True)
+        return self.model.lm_head(hidden[:, -1])
+
+    # ---- cache surgery -------------------------------------------------------------------
+    def _new_cache(self, batch: int, length: int) -> KVCache:
+        cache = self.model.new_cache(batch, self.capacity)
+        cache.length = length
+        cache.key_mask = torch.zeros(batch, self.capacity, dtype=torch.bool, device=cache.k[0].device)
+        return cache
+
+    def _copy_row(self, prefill: KVCache, row: int, P: int) -> None:
+        """Put a prefilled prompt's keys and values in ``row``, ending at the current length."""
+        end = self.cache.length
+        for layer in range(len(prefill.k)):
+            self.cache.k[layer][row, :, end - P:end] = prefill.k[layer][0, :, :P]
+            self.cache.v[layer][row, :, end - P:end] = prefill.v[layer][0, :, :P]
+        self.cache.key_mask[row, end - P:end] = True
+
+    def _shift(self, by: int) -> None:
+        """Move every row's columns ``by`` to the right (by > 0) or left (by < 0)."""
+        c, L = self.cache, self.cache.length
+        lo = max(0, -by)  # columns [lo, L) survive a left shift; all of them a right one
+        for tensors in (c.k, c.v):
+            for layer, t in enumerate(tensors):
+                moved = torch.zeros_like(t)
+                moved[:, :, lo + by:L + by] = t[:, :, lo:L]
+                tensors[layer] = moved
+        mask = torch.zeros_like(c.key_mask)
+        mask[:, lo + by:L + by] = c.key_mask[:, lo:L]
+        c.key_mask = mask
+        c.length = L + by

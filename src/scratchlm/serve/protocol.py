@@ -1,0 +1,179 @@
+"""The OpenAI wire format: request bodies (validated with pydantic) and errors.
+
+Only what a client sends is modelled here; responses are plain dicts built in app.py,
+in the order and shape the OpenAI API uses. Every mistake in a request becomes an
+``APIError``, which the app answers with the OpenAI error body:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+
+>>> req = parse_body(CompletionRequest, b'{"model": "m", "prompt": "Hi", "max_tokens": 4}')
+>>> req.prompt, req.max_tokens, req.n
+('Hi', 4, 1)
+>>> parse_body(CompletionRequest, b'{"model": "m", "prompt": "Hi", "n": 0}')
+Traceback (most recent call last):
+...
+scratchlm.serve.protocol.APIError: n: Input should be greater than or equal to 1
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_N = 16  # choices per request
+MAX_STOP = 4  # stop strings per request, as the OpenAI API allows
+
+
+class APIError(Exception):
+    """A request the server will not serve: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- request bodies --------------------------------------------------------------------
+class _Request(BaseModel):
+    """Fields common to both endpoints. Parsed in strict mode: "5" is not a number, true is
+    not 1. Unknown fields are ignored, as clients send many optional ones."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional["StreamOptions"] = None
+    # Not part of the OpenAI API; common extensions (vLLM, llama.cpp use the same names).
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    # OpenAI options this server does not implement: refused unless left at their defaults.
+    logprobs: Union[bool, int, None] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    logit_bias: Optional[dict] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    def check_supported(self) -> None:
+        for name in ("logprobs", "frequency_penalty", "presence_penalty", "logit_bias"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported by this server", param=name,
+                               code="unsupported_parameter")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions: continue a prompt (or several)."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+    max_tokens: Optional[int] = Field(16, ge=1)  # the OpenAI default for completions
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError(400, "echo is not supported by this server", param="echo", code="unsupported_parameter")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported_parameter")
+        if self.best_of not in (None, self.n):
+            raise APIError(400, "best_of is not supported by this server", param="best_of",
+                           code="unsupported_parameter")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    """POST /v1/chat/completions: the next message of a conversation."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    tools: Optional[list] = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools",
+                           code="unsupported_parameter")
+
+    @property
+    def token_limit(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+_Request.model_rebuild()
+
+
+def parse_body(model: type[BaseModel], body: bytes):
+    """Validate a JSON body against a request model; any problem becomes an APIError(400)
+    naming the first offending field, as the OpenAI API reports one problem at a time."""
+    try:
+        return model.model_validate_json(body or b"")
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        if first["type"] in ("json_invalid", "json_type"):
+            raise APIError(400, "the request body is not valid JSON: " + first["msg"].removeprefix(
+                "Invalid JSON: "), code="invalid_json") from None
+        raise validation_error(first) from None
+
+
+def validation_error(error: dict) -> APIError:
+    """One pydantic error (a dict of ``ValidationError.errors()``) as an OpenAI-style 400."""
+    loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
+    # Drop union-branch names pydantic adds to the path (e.g. "str", "list[str]").
+    param = ".".join(p for p in loc if not _is_type_name(p)) or None
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if error["type"] == "missing":
+        message = "Field required"
+    return APIError(400, f"{param}: {message}" if param else message, param=param,
+                    code="missing_required_parameter" if error["type"] == "missing" else None)
+
+
+def _is_type_name(part: str) -> bool:
+    return part in ("str", "int", "float", "bool") or "[" in part or part.startswith(("list", "function-"))
+
