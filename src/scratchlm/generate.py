@@ -359,51 +359,13 @@ def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
                 raise ValueError(f"prompt {i} is empty: give at least one character or token")
             if tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (this model has none): pass token ids")
-            ids = encode(tokenizer, p)
+            ids = list(tokenizer.encode(p))  # special-token strings become their ids
         else:
             ids = [int(t) for t in p]
         if not ids:
             raise ValueError(f"prompt {i} is empty: give at least one token")
         rows.append(ids)
     return rows
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Encode text, turning special-token strings such as "<|eot_id|>" into their ids
-    (a chat template writes them as text)."""
-    specials = _special_tokens(tokenizer)
-    present = [s for s in specials if s in text]
-    if not present:
-        return list(tokenizer.encode(text))
-    ids: list[int] = []
-    pieces = [text]
-    for s in sorted(present, key=len, reverse=True):  # split on each special, longest first
-        pieces = [part for piece in pieces for part in _split_keep(piece, s, specials)]
-    for piece in pieces:
-        if isinstance(piece, int):
-            ids.append(piece)
-        elif piece:
-            ids.extend(tokenizer.encode(piece))
-    return ids
-
-
-def _split_keep(piece, special: str, specials: dict):
-    if not isinstance(piece, str):
-        return [piece]
-    parts = piece.split(special)
-    out: list = []
-    for j, part in enumerate(parts):
-        if j:
-            out.append(specials[special])
-        out.append(part)
-    return out
-
-
-def _special_tokens(tokenizer) -> dict[str, int]:
-    specials = getattr(tokenizer, "special_tokens", None) or {}
-    if isinstance(specials, dict):
-        return {str(k): int(v) for k, v in specials.items() if isinstance(v, int)}
-    return {}
 
 
 def _check_length(rows: list[list[int]], max_new_tokens: int, context: int, overflow: str) -> list[list[int]]:
@@ -530,3 +492,122 @@ def stream(model, tokenizer, prompt, **options) -> Iterator[Delta]:
     events = _events(model, tokenizer, prompt, **options)
     next(events)  # validates the options and the prompt now, not at the first next()
     return (delta for _, delta in events)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: scratchlm generate / chat
+# ----------------------------------------------------------------------------------------
+def _add_sampling_options(p) -> None:
+    p.add_argument("model", help="model directory, Hugging Face directory or id, or a preset (random weights)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; >0: sample")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample in the smallest set with this mass, in (0, 1]")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (repeatable output)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not printed")
+    p.add_argument("--no-cache", action="store_true", help="recompute every position each step (slow)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="run in this dtype (default: the checkpoint's)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut a too-long prompt from the left (default: error)")
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="continue a prompt",
+                              description="Print the continuation of PROMPT (the prompt itself is not printed).")
+    _add_sampling_options(p)
+    p.add_argument("prompt", help="the text to continue ('-' reads it from stdin)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.set_defaults(func=_generate_command)
+
+    p = subparsers.add_parser("chat", help="talk to a model (reads stdin, streams replies)",
+                              description="An interactive chat: each line you type is a user turn; the "
+                                          "reply streams back. /reset clears the history, /exit quits.")
+    _add_sampling_options(p)
+    p.add_argument("--system", default=None, help="a system message to start the conversation")
+    p.add_argument("--template", default=None,
+                   help="chat template: llama3, chatml, plain (default: the tokenizer's own, else guessed)")
+    p.set_defaults(func=_chat_command, max_new_tokens=256)
+
+
+def _options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                use_cache=not args.no_cache, overflow="truncate" if args.truncate else "error")
+
+
+def _load(args):
+    from .hf import load_any
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load_any(args.model, dtype=dtype)
+
+
+def _generate_command(args) -> int:
+    from .cli import UsageError
+
+    options = _options(args)
+    SamplingOptions(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # fail fast
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise UsageError("the prompt is empty")
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise UsageError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded")
+    if args.stream:
+        for delta in stream(model, tokenizer, prompt, stop=args.stop, **options):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(generate(model, tokenizer, prompt, stop=args.stop, **options)[0].text)
+    return 0
+
+
+def _chat_command(args) -> int:
+    from .chat import chat_stops, render_chat, resolve_template
+    from .cli import UsageError
+
+    options = _options(args)
+    SamplingOptions(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise UsageError(f"{args.model} has no tokenizer: chat needs one")
+    template = resolve_template(args.template, tokenizer)
+    stop_strings, stop_ids = chat_stops(template, tokenizer)
+    stop_strings += args.stop or []
+    options["overflow"] = "truncate"  # a long conversation drops its oldest tokens
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = render_chat(messages, template, tokenizer)
+        reply: list[str] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the left cut of a long history is expected here
+            for delta in stream(model, tokenizer, prompt, stop=stop_strings, stop_token_ids=stop_ids, **options):
+                text = delta.text if any(reply) else delta.text.lstrip()  # no leading blank
+                reply.append(text)
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+    return 0
