@@ -296,3 +296,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys, trained, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("scratchlm: error: ") and message in err and err.count("\n") == 1
+
+
+def test_fast_trainer_learns_rustbpe_merges():
+    # rustbpe (Rust, nanochat's trainer) breaks ties the same way: an outside reference.
+    rustbpe = pytest.importorskip("rustbpe")
+    docs = corpus()
+    reference = rustbpe.Tokenizer()
+    reference.train_from_iterator(iter(docs), 256 + 600, pattern=PATTERNS["gpt4"])
+    theirs = [bytes(t) for t, _ in sorted(reference.get_mergeable_ranks(), key=lambda x: x[1])]
+    merges, vocab = train_merges_fast(count_pretokens(docs, "gpt4"), 256 + 600)
+    assert vocab == theirs
