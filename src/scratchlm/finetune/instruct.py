@@ -37,18 +37,17 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def load_base(model_ref: Union[str, os.PathLike]):
-    """(model, tokenizer) of a scratchlm model directory (or whatever generate.load_any reads)."""
+    """(model, tokenizer) in float32, ready to train, from a scratchlm model directory, a
+    Hugging Face directory or hub id, or a preset name (random weights): see hf.load_any."""
     try:
-        from ..generate import load_any  # converts Hugging Face directories too, when present
-    except ImportError:
-        load_any = None
-    if load_any is not None:
-        model, tokenizer = load_any(str(model_ref))[:2]
-    else:
+        from ..hf import load_any
+    except ImportError:  # the hf part is optional
         model, tokenizer = load_model(model_ref)
+    else:
+        model, tokenizer = load_any(str(model_ref))
     if tokenizer is None:
         raise ValueError(f"{model_ref} has no tokenizer files: fine-tuning needs the model's tokenizer")
-    return model.float(), tokenizer
+    return model.float().requires_grad_(True), tokenizer
 
 
 def stops_for(template: str, tokenizer) -> tuple[list[str], list[int]]:
@@ -69,6 +68,9 @@ def answer(model, tokenizer, prompts, template: str, max_new_tokens: int = 64, *
     prompts = [prompts] if one else prompts
     texts = [format_prompt(template, p) for p in prompts]
     stop, stop_ids = stops_for(template, tokenizer)
+    room = model.config.context_length - max(len(tokenizer.encode(t)) for t in texts)
+    if room >= 1:  # answers are cut short rather than prompts
+        max_new_tokens = min(max_new_tokens, room)
     return [c.text for c in generate(model, tokenizer, texts, max_new_tokens=max_new_tokens, stop=stop or None,
                                      stop_token_ids=stop_ids, overflow="truncate", **sampling)]
 
