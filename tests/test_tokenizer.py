@@ -307,3 +307,10 @@ def test_fast_trainer_learns_rustbpe_merges():
     theirs = [bytes(t) for t, _ in sorted(reference.get_mergeable_ranks(), key=lambda x: x[1])]
     merges, vocab = train_merges_fast(count_pretokens(docs, "gpt4"), 256 + 600)
     assert vocab == theirs
+
+
+def test_pickle_roundtrip(trained):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(trained))
+    assert again.encode(SPECIAL_TEXT) == trained.encode(SPECIAL_TEXT)

@@ -15,11 +15,13 @@ tokenizers = pytest.importorskip("tokenizers")
 HF_SPECIAL_TEXT = "<|endoftext|>first doc<|endoftext|>second <s>x</s>"
 
 
-def train_hf_bytelevel(tmp_path, *, split_regex=None, add_prefix_space=False, name="hf"):
+def train_hf_bytelevel(tmp_path, *, split_regex=None, add_prefix_space=False, nfc=False, name="hf"):
     """A byte-level BPE tokenizer.json trained by HF `tokenizers` (GPT-2 or Llama 3 style)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
+    if nfc:  # as Qwen2 does
+        tok.normalizer = normalizers.NFC()
     if split_regex:  # Llama 3 style: a Split regex, then bytes without GPT-2's regex
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
@@ -68,11 +70,16 @@ def test_hf_tokenizer_json_any_text(hf_llama3_style, text):
     assert ours.encode(text, allowed_special="none") == hf.encode(text).ids or "<" in text
 
 
-def test_hf_add_prefix_space(tmp_path):
-    hf, directory = train_hf_bytelevel(tmp_path, add_prefix_space=True)
+@pytest.mark.parametrize("option", ["add_prefix_space", "nfc"])
+def test_hf_text_transforms(tmp_path, option):
+    hf, directory = train_hf_bytelevel(tmp_path, **{option: True})
     ours = load_tokenizer(directory)
-    for text in ["Hello world", " already spaced", "a<|endoftext|>b"]:
-        assert ours.encode(text) == hf.encode(text).ids
+    for text in ["Hello world", " already spaced", "a<|endoftext|>b", "e\u0301te\u0301 \u212b \ufb01"]:
+        expected = hf.encode(text).ids
+        assert ours.encode(text) == expected and ours.encode(text, fast=False) == expected
+    ours.save(tmp_path)  # and our export keeps the transform
+    again = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert again.encode("e\u0301 x<|endoftext|>").ids == hf.encode("e\u0301 x<|endoftext|>").ids
 
 
 def test_gpt2_vocab_and_merges_files(tmp_path):
@@ -217,3 +224,31 @@ def test_sentencepiece_save_roundtrip(sp_model, tmp_path):
     sp, directory = sp_model
     load_tokenizer(directory).save(tmp_path)
     assert load_tokenizer(tmp_path).encode("Hello world") == sp.encode("Hello world")
+
+
+def test_sentencepiece_nfkc_model_uses_the_library(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("\n".join(t for t in corpus() if t))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=500, model_type="bpe", minloglevel=2)  # default: nmt_nfkc
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    ours = load_tokenizer(tmp_path)
+    text = "ﬁne  full-width ＡＢＣ  spaces"
+    assert ours.encode(text) == sp.encode(text)
+    assert ours.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    with pytest.raises(TokenizerError, match="nmt_nfkc"):
+        ours.encode(text, fast=False)
+
+
+def test_sentencepiece_unigram_encodes_through_the_library(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("\n".join(t for t in corpus() if t))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=500, model_type="unigram", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    ours = load_tokenizer(tmp_path)
+    for text in TEXTS:
+        assert ours.encode(text) == sp.encode(text)
+        assert ours.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    with pytest.raises(TokenizerError, match="unigram"):
+        ours.encode("x", fast=False)

@@ -58,18 +58,22 @@ class Tokenizer:
     def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
         """Text -> ids. Special tokens written in ``text`` become their ids unless
         ``allowed_special`` is "none" (or names only some of them)."""
+        return self._encode_split(text, allowed_special, self.encode_ordinary)
+
+    def _encode_split(self, text: str, allowed_special: AllowedSpecial, encode_ordinary) -> list[int]:
+        """Cut ``text`` around the allowed special tokens; ``encode_ordinary`` the rest."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         splitter = self._special_splitter(allowed_special)
         if splitter is None:
-            return self.encode_ordinary(text)
+            return encode_ordinary(text)
         ids: list[int] = []
         # regex.split with one capturing group: [text, special, text, special, ..., text]
         for i, part in enumerate(splitter.split(text)):
             if i % 2:
                 ids.append(self.special_tokens[part])
             elif part:
-                ids.extend(self.encode_ordinary(part))
+                ids.extend(encode_ordinary(part))
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -27,6 +27,7 @@ True
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Iterable
 from typing import Optional, Union
 
@@ -62,18 +63,25 @@ def bpe_encode_piece(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
         raise TokenizerError(f"byte {e.args[0]!r} has no token in this vocabulary") from None
 
 
+NORMALIZERS = (None, "NFC", "NFD", "NFKC", "NFKD")
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE over ``ranks`` (bytes -> id) with a pre-split ``pattern``."""
 
     def __init__(self, ranks: dict[bytes, int], pattern: str, special_tokens: Optional[dict[str, int]] = None,
                  *, merges: Optional[list[tuple[int, int, int]]] = None, add_prefix_space: bool = False,
-                 bos_token: Optional[str] = None, eos_token: Optional[str] = None,
+                 normalizer: Optional[str] = None, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
                  chat_template: Optional[str] = None, name: str = "scratchlm"):
         self.ranks = dict(ranks)
         self.pattern = resolve_pattern(pattern)
         self.special_tokens = dict(special_tokens or {})
         self.merges = merges  # (left, right, new) in training order; None when loaded
-        self.add_prefix_space = add_prefix_space  # HF ByteLevel(add_prefix_space=True)
+        # Loaded Hugging Face files may ask for two text transforms before the regex:
+        self.add_prefix_space = add_prefix_space  # ByteLevel(add_prefix_space=True): " " + text
+        if normalizer not in NORMALIZERS:
+            raise TokenizerError(f"unsupported normalizer {normalizer!r} (supported: NFC, NFD, NFKC, NFKD)")
+        self.normalizer = normalizer  # a Unicode normal form applied to the text
         self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
         self.name = name
         try:
@@ -123,22 +131,29 @@ class BPETokenizer(Tokenizer):
     def encode(self, text: str, allowed_special="all", fast: bool = True) -> list[int]:
         """Text -> ids. ``allowed_special``: "all" (default), "none" or a set of names.
         ``fast=False`` runs the pure-Python reference encoder (same ids)."""
-        if fast and self._has_all_bytes and not self.add_prefix_space:
-            if not isinstance(text, str):
-                raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
-            enc = self.tiktoken_encoding()
-            if allowed_special == "none":
-                return enc.encode_ordinary(text)
-            if allowed_special != "all":
-                self._special_splitter(allowed_special)  # validates the names
-                allowed_special = set(allowed_special)
-            return enc.encode(text, allowed_special=allowed_special, disallowed_special=())
-        return super().encode(text, allowed_special)
+        if not fast:
+            return self._encode_split(text, allowed_special, self.encode_reference)
+        if self.add_prefix_space or self.normalizer or not self._has_all_bytes:
+            return self._encode_split(text, allowed_special, self.encode_ordinary)
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        enc = self.tiktoken_encoding()  # tiktoken splits around the specials itself
+        if allowed_special == "none":
+            return enc.encode_ordinary(text)
+        if allowed_special != "all":
+            self._special_splitter(allowed_special)  # validates the names
+            allowed_special = set(allowed_special)
+        return enc.encode(text, allowed_special=allowed_special, disallowed_special=())
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Reference path: pre-split with the regex, then BPE each piece (cached)."""
-        if self.add_prefix_space and not text.startswith(" "):
-            text = " " + text
+        """Encode text in which special-token strings are plain text (fast path)."""
+        if not self._has_all_bytes:
+            return self.encode_reference(text)
+        return self.tiktoken_encoding().encode_ordinary(self._transform(text))
+
+    def encode_reference(self, text: str) -> list[int]:
+        """The pure-Python path: pre-split with the regex, then BPE each piece (cached)."""
+        text = self._transform(text)
         ids: list[int] = []
         cache = self._cache
         for piece in self._regex.findall(text):
@@ -149,6 +164,14 @@ class BPETokenizer(Tokenizer):
             ids.extend(cache[piece])
         return ids
 
+    def _transform(self, text: str) -> str:
+        """What a loaded HF tokenizer does before its regex: normalise, add a space."""
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
+        if self.add_prefix_space and not text.startswith(" "):
+            text = " " + text
+        return text
+
     def tiktoken_encoding(self):
         """Our ranks, pattern and special tokens as a ``tiktoken.Encoding`` (built once)."""
         if self._tiktoken is None:
@@ -158,8 +181,10 @@ class BPETokenizer(Tokenizer):
                                                mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
         return self._tiktoken
 
-    def decode_bytes(self, ids) -> bytes:
-        return super().decode_bytes(ids)
+    def __getstate__(self):  # picklable (e.g. for DataLoader workers): drop the caches
+        state = self.__dict__.copy()
+        state.update(_tiktoken=None, _cache={}, _splitters={})
+        return state
 
     def _bytes_table(self) -> dict[int, bytes]:
         return self._table

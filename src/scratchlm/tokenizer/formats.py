@@ -138,6 +138,12 @@ def hf_tokenizer_json(tok: BPETokenizer) -> dict:
     two tokens, ordered by the rank of the result, and ``ignore_merges`` lets a whole
     pre-token that is in the vocabulary become that token directly (as tiktoken does)."""
     vocab = {bytes_to_hf(t): i for t, i in sorted(tok.ranks.items(), key=lambda x: x[1])}
+    # Special tokens are listed in the vocab too: HF gives an added token that is not in
+    # the vocab a new id at the end, which would move specials that sit elsewhere.
+    for name, i in tok.special_tokens.items():
+        if vocab.setdefault(name, i) != i:
+            raise TokenizerError(f"special token {name!r} has the same text as token {vocab[name]}: "
+                                 "tokenizer.json cannot hold both")
     merges = []
     for token, rank in sorted(tok.ranks.items(), key=lambda x: x[1]):
         for cut in range(1, len(token)):
@@ -154,13 +160,8 @@ def hf_tokenizer_json(tok: BPETokenizer) -> dict:
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": hf_pattern(tok.pattern)}, "behavior": "Isolated",
-             "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": tok.add_prefix_space, "trim_offsets": True,
-             "use_regex": False},
-        ]},
+        "normalizer": {"type": tok.normalizer} if tok.normalizer else None,
+        "pre_tokenizer": _hf_pre_tokenizer(tok),
         "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
                            "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
@@ -169,6 +170,19 @@ def hf_tokenizer_json(tok: BPETokenizer) -> dict:
                   "ignore_merges": True, "vocab": vocab,
                   "merges": [[left, right] for *_, left, right in merges]},
     }
+
+
+def _hf_pre_tokenizer(tok: BPETokenizer) -> dict:
+    if tok.add_prefix_space:
+        # HF's ByteLevel adds the space to every piece a Split before it produced, so the
+        # prefix space only exports with ByteLevel's own (GPT-2) regex, as it was loaded.
+        if tok.pattern != HF_BYTELEVEL_PATTERN:
+            raise TokenizerError("add_prefix_space with a custom regex cannot be saved as tokenizer.json")
+        return {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": hf_pattern(tok.pattern)}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ]}
 
 
 def save_hf_bpe(tok: BPETokenizer, directory: PathLike) -> None:
@@ -234,6 +248,17 @@ def read_tokenizer_config(directory: Path) -> dict:
             "chat_template": template if isinstance(template, str) else None, "added_tokens": added}
 
 
+def _normalizer(spec: Optional[dict], path: Path) -> Optional[str]:
+    """A Unicode normal form ("NFC", ...) or None; other normalizers are not supported."""
+    if not spec:
+        return None
+    steps = spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]
+    forms = [step.get("type") for step in steps]
+    if len(forms) > 1 or any(f not in ("NFC", "NFD", "NFKC", "NFKD") for f in forms):
+        raise TokenizerError(f"{path}: normalizer {forms} is not supported (only one of NFC, NFD, NFKC, NFKD)")
+    return forms[0] if forms else None
+
+
 def _pre_tokenizer_pattern(pre: Optional[dict], path: Path) -> tuple[str, bool]:
     """(regex, add_prefix_space) of a byte-level pre-tokenizer; error on anything else."""
     if not pre:
@@ -271,8 +296,7 @@ def bpe_from_hf_dict(data: dict, path: Path, config: Optional[dict] = None) -> B
     if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
         raise TokenizerError(f"{path}: model type {model.get('type')!r} is not supported "
                              "(byte-level BPE only)")
-    if data.get("normalizer"):
-        raise TokenizerError(f"{path}: normalizer {data['normalizer'].get('type')!r} is not supported")
+    normalizer = _normalizer(data.get("normalizer"), path)
     if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise TokenizerError(f"{path}: not a byte-level BPE model (byte_fallback / subword affixes)")
     pattern, add_prefix_space = _pre_tokenizer_pattern(data.get("pre_tokenizer"), path)
@@ -295,7 +319,7 @@ def bpe_from_hf_dict(data: dict, path: Path, config: Optional[dict] = None) -> B
         last = result
     config = config or {}
     specials.update({k: v for k, v in config.get("added_tokens", {}).items() if k not in specials})
-    return BPETokenizer(ranks, pattern, specials, add_prefix_space=add_prefix_space,
+    return BPETokenizer(ranks, pattern, specials, add_prefix_space=add_prefix_space, normalizer=normalizer,
                         bos_token=config.get("bos_token"), eos_token=config.get("eos_token"),
                         chat_template=config.get("chat_template"), name=path.parent.name or "hf")
 

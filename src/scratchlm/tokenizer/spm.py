@@ -12,7 +12,9 @@ SentencePiece works on characters, not bytes:
 The ``.model`` file is a protocol buffer; ``read_model_proto`` decodes the few fields we
 need with a 30-line reader, so loading needs no protobuf package. Encoding has the
 pure-Python reference here and uses the ``sentencepiece`` library as the fast path when
-it is installed (the tests check that both give the same ids).
+it is installed (the tests check that both give the same ids). Models the reference does
+not cover (unigram, or NFKC normalisation as ``spm_train`` does by default) encode through
+the library only.
 """
 
 from __future__ import annotations
@@ -112,11 +114,6 @@ class SentencePieceTokenizer(Tokenizer):
             spec = read_model_proto(model_bytes)
         except (ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
             raise TokenizerError(f"{source}: not a SentencePiece model ({e})") from None
-        if spec["model_type"] != "bpe":
-            raise TokenizerError(f"{source}: SentencePiece {spec['model_type']} models are not supported "
-                                 "(BPE only)")
-        if spec["treat_whitespace_as_suffix"]:
-            raise TokenizerError(f"{source}: treat_whitespace_as_suffix is not supported")
         self.model_bytes = model_bytes
         self.spec = spec
         self.pieces = spec["pieces"]
@@ -181,18 +178,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self.encode_reference(text)
 
     def encode(self, text: str, allowed_special="all", fast: bool = True) -> list[int]:
-        if fast:
-            return super().encode(text, allowed_special)
-        splitter = self._special_splitter(allowed_special)
-        if splitter is None:
-            return self.encode_ordinary(text, fast=False)
-        ids: list[int] = []
-        for i, part in enumerate(splitter.split(text)):
-            if i % 2:
-                ids.append(self.special_tokens[part])
-            elif part:
-                ids.extend(self.encode_ordinary(part, fast=False))
-        return ids
+        """Text -> ids; ``fast=False`` runs the pure-Python reference encoder."""
+        return self._encode_split(text, allowed_special, self.encode_ordinary if fast else self.encode_reference)
 
     def _symbols(self, text: str) -> list[str]:
         """One symbol per character, user-defined pieces kept whole."""
@@ -207,9 +194,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_reference(self, text: str) -> list[int]:
         """The BPE loop over characters, best score first, with a heap of candidate pairs."""
-        if self.spec["normalizer_name"] != "identity":
-            raise TokenizerError(f"SentencePiece normalizer {self.spec['normalizer_name']!r} needs the "
-                                 "sentencepiece package (the reference encoder does identity only)")
+        spec = self.spec
+        if spec["model_type"] != "bpe" or spec["normalizer_name"] != "identity" or spec["treat_whitespace_as_suffix"]:
+            raise TokenizerError(
+                f"this SentencePiece model ({spec['model_type']}, normalizer {spec['normalizer_name']!r}) "
+                "needs the sentencepiece package: the reference encoder does BPE with identity "
+                "normalisation (Llama 2's settings)")
         text = self.normalize(text)
         symbols: list[Optional[str]] = self._symbols(text)
         n = len(symbols)
