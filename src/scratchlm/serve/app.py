@@ -36,6 +36,9 @@ from .engine import Engine, Event, QueueFull, SamplingParams, Sequence
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body, validation_error
 
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
 class ServerSettings:
     """What `scratchlm serve` was told, in one place (see add_commands for the flags)."""
 
@@ -240,21 +243,27 @@ class Reply:
         n = len(choices.sequences)
         texts, reasons, tokens = [[] for _ in range(n)], [None] * n, [0] * n
         open_choices = n
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while open_choices:
                 try:
-                    index, event = await asyncio.wait_for(choices.queue.get(), timeout=0.5)
+                    timeout = max(0.0, next_check - loop.time())
+                    index, event = await asyncio.wait_for(choices.queue.get(), timeout)
                 except asyncio.TimeoutError:
+                    pass
+                else:
+                    if event.error is not None:
+                        raise APIError(500, event.error, type="server_error")
+                    texts[index].append(event.text)
+                    tokens[index] = event.completion_tokens
+                    if event.finish_reason is not None:
+                        reasons[index] = event.finish_reason
+                        open_choices -= 1
+                if loop.time() >= next_check:  # events or not, look at the socket now and then
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)  # nobody is there to read it
-                    continue
-                if event.error is not None:
-                    raise APIError(500, event.error, type="server_error")
-                texts[index].append(event.text)
-                tokens[index] = event.completion_tokens
-                if event.finish_reason is not None:
-                    reasons[index] = event.finish_reason
-                    open_choices -= 1
+                    next_check = loop.time() + DISCONNECT_POLL_S
         finally:
             engine.cancel([s for s in choices.sequences if not s.done.is_set()])
         if chat:

@@ -1,0 +1,395 @@
+"""The OpenAI-compatible server, driven by the official `openai` client and raw HTTP.
+
+Every server here is real: uvicorn on a free 127.0.0.1 port, in a thread of this process.
+Outputs are compared with generate(), the reference decode loop.
+"""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_fixtures import ServerThread, slowed_down, tiny_model_and_tokenizer  # noqa: E402
+
+from scratchlm.chat import chat_stops, render_chat  # noqa: E402
+from scratchlm.generate import generate  # noqa: E402
+from scratchlm.serve import create_app  # noqa: E402
+
+NAME = "tiny"
+KEY = "sk-test-key"
+PROMPTS = ["The quick", "A model", "Attention lets", "Hello,", "Serving a", "many clients", "its own", "look back"]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return tiny_model_and_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def server(model_and_tokenizer):
+    """The open server: no key, default limits. Yields (base_url, app)."""
+    model, tokenizer = model_and_tokenizer
+    app = create_app(model, tokenizer, NAME, max_batch=16)
+    with ServerThread(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def guarded(model_and_tokenizer):
+    """A slow server with an API key, one row, one queue place and a small body limit."""
+    model, tokenizer = model_and_tokenizer
+    app = create_app(slowed_down(model, 0.01), tokenizer, NAME, api_key=KEY, max_batch=1, max_queue=1,
+                     max_body_bytes=4096)
+    with ServerThread(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def expected(model_and_tokenizer, prompt, **options):
+    model, tokenizer = model_and_tokenizer
+    return generate(model, tokenizer, prompt, **options)[0]
+
+
+def expected_chat(model_and_tokenizer, messages, max_tokens):
+    """generate() on the conversation rendered as the server renders it."""
+    model, tokenizer = model_and_tokenizer
+    stop_strings, stop_ids = chat_stops(None, tokenizer)
+    return generate(model, tokenizer, render_chat(messages, None, tokenizer), max_new_tokens=max_tokens,
+                    stop=stop_strings, stop_token_ids=stop_ids)[0]
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ---- the happy path, through the official client ----------------------------------------
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).owned_by == "scratchlm"
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == NAME and health["active"] == 0
+
+
+def test_completion_greedy_equals_generate(client, model_and_tokenizer):
+    ref = expected(model_and_tokenizer, "The quick", max_new_tokens=20)
+    r = client.completions.create(model=NAME, prompt="The quick", max_tokens=20, temperature=0)
+    assert r.object == "text_completion" and r.model == NAME and r.id.startswith("cmpl-")
+    assert r.choices[0].text == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
+    assert r.usage.total_tokens == ref.prompt_tokens + ref.completion_tokens
+
+
+def test_completion_stream_equals_generate(client, model_and_tokenizer):
+    ref = expected(model_and_tokenizer, "Hello,", max_new_tokens=16)
+    chunks = list(client.completions.create(model=NAME, prompt="Hello,", max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) > 2  # it streamed, token by token
+    assert "".join(c.choices[0].text for c in text_chunks) == ref.text
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "text_completion" for c in chunks)
+    usage = chunks[-1].usage  # the last chunk: no choices, the usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == ref.completion_tokens == 16
+
+
+def test_completion_batch_of_prompts_and_token_ids(client, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    r = client.completions.create(model=NAME, prompt=["The quick", "A model"], max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [
+        expected(model_and_tokenizer, p, max_new_tokens=8).text for p in ("The quick", "A model")]
+    ids = tokenizer.encode("Serving a")
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].text == expected(model_and_tokenizer, "Serving a", max_new_tokens=8).text
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_chat_greedy_equals_generate_streamed_and_not(client, model_and_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
+    ref = expected_chat(model_and_tokenizer, messages, 24)
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+    assert chunks[-1].choices[0].delta.content is None
+
+
+def test_stop_strings_cut_the_text(client, model_and_tokenizer):
+    full = expected(model_and_tokenizer, "The quick", max_new_tokens=20).text
+    stop = full[8:11]  # a piece from the middle of the greedy continuation
+    ref = expected(model_and_tokenizer, "The quick", max_new_tokens=20, stop=[stop])
+    for stream in (False, True):
+        r = client.completions.create(model=NAME, prompt="The quick", max_tokens=20, temperature=0,
+                                      stop=[stop, "never appears"], stream=stream)
+        if stream:
+            text = "".join(c.choices[0].text for c in r)
+        else:
+            text, reason = r.choices[0].text, r.choices[0].finish_reason
+            assert reason == "stop"
+        assert text == ref.text == full[:full.index(stop)]
+
+
+def test_sampling_n_and_seed(client, model_and_tokenizer):
+    kw = dict(model=NAME, prompt="A model", max_tokens=12, temperature=1.0, top_p=0.95, seed=7, n=3)
+    first, again = client.completions.create(**kw), client.completions.create(**kw)
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert len(texts) == 3 and texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1  # each choice draws its own tokens (seed + index)
+    ref = expected(model_and_tokenizer, "A model", max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7)
+    assert texts[0] == ref.text  # choice 0 draws exactly what generate(seed=7) draws
+    assert first.usage.completion_tokens == sum(
+        expected(model_and_tokenizer, "A model", max_new_tokens=12, temperature=1.0, top_p=0.95,
+                 seed=7 + i).completion_tokens for i in range(3))
+    top_k = client.completions.create(model=NAME, prompt="A model", max_tokens=12, temperature=1.0, seed=3,
+                                      extra_body={"top_k": 1})
+    assert top_k.choices[0].text == expected(model_and_tokenizer, "A model", max_new_tokens=12).text
+
+
+# ---- concurrency ------------------------------------------------------------------------
+def test_eight_concurrent_streams_each_get_their_own_text(server, model_and_tokenizer):
+    url, app = server
+    refs = [expected(model_and_tokenizer, p, max_new_tokens=24).text for p in PROMPTS]
+    assert len(set(refs)) == len(PROMPTS)  # distinct answers, so any mix-up would show
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(PROMPTS))
+    steps_before = app.state.engine.steps
+
+    def one_client(i):
+        try:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            start.wait()
+            s = c.completions.create(model=NAME, prompt=PROMPTS[i], max_tokens=24, temperature=0, stream=True)
+            results[i] = "".join(chunk.choices[0].text for chunk in s if chunk.choices)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert [results[i] for i in range(len(PROMPTS))] == refs
+    # The 8 x 24 tokens took far fewer than 8 x 24 model steps: the rows ran batched.
+    assert app.state.engine.steps - steps_before < len(PROMPTS) * 24 * 0.6
+
+
+# ---- bad requests -----------------------------------------------------------------------
+BAD = [
+    (b"{not json", 400, None, "invalid_json"),
+    (b"[]", 400, None, None),
+    (b"", 400, None, "invalid_json"),
+    (b'{"prompt": "x"}', 400, "model", "missing_required_parameter"),
+    (b'{"model": "nope", "prompt": "x"}', 404, "model", "model_not_found"),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 500}', 400, "max_tokens", "context_length_exceeded"),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": "5"}', 400, "max_tokens", None),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 0}', 400, "max_tokens", None),
+    (b'{"model": "tiny", "prompt": "x", "temperature": "hot"}', 400, "temperature", None),
+    (b'{"model": "tiny", "prompt": "x", "temperature": -0.5}', 400, "temperature", None),
+    (b'{"model": "tiny", "prompt": "x", "top_p": 0}', 400, "top_p", None),
+    (b'{"model": "tiny", "prompt": "x", "n": 0}', 400, "n", None),
+    (b'{"model": "tiny", "prompt": "x", "stream": "yes"}', 400, "stream", None),
+    (b'{"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop", None),
+    (b'{"model": "tiny", "prompt": ""}', 400, "prompt", None),
+    (b'{"model": "tiny", "prompt": [1, 2, 99999]}', 400, "prompt", None),
+    (b'{"model": "tiny", "prompt": 12.5}', 400, "prompt", None),
+    (b'{"model": "tiny", "prompt": "x", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
+    (b'{"model": "tiny", "prompt": "' + b"x " * 200 + b'", "max_tokens": 1}', 400, "prompt",
+     "context_length_exceeded"),
+]
+BAD_CHAT = [
+    (b'{"model": "tiny", "messages": []}', 400, "messages", None),
+    (b'{"model": "tiny", "messages": "hi"}', 400, "messages", None),
+    (b'{"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages.0.role", None),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": 5}]}', 400, "messages.0.content", None),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000}',
+     400, "max_completion_tokens", "context_length_exceeded"),
+]
+
+
+def assert_openai_error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"] and "Traceback" not in error["message"]
+    assert error["param"] == param and error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize("body,status,param,code", BAD, ids=[b[:40].decode(errors="replace") for b, *_ in BAD])
+def test_bad_completion_requests(server, body, status, param, code):
+    r = httpx.post(server[0] + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert_openai_error(r, status, param, code)
+
+
+@pytest.mark.parametrize("body,status,param,code", BAD_CHAT, ids=[b[30:70].decode() for b, *_ in BAD_CHAT])
+def test_bad_chat_requests(server, body, status, param, code):
+    r = httpx.post(server[0] + "/v1/chat/completions", content=body)
+    assert_openai_error(r, status, param, code)
+
+
+def test_unknown_route_and_method_are_json(server):
+    assert_openai_error(httpx.get(server[0] + "/v1/nothing"), 404, None, "not_found")
+    assert_openai_error(httpx.get(server[0] + "/v1/completions"), 405)
+
+
+def test_the_client_sees_openai_errors(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], temperature=-1)
+    assert e.value.body["param"] == "temperature"
+
+
+# ---- key, limits, disconnects (the guarded server: one row, one queue place) ------------
+def test_api_key(guarded):
+    url, _ = guarded
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 2}
+    error = assert_openai_error(httpx.post(url + "/v1/completions", json=body), 401, None, "invalid_api_key")
+    assert "API key" in error["message"]
+    wrong = {"Authorization": "Bearer sk-wrong"}
+    assert_openai_error(httpx.post(url + "/v1/completions", json=body, headers=wrong), 401, None, "invalid_api_key")
+    assert_openai_error(httpx.get(url + "/v1/models", headers={"Authorization": KEY}), 401, None, "invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    assert ok.completions.create(model=NAME, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+    assert httpx.get(url + "/health").status_code == 200  # no key needed to check liveness
+
+
+def test_body_too_large_is_413(guarded):
+    url, _ = guarded
+    headers = {"Authorization": f"Bearer {KEY}"}
+    big = json.dumps({"model": NAME, "prompt": "x" * 5000}).encode()
+    assert_openai_error(httpx.post(url + "/v1/completions", content=big, headers=headers), 413, None,
+                        "request_too_large")
+
+    def chunked():  # no Content-Length: the limit must hold while reading too
+        for _ in range(10):
+            yield b" " * 1000
+
+    assert_openai_error(httpx.post(url + "/v1/completions", content=chunked(), headers=headers), 413, None,
+                        "request_too_large")
+
+
+def stream_request(url, prompt, max_tokens):
+    """Open a streaming completion with raw httpx; returns (client, response) to read or close."""
+    c = httpx.Client(timeout=30)
+    req = c.build_request("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True})
+    return c, c.send(req, stream=True)
+
+
+def test_full_queue_is_429_and_a_disconnect_frees_the_slot(guarded):
+    url, app = guarded
+    engine = app.state.engine
+    # Request 1 takes the only row (100 slow tokens: ~1 s or more); request 2 the only queue place.
+    c1, r1 = stream_request(url, "The quick", 100)
+    lines = r1.iter_lines()
+    assert next(lines).startswith("data: ")  # generating
+    c2, r2 = stream_request(url, "A model", 5)
+    assert wait_until(lambda: engine.queued == 1)
+    r3 = httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"model": NAME, "prompt": "x", "max_tokens": 2})
+    error = assert_openai_error(r3, 429, None, "rate_limit_exceeded")
+    assert error["type"] == "rate_limit_error" and r3.headers["retry-after"] == "1"
+
+    # Client 1 hangs up mid-stream: its generation stops and request 2 gets the row at once.
+    first = engine.steps
+    r1.close()
+    c1.close()
+    t0 = time.monotonic()
+    body = b"".join(r2.iter_bytes())
+    waited = time.monotonic() - t0
+    c2.close()
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert waited < 2.0  # not the ~1 s+ that request 1's remaining tokens would have taken
+    assert wait_until(lambda: engine.active == 0 and engine.queued == 0)
+    assert engine.steps - first < 60  # request 1 did not run to its 100 tokens
+
+
+def test_a_disconnect_before_the_answer_also_frees_the_slot(guarded):
+    url, app = guarded
+    engine = app.state.engine
+    first = engine.steps
+    c = httpx.Client(timeout=0.3)
+    with pytest.raises(httpx.ReadTimeout):  # non-streaming: we give up before the answer
+        c.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+               json={"model": NAME, "prompt": "Hello,", "max_tokens": 120})
+    c.close()
+    assert wait_until(lambda: engine.active == 0, timeout=5.0)
+    assert engine.steps - first < 100  # stopped well before its 120 tokens
+
+
+# ---- the command line -------------------------------------------------------------------
+def test_cli_serve_bad_model_is_one_line(capsys):
+    from scratchlm.cli import main
+
+    assert main(["serve", "/no/such/model/dir"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("scratchlm: error:") and "\n" not in err
+
+
+def test_cli_serve_runs_a_saved_model(tmp_path, model_and_tokenizer):
+    import socket
+
+    from scratchlm.checkpoint import save_model
+
+    model, tokenizer = model_and_tokenizer
+    save_model(tmp_path / "run", model, tokenizer)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm.cli", "serve", str(tmp_path / "run"), "--port",
+                             str(port), "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return httpx.get(url + "/health").status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None  # stop waiting if it died
+
+        assert wait_until(up, timeout=60) and proc.poll() is None, proc.stdout.read().decode()
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert c.models.list().data[0].id == "run"
+        r = c.completions.create(model="run", prompt="The quick", max_tokens=10, temperature=0)
+        assert r.choices[0].text == expected(model_and_tokenizer, "The quick", max_new_tokens=10).text
+    finally:
+        proc.terminate()
+        proc.wait(10)
