@@ -54,7 +54,7 @@ def word_spans(text: str) -> list[tuple[int, int]]:
 
 
 # Strength of a break in the gap before a token: which cut points the chunker prefers.
-WORD, SENTENCE, LINE, PARAGRAPH = 0, 1, 2, 3
+NEVER, WORD, SENTENCE, LINE, PARAGRAPH = -1, 0, 1, 2, 3  # NEVER: only if no other place
 _SENTENCE_END = frozenset(".!?:;")
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 _UNDERLINE = re.compile(r"([=\-*~^])\1{2,}[ \t]*$", re.M)
@@ -70,8 +70,8 @@ def break_strength(text: str, prev_token: tuple[int, int], token: tuple[int, int
     """
     gap = text[prev_token[1]:token[0]]
     if "\n" in gap:
-        if _UNDERLINE.match(text, token[0]):  # never cut a title from its ==== underline
-            return WORD
+        if _UNDERLINE.match(text, token[0]):  # a title and its ==== underline stay together
+            return NEVER
         return PARAGRAPH if _BLANK_LINE.search(gap) else LINE
     if gap and text[prev_token[1] - 1] in _SENTENCE_END:
         return SENTENCE
