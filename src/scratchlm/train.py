@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -452,7 +453,9 @@ class Trainer:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         # broadcast_buffers=False: the only buffers are position tables, equal on every rank.
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its successor flag does not exist yet
+            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     @property
     def fsdp(self) -> bool:
