@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import load_model, load_train_state, save_model, save_train_state
 from ..lora import LoRAConfig, apply_lora, count_parameters, is_adapter_dir, load_adapter, read_adapter_config, save_adapter
-from .instruct import load_base
+from .instruct import is_main_process, load_base
 from .instruct_data import DataError
 from .loop import Finetuner, LoopConfig
 
@@ -278,6 +278,7 @@ def finetune_classify(model, data, out_dir: str = "runs/classify", train: Union[
         choose_trainable(clf, train, lora)
     clf.train()
     trainable, total = count_parameters(clf)
+    quiet = quiet or not is_main_process()
     if not quiet:
         sizes = ", ".join(f"{len(v)} {k}" for k, v in encoded.items())
         print(f"{len(labels)} labels ({', '.join(labels)}); {sizes} rows; "
@@ -328,6 +329,8 @@ def finetune_classify(model, data, out_dir: str = "runs/classify", train: Union[
     report["confusion_matrix"] = report[f"{shown}_confusion_matrix"]
     report["confusion_matrix_split"] = shown
     out = Path(out_dir)
+    if not is_main_process():
+        return report
     (out / "classification.json").write_text(json.dumps(report, indent=2) + "\n")
     table = format_confusion(report["confusion_matrix"], labels)
     (out / "confusion_matrix.txt").write_text(f"{shown} split\n{table}\n")

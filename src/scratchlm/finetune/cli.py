@@ -97,7 +97,7 @@ def add_commands(subparsers) -> None:
 
 
 def _instruct_command(args) -> int:
-    from .instruct import finetune_instruct
+    from .instruct import finetune_instruct, is_main_process
 
     out = args.out or "runs/instruct"
     result = finetune_instruct(args.model, args.data, out, template=None if args.template == "auto" else args.template,
@@ -106,7 +106,8 @@ def _instruct_command(args) -> int:
                                merge=args.merge, n_samples=args.samples, sample_tokens=args.sample_tokens,
                                **_loop_options(args, 1e-4))
     where = f"{out}/latest" + (f" (merged: {out}/merged)" if args.merge and args.lora else "")
-    print(f"{'interrupted' if result.interrupted else 'done'} at step {result.step}: {where}")
+    if is_main_process():
+        print(f"{'interrupted' if result.interrupted else 'done'} at step {result.step}: {where}")
     return 130 if result.interrupted else 0
 
 

@@ -30,6 +30,11 @@ from .loop import Finetuner, LoopConfig, LoopResult
 from .prompts import END_OF_TURN, detect_template, format_prompt, write_prompt_format
 
 
+def is_main_process() -> bool:
+    """True except in the processes of rank > 0 of a torchrun job (they stay quiet)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions whose target is not -100.
     logits (B, T, V), targets (B, T). Computed in float32 (log-softmax over a big vocabulary)."""
@@ -135,7 +140,7 @@ def finetune_instruct(model: Union[str, os.PathLike], data: Union[str, os.PathLi
     if cfg.resume:
         state = load_train_state(latest)
     trainable, total = count_parameters(net)
-    if not quiet:
+    if not quiet and is_main_process():
         print(f"{len(train_examples)} training rows ({count_target_tokens(train_examples):,} answer tokens), "
               f"{len(val_examples)} validation; template {template}; "
               f"training {trainable:,} of {total:,} parameters" + (f"; {cut} examples cut to fit" if cut else ""))
@@ -185,7 +190,7 @@ def finetune_instruct(model: Union[str, os.PathLike], data: Union[str, os.PathLi
             save_model(directory, net, tokenizer, extra=extra)
 
     result = Finetuner(cfg, net, n_batches, batch, loss, evaluate, save, samples, state, quiet).run()
-    if merge and lora is not None:
+    if merge and lora is not None and is_main_process():
         merged = merge_lora(net)
         save_model(Path(out_dir) / "merged", merged, tokenizer, extra=lambda tmp: write_prompt_format(tmp, template))
     return result
