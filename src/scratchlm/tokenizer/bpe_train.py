@@ -134,7 +134,20 @@ def train_merges_textbook(word_counts: dict[bytes, int], vocab_size: int) -> tup
 
 
 def train_merges_fast(word_counts: dict[bytes, int], vocab_size: int) -> tuple[list[Merge], list[bytes]]:
-    """Same merges as ``train_merges_textbook``, with incremental counts and a heap."""
+    """Same merges as ``train_merges_textbook``, with incremental counts and a heap.
+
+    State: each distinct pre-token once, as a list of ids, with its frequency; the count
+    of every adjacent pair over the whole text; for every pair, the words it occurs in
+    (a superset: entries are not removed when a word loses the pair); and a max-heap of
+    (count, pair) whose entries may be stale (checked against the counts when popped).
+    A merge of (a, b) rewrites only the words listed for (a, b), and only the pairs
+    next to each occurrence change: x a b y -> x new y takes n from (x, a) and (b, y)
+    and gives n to (x, new) and (new, y), for a word that occurs n times.
+
+    Profile (10 MB of stdlib source, 56k distinct pre-tokens, 32k merges: ~2 s of CPU):
+    the first ~750 merges ("  ", "e ", "th"...) touch most words and take a third of the
+    time; the rest touch a few words each. Pairs as tuples cost ~13% over packed ints,
+    kept for clarity."""
     _check_size(vocab_size)
     vocab = [bytes([i]) for i in range(256)]
     index = {t: i for i, t in enumerate(vocab)}
@@ -166,53 +179,49 @@ def train_merges_fast(word_counts: dict[bytes, int], vocab_size: int) -> tuple[l
         a, b = pair
         new = _add_token(vocab, index, vocab[a] + vocab[b])
         merges.append((a, b, new))
-        changed: set[tuple[int, int]] = set()
+        grown: set[tuple[int, int]] = set()  # pairs whose count rose: pushed below
         for wi in where.pop(pair):
             word = words[wi]
             n = freqs[wi]
-            # Rewrite the word, adjusting the counts of the pairs around each merge:
-            # x a b y  ->  x new y   removes (x,a) (a,b) (b,y), adds (x,new) (new,y).
+            length = len(word)
             out: list[int] = []
-            i, length = 0, len(word)
-            found = merged_last = False
-            while i < length:
-                if i + 1 < length and word[i] == a and word[i + 1] == b:
-                    found = True
+            copied = 0  # word[copied:] is not in `out` yet
+            last_end = -1  # where the previous merge in this word ended
+            i = word.index(a) if a in word else -1
+            while i >= 0:
+                if i + 1 < length and word[i + 1] == b:
+                    out += word[copied:i]
                     if out:
-                        if not merged_last:  # old (x, a); after a merge it went as (b, a)
-                            old = (out[-1], a)
-                            pair_counts[old] -= n
-                            changed.add(old)
-                        fresh = (out[-1], new)  # (x, new) or (new, new)
-                        pair_counts[fresh] += n
-                        where[fresh].add(wi)
-                        changed.add(fresh)
+                        if i != last_end:  # (x, a) goes; after a merge it went as (b, a)
+                            pair_counts[word[i - 1], a] -= n
+                        p = (out[-1], new)  # (x, new), or (new, new) after a merge
+                        pair_counts[p] += n
+                        grown.add(p)
+                        where[p].add(wi)
                     if i + 2 < length:
-                        old = (b, word[i + 2])
-                        pair_counts[old] -= n
-                        changed.add(old)
-                        # (new, y), unless y starts another (a, b): that merge adds
-                        # (new, new) when it looks left.
-                        if not (i + 3 < length and word[i + 2] == a and word[i + 3] == b):
-                            fresh = (new, word[i + 2])
-                            pair_counts[fresh] += n
-                            where[fresh].add(wi)
-                            changed.add(fresh)
+                        y = word[i + 2]
+                        pair_counts[b, y] -= n
+                        # (new, y), unless y starts another (a, b): that one adds (new, new)
+                        if not (y == a and i + 3 < length and word[i + 3] == b):
+                            p = (new, y)
+                            pair_counts[p] += n
+                            grown.add(p)
+                            where[p].add(wi)
                     out.append(new)
-                    merged_last = True
-                    i += 2
+                    copied = last_end = i + 2
+                    step = i + 2
                 else:
-                    out.append(word[i])
-                    merged_last = False
-                    i += 1
-            if found:
+                    step = i + 1
+                try:
+                    i = word.index(a, step)  # the next `a`, found in C
+                except ValueError:
+                    break
+            if copied:
+                out += word[copied:]
                 words[wi] = out
         del pair_counts[pair]
-        changed.discard(pair)
-        for p in changed:
-            c = pair_counts[p]
-            if c > 0:
-                heappush(heap, (-c, p))
-            elif c == 0:
-                del pair_counts[p]
+        # A pair whose count fell keeps its old heap entry, now too high: it is fixed when
+        # popped (see the top of the loop). A pair whose count rose needs a new entry.
+        for p in grown:
+            heappush(heap, (-pair_counts[p], p))
     return merges, vocab
