@@ -294,3 +294,59 @@ def test_cli_instruct_end_to_end(tmp_path, capsys):
                  "--samples", "0"])
     assert code == 0 and read_prompt_format(tmp_path / "run" / "latest") == "alpaca"
     assert "done at step 2" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------
+# Pieces: what trains, template choice, Ctrl-C
+# ----------------------------------------------------------------------------------------
+def test_train_last_n_blocks_unfreezes_exactly_those():
+    from scratchlm.finetune.classify import Classifier, choose_trainable
+
+    clf = Classifier(Transformer(ModelConfig.preset("llama-tiny", n_layers=3)), n_classes=2)
+    choose_trainable(clf, 1)
+    trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in clf.named_parameters() if n.startswith(("backbone.blocks.2.", "backbone.final_norm", "head."))}
+    assert trainable == expected
+    choose_trainable(clf, "head")
+    assert {n for n, p in clf.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    with pytest.raises(ValueError, match="3 blocks"):
+        choose_trainable(clf, 5)
+
+
+def test_template_detection_and_recorded_format(tmp_path):
+    from scratchlm.finetune.prompts import detect_template, write_prompt_format
+
+    chat_data = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                               {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
+    assert detect_template(char_tokenizer(LLAMA_SPECIALS)) == "llama3"
+    assert detect_template(char_tokenizer(CHAT_SPECIALS)) == "chatml"
+    assert detect_template(char_tokenizer(["<|endoftext|>"])) == "alpaca"
+    assert detect_template(char_tokenizer(["<|endoftext|>"]), records=chat_data) == "chatml"  # multi-turn
+    write_prompt_format(tmp_path, "alpaca")
+    assert detect_template(char_tokenizer(CHAT_SPECIALS), tmp_path) == "alpaca"  # what the model was tuned on
+    with pytest.raises(ValueError, match="alpaca template"):
+        render_example(chat_data[0], "alpaca")
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
+    import os
+    import signal
+
+    from scratchlm.finetune.loop import Finetuner, LoopConfig
+
+    model = torch.nn.Linear(3, 1)
+    saved = []
+
+    def batch(g):
+        if g == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+        return torch.randn(4, 3), torch.randn(4, 1)
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1]), 4
+
+    cfg = LoopConfig(out_dir=str(tmp_path), max_steps=100, batch_size=4, progress=False, plot=False, device="cpu")
+    result = Finetuner(cfg, model, 10, batch, loss, lambda m: {}, lambda d, s: saved.append((d.name, s)),
+                       quiet=True).run()
+    assert result.interrupted and result.step == 3
+    assert saved[-1][0] == "latest" and saved[-1][1]["step"] == 3 and "optimizer" in saved[-1][1]
