@@ -193,9 +193,13 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-@functools.lru_cache(maxsize=4)
 def load_embedder(name: str = DEFAULT_EMBEDDER, device: str = "cpu", fast: bool = True) -> Embedder:
     """A cached Embedder: loading costs seconds, so it is done once per process."""
+    return _cached_embedder(canonical_name(name), device, bool(fast))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_embedder(name: str, device: str, fast: bool) -> Embedder:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return Embedder(name, device=device, fast=fast)
 
