@@ -105,6 +105,14 @@ def test_python_and_tiktoken_paths_agree(trained, text):
     assert trained.encode(text, "none", fast=False) == trained.encode(text, "none")
 
 
+def test_encode_batch(trained):
+    texts = TEXTS + [SPECIAL_TEXT]
+    assert trained.encode_batch(texts) == [trained.encode(t) for t in texts]
+    assert trained.encode_batch(texts, "none") == [trained.encode(t, "none") for t in texts]
+    char = CharTokenizer.train("abc")
+    assert char.encode_batch(["ab", "c"]) == [[0, 1], [2]]
+
+
 def test_trained_tokenizer_compresses_its_corpus(trained):
     text = "\n".join(corpus()[:5])
     assert len(trained.encode(text)) < len(text.encode()) / 2.5
@@ -208,10 +216,15 @@ def test_bpe_save_load_roundtrip(trained, tmp_path):
 
 
 def test_cl100k_save_load_roundtrip(ours_cl100k, cl100k, tmp_path):
+    # GPT-4's 100k vocabulary through our tokenizer.json, read back by us and by HF.
     ours_cl100k.save(tmp_path)
     again = load_tokenizer(tmp_path)
-    for text in TEXTS[:6] + [SPECIAL_TEXT]:
-        assert again.encode(text) == cl100k.encode(text, allowed_special="all")
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in TEXTS + [SPECIAL_TEXT]:
+        expected = cl100k.encode(text, allowed_special="all")
+        assert again.encode(text) == expected
+        assert hf.encode(text).ids == expected, text
 
 
 def test_load_tokenizer_empty_dir_is_none(tmp_path):

@@ -4,6 +4,7 @@ A tokenizer turns text into a list of integer ids and back. Every tokenizer in t
 package (characters, byte-level BPE, SentencePiece) has the same surface:
 
     encode(text) -> list[int]        special tokens written in the text become their ids
+    encode_batch(texts)              several texts at once
     decode(ids) -> str               invalid UTF-8 becomes U+FFFD (errors="replace")
     decode_bytes(ids) -> bytes       the raw bytes, for streaming partial UTF-8
     vocab_size, special_tokens, eot_id, bos_id, chat_template, save(dir)
@@ -59,6 +60,10 @@ class Tokenizer:
         """Text -> ids. Special tokens written in ``text`` become their ids unless
         ``allowed_special`` is "none" (or names only some of them)."""
         return self._encode_split(text, allowed_special, self.encode_ordinary)
+
+    def encode_batch(self, texts: Iterable[str], allowed_special: AllowedSpecial = "all") -> list[list[int]]:
+        """``encode`` for each text (BPE runs them on tiktoken's threads)."""
+        return [self.encode(t, allowed_special) for t in texts]
 
     def _encode_split(self, text: str, allowed_special: AllowedSpecial, encode_ordinary) -> list[int]:
         """Cut ``text`` around the allowed special tokens; ``encode_ordinary`` the rest."""

@@ -145,6 +145,17 @@ class BPETokenizer(Tokenizer):
             allowed_special = set(allowed_special)
         return enc.encode(text, allowed_special=allowed_special, disallowed_special=())
 
+    def encode_batch(self, texts: Iterable[str], allowed_special="all") -> list[list[int]]:
+        """``encode`` for each text, on tiktoken's thread pool."""
+        texts = list(texts)
+        if self.add_prefix_space or self.normalizer or not self._has_all_bytes or allowed_special == "none" \
+                or any(not isinstance(t, str) for t in texts):
+            return super().encode_batch(texts, allowed_special)
+        if allowed_special != "all":
+            self._special_splitter(allowed_special)
+            allowed_special = set(allowed_special)
+        return self.tiktoken_encoding().encode_batch(texts, allowed_special=allowed_special, disallowed_special=())
+
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text in which special-token strings are plain text (fast path)."""
         if not self._has_all_bytes:
