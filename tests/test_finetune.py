@@ -350,3 +350,15 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
                        quiet=True).run()
     assert result.interrupted and result.step == 3
     assert saved[-1][0] == "latest" and saved[-1][1]["step"] == 3 and "optimizer" in saved[-1][1]
+
+
+def test_examples_whose_prompt_fills_the_context_are_left_out():
+    from scratchlm.finetune.instruct_data import make_examples
+
+    tok = char_tokenizer()
+    short, long = {"instruction": "Hi.", "output": "Hello."}, {"instruction": "Hi " * 40, "output": "Hello."}
+    with pytest.warns(UserWarning, match="1 of 2 examples"):
+        examples, cut = make_examples([short, long], tok, "chatml", max_length=40, source="d.jsonl")
+    assert len(examples) == 1 and cut == 1
+    with pytest.raises(DataError, match="d.jsonl: 1 of 1 examples"):
+        make_examples([long], tok, "chatml", max_length=40, source="d.jsonl")

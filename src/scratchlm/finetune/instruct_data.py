@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -173,9 +174,10 @@ def make_examples(records: list[dict], tokenizer, template: str, max_length: int
     """Render, tokenize and cut each record to ``max_length`` tokens (context_length + 1:
     inputs and targets are that minus one). Returns (examples, number cut).
 
-    A record whose answer starts beyond ``max_length`` would teach nothing: DataError.
+    A record whose prompt alone fills ``max_length`` would teach nothing and is left out
+    (with a warning); DataError if that leaves no example at all.
     """
-    examples, cut = [], 0
+    examples, cut, dropped = [], 0, []
     for number, record in enumerate(records, start=1):
         try:
             example = tokenize_example(render_example(record, template), tokenizer, train_on_prompt)
@@ -185,9 +187,15 @@ def make_examples(records: list[dict], tokenizer, template: str, max_length: int
             cut += 1
             example = Example(example.ids[:max_length], example.trainable[:max_length])
         if not any(example.trainable[1:]):
-            raise DataError(f"{source} example {number}: the prompt alone fills the context of "
-                            f"{max_length - 1} tokens, so no answer token is left to learn")
+            dropped.append(number)
+            continue
         examples.append(example)
+    if dropped:
+        message = (f"{source}: {len(dropped)} of {len(records)} examples (the first: example {dropped[0]}) "
+                   f"have a prompt that fills the context of {max_length - 1} tokens, leaving no answer to learn")
+        if not examples:
+            raise DataError(message)
+        warnings.warn(message + ": left out", stacklevel=2)
     return examples, cut
 
 
