@@ -15,9 +15,8 @@ tensor(True)
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -194,10 +193,6 @@ def finetune_instruct(model: Union[str, os.PathLike], data: Union[str, os.PathLi
         merged = merge_lora(net)
         save_model(Path(out_dir) / "merged", merged, tokenizer, extra=lambda tmp: write_prompt_format(tmp, template))
     return result
-
-
-def loop_option_names() -> set[str]:
-    return {f.name for f in fields(LoopConfig)} - {"out_dir"}
 
 
 __all__ = ["finetune_instruct", "masked_loss", "answer", "stops_for", "load_base", "collate", "Example"]
