@@ -100,7 +100,8 @@ def test_tokenizer_config_specials_and_chat_template(hf_gpt2_style, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": {"content": "<s>"}, "eos_token": "</s>", "chat_template": template}))
     ours = load_tokenizer(tmp_path)
-    assert ours.bos_id == hf.token_to_id("<s>") and ours.eot_id == hf.token_to_id("<|endoftext|>")
+    assert ours.bos_id == hf.token_to_id("<s>") and ours.eot_id == hf.token_to_id("</s>")  # declared eos
+    assert load_tokenizer(directory).eot_id == hf.token_to_id("<|endoftext|>")  # no config
     assert ours.chat_template == template
     assert load_tokenizer(directory).chat_template is None
 
@@ -252,3 +253,28 @@ def test_sentencepiece_unigram_encodes_through_the_library(tmp_path):
         assert ours.decode(sp.encode(text)) == sp.decode(sp.encode(text))
     with pytest.raises(TokenizerError, match="unigram"):
         ours.encode("x", fast=False)
+
+
+def test_save_keeps_loaded_settings_and_removes_stale_files(hf_gpt2_style, sp_model, tmp_path):
+    hf, directory = hf_gpt2_style
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "tokenizer.json").write_text((directory / "tokenizer.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "</s>", "model_max_length": 2048, "padding_side": "left", "chat_template": "{{ x }}"}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "char_tokenizer.json").write_text("{}")  # an old tokenizer that would win on load
+    load_tokenizer(source).save(out)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 2048 and config["padding_side"] == "left"
+    assert config["eos_token"] == "</s>" and config["chat_template"] == "{{ x }}"
+    again = load_tokenizer(out)
+    assert again.eot_id == hf.token_to_id("</s>") and again.chat_template == "{{ x }}"
+
+    sp, sp_dir = sp_model  # a SentencePiece tokenizer replaces it
+    load_tokenizer(sp_dir).save(out)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
+    assert isinstance(load_tokenizer(out), SentencePieceTokenizer)
+    assert json.loads((out / "tokenizer_config.json").read_text())["bos_token"] == "<s>"

@@ -42,6 +42,7 @@ class Tokenizer:
     chat_template: Optional[str] = None
     bos_token: Optional[str] = None  # set by loaders from tokenizer_config.json / the model
     eos_token: Optional[str] = None
+    hf_config: Optional[dict] = None  # the tokenizer_config.json it was loaded with, if any
 
     # ---- what subclasses provide -------------------------------------------------------
     def encode_ordinary(self, text: str) -> list[int]:
@@ -105,8 +106,9 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> Optional[int]:
-        """Id of the end-of-text token ("<|endoftext|>", the eos token, ...) or None."""
-        names = ("<|endoftext|>", self.eos_token) + EOT_NAMES
+        """Id of the end-of-text token, or None: the eos token the tokenizer declares (in
+        tokenizer_config.json or the model), else "<|endoftext|>", "<|end_of_text|>", "</s>"."""
+        names = (self.eos_token,) + EOT_NAMES
         return next((self.special_tokens[n] for n in names if n in self.special_tokens), None)
 
     @property

@@ -72,8 +72,13 @@ class CharTokenizer(Tokenizer):
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
         """Write ``char_tokenizer.json`` into an existing directory."""
+        from .formats import remove_stale_files
+
+        if not Path(directory).is_dir():
+            raise TokenizerError(f"{directory}: not a directory (create it before saving a tokenizer)")
         data = {"kind": "char", "chars": "".join(self.chars), "special_tokens": list(self.special_tokens)}
         (Path(directory) / FILENAME).write_text(json.dumps(data, ensure_ascii=True))
+        remove_stale_files(directory, (FILENAME,))
 
     @classmethod
     def load(cls, directory: Union[str, os.PathLike]) -> "CharTokenizer":

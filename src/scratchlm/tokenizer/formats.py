@@ -194,7 +194,6 @@ def save_hf_bpe(tok: BPETokenizer, directory: PathLike) -> None:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,  # decode must give back exactly the text
-        "model_max_length": 1_000_000_000,
         "added_tokens_decoder": {str(i): {"content": s, "lstrip": False, "normalized": False,
                                           "rstrip": False, "single_word": False, "special": True}
                                  for s, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])},
@@ -206,9 +205,8 @@ def save_hf_bpe(tok: BPETokenizer, directory: PathLike) -> None:
         config["eos_token"] = eos
     if tok.bos_token in tok.special_tokens:
         config["bos_token"] = tok.bos_token
-    if tok.chat_template:
-        config["chat_template"] = tok.chat_template
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    write_tokenizer_config(tok, directory, config)
+    remove_stale_files(directory, ("tokenizer.json", "tokenizer_config.json"))
 
 
 def _read_json(path: Path) -> dict:
@@ -245,7 +243,8 @@ def read_tokenizer_config(directory: Path) -> dict:
         if name is not None and str(key).isdigit():
             added[name] = int(key)
     return {"bos_token": _token_name(config.get("bos_token")), "eos_token": _token_name(config.get("eos_token")),
-            "chat_template": template if isinstance(template, str) else None, "added_tokens": added}
+            "chat_template": template if isinstance(template, str) else None, "added_tokens": added,
+            "raw": config}
 
 
 def _normalizer(spec: Optional[dict], path: Path) -> Optional[str]:
@@ -352,6 +351,13 @@ def load_tokenizer(directory: PathLike):
     if (directory / CHAR_FILE).exists():
         return CharTokenizer.load(directory)
     config = read_tokenizer_config(directory)
+    tok = _load_files(directory, config)
+    if tok is not None:
+        tok.hf_config = config["raw"]  # kept, so that saving it again keeps its settings
+    return tok
+
+
+def _load_files(directory: Path, config: dict):
     tokenizer_json, model_file = directory / "tokenizer.json", directory / "tokenizer.model"
     if tokenizer_json.exists():
         try:
@@ -365,10 +371,36 @@ def load_tokenizer(directory: PathLike):
             return load_tiktoken_model(model_file, config)
         from .spm import SentencePieceTokenizer
 
-        return SentencePieceTokenizer.load(model_file, config)
+        tok = SentencePieceTokenizer.load(model_file, config)
+        if tokenizer_json.exists():  # HF's own version of it: saved back unchanged
+            tok.hf_tokenizer_json = tokenizer_json.read_text("utf-8")
+        return tok
     if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
         return load_vocab_merges(directory, config)
     return None
+
+
+# Every file name a tokenizer of ours may read; a save removes the ones it does not write,
+# so a directory never holds a stale tokenizer that load_tokenizer would pick instead.
+TOKENIZER_FILES = ("char_tokenizer.json", "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def remove_stale_files(directory: PathLike, written: tuple[str, ...]) -> None:
+    directory = Path(directory)
+    for name in TOKENIZER_FILES:
+        if name not in written and (directory / name).is_file():
+            (directory / name).unlink()
+
+
+def write_tokenizer_config(tok, directory: Path, config: dict) -> None:
+    """tokenizer_config.json: the loaded one's settings (if any), then ours on top."""
+    merged = dict(tok.hf_config or {})
+    merged.update(config)
+    merged.pop("chat_template", None)
+    if tok.chat_template:
+        merged["chat_template"] = tok.chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(merged, indent=2, ensure_ascii=False))
 
 
 def load_vocab_merges(directory: Path, config: Optional[dict] = None) -> BPETokenizer:

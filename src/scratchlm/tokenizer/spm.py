@@ -262,9 +262,29 @@ class SentencePieceTokenizer(Tokenizer):
             data = data[1:]
         return data
 
+    hf_tokenizer_json: Optional[str] = None  # the tokenizer.json it was loaded beside, if any
+
     def save(self, directory: Union[str, os.PathLike]) -> None:
-        """Write ``tokenizer.model`` (the SentencePiece file, unchanged)."""
-        (Path(directory) / "tokenizer.model").write_bytes(self.model_bytes)
+        """Write ``tokenizer.model`` (the SentencePiece file, unchanged), the Hugging Face
+        ``tokenizer.json`` it was loaded with (if any) and ``tokenizer_config.json``."""
+        from .formats import remove_stale_files, write_tokenizer_config
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise TokenizerError(f"{directory}: not a directory (create it before saving a tokenizer)")
+        (directory / "tokenizer.model").write_bytes(self.model_bytes)
+        written = ("tokenizer.model", "tokenizer_config.json")
+        if self.hf_tokenizer_json is not None:
+            (directory / "tokenizer.json").write_text(self.hf_tokenizer_json, "utf-8")
+            written += ("tokenizer.json",)
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        unk = self._piece(self.unk_id)
+        if unk is not None:
+            config["unk_token"] = unk
+        write_tokenizer_config(self, directory, {k: v for k, v in config.items() if v})
+        remove_stale_files(directory, written)
+
+    save_hf = save
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer(vocab_size={self.vocab_size})"
