@@ -278,3 +278,19 @@ def test_save_keeps_loaded_settings_and_removes_stale_files(hf_gpt2_style, sp_mo
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
     assert isinstance(load_tokenizer(out), SentencePieceTokenizer)
     assert json.loads((out / "tokenizer_config.json").read_text())["bos_token"] == "<s>"
+
+
+def test_vocab_without_every_byte(tmp_path):
+    # Trained without the 256-byte alphabet: only the bytes seen have tokens. Text made of
+    # them encodes as HF does (on the reference path); any other byte is a clear error.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["the cat sat on the mat"] * 10, trainers.BpeTrainer(vocab_size=40, show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path)
+    assert ours.encode("the mat sat") == hf.encode("the mat sat").ids
+    with pytest.raises(TokenizerError, match="has no token"):
+        ours.encode("the dog")

@@ -60,7 +60,9 @@ def bpe_encode_piece(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     try:
         return [ranks[p] for p in parts]
     except KeyError as e:
-        raise TokenizerError(f"byte {e.args[0]!r} has no token in this vocabulary") from None
+        missing = e.args[0]
+        raise TokenizerError(f"byte 0x{missing[0]:02X} ({missing!r} in {piece!r}) has no token in this "
+                             "vocabulary") from None
 
 
 NORMALIZERS = (None, "NFC", "NFD", "NFKC", "NFKD")
