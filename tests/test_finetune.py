@@ -184,7 +184,7 @@ def separable_csv(path, n=240, seed=0, labels=("pos", "neg", "mid")):
 
 
 @pytest.mark.parametrize("train,lora", [("all", None), ("head", "lora")])
-def test_classification_reaches_95_percent(tmp_path, train, lora):
+def test_classification_reaches_95_percent(tmp_path, train, lora, capsys):
     from scratchlm.lora import LoRAConfig
 
     tok = char_tokenizer()
@@ -201,6 +201,8 @@ def test_classification_reaches_95_percent(tmp_path, train, lora):
     assert "true \\ predicted" in (tmp_path / "run" / "confusion_matrix.txt").read_text()
     clf, tokenizer, labels = load_classifier(tmp_path / "run" / "latest", base_model=str(base))
     assert classify(clf, tokenizer, labels, ["good great nice", "awful sad bad", "okay fine okay"]) == ["pos", "neg", "mid"]
+    assert main(["classify", str(tmp_path / "run" / "latest"), "nice good", "sad sad"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["pos\tnice good", "neg\tsad sad"]
 
 
 def test_training_only_the_head_leaves_the_backbone_untouched(tmp_path):

@@ -1,4 +1,4 @@
-"""`scratchlm finetune instruct|classify` and `scratchlm merge-lora`."""
+"""`scratchlm finetune instruct|classify`, `scratchlm classify` and `scratchlm merge-lora`."""
 
 from __future__ import annotations
 
@@ -89,6 +89,12 @@ def add_commands(subparsers) -> None:
     _loop_arguments(c, lr=5e-4, epochs=3.0)
     c.set_defaults(func=_classify_command)
 
+    k = subparsers.add_parser("classify", help="label texts with a classifier from `finetune classify`")
+    k.add_argument("classifier", help="classifier directory (e.g. runs/classify/latest)")
+    k.add_argument("texts", nargs="+", help="texts to label ('-' reads one text per line from stdin)")
+    k.add_argument("--base", default=None, help="base model of a LoRA classifier (default: the one it records)")
+    k.set_defaults(func=_predict_command)
+
     m = subparsers.add_parser("merge-lora", help="fold a LoRA adapter into its base model (a plain model dir)")
     m.add_argument("base", help="base model directory")
     m.add_argument("adapter", help="adapter directory (adapter_config.json + adapter.safetensors)")
@@ -129,6 +135,18 @@ def _int(text: str, option: str) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"{option} must be 'head', 'all' or a number of blocks, got {text!r}") from None
+
+
+def _predict_command(args) -> int:
+    import sys
+
+    from .classify import classify, load_classifier
+
+    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
+    clf, tokenizer, labels = load_classifier(args.classifier, base_model=args.base)
+    for text, label in zip(texts, classify(clf, tokenizer, labels, texts)):
+        print(f"{label}\t{text}")
+    return 0
 
 
 def _merge_command(args) -> int:
