@@ -250,6 +250,10 @@ def test_bad_arguments(trained):
         trained.encode(b"bytes")
     with pytest.raises(TokenizerError):
         CharTokenizer.train("")
+    with pytest.raises(TokenizerError, match="unknown pre-split pattern 'gpt5'"):
+        BPETokenizer.train("hello", 300, pattern="gpt5")
+    with pytest.raises(TokenizerError, match="bad pre-split pattern"):
+        BPETokenizer({bytes([b]): b for b in range(256)}, r"(\p{L}")
     assert isinstance(TokenizerError("x"), ValueError)
 
 

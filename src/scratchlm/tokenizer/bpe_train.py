@@ -60,14 +60,22 @@ Merge = tuple[int, int, int]  # (left id, right id, new id)
 
 def resolve_pattern(pattern: str) -> str:
     """A pattern name ("gpt2", "gpt4") or a regex -> the regex."""
-    return PATTERNS.get(pattern, pattern)
+    if pattern in PATTERNS:
+        return PATTERNS[pattern]
+    if not isinstance(pattern, str) or regex.fullmatch(r"[A-Za-z0-9_.-]*", pattern):
+        raise TokenizerError(f"unknown pre-split pattern {pattern!r}: use one of {', '.join(PATTERNS)} "
+                             "or a regular expression")
+    return pattern
 
 
 def count_pretokens(texts: Iterable[str], pattern: str, special_tokens: Iterable[str] = ()) -> dict[bytes, int]:
     """How often each distinct pre-token occurs: {utf-8 bytes: count}.
 
     Special-token strings in the text are cut out first, so they are never learned."""
-    splitter = regex.compile(resolve_pattern(pattern))
+    try:
+        splitter = regex.compile(resolve_pattern(pattern))
+    except regex.error as e:
+        raise TokenizerError(f"bad pre-split pattern {pattern!r}: {e}") from None
     specials = sorted(set(special_tokens), key=len, reverse=True)
     special_re = regex.compile("|".join(regex.escape(s) for s in specials)) if specials else None
     counts: Counter[str] = Counter()
