@@ -264,6 +264,10 @@ def test_corrupt_and_missing_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece", "vocab": {}}}')
     with pytest.raises(TokenizerError, match="WordPiece"):
         load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a"]]},'
+                                             ' "pre_tokenizer": {"type": "ByteLevel"}}')
+    with pytest.raises(TokenizerError, match="malformed tokenizer.json"):
+        load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\xff\xff garbage")
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):

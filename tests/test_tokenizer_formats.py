@@ -294,3 +294,25 @@ def test_vocab_without_every_byte(tmp_path):
     assert ours.encode("the mat sat") == hf.encode("the mat sat").ids
     with pytest.raises(TokenizerError, match="has no token"):
         ours.encode("the dog")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text(alphabet="abc ", min_size=1, max_size=12), min_size=1, max_size=30),
+       st.integers(260, 300), st.text(alphabet="abc ", max_size=30))
+def test_hf_trained_on_a_tiny_alphabet_encodes_alike(texts, vocab_size, probe):
+    # Few symbols: many ties and many ways to build each token, where HF's merge-list
+    # order and our merge-by-rank would part first if they could.
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    with tempfile.TemporaryDirectory() as directory:
+        hf.save(f"{directory}/tokenizer.json")
+        ours = load_tokenizer(directory)
+    for text in texts + [probe]:
+        assert ours.encode(text) == hf.encode(text).ids

@@ -291,6 +291,15 @@ def load_hf_tokenizer_json(path: PathLike, config: Optional[dict] = None) -> BPE
 
 def bpe_from_hf_dict(data: dict, path: Path, config: Optional[dict] = None) -> BPETokenizer:
     """The parsed tokenizer.json ``data`` (read from ``path``, named in errors)."""
+    try:
+        return _bpe_from_hf_dict(data, path, config or {})
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, TokenizerError):
+            raise
+        raise TokenizerError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+
+
+def _bpe_from_hf_dict(data: dict, path: Path, config: dict) -> BPETokenizer:
     model = data.get("model") or {}
     if model.get("type", "BPE") != "BPE" or "vocab" not in model or "merges" not in model:
         raise TokenizerError(f"{path}: model type {model.get('type')!r} is not supported "
@@ -306,17 +315,19 @@ def bpe_from_hf_dict(data: dict, path: Path, config: Optional[dict] = None) -> B
             continue  # an added token that is also listed in the vocab
         ranks[hf_to_bytes(token)] = int(i)
     # Our encoder merges by the rank (id) of the result, HF's by merge order: the two
-    # agree when later merges produce later ids, as in every tokenizer trained by BPE.
-    last = -1
+    # agree when each new token comes from a later merge than the tokens before it, as
+    # in every tokenizer trained by BPE. (A later merge may rebuild an existing token by
+    # another route, "a" + "bc" after "ab" + "c": we apply it at that token's rank.)
+    last, made = -1, set()
     for merge in model["merges"]:
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         result = ranks.get(hf_to_bytes(left + right))
         if result is None:
             raise TokenizerError(f"{path}: merge {left!r} + {right!r} gives a token not in the vocab")
-        if result < last:
+        if result < last and result not in made:
             raise TokenizerError(f"{path}: merges are not in vocabulary-id order; not supported")
-        last = result
-    config = config or {}
+        last = max(last, result)
+        made.add(result)
     specials.update({k: v for k, v in config.get("added_tokens", {}).items() if k not in specials})
     return BPETokenizer(ranks, pattern, specials, add_prefix_space=add_prefix_space, normalizer=normalizer,
                         bos_token=config.get("bos_token"), eos_token=config.get("eos_token"),
