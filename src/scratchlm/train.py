@@ -559,24 +559,30 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
                 "val_bpb": loss / math.log(2) * self.val_tokens_per_byte}
 
-    def sample(self, max_new_tokens: Optional[int] = None) -> Optional[str]:
-        """A sample from the current model (rank 0; not under FSDP, whose weights are sharded)."""
+    def sample(self, max_new_tokens: Optional[int] = None, prompt: Optional[str] = None) -> Optional[str]:
+        """Prompt + a sampled continuation (temperature 0.8, top-k 40, fixed seed) from the
+        current model; None on ranks other than 0 and under FSDP (its weights are sharded)."""
         n = self.cfg.sample_tokens if max_new_tokens is None else max_new_tokens
         if n <= 0 or self.tokenizer is None or self.fsdp or not self.procs.is_main:
             return None
         from .generate import generate
 
-        prompt = self.cfg.sample_prompt or [self.meta["eot_id"]]  # '' -> the start of a new document
+        prompt = self.cfg.sample_prompt if prompt is None else prompt
+        # As in training, a document starts after the end-of-text token.
+        ids = [self.meta["eot_id"]] + (self.tokenizer.encode(prompt) if prompt else [])
+        n = min(n, self.raw_model.config.context_length - len(ids))
+        if n <= 0:
+            return None
         rng = torch.get_rng_state()  # sampling must not move the training RNG (exact resume)
         self.raw_model.eval()
         try:
             with self._autocast():
-                [c] = generate(self.raw_model, self.tokenizer, [prompt], max_new_tokens=n,
+                [c] = generate(self.raw_model, self.tokenizer, [ids], max_new_tokens=n,
                                temperature=0.8, top_k=40, seed=self.cfg.seed)
         finally:
             self.raw_model.train()
             torch.set_rng_state(rng)
-        return (self.cfg.sample_prompt + c.text) if self.cfg.sample_prompt else c.text
+        return prompt + c.text
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: Path, with_state: bool = True) -> None:
@@ -819,9 +825,13 @@ def demo(minutes: float = DEMO_MINUTES, out: str = "runs/demo", data: str = "dat
     print(f"model: {n / 1e6:.2f}M parameters, {cfg.n_layers} layers, d_model {cfg.d_model}, context "
           f"{cfg.context_length}; precision: {'bf16 autocast' if trainer.autocast else 'fp32'}; "
           f"{torch.get_num_threads()} threads; {minutes:g} minutes")
-    print(f"\n--- sample before training ---\n{trainer.sample(200)}\n")
+    prompts = ("", "Return the")  # a new docstring from scratch, and one with a start
+    for prompt in prompts[:1]:
+        print(f"\n--- sample before training ---\n{trainer.sample(120, prompt)}\n")
     result = trainer.run()
-    print(f"\n--- sample after training ({result.step} steps, {result.tokens:,} tokens) ---\n{trainer.sample(200)}\n")
+    print(f"\n--- samples after training ({result.step} steps, {result.tokens:,} tokens) ---")
+    for prompt in prompts:
+        print(f"{trainer.sample(120, prompt)}\n")
     print(f"final validation loss: {result.val_loss:.4f} nats/token = {result.val_bpb:.3f} bits/byte "
           f"(perplexity {math.exp(result.val_loss):.1f})")
     print(f"wrote {Path(out)}/: latest/ (checkpoint), best/, metrics.jsonl, loss.png")
