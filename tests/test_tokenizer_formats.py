@@ -316,3 +316,27 @@ def test_hf_trained_on_a_tiny_alphabet_encodes_alike(texts, vocab_size, probe):
         ours = load_tokenizer(directory)
     for text in texts + [probe]:
         assert ours.encode(text) == hf.encode(text).ids
+
+
+def test_sentencepiece_exports_a_tokenizer_json(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "corpus.txt").write_text("\n".join(t for t in corpus() if t))
+    spm.SentencePieceTrainer.train(  # Llama 2's settings, no user-defined symbols
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"), vocab_size=600,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    out = tmp_path / "out"
+    out.mkdir()
+    SentencePieceTokenizer.load(tmp_path / "tokenizer.model").save(out)
+    hf = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in TEXTS + ["  two  spaces", "tab\there"]:
+        expected = sp.encode(text)
+        assert hf.encode(text, add_special_tokens=False).ids == expected, text
+        assert auto(text, add_special_tokens=False)["input_ids"] == expected
+        assert hf.encode(text).ids == [sp.bos_id()] + expected  # HF's Llama adds bos
+        assert hf.decode(expected) == sp.decode(expected)
+    again = load_tokenizer(out)  # tokenizer.json is not byte-level: tokenizer.model is read
+    assert isinstance(again, SentencePieceTokenizer) and again.encode("Hello world") == sp.encode("Hello world")

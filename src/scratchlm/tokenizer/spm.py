@@ -264,9 +264,61 @@ class SentencePieceTokenizer(Tokenizer):
 
     hf_tokenizer_json: Optional[str] = None  # the tokenizer.json it was loaded beside, if any
 
+    def hf_tokenizer_dict(self) -> dict:
+        """A Hugging Face ``tokenizer.json`` that encodes like this model (Llama 2 style:
+        BPE over characters with byte fallback, a "▁" prepended, spaces as "▁", and a
+        post-processor that adds bos, as HF's Llama tokenizers do).
+
+        HF merges the listed pair with the lowest index; SentencePiece the pair whose
+        result has the highest score. So the list holds every split of every piece into
+        two pieces, ordered by the score of the piece they make."""
+        spec = self.spec
+        if spec["model_type"] != "bpe" or spec["normalizer_name"] != "identity" \
+                or spec["remove_extra_whitespaces"] or not spec["escape_whitespaces"] or self.user_defined:
+            raise TokenizerError("only SentencePiece BPE models with Llama 2's settings (identity normaliser, "
+                                 "spaces kept, no user-defined symbols) can be written as tokenizer.json")
+        normal = {p["piece"]: (p["score"], i) for i, p in enumerate(self.pieces) if p["type"] == NORMAL}
+        merges = []
+        for piece, (score, i) in normal.items():
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in normal and right in normal:
+                    merges.append((-score, i, cut, left, right))
+        merges.sort()
+        added = [{"id": i, "content": p["piece"], "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True}
+                 for i, p in enumerate(self.pieces) if p["type"] in (CONTROL, UNKNOWN)]
+        bos = self._piece(spec["bos_id"])
+        post = None
+        if bos is not None:
+            post = {"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bos: {"id": bos, "ids": [spec["bos_id"]], "tokens": [bos]}}}
+        prefix = [{"type": "Prepend", "prepend": SPACE}] if spec["add_dummy_prefix"] else []
+        return {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "Sequence", "normalizers": prefix + [
+                {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]},
+            "pre_tokenizer": None,
+            "post_processor": post,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])},
+            "model": {"type": "BPE", "dropout": None, "unk_token": self._piece(self.unk_id),
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                      "byte_fallback": spec["byte_fallback"], "ignore_merges": False,
+                      "vocab": {p["piece"]: i for i, p in enumerate(self.pieces)},
+                      "merges": [[left, right] for *_, left, right in merges]},
+        }
+
     def save(self, directory: Union[str, os.PathLike]) -> None:
-        """Write ``tokenizer.model`` (the SentencePiece file, unchanged), the Hugging Face
-        ``tokenizer.json`` it was loaded with (if any) and ``tokenizer_config.json``."""
+        """Write ``tokenizer.model`` (the SentencePiece file, unchanged), a Hugging Face
+        ``tokenizer.json`` (the one it was loaded with, else ``hf_tokenizer_dict()`` when
+        the model allows) and ``tokenizer_config.json``."""
+        import json
+
         from .formats import remove_stale_files, write_tokenizer_config
 
         directory = Path(directory)
@@ -274,14 +326,21 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"{directory}: not a directory (create it before saving a tokenizer)")
         (directory / "tokenizer.model").write_bytes(self.model_bytes)
         written = ("tokenizer.model", "tokenizer_config.json")
-        if self.hf_tokenizer_json is not None:
-            (directory / "tokenizer.json").write_text(self.hf_tokenizer_json, "utf-8")
-            written += ("tokenizer.json",)
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        tokenizer_json = self.hf_tokenizer_json
+        if tokenizer_json is None:
+            try:
+                tokenizer_json = json.dumps(self.hf_tokenizer_dict(), ensure_ascii=False)
+                config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False)
+            except TokenizerError:
+                pass  # tokenizer.model alone: transformers converts it (with protobuf installed)
+        if tokenizer_json is not None:
+            (directory / "tokenizer.json").write_text(tokenizer_json, "utf-8")
+            written += ("tokenizer.json",)
         unk = self._piece(self.unk_id)
         if unk is not None:
             config["unk_token"] = unk
-        write_tokenizer_config(self, directory, {k: v for k, v in config.items() if v})
+        write_tokenizer_config(self, directory, {k: v for k, v in config.items() if v is not None})
         remove_stale_files(directory, written)
 
     save_hf = save
