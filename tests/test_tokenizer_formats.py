@@ -340,3 +340,11 @@ def test_sentencepiece_exports_a_tokenizer_json(tmp_path):
         assert hf.decode(expected) == sp.decode(expected)
     again = load_tokenizer(out)  # tokenizer.json is not byte-level: tokenizer.model is read
     assert isinstance(again, SentencePieceTokenizer) and again.encode("Hello world") == sp.encode("Hello world")
+
+
+def test_sentencepiece_streaming_keeps_spaces(sp_model):
+    sp, directory = sp_model
+    ours = load_tokenizer(directory)
+    ids = sp.encode("Hello world, 中文")
+    streamed = b"".join(ours.decode_bytes([i]) for i in ids).decode()
+    assert streamed == " " + sp.decode(ids) and ours.decode(ids) == sp.decode(ids)

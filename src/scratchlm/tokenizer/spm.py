@@ -255,12 +255,13 @@ class SentencePieceTokenizer(Tokenizer):
     def _bytes_table(self) -> dict[int, bytes]:
         return self._table
 
-    def decode_bytes(self, ids) -> bytes:
-        """Bytes of the pieces; the dummy-prefix space in front of the first one is dropped."""
-        data = super().decode_bytes(ids)
-        if self.spec["add_dummy_prefix"] and data.startswith(b" "):
-            data = data[1:]
-        return data
+    def decode(self, ids) -> str:
+        """Text of the pieces, without the space the dummy prefix put in front."""
+        text = super().decode(ids)
+        return text[1:] if self.spec["add_dummy_prefix"] and text.startswith(" ") else text
+
+    # decode_bytes (from the base class) keeps every piece's space, "▁world" -> b" world":
+    # a stream of one-token decode_bytes reads " Hello world", where decode gives "Hello world".
 
     hf_tokenizer_json: Optional[str] = None  # the tokenizer.json it was loaded beside, if any
 
