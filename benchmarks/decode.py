@@ -45,6 +45,8 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue
+        if hasattr(module, "packed"):  # DynamicInt8Linear: int8 matrix + fp32 scales and bias, packed
+            total += module.in_features * module.out_features + 8 * module.out_features
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         for t in tensors:
             if t is None or t.data_ptr() in seen or t.dtype == torch.bool:
@@ -191,8 +193,9 @@ def main() -> None:
     ours32 = prepare_for_decode(copy.deepcopy(plain), "fp32")
     ours16 = prepare_for_decode(copy.deepcopy(plain), "bf16")
     ours8 = prepare_for_decode(copy.deepcopy(plain), "int8")
+    ours8d = prepare_for_decode(copy.deepcopy(plain), "int8-dynamic")
     models = {"hf fp32": hf, "ours fp32 (Linear)": plain, "ours fp32": ours32, "ours bf16": ours16,
-              "ours int8": ours8}
+              "ours int8": ours8, "ours int8-dynamic": ours8d}
     n = args.new_tokens
     peers = {"hf fp32": hf_peer(hf, n)}
     try:
@@ -201,7 +204,8 @@ def main() -> None:
         peers["lfs fp32"] = lfs_peer(lfs, n)
     except ImportError:
         print("llms-from-scratch not installed: pip install --no-deps llms-from-scratch")
-    peers |= {"ours fp32 (Linear)": ours_peer(plain, n), "ours fp32": ours_peer(ours32, n), "ours bf16": ours_peer(ours16, n), "ours int8": ours_peer(ours8, n)}
+    peers |= {"ours fp32 (Linear)": ours_peer(plain, n), "ours fp32": ours_peer(ours32, n), "ours bf16": ours_peer(ours16, n), "ours int8": ours_peer(ours8, n),
+              "ours int8-dynamic": ours_peer(ours8d, n)}
     if args.compile:
         models["ours fp32 compiled"] = ours32
         peers["ours fp32 compiled"] = ours_peer(ours32, n, compile=True)

@@ -311,3 +311,45 @@ def test_zero_new_tokens_and_return_types():
     out = generate(byte_model(), ByteTok(), ["a", "bc"], max_new_tokens=0)
     assert out == [Completion("", [], "length", 1, 0), Completion("", [], "length", 2, 0)]
     assert isinstance(generate(byte_model(), ByteTok(), "a", max_new_tokens=1), list)
+
+
+# ---- decode weight layouts ---------------------------------------------------------------
+@pytest.mark.parametrize("weights, tolerance", [("fp32", 1e-5), ("bf16", 0.03), ("int8", 0.05), ("int8-dynamic", 0.1)])
+def test_decode_weight_layouts_keep_the_logits(pair, weights, tolerance):
+    import copy
+
+    from scratchlm.decode_weights import prepare_for_decode
+
+    _, ours = pair
+    ids = torch.tensor([[5, 17, 42, 8, 3, 9]])
+    with torch.no_grad():
+        ref = ours(ids)
+        fast = prepare_for_decode(copy.deepcopy(ours), weights)
+        out = fast(ids).float()
+    assert (out - ref).norm() / ref.norm() < tolerance
+    if weights == "fp32":  # the same numbers in another layout: the same greedy tokens
+        assert generate(fast, None, [[5, 17, 42]], max_new_tokens=15)[0].token_ids == \
+            generate(ours, None, [[5, 17, 42]], max_new_tokens=15)[0].token_ids
+    else:  # runs, batched and cached, and mostly agrees
+        got = generate(fast, None, [[5, 17, 42], [7]], max_new_tokens=8)
+        assert [len(c.token_ids) for c in got] == [8, 8]
+
+
+def test_decode_weights_rejects_unknown_layout():
+    from scratchlm.decode_weights import prepare_for_decode
+
+    with pytest.raises(ValueError, match="weights must be one of"):
+        prepare_for_decode(byte_model(), "int4")
+
+
+def test_module_examples_run():
+    """The docstring examples of the generation modules are correct."""
+    import doctest
+
+    import scratchlm.chat
+    import scratchlm.decode_weights
+    import scratchlm.generate
+
+    for module in (scratchlm.generate, scratchlm.chat, scratchlm.decode_weights):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

@@ -511,6 +511,9 @@ def _add_sampling_options(p) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (slow)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="run in this dtype (default: the checkpoint's)")
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int8-dynamic"], default=None,
+                   help="weight layout for decoding (see decode_weights.py); default: fp32 models get the "
+                        "faster transposed fp32 layout, others stay as loaded")
     p.add_argument("--truncate", action="store_true",
                    help="cut a too-long prompt from the left (default: error)")
 
@@ -542,8 +545,14 @@ def _options(args) -> dict:
 def _load(args):
     from .hf import load_any
 
+    from .decode_weights import prepare_for_decode
+
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_any(args.model, dtype=dtype)
+    model, tokenizer = load_any(args.model, dtype=dtype)
+    weights = args.weights or ("fp32" if model.tok_emb.weight.dtype == torch.float32 else None)
+    if weights:
+        prepare_for_decode(model, weights)
+    return model, tokenizer
 
 
 def _generate_command(args) -> int:
