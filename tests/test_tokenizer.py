@@ -127,6 +127,12 @@ def test_roundtrip_any_unicode(trained, text):
     assert b"".join(trained.decode_bytes([i]) for i in ids) == text.encode("utf-8")
 
 
+def test_lone_surrogates_encode_as_replacement_character(trained, cl100k, ours_cl100k):
+    text = "a\ud800b"
+    assert ours_cl100k.encode(text, fast=False) == cl100k.encode(text) == ours_cl100k.encode(text)
+    assert trained.decode(trained.encode(text, fast=False)) == "a\ufffdb"
+
+
 def test_decode_bytes_streams_partial_utf8(trained):
     ids = trained.encode("😀")  # not a token: several byte tokens
     assert len(ids) > 1

@@ -167,13 +167,17 @@ class BPETokenizer(Tokenizer):
     def encode_reference(self, text: str) -> list[int]:
         """The pure-Python path: pre-split with the regex, then BPE each piece (cached)."""
         text = self._transform(text)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: U+FFFD instead, as tiktoken does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids: list[int] = []
         cache = self._cache
         for piece in self._regex.findall(text):
             if piece not in cache:
                 if len(cache) > 100_000:
                     cache.clear()
-                cache[piece] = bpe_encode_piece(piece.encode("utf-8", errors="surrogatepass"), self.ranks)
+                cache[piece] = bpe_encode_piece(piece.encode("utf-8"), self.ranks)
             ids.extend(cache[piece])
         return ids
 
