@@ -107,8 +107,6 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile our trainer and print the top")
     args = parser.parse_args()
 
-    import torch  # noqa: F401  (only to report the thread setting of the machine)
-
     from scratchlm.tokenizer import PATTERNS, BPETokenizer
 
     pattern = PATTERNS["gpt4"]
