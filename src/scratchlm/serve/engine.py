@@ -142,8 +142,22 @@ class Engine:
         self._wakeup = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="scratchlm-model", daemon=True)
-        self.batch = RunningBatch(model)
+        self.batch = RunningBatch(model, max_batch)
         self.steps = 0  # decode steps run (for /health and tests)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny forward pass now, on the creating thread.
+
+        It moves the one-time costs (kernel selection, allocator growth, thread-pool start)
+        out of the first request's time to first token. It also sidesteps a measured
+        slowdown: when only the worker thread ever ran PyTorch, decoding on a busy 2-core
+        machine was 10-20x slower (OpenMP helper threads spinning against the worker; see
+        benchmarks/serve_load.py); with a pool started on this thread too, it is not.
+        """
+        device = self.model.tok_emb.weight.device
+        with torch.inference_mode():
+            self.model(torch.zeros(1, 1, dtype=torch.long, device=device))
 
     # ---- the HTTP side -------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -304,86 +318,92 @@ class Engine:
 
 class RunningBatch:
     """The KV cache of every row in flight, side by side and right-aligned (see the module
-    docstring). Rows are Sequences; row i of the cache belongs to ``rows[i]``."""
+    docstring). Row i of the cache belongs to ``rows[i]``.
 
-    def __init__(self, model):
-        self.model = model
+    The buffers hold ``allocated`` rows (grown by doubling up to max_batch, never shrunk);
+    the model sees a KVCache whose tensors are views of the first B rows, so its writes land
+    in the buffers. A row that leaves is replaced by the last row (one row copied), so the
+    rows in use are always the first B and nothing else moves.
+    """
+
+    def __init__(self, model, max_batch: int):
+        self.model, self.max_batch = model, max_batch
         self.capacity = model.config.context_length  # columns of the cache
         self.rows: list[Sequence] = []
-        self.cache: Optional[KVCache] = None
+        self.length = 0  # the column the next step writes; every row's keys end just before it
+        self.allocated = 0
+        self.k: list[torch.Tensor] = []  # per layer (allocated, n_kv_heads, capacity, head_dim)
+        self.v: list[torch.Tensor] = []
+        self.key_mask: Optional[torch.Tensor] = None  # (allocated, capacity), True at a row's keys
 
     def add(self, seq: Sequence, prefill: KVCache) -> None:
         """Append a row whose prompt is in ``prefill`` (a batch-1 cache holding P positions)."""
-        P = prefill.length
-        if self.cache is None:
-            self.cache = self._new_cache(1, P)
-            self._copy_row(prefill, 0, P)
-            self.rows = [seq]
-            return
-        if self.cache.length < P:  # not enough columns to the left: shift everyone right
-            self._shift(P - self.cache.length)
-        B = len(self.rows)
-        old = self.cache
-        self.cache = self._new_cache(B + 1, old.length)
-        for layer in range(len(old.k)):
-            self.cache.k[layer][:B] = old.k[layer]
-            self.cache.v[layer][:B] = old.v[layer]
-        self.cache.key_mask[:B] = old.key_mask
-        self._copy_row(prefill, B, P)
+        P, B = prefill.length, len(self.rows)
+        self._ensure_rows(B + 1)
+        if not self.rows:
+            self.length = P
+        elif self.length < P:  # not enough columns to the left of the others: shift them right
+            self._shift(P - self.length)
+        end = self.length
+        for layer in range(len(prefill.k)):
+            self.k[layer][B, :, end - P:end] = prefill.k[layer][0, :, :P]
+            self.v[layer][B, :, end - P:end] = prefill.v[layer][0, :, :P]
+        self.key_mask[B] = False
+        self.key_mask[B, end - P:end] = True
         self.rows.append(seq)
 
     def remove(self, leaving: list[Sequence]) -> None:
-        if not leaving:
-            return
-        keep = [i for i, s in enumerate(self.rows) if s not in leaving]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = None
-            return
-        index = torch.tensor(keep, device=self.cache.key_mask.device)
-        c = self.cache
-        c.k = [t.index_select(0, index) for t in c.k]
-        c.v = [t.index_select(0, index) for t in c.v]
-        c.key_mask = c.key_mask.index_select(0, index)
-        c.batch_size = len(keep)
+        for seq in leaving:
+            if seq not in self.rows:
+                continue
+            i, last = self.rows.index(seq), len(self.rows) - 1
+            if i != last:  # move the last row into the hole
+                for t in self.k + self.v:
+                    t[i] = t[last]
+                self.key_mask[i] = self.key_mask[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        if not self.rows:
+            self.length = 0
 
     def step(self) -> torch.Tensor:
         """Feed every row its last sampled token; return the next logits (B, V)."""
-        if self.cache.length == self.capacity:  # out of columns: drop the unused ones on the left
+        if self.length == self.capacity:  # out of columns: drop the unused ones on the left
             longest = max(s.cached_tokens for s in self.rows)
-            self._shift(longest - self.cache.length)
-        device = self.cache.key_mask.device
+            self._shift(longest - self.length)
+        B, device = len(self.rows), self.key_mask.device
         ids = torch.tensor([[s.generated[-1]] for s in self.rows], dtype=torch.long, device=device)
         positions = torch.tensor([[s.cached_tokens] for s in self.rows], dtype=torch.long, device=device)
-        self.cache.key_mask[:, self.cache.length] = True  # the column this step writes
-        hidden = self.model(ids, cache=self.cache, positions=positions, return_hidden=True)
+        self.key_mask[:B, self.length] = True  # the column this step writes
+        cache = self._cache
+        cache.k, cache.v = [t[:B] for t in self.k], [t[:B] for t in self.v]
+        cache.key_mask, cache.length, cache.batch_size = self.key_mask[:B], self.length, B
+        hidden = self.model(ids, cache=cache, positions=positions, return_hidden=True)
+        self.length = cache.length
         return self.model.lm_head(hidden[:, -1])
 
-    # ---- cache surgery -------------------------------------------------------------------
-    def _new_cache(self, batch: int, length: int) -> KVCache:
-        cache = self.model.new_cache(batch, self.capacity)
-        cache.length = length
-        cache.key_mask = torch.zeros(batch, self.capacity, dtype=torch.bool, device=cache.k[0].device)
-        return cache
-
-    def _copy_row(self, prefill: KVCache, row: int, P: int) -> None:
-        """Put a prefilled prompt's keys and values in ``row``, ending at the current length."""
-        end = self.cache.length
-        for layer in range(len(prefill.k)):
-            self.cache.k[layer][row, :, end - P:end] = prefill.k[layer][0, :, :P]
-            self.cache.v[layer][row, :, end - P:end] = prefill.v[layer][0, :, :P]
-        self.cache.key_mask[row, end - P:end] = True
+    # ---- buffers ---------------------------------------------------------------------------
+    def _ensure_rows(self, n: int) -> None:
+        if n <= self.allocated:
+            return
+        rows = min(self.max_batch, max(n, 2 * self.allocated))
+        fresh = self.model.new_cache(rows, self.capacity)  # zeros in the model's dtype and device
+        for old, new in zip(self.k + self.v, fresh.k + fresh.v):
+            new[:self.allocated] = old
+        mask = torch.zeros(rows, self.capacity, dtype=torch.bool, device=fresh.k[0].device)
+        if self.key_mask is not None:
+            mask[:self.allocated] = self.key_mask
+        self.k, self.v, self.key_mask, self.allocated = fresh.k, fresh.v, mask, rows
+        fresh.k, fresh.v = [], []
+        self._cache = fresh  # reused as the KVCache the model sees (its tensors set per step)
 
     def _shift(self, by: int) -> None:
         """Move every row's columns ``by`` to the right (by > 0) or left (by < 0)."""
-        c, L = self.cache, self.cache.length
+        B, L = len(self.rows), self.length
         lo = max(0, -by)  # columns [lo, L) survive a left shift; all of them a right one
-        for tensors in (c.k, c.v):
-            for layer, t in enumerate(tensors):
-                moved = torch.zeros_like(t)
-                moved[:, :, lo + by:L + by] = t[:, :, lo:L]
-                tensors[layer] = moved
-        mask = torch.zeros_like(c.key_mask)
-        mask[:, lo + by:L + by] = c.key_mask[:, lo:L]
-        c.key_mask = mask
-        c.length = L + by
+        for t in self.k + self.v:
+            t[:B, :, lo + by:L + by] = t[:B, :, lo:L].clone()
+        moved = self.key_mask[:B, lo:L].clone()
+        self.key_mask[:B] = False
+        self.key_mask[:B, lo + by:L + by] = moved
+        self.length = L + by
