@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -56,7 +57,8 @@ class Retriever:
     ['tax.txt', 'cats.txt']
     """
 
-    def __init__(self, index: RagIndex | str | os.PathLike, embedder=None):
+    def __init__(self, index: RagIndex | str | os.PathLike, embedder=None,
+                 query_threads: Optional[int] = 1):
         self.index = index if isinstance(index, RagIndex) else RagIndex.load(index)
         if embedder is None:
             from .embed import load_embedder
@@ -64,6 +66,11 @@ class Retriever:
             embedder = load_embedder(self.index.meta["embedder"])
         self.index.check_embedder(embedder)
         self.embedder = embedder
+        # One question is too small a job to split over threads: every step of the encoder
+        # and the search would wait for all threads to meet, and on a busy machine that
+        # wait dominates (measured: 2 threads 5-10x slower than 1 on a loaded 2-core CPU,
+        # see benchmarks/rag.py). None leaves torch's and FAISS's settings alone.
+        self.query_threads = query_threads
         self._lock = threading.Lock()  # FAISS / SQLite / torch calls from server threads, one at a time
 
     def search(self, question: str, k: int = 4, mode: str = "dense") -> list[Hit]:
@@ -74,7 +81,7 @@ class Retriever:
             raise RagError("the question is empty")
         if k < 1:
             raise RagError(f"k must be at least 1, got {k}")
-        with self._lock:
+        with self._lock, _threads(self.query_threads):
             if mode == "keyword":
                 found = self.index.keyword_search(question, k)
                 return self.index.hits([i for i, _ in found], [s for _, s in found])
@@ -88,6 +95,25 @@ class Retriever:
             keyword_ids = [i for i, _ in self.index.keyword_search(question, depth)]
             fused = reciprocal_rank_fusion([list(map(int, dense_ids)), keyword_ids], digits=None)[:k]
             return self.index.hits([i for i, _ in fused], [s for _, s in fused])
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    """Run torch and FAISS on ``n`` threads inside the block (None: unchanged)."""
+    if n is None:
+        yield
+        return
+    import faiss
+    import torch
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
 
 
 def open_retriever(index_dir: str | os.PathLike | None = None, embedder=None,
