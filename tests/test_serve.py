@@ -177,6 +177,41 @@ def test_sampling_n_and_seed(client, model_and_tokenizer):
 
 
 # ---- concurrency ------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_engine_rows_joining_and_leaving_decode_like_generate(preset):
+    """Continuous batching: 12 prompts of different lengths arrive while others run, each
+    with its own max_tokens, in a 48-token context so rows also shift when columns run out.
+    Every row's tokens equal generate() alone on that prompt."""
+    import random
+
+    import torch
+
+    from scratchlm import ModelConfig, Transformer
+    from scratchlm.serve.engine import Engine, SamplingParams, Sequence
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, context_length=48)).eval()
+    with torch.no_grad():  # sharpen the random model's logits: greedy ties would be luck
+        model.lm_head.weight.mul_(20) if not model.config.tie_embeddings else model.tok_emb.weight.mul_(20)
+    rng = random.Random(0)
+    engine = Engine(model, None, max_batch=5).start()
+    try:
+        sequences = []
+        for _ in range(12):
+            prompt = [rng.randrange(1, 500) for _ in range(rng.randrange(1, 30))]
+            budget = rng.randrange(1, 48 - len(prompt) + 1)
+            sequences.append(Sequence(prompt, SamplingParams(max_tokens=budget), lambda event: None))
+            engine.submit([sequences[-1]])
+            time.sleep(0.002 * rng.randrange(0, 4))
+        assert all(s.done.wait(30) for s in sequences)
+    finally:
+        engine.close()
+    for s in sequences:
+        [ref] = generate(model, None, [s.prompt_ids], max_new_tokens=s.params.max_tokens)
+        assert s.generated == ref.token_ids
+    assert engine.active == 0
+
+
 def test_eight_concurrent_streams_each_get_their_own_text(server, model_and_tokenizer):
     url, app = server
     refs = [expected(model_and_tokenizer, p, max_new_tokens=24).text for p in PROMPTS]
