@@ -25,6 +25,8 @@ import struct
 from pathlib import Path
 from typing import Optional, Union
 
+import regex
+
 from .base import Tokenizer, TokenizerError
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
@@ -122,9 +124,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.scores = {p["piece"]: p["score"] for p in self.pieces if p["type"] in (NORMAL, USER_DEFINED)}
         self.user_defined = sorted((p["piece"] for p in self.pieces if p["type"] == USER_DEFINED),
                                    key=len, reverse=True)
-        self.byte_ids = {}
+        self.byte_ids = {}  # byte value -> id of its piece "<0x41>"
         for i, p in enumerate(self.pieces):
-            if p["type"] == BYTE:  # "<0x41>"
+            if p["type"] == BYTE:
+                if not regex.fullmatch(r"<0x[0-9A-Fa-f]{2}>", p["piece"]):
+                    raise TokenizerError(f"{source}: byte piece {p['piece']!r} is not of the form <0xHH>")
                 self.byte_ids[int(p["piece"][3:5], 16)] = i
         config = config or {}
         specials = {p["piece"]: i for i, p in enumerate(self.pieces) if p["type"] in (CONTROL, UNKNOWN)}
@@ -139,7 +143,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._table = {}
         for i, p in enumerate(self.pieces):
             if p["type"] == BYTE:
-                self._table[i] = bytes([int(p["piece"][3:5], 16)])
+                self._table[i] = bytes([int(p["piece"][3:5], 16)])  # checked above
             elif p["type"] == CONTROL:
                 self._table[i] = b""
             elif p["type"] == UNKNOWN:
