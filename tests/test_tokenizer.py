@@ -341,3 +341,11 @@ def test_pickle_roundtrip(trained):
 
     again = pickle.loads(pickle.dumps(trained))
     assert again.encode(SPECIAL_TEXT) == trained.encode(SPECIAL_TEXT)
+
+
+def test_regex_tiktoken_cannot_parse_falls_back_to_python():
+    # Set operations are a feature of Python's `regex` only: encoding still works, slower.
+    tok = BPETokenizer({bytes([b]): b for b in range(256)} | {b"ll": 256}, r"(?V1)[[a-z]--[aeiou]]+|.")
+    with pytest.warns(UserWarning, match="pure Python"):
+        assert tok.encode("hello") == [104, 101, 256, 111]
+    assert tok.encode("hello", fast=False) == [104, 101, 256, 111]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
+import warnings
 from collections.abc import Iterable
 from typing import Optional, Union
 
@@ -135,7 +136,7 @@ class BPETokenizer(Tokenizer):
         ``fast=False`` runs the pure-Python reference encoder (same ids)."""
         if not fast:
             return self._encode_split(text, allowed_special, self.encode_reference)
-        if self.add_prefix_space or self.normalizer or not self._has_all_bytes:
+        if self.add_prefix_space or self.normalizer or not self._can_use_tiktoken():
             return self._encode_split(text, allowed_special, self.encode_ordinary)
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
@@ -150,7 +151,7 @@ class BPETokenizer(Tokenizer):
     def encode_batch(self, texts: Iterable[str], allowed_special="all") -> list[list[int]]:
         """``encode`` for each text, on tiktoken's thread pool."""
         texts = list(texts)
-        if self.add_prefix_space or self.normalizer or not self._has_all_bytes or allowed_special == "none" \
+        if self.add_prefix_space or self.normalizer or not self._can_use_tiktoken() or allowed_special == "none" \
                 or any(not isinstance(t, str) for t in texts):
             return super().encode_batch(texts, allowed_special)
         if allowed_special != "all":
@@ -160,7 +161,7 @@ class BPETokenizer(Tokenizer):
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text in which special-token strings are plain text (fast path)."""
-        if not self._has_all_bytes:
+        if not self._can_use_tiktoken():
             return self.encode_reference(text)
         return self.tiktoken_encoding().encode_ordinary(self._transform(text))
 
@@ -197,6 +198,18 @@ class BPETokenizer(Tokenizer):
             self._tiktoken = tiktoken.Encoding(name=self.name, pat_str=self.pattern,
                                                mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
         return self._tiktoken
+
+    def _can_use_tiktoken(self) -> bool:
+        """tiktoken needs a token for every byte and a regex its Rust engine accepts."""
+        if not self._has_all_bytes or self._tiktoken is False:
+            return False
+        try:
+            self.tiktoken_encoding()
+        except ValueError as e:  # e.g. regex syntax that only Python's `regex` knows
+            warnings.warn(f"tiktoken cannot use this tokenizer ({e}); encoding in pure Python", stacklevel=3)
+            self._tiktoken = False
+            return False
+        return True
 
     def __getstate__(self):  # picklable (e.g. for DataLoader workers): drop the caches
         state = self.__dict__.copy()
