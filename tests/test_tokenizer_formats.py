@@ -348,3 +348,24 @@ def test_sentencepiece_streaming_keeps_spaces(sp_model):
     ids = sp.encode("Hello world, 中文")
     streamed = b"".join(ours.decode_bytes([i]) for i in ids).decode()
     assert streamed == " " + sp.decode(ids) and ours.decode(ids) == sp.decode(ids)
+
+
+def test_llama3_style_tokenizer_json_from_transformers_converter(tmp_path):
+    # Llama 3's tokenizer.json was made from its tiktoken file by transformers'
+    # TikTokenConverter: convert our ranks the same way, load the result, compare.
+    pytest.importorskip("transformers")
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    trained = BPETokenizer.train(corpus(), 700, pattern=LLAMA3_PATTERN, special_tokens=[])
+    write_tiktoken_ranks(trained.ranks, tmp_path / "ranks.tiktoken")
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
+    hf = TikTokenConverter(vocab_file=str(tmp_path / "ranks.tiktoken"), pattern=LLAMA3_PATTERN,
+                           extra_special_tokens=specials).converted()
+    hf.add_special_tokens(specials)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path)
+    assert ours.special_tokens == {s: hf.token_to_id(s) for s in specials}
+    for text in TEXTS:
+        assert ours.encode(text) == hf.encode(text).ids == trained.encode(text)
+    text = "<|begin_of_text|>hi<|end_of_text|>"
+    assert ours.encode(text) == hf.encode(text).ids == [ours.bos_id, *trained.encode("hi"), ours.eot_id]
