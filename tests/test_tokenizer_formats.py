@@ -63,11 +63,11 @@ def test_hf_tokenizer_json_encodes_like_tokenizers(style, request):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(max_size=60))
+@given(st.text(max_size=60) | st.lists(st.sampled_from(["<s>", "</s>", "a", " ", "\n", "é"])).map("".join))
 def test_hf_tokenizer_json_any_text(hf_llama3_style, text):
     hf, directory = hf_llama3_style
     ours = load_tokenizer(directory)
-    assert ours.encode(text, allowed_special="none") == hf.encode(text).ids or "<" in text
+    assert ours.encode(text) == hf.encode(text).ids
 
 
 @pytest.mark.parametrize("option", ["add_prefix_space", "nfc"])
@@ -129,7 +129,7 @@ def test_save_hf_loads_in_transformers(tmp_path):
 @given(st.text(max_size=60))
 def test_save_hf_any_text(tmp_path_factory, text):
     ours, raw = _exported()
-    assert raw.encode(text).ids == ours.encode(text, allowed_special="none") or "<|" in text
+    assert raw.encode(text).ids == ours.encode(text)
 
 
 _EXPORTED = {}
