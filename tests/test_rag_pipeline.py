@@ -192,6 +192,7 @@ def test_cli_bad_input_is_one_clear_line(cli_index, tmp_path, capsys):
     fails(["rag", "index", str(folder), "--index", str(index_dir), "--embedder", "someone/other-model"],
           "built with embedder")
     fails(["rag", "index", str(folder), "--index", str(folder)], "not a scratchlm index")
+    fails(["rag", "index", str(folder), "--index", str(tmp_path / "new"), "--chunk-tokens", "400"], "--chunk-tokens")
     fails(["rag", "ask", "   ", "--index", str(index_dir)], "empty")
     fails(["rag", "ask", "q", "--index", str(index_dir), "-k", "0"], "-k")
     assert snapshot(index_dir) == before  # nothing already indexed was lost
@@ -203,7 +204,7 @@ def test_cli_default_index_is_the_python_reference(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(ingest, "python_reference_documents", lambda: docs)
     monkeypatch.setenv("SCRATCHLM_RAG_INDEX", str(tmp_path / "default"))
     assert main(["rag", "index"]) == 0
-    assert "5 files added" in capsys.readouterr().out
+    assert "files: 5 added" in capsys.readouterr().out
     assert main(["rag", "ask", "How does the with statement work?", "--json", "-k", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["sources"][0]["source"] == "python-reference:with"
     assert main(["rag", "index"]) == 0  # again: nothing to do

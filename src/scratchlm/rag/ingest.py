@@ -62,7 +62,7 @@ class IndexReport:
     skipped: list[str] = field(default_factory=list)  # "file: reason" for files left out
 
     def summary(self) -> str:
-        text = (f"{self.path}: {self.n_chunks} chunks; {self.added} files added, {self.changed} changed, "
+        text = (f"{self.path}: {self.n_chunks} chunks; files: {self.added} added, {self.changed} changed, "
                 f"{self.removed} removed, {self.unchanged} unchanged ({self.embedded} chunks embedded)")
         return text + (f"; {len(self.skipped)} skipped" if self.skipped else "")
 
@@ -107,6 +107,10 @@ def index_documents(paths: Optional[Iterable[str | os.PathLike]], index_dir: str
     else:
         index.check_embedder(embedder)
 
+    readable = getattr(embedder, "max_tokens", None)  # the model's limit, special tokens included
+    if readable is not None and index.meta["max_tokens"] + 2 > readable:
+        raise RagError(f"chunks of {index.meta['max_tokens']} tokens are longer than the {readable} "
+                       f"tokens {embedder.name} reads; use --chunk-tokens {readable - 2} or less")
     report = IndexReport(index_dir)
     documents, roots = _documents_to_index(paths, report, skip_errors)
     known = index.sources()
