@@ -9,7 +9,7 @@ Three parts, one file each:
     engine.py     the one worker thread that runs the model, batching requests step by step
 
 From Python, ``create_app`` gives an ASGI app to run with any server; ``serve`` runs it
-with uvicorn. FastAPI and uvicorn (the ``serve`` extra) are imported only when used, so
+with uvicorn until interrupted, ``run_in_background`` in a thread while a ``with`` block runs. FastAPI and uvicorn (the ``serve`` extra) are imported only when used, so
 ``scratchlm --help`` works without them.
 """
 
@@ -38,6 +38,47 @@ def serve(model, tokenizer, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT
     app = create_app(model, tokenizer, model_name, **settings)
     # One process, one event loop: the model lives in this process's worker thread.
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class run_in_background:
+    """Serve ``app`` from a thread of this process, for notebooks, tests and examples::
+
+        with run_in_background(create_app(model, tokenizer, "tiny")) as url:
+            ...  # e.g. OpenAI(base_url=url + "/v1", api_key="unused")
+
+    port 0 lets the operating system pick a free port (the socket is bound before the
+    server starts, so no other program can take it in between).
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                self.__exit__()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
 
 
 def load_for_serving(model_ref: str):
@@ -111,4 +152,4 @@ def _serve_command(args) -> int:
     return 0
 
 
-__all__ = ["create_app", "serve", "load_for_serving", "add_commands"]
+__all__ = ["create_app", "serve", "run_in_background", "load_for_serving", "add_commands"]

@@ -126,6 +126,10 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
 
     def run(prompts: list[list[int]], params: list[list[SamplingParams]]) -> "Choices":
         """Queue one Sequence per (prompt, choice); their events arrive on one queue."""
+        wanted = sum(len(per_choice) for per_choice in params)
+        if wanted > settings.max_queue:  # could never fit, however long the client retries
+            raise APIError(400, f"this request asks for {wanted} sequences (prompts x n); the server "
+                                f"queues at most {settings.max_queue}", param="n")
         choices = Choices(asyncio.get_running_loop())
         for ids, per_choice in zip(prompts, params):
             for p in per_choice:
