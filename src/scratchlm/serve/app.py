@@ -8,7 +8,8 @@
 
 A request is read (at most ``max_body_bytes``, else 413), validated (protocol.py; else 400),
 turned into token ids, and handed to the Engine as one Sequence per choice. Events from
-the worker come back through an asyncio.Queue per request; a streaming response writes
+the worker come back through an asyncio.Queue per request (a Mailbox carries each step's
+events across threads in one hand-over); a streaming response writes
 each as a server-sent event, ``data: {json}\\n\\n``, and ends with ``data: [DONE]\\n\\n``.
 If the client goes away, the response task is cancelled and its sequences are cancelled
 with it, so the worker stops spending steps on them.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -60,6 +62,7 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         engine.start()
         try:
             yield
@@ -130,7 +133,7 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
         if wanted > settings.max_queue:  # could never fit, however long the client retries
             raise APIError(400, f"this request asks for {wanted} sequences (prompts x n); the server "
                                 f"queues at most {settings.max_queue}", param="n")
-        choices = Choices(asyncio.get_running_loop())
+        choices = Choices(app.state.mailbox)
         for ids, per_choice in zip(prompts, params):
             for p in per_choice:
                 choices.add(ids, p)
@@ -195,35 +198,64 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
 
 
 # ---- choices in flight ---------------------------------------------------------------------
-class Choices:
-    """The Sequences of one request and the queue their events arrive on, as (index, Event)."""
+class Mailbox:
+    """Carries events from the worker thread to the event loop, in bulk.
+
+    Waking the event loop from another thread costs a system call and a loop iteration.
+    A decode step of B rows produces B events at once, so they are collected here and
+    the loop is woken once to deliver all of them to their requests' queues.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, queue: asyncio.Queue, item: tuple) -> None:
+        """Called on the worker thread."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return  # a wake-up is already on its way and will take this item too
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: the server is stopping, nobody is listening
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+class Choices:
+    """The Sequences of one request and the queue their events arrive on, as (index, Event)."""
+
+    def __init__(self, mailbox: Mailbox):
+        self.mailbox = mailbox
         self.queue: asyncio.Queue = asyncio.Queue()
         self.sequences: list[Sequence] = []
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> None:
         index = len(self.sequences)
-        self.sequences.append(Sequence(prompt_ids, params, lambda event: self._deliver(index, event)))
+        self.sequences.append(Sequence(prompt_ids, params,
+                                       lambda event: self.mailbox.post(self.queue, (index, event))))
 
-    def _deliver(self, index: int, event: Event) -> None:
-        """Called on the worker thread: hand the event to the request's event loop."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-        except RuntimeError:  # the loop is closed: the server is stopping, nobody is listening
-            pass
-
-    async def events(self):
-        """(index, Event) until every choice has finished; an error event ends them all."""
+    async def batches(self):
+        """Lists of (index, Event), as they arrive (everything already waiting comes together),
+        until every choice has finished; an error event ends them all."""
         open_choices = len(self.sequences)
         while open_choices:
-            index, event = await self.queue.get()
-            yield index, event
-            if event.error is not None:
-                return
-            if event.finish_reason is not None:
-                open_choices -= 1
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            yield batch
+            for _, event in batch:
+                if event.error is not None:
+                    return
+                if event.finish_reason is not None:
+                    open_choices -= 1
 
 
 class Reply:
@@ -308,15 +340,19 @@ class Reply:
             for i in range(len(choices.sequences)):
                 yield chunk(i, role=True)
         tokens = [0] * len(choices.sequences)
-        async for index, event in choices.events():
-            if event.error is not None:
-                yield _sse(APIError(500, event.error, type="server_error").body())
-                break
-            tokens[index] = event.completion_tokens
-            if event.text:
-                yield chunk(index, text=event.text)
-            if event.finish_reason is not None:
-                yield chunk(index, finish=event.finish_reason)
+        async for batch in choices.batches():
+            out = []  # the events of one batch leave in one write
+            for index, event in batch:
+                if event.error is not None:
+                    out.append(_sse(APIError(500, event.error, type="server_error").body()))
+                    yield "".join(out)
+                    return
+                tokens[index] = event.completion_tokens
+                if event.text:
+                    out.append(chunk(index, text=event.text))
+                if event.finish_reason is not None:
+                    out.append(chunk(index, finish=event.finish_reason))
+            yield "".join(out)
         if include_usage:
             last = self._envelope(obj, [])
             last["usage"] = self.usage(sum(tokens))
