@@ -228,12 +228,63 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Reads single tensors of a .safetensors file straight into fresh tensors.
+
+    The format: 8 bytes (little-endian u64) = header size N, then N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw data, offsets
+    counted from the end of the header. Reading with ``readinto`` into an empty tensor
+    puts each weight in memory once: no memory map whose pages would count a second time.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "rb")  # noqa: SIM115 - kept open while tensors are read
+        size = path.stat().st_size
+        try:
+            n = int.from_bytes(self.file.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header size {n} does not fit a file of {size} bytes")
+            self.header = json.loads(self.file.read(n))
+            self.data_start = 8 + n
+            self.header.pop("__metadata__", None)
+            for name, entry in self.header.items():
+                begin, end = entry["data_offsets"]
+                if entry["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"{name} has unsupported dtype {entry['dtype']}")
+                if self.data_start + end > size:
+                    raise ValueError(f"{name} ends past the end of the file")
+        except (ValueError, KeyError, TypeError) as e:
+            self.file.close()
+            raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
+
+    def keys(self):
+        return self.header.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        view = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
+        if view.numel() != end - begin:
+            raise CheckpointError(f"{self.path}: {name} has {end - begin} bytes, its shape needs {view.numel()}")
+        self.file.seek(self.data_start + begin)
+        if view.numel() and self.file.readinto(memoryview(view.numpy())) != view.numel():
+            raise CheckpointError(f"{self.path}: {name} is truncated")
+        return tensor
+
+
 class LazyWeights(Mapping):
     """A read-only {name: tensor} view of a checkpoint that reads each tensor when asked.
 
-    safetensors files are opened with ``safe_open`` (memory-mapped; a tensor is read when
-    requested); ``pytorch_model.bin`` files with ``torch.load(weights_only=True, mmap=True)``,
-    which never runs pickled code. A sharded checkpoint's index maps each name to its file.
+    safetensors files are read tensor by tensor (``SafetensorsFile``); ``pytorch_model.bin``
+    files with ``torch.load(weights_only=True, mmap=True)``, which never runs pickled code.
+    A sharded checkpoint's index maps each name to its file.
     """
 
     def __init__(self, directory: Path):
@@ -265,25 +316,26 @@ class LazyWeights(Mapping):
 
     def _handle(self, path: Path):
         if path not in self._open:
-            try:
-                if path.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    self._open[path] = safe_open(str(path), framework="pt", device="cpu")
-                else:
+            if path.suffix == ".safetensors":
+                self._open[path] = SafetensorsFile(path)
+            else:
+                try:
                     self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001 - any read failure means a bad file
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CheckpointError(f"{path} is corrupt or truncated ({first})") from None
+                except Exception as e:  # noqa: BLE001 - any failure to unpickle means a bad file
+                    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise CheckpointError(f"{path} is corrupt or not a weights-only checkpoint ({first})") from None
         return self._open[path]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path = self.where[name]
         handle = self._handle(path)
-        try:
-            return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot read {name} ({str(e).splitlines()[0]})") from None
+        return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            if isinstance(handle, SafetensorsFile):
+                handle.file.close()
+        self._open.clear()
 
     def __contains__(self, name) -> bool:
         return name in self.where
@@ -335,6 +387,8 @@ def load_hf(source: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype
     except KeyError as e:
         raise CheckpointError(f"{directory}: weight {e} not found; the checkpoint does not match "
                               f"config.json or is incomplete") from None
+    finally:
+        weights.close()
     first = state["tok_emb.weight"]
     target = dtype or first.dtype
     config = config.replace(dtype=str(target).replace("torch.", ""))

@@ -58,3 +58,83 @@ def plot_loss(metrics: str | os.PathLike | list[dict], out: str | os.PathLike, t
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_kv_cache(lengths: list[int], with_cache: dict[str, list[float]], without_cache: dict[str, list[float]],
+                  out: str | os.PathLike, title: str = "") -> Path:
+    """Two panels against sequence length: the time of one decode step, and the total time
+    to generate the whole sequence, each with and without the KV cache.
+
+    ``with_cache`` / ``without_cache`` map "step" and "total" to seconds, one per length.
+    Without a cache each step re-reads the whole sequence, so a step grows with the length
+    and the total grows with its square; with the cache a step is nearly flat.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, key, label in ((axes[0], "step", "time of one step (ms)"), (axes[1], "total", "total time (s)")):
+        scale = 1000.0 if key == "step" else 1.0
+        ax.plot(lengths, [t * scale for t in without_cache[key]], "o-", color="tab:red", label="no cache")
+        ax.plot(lengths, [t * scale for t in with_cache[key]], "o-", color="tab:green", label="KV cache")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title("one new token")
+    axes[1].set_title("the whole sequence")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_sampling(logits, out: str | os.PathLike, show: int = 12) -> Path:
+    """How temperature, top-k, top-p and min-p reshape one next-token distribution.
+
+    ``logits`` is a 1-D tensor; for the ``show`` most likely tokens, a grey bar is the
+    probability before and a blue bar after (no blue bar: the filter dropped the token).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .generate import min_p_filter, top_k_filter, top_p_filter
+
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    order = logits.argsort(descending=True)[:show]
+    base = logits.softmax(-1)
+    panels = [("temperature 1 (the model)", logits), ("temperature 0.5", logits / 0.5),
+              ("temperature 2", logits / 2.0), ("top-k = 4", top_k_filter(logits, 4)),
+              ("top-p = 0.8", top_p_filter(logits, 0.8)), ("min-p = 0.2", min_p_filter(logits, 0.2))]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.5), dpi=110, sharey=True)
+    x = range(len(order))
+    for ax, (name, shaped) in zip(axes.flat, panels):
+        probs = shaped.softmax(-1)[order]
+        kept = torch.isfinite(shaped[order])
+        ax.bar([i - 0.2 for i in x], base[order], width=0.4, color="lightgrey", label="before")
+        ax.bar([i + 0.2 for i in x], torch.where(kept, probs, torch.zeros_like(probs)), width=0.4,
+               color="tab:blue", label="after")
+        ax.set_title(name)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([str(i + 1) for i in x], fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].legend()
+    for ax in axes[:, 0]:
+        ax.set_ylabel("probability")
+    for ax in axes[1]:
+        ax.set_xlabel("token, by rank")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
