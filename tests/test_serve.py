@@ -391,12 +391,21 @@ def test_a_disconnect_before_the_answer_also_frees_the_slot(guarded):
 
 
 # ---- the command line -------------------------------------------------------------------
-def test_cli_serve_bad_model_is_one_line(capsys):
+def test_cli_serve_mistakes_are_one_line(capsys):
+    import socket
+
     from scratchlm.cli import main
 
-    assert main(["serve", "/no/such/model/dir"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("scratchlm: error:") and "\n" not in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv, says in ((["serve", "/no/such/model/dir", "--port", "0"], "/no/such/model/dir"),
+                           (["serve", "gpt-tiny", "--port", port], "cannot listen"),
+                           (["serve", "gpt-tiny", "--port", "0", "--chat-template", "nope"], "chat template")):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("scratchlm: error:") and says in err and "\n" not in err, err
 
 
 def test_cli_serve_runs_a_saved_model(tmp_path, model_and_tokenizer):

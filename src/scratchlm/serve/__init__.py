@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_PORT = 8000
@@ -146,6 +147,9 @@ def _serve_command(args) -> int:
     model, tokenizer = load_for_serving(args.model)
     name = args.model_name or Path(str(args.model).rstrip("/")).name or "scratchlm"
     print(f"serving {name} at http://{args.host}:{args.port}/ (OpenAI API under /v1)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach this "
+              "machine can use the model (set --api-key or SCRATCHLM_API_KEY)", file=sys.stderr, flush=True)
     serve(model, tokenizer, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
           api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
           max_body_bytes=args.max_body_bytes, chat_template=args.chat_template)

@@ -152,8 +152,8 @@ class Engine:
         It moves the one-time costs (kernel selection, allocator growth, thread-pool start)
         out of the first request's time to first token. It also sidesteps a measured
         slowdown: when only the worker thread ever ran PyTorch, decoding on a busy 2-core
-        machine was 10-20x slower (OpenMP helper threads spinning against the worker; see
-        benchmarks/serve_load.py); with a pool started on this thread too, it is not.
+        machine was 10-20x slower (OpenMP helper threads spinning while the worker needed
+        the core); with a thread pool started on this thread too, OpenMP spins less.
         """
         device = self.model.tok_emb.weight.device
         with torch.inference_mode():
