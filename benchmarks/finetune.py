@@ -94,7 +94,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up each)")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared machine every multi-threaded op waits for "
+                         "its other threads to be scheduled, which measures the scheduler, not the model)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
