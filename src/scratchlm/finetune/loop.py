@@ -204,7 +204,7 @@ class Finetuner:
             result.val = metrics
             if main and not self.quiet and metrics:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                bar.write(f"step {self.step}: {shown}")
+                bar.write(f"step {self.step}" + (f": {shown}" if shown else ""))
                 for s in metrics.get("samples", []):
                     bar.write(f"  sample: {s}")
             if metrics.get("val_loss", math.inf) < self.best_val:
