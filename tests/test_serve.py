@@ -86,7 +86,8 @@ def wait_until(condition, timeout=10.0):
 # ---- the happy path, through the official client ----------------------------------------
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
-    assert client.models.retrieve(NAME).owned_by == "scratchlm"
+    card = client.models.retrieve(NAME)
+    assert card.owned_by == "scratchlm" and card.model_extra["max_model_len"] == 128
     health = httpx.get(server[0] + "/health").json()
     assert health["status"] == "ok" and health["model"] == NAME and health["active"] == 0
 

@@ -156,12 +156,12 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> dict:
-        return {"object": "list", "data": [_model_card(settings.model_name, created)]}
+        return {"object": "list", "data": [_model_card(settings.model_name, created, context)]}
 
     @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
     async def get_model(name: str) -> dict:
         check_model(name)
-        return _model_card(settings.model_name, created)
+        return _model_card(settings.model_name, created, context)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request):
@@ -380,8 +380,9 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "scratchlm"}
+def _model_card(name: str, created: int, context: int) -> dict:
+    # max_model_len is not OpenAI's, but vLLM's name for it: clients can size their requests.
+    return {"id": name, "object": "model", "created": created, "owned_by": "scratchlm", "max_model_len": context}
 
 
 def _too_large(limit: int) -> APIError:
