@@ -177,6 +177,22 @@ def test_sampling_n_and_seed(client, model_and_tokenizer):
     assert top_k.choices[0].text == expected(model_and_tokenizer, "A model", max_new_tokens=12).text
 
 
+def test_streamed_choices_and_extensions(client, model_and_tokenizer):
+    """n=2 streamed: each chunk names its choice, each choice finishes once; and the
+    repetition_penalty extension decodes as generate() does."""
+    ref = expected(model_and_tokenizer, "Serving a", max_new_tokens=10)
+    chunks = list(client.completions.create(model=NAME, prompt="Serving a", max_tokens=10, temperature=0, n=2,
+                                            stream=True))
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert "".join(m.text for m in mine) == ref.text
+        assert [m.finish_reason for m in mine if m.finish_reason] == ["length"]
+    ref = expected(model_and_tokenizer, "A model", max_new_tokens=20, repetition_penalty=1.5)
+    r = client.completions.create(model=NAME, prompt="A model", max_tokens=20, temperature=0,
+                                  extra_body={"repetition_penalty": 1.5})
+    assert r.choices[0].text == ref.text != expected(model_and_tokenizer, "A model", max_new_tokens=20).text
+
+
 # ---- concurrency ------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
 def test_engine_rows_joining_and_leaving_decode_like_generate(preset):
