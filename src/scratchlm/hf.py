@@ -96,21 +96,27 @@ def convert_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig
     raise ValueError(f"unsupported model_type {model_type!r}")
 
 
-def _getter(state: Mapping[str, torch.Tensor], prefix: str):
-    """state[key], accepting keys with or without the model's prefix ("transformer.", "model.").
+def _getter(state: Mapping[str, torch.Tensor], prefix: str, transpose: bool = False):
+    """state[key] (transposed and contiguous if asked), accepting keys with or without the
+    model's prefix ("transformer.", "model.").
 
     Only the tensors asked for are touched, so a lazy mapping (see ``LazyWeights``) reads
     each tensor from disk exactly when it is converted."""
     def get(key: str) -> torch.Tensor:
         for name in (key, prefix + key):
             if name in state:
-                return state[name]
+                if not transpose:
+                    return state[name]
+                if hasattr(state, "transposed"):
+                    return state.transposed(name)
+                return state[name].t().contiguous()
         raise KeyError(prefix + key)
     return get
 
 
 def _from_gpt2(state, config):
     get = _getter(state, "transformer.")
+    get_t = _getter(state, "transformer.", transpose=True)
     out = {"tok_emb.weight": get("wte.weight"), "pos_emb.weight": get("wpe.weight"),
            "final_norm.weight": get("ln_f.weight"), "final_norm.bias": get("ln_f.bias")}
     conv1d = {"attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.out_proj",
@@ -119,7 +125,7 @@ def _from_gpt2(state, config):
     for i in range(config.n_layers):
         for theirs, ours in conv1d.items():
             # Conv1D (in, out) -> Linear (out, in); contiguous so matmuls and safetensors like it.
-            out[f"blocks.{i}.{ours}.weight"] = get(f"h.{i}.{theirs}.weight").t().contiguous()
+            out[f"blocks.{i}.{ours}.weight"] = get_t(f"h.{i}.{theirs}.weight")
             out[f"blocks.{i}.{ours}.bias"] = get(f"h.{i}.{theirs}.bias")
         for theirs, ours in norms.items():
             out[f"blocks.{i}.{ours}.weight"] = get(f"h.{i}.{theirs}.weight")
@@ -266,6 +272,29 @@ class SafetensorsFile:
     def keys(self):
         return self.header.keys()
 
+    def get_transposed(self, name: str, rows_per_read: int = 32) -> torch.Tensor:
+        """A 2-D tensor read straight into its transpose, a few rows at a time: no full-size
+        temporary (which, freed between kept tensors, would fragment the heap)."""
+        entry = self.header[name]
+        if len(entry["shape"]) != 2:
+            return self.get_tensor(name)
+        rows, cols = entry["shape"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        out = torch.empty(cols, rows, dtype=dtype)  # (out, in) for a Conv1D stored (in, out)
+        buffer = torch.empty(rows_per_read, cols, dtype=dtype)
+        row_bytes = cols * buffer.element_size()
+        begin, end = entry["data_offsets"]
+        if end - begin != rows * row_bytes:
+            raise CheckpointError(f"{self.path}: {name} has {end - begin} bytes, its shape needs {rows * row_bytes}")
+        self.file.seek(self.data_start + begin)
+        for r0 in range(0, rows, rows_per_read):
+            n = min(rows_per_read, rows - r0)
+            chunk = buffer[:n]
+            if self.file.readinto(memoryview(chunk.view(-1).view(torch.uint8).numpy())) != n * row_bytes:
+                raise CheckpointError(f"{self.path}: {name} is truncated")
+            out[:, r0:r0 + n] = chunk.t()
+        return out
+
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self.header[name]
         begin, end = entry["data_offsets"]
@@ -330,6 +359,14 @@ class LazyWeights(Mapping):
         path = self.where[name]
         handle = self._handle(path)
         return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
+
+    def transposed(self, name: str) -> torch.Tensor:
+        """state[name].t().contiguous(), read without a full-size temporary when possible."""
+        path = self.where[name]
+        handle = self._handle(path)
+        if isinstance(handle, SafetensorsFile):
+            return handle.get_transposed(name)
+        return handle[name].t().contiguous()
 
     def close(self) -> None:
         for handle in self._open.values():
