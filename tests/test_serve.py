@@ -197,26 +197,32 @@ def test_streamed_choices_and_extensions(client, model_and_tokenizer):
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
 def test_engine_rows_joining_and_leaving_decode_like_generate(preset):
     """Continuous batching: 12 prompts of different lengths arrive while others run, each
-    with its own max_tokens, in a 48-token context so rows also shift when columns run out.
+    with its own max_tokens, in a 48-token context. The shared cache starts with 8 columns,
+    so it grows (8 -> 16 -> 32 -> 48) and then slides rows left when columns run out.
     Every row's tokens equal generate() alone on that prompt."""
     import random
 
     import torch
 
     from scratchlm import ModelConfig, Transformer
-    from scratchlm.serve.engine import Engine, SamplingParams, Sequence
+    from scratchlm.serve.engine import Engine, RunningBatch, SamplingParams, Sequence
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(preset, context_length=48)).eval()
     with torch.no_grad():  # sharpen the random model's logits: greedy ties would be luck
         model.lm_head.weight.mul_(20) if not model.config.tie_embeddings else model.tok_emb.weight.mul_(20)
     rng = random.Random(0)
-    engine = Engine(model, None, max_batch=5).start()
+    engine = Engine(model, None, max_batch=5)
+    engine.batch = RunningBatch(model, 5, columns=8)
+    engine.start()
     try:
         sequences = []
-        for _ in range(12):
-            prompt = [rng.randrange(1, 500) for _ in range(rng.randrange(1, 30))]
-            budget = rng.randrange(1, 48 - len(prompt) + 1)
+        # First a short prompt that runs long, then a longer prompt than it has columns for
+        # (the running row must move right), then a random mix.
+        shapes = [(2, 40), (25, 10)] + [(rng.randrange(1, 30), None) for _ in range(10)]
+        for length, budget in shapes:
+            prompt = [rng.randrange(1, 500) for _ in range(length)]
+            budget = budget or rng.randrange(1, 48 - len(prompt) + 1)
             sequences.append(Sequence(prompt, SamplingParams(max_tokens=budget), lambda event: None))
             engine.submit([sequences[-1]])
             time.sleep(0.002 * rng.randrange(0, 4))
@@ -226,7 +232,7 @@ def test_engine_rows_joining_and_leaving_decode_like_generate(preset):
     for s in sequences:
         [ref] = generate(model, None, [s.prompt_ids], max_new_tokens=s.params.max_tokens)
         assert s.generated == ref.token_ids
-    assert engine.active == 0
+    assert engine.active == 0 and engine.batch.columns == 48
 
 
 def test_eight_concurrent_streams_each_get_their_own_text(server, model_and_tokenizer):

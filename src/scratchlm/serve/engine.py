@@ -320,26 +320,29 @@ class RunningBatch:
     """The KV cache of every row in flight, side by side and right-aligned (see the module
     docstring). Row i of the cache belongs to ``rows[i]``.
 
-    The buffers hold ``allocated`` rows (grown by doubling up to max_batch, never shrunk);
-    the model sees a KVCache whose tensors are views of the first B rows, so its writes land
-    in the buffers. A row that leaves is replaced by the last row (one row copied), so the
-    rows in use are always the first B and nothing else moves.
+    The buffers hold ``allocated`` rows and ``columns`` positions, both grown by doubling
+    (up to max_batch and the context length) and never shrunk, so a model with a 128k
+    context does not reserve 128k positions per row for short chats. The model sees a
+    KVCache whose tensors are views of the first B rows, so its writes land in the buffers.
+    A row that leaves is replaced by the last row (one row copied): the rows in use are
+    always the first B and nothing else moves.
     """
 
-    def __init__(self, model, max_batch: int):
+    def __init__(self, model, max_batch: int, columns: int = 256):
         self.model, self.max_batch = model, max_batch
-        self.capacity = model.config.context_length  # columns of the cache
+        self.context = model.config.context_length
+        self.initial_columns = min(columns, self.context)
         self.rows: list[Sequence] = []
         self.length = 0  # the column the next step writes; every row's keys end just before it
-        self.allocated = 0
-        self.k: list[torch.Tensor] = []  # per layer (allocated, n_kv_heads, capacity, head_dim)
+        self.allocated, self.columns = 0, 0
+        self.k: list[torch.Tensor] = []  # per layer (allocated, n_kv_heads, columns, head_dim)
         self.v: list[torch.Tensor] = []
-        self.key_mask: Optional[torch.Tensor] = None  # (allocated, capacity), True at a row's keys
+        self.key_mask: Optional[torch.Tensor] = None  # (allocated, columns), True at a row's keys
 
     def add(self, seq: Sequence, prefill: KVCache) -> None:
         """Append a row whose prompt is in ``prefill`` (a batch-1 cache holding P positions)."""
         P, B = prefill.length, len(self.rows)
-        self._ensure_rows(B + 1)
+        self._reserve(B + 1, max(P, self.length))
         if not self.rows:
             self.length = P
         elif self.length < P:  # not enough columns to the left of the others: shift them right
@@ -368,9 +371,12 @@ class RunningBatch:
 
     def step(self) -> torch.Tensor:
         """Feed every row its last sampled token; return the next logits (B, V)."""
-        if self.length == self.capacity:  # out of columns: drop the unused ones on the left
-            longest = max(s.cached_tokens for s in self.rows)
-            self._shift(longest - self.length)
+        if self.length == self.columns:  # no column left for this step
+            unused = self.length - max(s.cached_tokens for s in self.rows)  # on the left, by every row
+            if self.columns < self.context and unused < self.columns // 4:
+                self._reserve(len(self.rows), self.columns + 1)  # room is cheap: grow
+            else:
+                self._shift(-unused)  # at the context limit (or plenty unused): slide left
         B, device = len(self.rows), self.key_mask.device
         ids = torch.tensor([[s.generated[-1]] for s in self.rows], dtype=torch.long, device=device)
         positions = torch.tensor([[s.cached_tokens] for s in self.rows], dtype=torch.long, device=device)
@@ -378,22 +384,28 @@ class RunningBatch:
         cache = self._cache
         cache.k, cache.v = [t[:B] for t in self.k], [t[:B] for t in self.v]
         cache.key_mask, cache.length, cache.batch_size = self.key_mask[:B], self.length, B
+        cache.max_length = self.columns
         hidden = self.model(ids, cache=cache, positions=positions, return_hidden=True)
         self.length = cache.length
         return self.model.lm_head(hidden[:, -1])
 
     # ---- buffers ---------------------------------------------------------------------------
-    def _ensure_rows(self, n: int) -> None:
-        if n <= self.allocated:
+    def _reserve(self, rows: int, columns: int) -> None:
+        """Make room for at least ``rows`` rows and ``columns`` columns (doubling what is there)."""
+        if rows <= self.allocated and columns <= self.columns:
             return
-        rows = min(self.max_batch, max(n, 2 * self.allocated))
-        fresh = self.model.new_cache(rows, self.capacity)  # zeros in the model's dtype and device
+        new_rows = self.allocated if rows <= self.allocated else min(self.max_batch, max(rows, 2 * self.allocated))
+        new_columns = self.columns if columns <= self.columns else min(
+            self.context, max(columns, 2 * self.columns, self.initial_columns))
+        fresh = self.model.new_cache(new_rows, new_columns)  # zeros in the model's dtype and device
+        r, c = self.allocated, self.columns  # keys stay in the same columns: the first c
         for old, new in zip(self.k + self.v, fresh.k + fresh.v):
-            new[:self.allocated] = old
-        mask = torch.zeros(rows, self.capacity, dtype=torch.bool, device=fresh.k[0].device)
+            new[:r, :, :c] = old
+        mask = torch.zeros(new_rows, new_columns, dtype=torch.bool, device=fresh.k[0].device)
         if self.key_mask is not None:
-            mask[:self.allocated] = self.key_mask
-        self.k, self.v, self.key_mask, self.allocated = fresh.k, fresh.v, mask, rows
+            mask[:r, :c] = self.key_mask
+        self.k, self.v, self.key_mask = fresh.k, fresh.v, mask
+        self.allocated, self.columns = new_rows, new_columns
         fresh.k, fresh.v = [], []
         self._cache = fresh  # reused as the KVCache the model sees (its tensors set per step)
 
