@@ -294,6 +294,9 @@ BAD_CHAT = [
     (b'{"model": "tiny", "messages": [{"role": "user", "content": 5}]}', 400, "messages.0.content", None),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000}',
      400, "max_completion_tokens", "context_length_exceeded"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": '
+     b'"json_object"}}', 400, "response_format", "unsupported_parameter"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 100}', 400, "n", None),
 ]
 
 

@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Event, QueueFull, SamplingParams, Sequence
+from .engine import Engine, QueueFull, SamplingParams, Sequence
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body, validation_error
 
 

@@ -24,7 +24,8 @@ in the cache, ending at the column the next step writes (``cache.length``). A ro
 tokens so far owns columns [length - u, length); ``cache.key_mask`` hides the columns to
 the left of it, and each row passes its own position ids, so a row computes what it
 would compute alone. When a row joins, its prompt's keys (from its own prefill) are
-copied in; when the cache's columns run out, all rows shift left together.
+copied in; when the cache's columns run out, it grows, or at the context length all rows
+slide left together over the columns none of them uses any more.
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer

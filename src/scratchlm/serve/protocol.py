@@ -132,12 +132,16 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
     tools: Optional[list] = None
+    response_format: Optional[dict] = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.tools:
             raise APIError(400, "tools are not supported by this server", param="tools",
                            code="unsupported_parameter")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported (no JSON mode)",
+                           param="response_format", code="unsupported_parameter")
 
     @property
     def token_limit(self) -> Optional[int]:
