@@ -416,6 +416,32 @@ def test_a_disconnect_before_the_answer_also_frees_the_slot(guarded):
     assert engine.steps - first < 100  # stopped well before its 120 tokens
 
 
+def test_a_failing_generation_is_a_json_500_and_the_server_carries_on(model_and_tokenizer):
+    """A model that breaks on one prompt (a stand-in for any bug or out-of-memory) fails that
+    request with an OpenAI-style server_error; the worker keeps serving everyone else."""
+    import copy
+
+    model, tokenizer = model_and_tokenizer
+    broken = copy.deepcopy(model)
+
+    def explode(module, args):
+        if (args[0] == 13).any():
+            raise RuntimeError("simulated failure")
+
+    broken.register_forward_pre_hook(explode)
+    with ServerThread(create_app(broken, tokenizer, NAME)) as url:
+        body = {"model": NAME, "prompt": [13, 14], "max_tokens": 4}
+        r = httpx.post(url + "/v1/completions", json=body)
+        error = assert_openai_error(r, 500)
+        assert error["type"] == "server_error" and "simulated failure" in error["message"]
+        with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-1][6:])["error"]["type"] == "server_error"
+        ok = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "The quick", "max_tokens": 6,
+                                                       "temperature": 0})
+        assert ok.json()["choices"][0]["text"] == expected(model_and_tokenizer, "The quick", max_new_tokens=6).text
+
+
 # ---- the command line -------------------------------------------------------------------
 def test_cli_serve_mistakes_are_one_line(capsys):
     import socket
