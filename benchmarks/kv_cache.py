@@ -27,13 +27,13 @@ from scratchlm.generate import generate
 
 
 def step_time(model, length: int, use_cache: bool, repeats: int) -> float:
-    """Best time (s) to produce the next token when the sequence already holds ``length`` tokens."""
+    """Best time (s) of the step that reads the ``length``-th token and predicts the next."""
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
             if use_cache:
-                cache = model.new_cache(1, length + 1)
+                cache = model.new_cache(1, length)
                 model(ids[:, :-1], cache=cache, return_hidden=True)  # fill the cache (not timed)
                 start = time.perf_counter()
                 model.lm_head(model(ids[:, -1:], cache=cache, return_hidden=True)[:, -1])
