@@ -676,7 +676,8 @@ class Trainer:
         if main and cfg.plot and metrics_path.exists():
             from .plots import plot_loss
 
-            plot_loss(metrics_path, self.run_dir / "loss.png", title=f"{cfg.model} on {Path(cfg.data).name}")
+            n = self.raw_model.num_parameters() / 1e6
+            plot_loss(metrics_path, self.run_dir / "loss.png", title=f"{n:.1f}M parameters on {Path(cfg.data).name}")
         result.step, result.tokens = self.step, self.tokens
         return result
 
@@ -800,7 +801,7 @@ DEMO_TOKENIZER = {"tokenizer": "bpe", "vocab_size": 2048}
 DEMO_CONFIG = dict(
     model="gpt-small-cpu", context_length=128, d_model=256, n_layers=4, n_heads=8,
     batch_size=16, grad_accum=1, max_steps=100_000, lr=2e-3, min_lr=2e-4, warmup_steps=50,
-    weight_decay=0.1, eval_every=100, eval_batches=10, log_every=10, save_every=1000,
+    weight_decay=0.1, eval_every=50, eval_batches=10, log_every=10, save_every=1000,
     sample_tokens=48, precision="auto", sampler="random",
 )
 
