@@ -15,9 +15,8 @@ embedding lookups read one row, and a tied output head is the embedding matrix).
 
     python benchmarks/decode.py                      # 2 threads, 32 new tokens, 5 rounds
     python benchmarks/decode.py --quick              # fewer tokens and rounds
-    python benchmarks/decode.py --compile            # add torch.compile'd scratchlm
 
-Needs the bench extra (pip install -e '.[bench]': transformers, llms-from-scratch --no-deps).
+Needs the bench extra (pip install -e '.[bench]') and pip install --no-deps llms-from-scratch.
 """
 
 from __future__ import annotations
@@ -175,7 +174,6 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput run (0: skip)")
-    ap.add_argument("--compile", action="store_true", help="also time scratchlm with torch.compile")
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds")
     args = ap.parse_args()
     if args.quick:
@@ -206,16 +204,13 @@ def main() -> None:
         print("llms-from-scratch not installed: pip install --no-deps llms-from-scratch")
     peers |= {"ours fp32 (Linear)": ours_peer(plain, n), "ours fp32": ours_peer(ours32, n), "ours bf16": ours_peer(ours16, n), "ours int8": ours_peer(ours8, n),
               "ours int8-dynamic": ours_peer(ours8d, n)}
-    if args.compile:
-        models["ours fp32 compiled"] = ours32
-        peers["ours fp32 compiled"] = ours_peer(ours32, n, compile=True)
 
     bandwidth = read_bandwidth()
     print(f"GPT-2 124M, random weights, {args.threads} threads, prompt {args.prompt_tokens} tokens, "
           f"{n} new tokens, {args.rounds} interleaved rounds")
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor)")
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-    for name, run in peers.items():  # warm up (and compile)
+    for name, run in peers.items():  # warm up
         run(prompt)
 
     times: dict[str, list[float]] = {name: [] for name in peers}
