@@ -416,20 +416,45 @@ def test_a_disconnect_before_the_answer_also_frees_the_slot(guarded):
     assert engine.steps - first < 100  # stopped well before its 120 tokens
 
 
-def test_a_failing_generation_is_a_json_500_and_the_server_carries_on(model_and_tokenizer):
-    """A model that breaks on one prompt (a stand-in for any bug or out-of-memory) fails that
-    request with an OpenAI-style server_error; the worker keeps serving everyone else."""
+def breaks_on(model, token_id: int):
+    """A copy of ``model`` that raises whenever its input holds ``token_id``: a stand-in for
+    any bug or out-of-memory error in the middle of generation."""
     import copy
 
-    model, tokenizer = model_and_tokenizer
-    broken = copy.deepcopy(model)
-
     def explode(module, args):
-        if (args[0] == 13).any():
+        if (args[0] == token_id).any():
             raise RuntimeError("simulated failure")
 
+    broken = copy.deepcopy(model)
     broken.register_forward_pre_hook(explode)
-    with ServerThread(create_app(broken, tokenizer, NAME)) as url:
+    return broken
+
+
+def test_engine_isolates_a_failing_prompt_admitted_with_others(model_and_tokenizer):
+    """Prompts admitted together are prefilled as one batch; if that fails, each is retried
+    alone, so only the prompt that breaks the model fails."""
+    from scratchlm.serve.engine import Engine, SamplingParams, Sequence
+
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(breaks_on(model, 13), tokenizer, max_batch=4).start()
+    events = {"bad": [], "good": []}
+    bad = Sequence([13, 14], SamplingParams(max_tokens=4), events["bad"].append)
+    good = Sequence(tokenizer.encode("The quick"), SamplingParams(max_tokens=6), events["good"].append)
+    try:
+        engine.submit([bad, good])  # one submit: admitted in the same step
+        assert bad.done.wait(30) and good.done.wait(30)
+    finally:
+        engine.close()
+    assert events["bad"][-1].error and "simulated failure" in events["bad"][-1].error
+    assert "".join(e.text for e in events["good"]) == expected(model_and_tokenizer, "The quick",
+                                                                max_new_tokens=6).text
+
+
+def test_a_failing_generation_is_a_json_500_and_the_server_carries_on(model_and_tokenizer):
+    """A model that breaks on one prompt fails that request with an OpenAI-style
+    server_error; the worker keeps serving everyone else."""
+    model, tokenizer = model_and_tokenizer
+    with ServerThread(create_app(breaks_on(model, 13), tokenizer, NAME)) as url:
         body = {"model": NAME, "prompt": [13, 14], "max_tokens": 4}
         r = httpx.post(url + "/v1/completions", json=body)
         error = assert_openai_error(r, 500)

@@ -6,7 +6,7 @@ handlers put requests in a queue and one worker thread serves them all:
 
     HTTP handlers --submit()--> waiting queue --admit (FIFO, up to max_batch)--> running batch
                                                                                      |
-    each step: prefill the newly admitted rows one by one, then ONE forward pass of
+    each step: prefill the newly admitted rows (together), then ONE forward pass of
     one token for every running row; sample each row's next token with its own options;
     send each row its new text; drop rows that finished or were cancelled.
                                                                                      |
@@ -204,8 +204,12 @@ class Engine:
                 admitted = self._wait_for_work()
                 if admitted is None:
                     break
-                for seq in admitted:
-                    self._guard([seq], self._start, seq)
+                if admitted and not self._guard(admitted, self._start, admitted, quiet=len(admitted) > 1):
+                    for seq in admitted:  # find the one that failed: the others still start
+                        if seq.generated:  # it already sent its first token: it cannot restart
+                            self._fail(seq, "generation failed while starting")
+                        else:
+                            self._guard([seq], self._start, [seq])
                 if self.batch.rows:
                     self._guard(list(self.batch.rows), self._step)
         for seq in list(self.batch.rows) + list(self._waiting):  # shutting down: end everyone
@@ -226,43 +230,65 @@ class Engine:
             free = self.max_batch - len(self.batch.rows)
             return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
 
-    def _guard(self, sequences: list[Sequence], fn, *args) -> None:
+    def _guard(self, sequences: list[Sequence], fn, *args, quiet: bool = False) -> bool:
         """Run one unit of work; if it fails, end the sequences involved with an error instead
-        of killing the worker (the server keeps serving everyone else)."""
+        of killing the worker (the server keeps serving everyone else). ``quiet``: on failure
+        only undo, and let the caller retry the sequences one by one."""
         try:
             fn(*args)
+            return True
         except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-            log.exception("generation failed")
             self.batch.remove([s for s in sequences if s in self.batch.rows])
+            if quiet:
+                return False
+            log.exception("generation failed")
             for seq in sequences:
                 self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+            return False
 
     def _fail(self, seq: Sequence, message: str) -> None:
         if not seq.done.is_set():
             seq.emit(Event("", len(seq.generated), None, error=message))
             seq.done.set()
 
-    def _start(self, seq: Sequence) -> None:
-        """Prefill one new sequence alone, sample its first token, and let it join the batch."""
-        if seq.cancelled:
+    def _start(self, sequences: list[Sequence]) -> None:
+        """Prefill newly admitted sequences together, sample each one's first token, and let
+        them join the running batch.
+
+        The prompts are left-padded to one length T, as generate() does: padding keys are
+        masked out and each row's positions start at 0 at its first real token.
+        """
+        for seq in [s for s in sequences if s.cancelled]:
             seq.done.set()
+        sequences = [s for s in sequences if not s.cancelled]
+        if not sequences:
             return
         model = self.model
         device = model.tok_emb.weight.device
-        p = seq.params
-        if p.seed is not None:
-            seq._generator = torch.Generator(device=device).manual_seed(int(p.seed))
-        seq._text = _TextAssembler(self.tokenizer, p.stop)
-        if p.repetition_penalty != 1.0:
-            seq._seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
-            seq._seen[0, seq.prompt_ids] = True
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)  # (1, P)
-        cache = model.new_cache(1, len(seq.prompt_ids))
-        hidden = model(ids, cache=cache, return_hidden=True)
-        logits = model.lm_head(hidden[:, -1])  # (1, V): only the last position matters
-        token = int(sample_next(logits, seq._options, seq._generator, seq._seen)[0])
-        if self._accept(seq, token):
-            self.batch.add(seq, cache)
+        for seq in sequences:
+            p = seq.params
+            if p.seed is not None:
+                seq._generator = torch.Generator(device=device).manual_seed(int(p.seed))
+            seq._text = _TextAssembler(self.tokenizer, p.stop)
+            if p.repetition_penalty != 1.0:
+                seq._seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+                seq._seen[0, seq.prompt_ids] = True
+        T = max(len(s.prompt_ids) for s in sequences)
+        ids = torch.zeros(len(sequences), T, dtype=torch.long, device=device)  # (B, T)
+        pad = torch.tensor([T - len(s.prompt_ids) for s in sequences], device=device)  # (B,)
+        for i, seq in enumerate(sequences):
+            ids[i, T - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids, device=device)
+        cache = model.new_cache(len(sequences), T)
+        positions = None
+        if bool((pad > 0).any()):
+            columns = torch.arange(T, device=device)
+            cache.key_mask = columns[None, :] >= pad[:, None]  # (B, T) True at real tokens
+            positions = (columns[None, :] - pad[:, None]).clamp(min=0)
+        hidden = model(ids, cache=cache, positions=positions, return_hidden=True)
+        logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position matters
+        for row, (seq, token) in enumerate(zip(sequences, self._sample(sequences, logits))):
+            if self._accept(seq, token):
+                self.batch.add(seq, cache, row)
 
     def _step(self) -> None:
         """One decode step for every running row."""
@@ -340,9 +366,10 @@ class RunningBatch:
         self.v: list[torch.Tensor] = []
         self.key_mask: Optional[torch.Tensor] = None  # (allocated, columns), True at a row's keys
 
-    def add(self, seq: Sequence, prefill: KVCache) -> None:
-        """Append a row whose prompt is in ``prefill`` (a batch-1 cache holding P positions)."""
-        P, B = prefill.length, len(self.rows)
+    def add(self, seq: Sequence, prefill: KVCache, row: int = 0) -> None:
+        """Append a row whose prompt is row ``row`` of ``prefill`` (a cache of left-padded
+        prompts: this one's P positions are its last P columns)."""
+        P, B, T = len(seq.prompt_ids), len(self.rows), prefill.length
         self._reserve(B + 1, max(P, self.length))
         if not self.rows:
             self.length = P
@@ -350,8 +377,8 @@ class RunningBatch:
             self._shift(P - self.length)
         end = self.length
         for layer in range(len(prefill.k)):
-            self.k[layer][B, :, end - P:end] = prefill.k[layer][0, :, :P]
-            self.v[layer][B, :, end - P:end] = prefill.v[layer][0, :, :P]
+            self.k[layer][B, :, end - P:end] = prefill.k[layer][row, :, T - P:T]
+            self.v[layer][B, :, end - P:end] = prefill.v[layer][row, :, T - P:T]
         self.key_mask[B] = False
         self.key_mask[B, end - P:end] = True
         self.rows.append(seq)
