@@ -353,3 +353,57 @@ def test_module_examples_run():
     for module in (scratchlm.generate, scratchlm.chat, scratchlm.decode_weights):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+# ---- chat templates ------------------------------------------------------------------------
+CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3_JINJA = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+                " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+
+
+def hf_chat_tokenizer(template, specials):
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template,
+                                                bos_token=specials[0], eos_token=specials[1])
+
+
+@pytest.mark.parametrize("name, source, specials", [("chatml", CHATML_JINJA, ("<|im_start|>", "<|im_end|>")),
+                                                    ("llama3", LLAMA3_JINJA, ("<|begin_of_text|>", "<|eot_id|>"))])
+def test_builtin_templates_match_transformers_rendering(name, source, specials):
+    from scratchlm.chat import render_chat
+
+    hf_tok = hf_chat_tokenizer(source, specials)
+    for add in (True, False):
+        expected = hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=add)
+        assert render_chat(MESSAGES, name, None, add_generation_prompt=add) == expected
+
+        class Tok:  # a tokenizer carrying the Jinja template, as loaded from tokenizer_config.json
+            chat_template, bos_token, eos_token, special_tokens, eot_id = source, specials[0], specials[1], {}, None
+
+        assert render_chat(MESSAGES, None, Tok(), add_generation_prompt=add) == expected
+
+
+def test_template_choice_and_stops():
+    from scratchlm.chat import chat_stops, render_chat, resolve_template
+
+    class Llama3Tok:
+        chat_template, eot_id = None, 128001
+        special_tokens = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|eot_id|>": 128009}
+
+    assert resolve_template(None, Llama3Tok()) == "llama3"
+    assert chat_stops(None, Llama3Tok()) == ([], [128009, 128001])  # specials stop by id
+    assert chat_stops("chatml", None) == (["<|im_end|>"], [])  # not a special token here: stop as text
+    assert resolve_template(None, ByteTok()) == "plain"
+    assert render_chat([{"role": "user", "content": "Hi"}], "plain", None) == "User: Hi\nAssistant:"
+    with pytest.raises(ValueError, match="unknown chat template"):
+        render_chat(MESSAGES, "vicuna", None)
+    with pytest.raises(ValueError, match="role"):
+        render_chat([{"role": "robot", "content": "x"}], "plain", None)
+    with pytest.raises(ValueError, match="chat template: no system"):
+        render_chat(MESSAGES, "{{ raise_exception('no system') }}", None)

@@ -620,3 +620,11 @@ def _chat_command(args) -> int:
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": "".join(reply).strip()})
     return 0
+
+
+def load_any(model_ref, **options):
+    """(model, tokenizer or None) from a model directory, a Hugging Face directory or id, or a
+    preset; see scratchlm.hf.load_any."""
+    from .hf import load_any as _load_any
+
+    return _load_any(model_ref, **options)
