@@ -77,7 +77,7 @@ def main() -> None:
     measured = {}
     for L in [L for L in lengths if L <= args.measure_total]:
         prompt = [[1]]
-        for use_cache, table in ((True, with_cache), (False, without)):
+        for use_cache in (True, False):
             start = time.perf_counter()
             generate(model, None, prompt, max_new_tokens=L - 1, use_cache=use_cache)
             measured[(L, use_cache)] = time.perf_counter() - start
