@@ -1,6 +1,5 @@
 """generate() and stream(): greedy equals Hugging Face, batching, streaming, stops, sampling filters."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
