@@ -239,7 +239,8 @@ def test_fast_encode_matches_sentence_transformers(minilm):
     assert fast.shape == reference.shape == (len(texts), 384)
     assert np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
     assert (fast * reference).sum(1).min() > 0.99
-    assert np.allclose(minilm.encode_query("short"), fast[len(CORPUS)], atol=1e-6)
+    # A query alone is not padded, so its bf16 rounding differs a little from the batch's.
+    assert float(minilm.encode_query("short") @ fast[len(CORPUS)]) > 0.999
     # Token spans map back to the text and count what the model will read.
     text = "Tokenization: splits words into pieces."
     spans = minilm.token_spans(text)

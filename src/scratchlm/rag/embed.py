@@ -166,7 +166,9 @@ class Embedder:
 
     @torch.inference_mode()
     def _forward(self, batch_ids: list[list[int]]) -> np.ndarray:
-        length = _round_up(max(len(x) for x in batch_ids), self.PAD_MULTIPLE)
+        longest = max(len(x) for x in batch_ids)
+        # Round batches up to reuse kernels; a single text (a query) needs no padding at all.
+        length = longest if len(batch_ids) == 1 else _round_up(longest, self.PAD_MULTIPLE)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(batch_ids), length), pad, dtype=torch.long)
         mask = torch.zeros((len(batch_ids), length), dtype=torch.long)
