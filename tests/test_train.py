@@ -235,3 +235,15 @@ def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
     assert model.config.n_layers == 2
     resumed = Trainer(TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()) | {"resume": True}))
     assert resumed.step == step
+
+
+def test_pick_threads_leaves_training_state_alone(data_dir, tmp_path):
+    from scratchlm.train import pick_threads
+
+    torch.set_num_threads(2)
+    trainer = Trainer(tiny(data_dir, tmp_path / "run"), quiet=True)
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    choice = pick_threads(trainer)
+    assert choice in (1, 2) and torch.get_num_threads() == choice
+    assert trainer.step == 0 and all(p.grad is None for p in trainer.raw_model.parameters())
+    assert all(torch.equal(v, trainer.raw_model.state_dict()[k]) for k, v in before.items())

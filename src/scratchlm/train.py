@@ -771,7 +771,8 @@ def add_commands(subparsers) -> None:
     d.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="training time budget (default: %(default)s)")
     d.add_argument("--out", default="runs/demo", help="run folder (default: %(default)s)")
     d.add_argument("--data", default="data/python-docs", help="prepared-data folder (default: %(default)s)")
-    d.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's default or 1, whichever is faster right now)")
     d.set_defaults(func=_demo_command)
 
 
@@ -806,6 +807,31 @@ DEMO_CONFIG = dict(
 )
 
 
+def pick_threads(trainer: Trainer) -> int:
+    """The faster of torch's default thread count and 1, timed on a forward + backward pass
+    of a copy of the model (training state untouched). On an idle machine that is the
+    default; on a busy one a single thread can be several times faster, because OpenMP
+    threads wait at every barrier for a sibling the OS has descheduled."""
+    import copy
+
+    default = torch.get_num_threads()
+    if default == 1 or trainer.device.type != "cpu":
+        return default
+    model = copy.deepcopy(trainer.raw_model)
+    x, y = trainer.batches.micro_batch(0, 0)
+    best: dict[int, float] = {}
+    for threads in (default, 1, default, 1):
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        with trainer._autocast():
+            logits = model(x)
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        best[threads] = min(best.get(threads, math.inf), time.perf_counter() - start)
+    choice = min(best, key=best.get)
+    torch.set_num_threads(choice)
+    return choice
+
+
 def demo(minutes: float = DEMO_MINUTES, out: str = "runs/demo", data: str = "data/python-docs",
          threads: Optional[int] = None, overrides: Optional[dict] = None) -> TrainResult:
     from .data import load_meta, prepare
@@ -828,6 +854,8 @@ def demo(minutes: float = DEMO_MINUTES, out: str = "runs/demo", data: str = "dat
     cfg = TrainConfig.from_dict({**DEMO_CONFIG, "data": str(data_dir), "out_dir": out, "max_minutes": minutes,
                                  "threads": threads, **(overrides or {})})
     trainer = Trainer(cfg)
+    if threads is None:
+        pick_threads(trainer)
     n = trainer.raw_model.num_parameters()
     print(f"model: {n / 1e6:.2f}M parameters, {cfg.n_layers} layers, d_model {cfg.d_model}, context "
           f"{cfg.context_length}; precision: {'bf16 autocast' if trainer.autocast else 'fp32'}; "
