@@ -17,7 +17,7 @@ never half of one (a crash between the two renames leaves ``<dir>.old``, which
 >>> from scratchlm import ModelConfig, Transformer
 >>> model = Transformer(ModelConfig.preset("gpt-tiny"))
 >>> d = tempfile.mkdtemp() + "/run"
->>> save_model(d, model)
+>>> _ = save_model(d, model)
 >>> again, tokenizer = load_model(d)
 >>> torch.equal(again.tok_emb.weight, model.tok_emb.weight), tokenizer is None
 (True, True)

@@ -27,7 +27,7 @@ Three steps, one per section below:
 >>> import numpy as np, tempfile
 >>> path = tempfile.mkdtemp() + "/demo.bin"
 >>> write_shard(path, np.array([5, 6, 7, 8, 9]), vocab_size=100)
->>> read_shard(path).dtype, list(read_shard(path))
+>>> read_shard(path).dtype, read_shard(path).tolist()
 (dtype('uint16'), [5, 6, 7, 8, 9])
 >>> windows = SlidingWindows([read_shard(path)], context_length=3, stride=1)
 >>> x, y = windows[1]
