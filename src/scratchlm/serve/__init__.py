@@ -119,6 +119,13 @@ def add_commands(subparsers) -> None:
                    help="sequences allowed to wait; more get HTTP 429 (default 64)")
     p.add_argument("--max-body-bytes", type=_positive, default=1_000_000,
                    help="largest request body; larger get HTTP 413 (default 1000000)")
+    p.add_argument("--rag-index", metavar="DIR", default=None,
+                   help="answer chat requests from this `scratchlm rag index` directory: the last user "
+                        "message is searched, the prompt holds the numbered passages, and the response "
+                        "carries them in a `sources` field")
+    p.add_argument("--rag-k", type=_positive, default=4, help="passages retrieved per question (default 4)")
+    p.add_argument("--rag-mode", default="dense", choices=["dense", "keyword", "hybrid"],
+                   help="retrieval: dense embeddings, BM25 keywords, or both fused (default dense)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve_command)
 
@@ -144,6 +151,11 @@ def _serve_command(args) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     _check_port_free(args.host, args.port)
+    retriever = None
+    if args.rag_index:
+        from ..rag.retrieve import open_retriever
+
+        retriever = open_retriever(args.rag_index, build_default=False)
     model, tokenizer = load_for_serving(args.model)
     name = args.model_name or Path(str(args.model).rstrip("/")).name or "scratchlm"
     print(f"serving {name} at http://{args.host}:{args.port}/ (OpenAI API under /v1)", flush=True)
@@ -152,7 +164,8 @@ def _serve_command(args) -> int:
               "machine can use the model (set --api-key or SCRATCHLM_API_KEY)", file=sys.stderr, flush=True)
     serve(model, tokenizer, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
           api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-          max_body_bytes=args.max_body_bytes, chat_template=args.chat_template)
+          max_body_bytes=args.max_body_bytes, chat_template=args.chat_template,
+          retriever=retriever, rag_k=args.rag_k, rag_mode=args.rag_mode)
     return 0
 
 

@@ -45,9 +45,12 @@ class ServerSettings:
     """What `scratchlm serve` was told, in one place (see add_commands for the flags)."""
 
     def __init__(self, model_name: str, *, api_key: Optional[str] = None, max_batch: int = 16,
-                 max_queue: int = 64, max_body_bytes: int = 1_000_000, chat_template: Optional[str] = None):
+                 max_queue: int = 64, max_body_bytes: int = 1_000_000, chat_template: Optional[str] = None,
+                 retriever=None, rag_k: int = 4, rag_mode: str = "dense"):
         self.model_name, self.api_key, self.chat_template = model_name, api_key or None, chat_template
         self.max_batch, self.max_queue, self.max_body_bytes = max_batch, max_queue, max_body_bytes
+        # Retrieval-augmented chat (scratchlm serve --rag-index DIR): a rag.Retriever, or None.
+        self.retriever, self.rag_k, self.rag_mode = retriever, rag_k, rag_mode
 
 
 def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
@@ -184,12 +187,16 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
         check_model(req.model)
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot chat", param="messages")
-        text, stop_strings, stop_ids = _render_chat(req.messages, settings.chat_template, tokenizer)
+        sources = None
+        if settings.retriever is not None:
+            text, stop_strings, stop_ids, sources = await _retrieval_prompt(req, settings, tokenizer, context)
+        else:
+            text, stop_strings, stop_ids = _render_chat(req.messages, settings.chat_template, tokenizer)
         ids = _encode(tokenizer, text, "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         budget = token_budget(ids, req.token_limit, param, "messages")
         choices = run([ids], [[sampling(req, budget, c, stop_strings, stop_ids) for c in range(req.n)]])
-        reply = Reply("chat.completion", "chatcmpl", settings.model_name, len(ids))
+        reply = Reply("chat.completion", "chatcmpl", settings.model_name, len(ids), sources=sources)
         if req.stream:
             return _event_stream(reply.stream(choices, req.stream_options, chat=True), choices, engine)
         return await reply.complete(choices, request, engine, chat=True)
@@ -261,8 +268,10 @@ class Choices:
 class Reply:
     """Builds the response objects of one request, streamed or whole."""
 
-    def __init__(self, kind: str, id_prefix: str, model_name: str, prompt_tokens: int):
+    def __init__(self, kind: str, id_prefix: str, model_name: str, prompt_tokens: int,
+                 sources: Optional[list] = None):
         self.kind, self.model, self.prompt_tokens = kind, model_name, prompt_tokens
+        self.sources = sources  # retrieved passages (an extension field), sent once
         self.id = f"{id_prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -310,6 +319,8 @@ class Reply:
                      for i in range(n)]
         body = self._envelope(self.kind, items)
         body["usage"] = self.usage(sum(tokens))
+        if self.sources is not None:
+            body["sources"] = self.sources
         return JSONResponse(body)
 
     async def stream(self, choices: Choices, stream_options, *, chat: bool):
@@ -334,6 +345,8 @@ class Reply:
             body = self._envelope(obj, [item])
             if include_usage:
                 body["usage"] = None  # only the last chunk carries usage, as OpenAI streams it
+            if role and self.sources is not None:
+                body["sources"] = self.sources  # the first chunk says what the answer will cite
             return _sse(body)
 
         if chat:
@@ -422,6 +435,30 @@ def _encode(tokenizer, text: str, param: str) -> list[int]:
         return list(tokenizer.encode(text))
     except ValueError as e:
         raise APIError(400, f"cannot tokenize the {param}: {str(e).splitlines()[0]}", param=param) from None
+
+
+async def _retrieval_prompt(req, settings: ServerSettings, tokenizer, context: int):
+    """Retrieval-augmented chat: the last user message is the question; the prompt holds the
+    numbered passages retrieved for it (rag.pipeline's format), cut to leave room for the answer.
+    Earlier turns are not sent to the model: each question is answered from its sources.
+    Returns (prompt text, stop strings, stop ids, sources as JSON)."""
+    from ..chat import chat_stops, resolve_template
+    from ..rag.pipeline import fit_prompt
+
+    questions = [m.text() for m in req.messages if m.role == "user"]
+    if not questions or not questions[-1].strip():
+        raise APIError(400, "retrieval needs a non-empty user message to search for", param="messages")
+    question = questions[-1]
+    try:
+        hits = await asyncio.to_thread(settings.retriever.search, question, settings.rag_k, settings.rag_mode)
+        template = resolve_template(settings.chat_template, tokenizer)
+        answer_room = req.token_limit or min(256, context // 2)
+        text, kept = await asyncio.to_thread(fit_prompt, question, hits, tokenizer, context - answer_room, template)
+        stop_strings, stop_ids = chat_stops(template, tokenizer)
+    except ValueError as e:
+        raise APIError(400, str(e).splitlines()[0], param="messages") from None
+    sources = [{"n": n, **h.to_dict()} for n, h in enumerate(kept, start=1)]
+    return text, list(stop_strings), list(stop_ids), sources
 
 
 def _render_chat(messages, template: Optional[str], tokenizer) -> tuple[str, list[str], list[int]]:
