@@ -49,7 +49,10 @@ def torchrun(data_dir, out_dir, *extra):
            "-m", "scratchlm.cli", "train", *args, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.returncode != 0:  # the lines that say why, not the whole of both ranks. logs
+        (out_dir.parent / "torchrun_stderr.txt").write_text(proc.stderr)
+        why = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+        pytest.fail(f"torchrun exited with {proc.returncode}:\n" + "\n".join(why[-15:] or proc.stderr.splitlines()[-30:]))
     return proc
 
 

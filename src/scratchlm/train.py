@@ -699,7 +699,19 @@ class Trainer:
 
 def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
     """Train as ``cfg`` says; under torchrun every process calls this."""
-    return Trainer(cfg, quiet=quiet).run()
+    import torch.distributed as dist
+
+    owned = dist.is_available() and not dist.is_initialized()  # a group we start, we end
+    try:
+        return Trainer(cfg, quiet=quiet).run()
+    finally:
+        if owned and dist.is_available() and dist.is_initialized():
+            # Wait for rank 0 to finish saving, then close the group: a process that exits
+            # with a live gloo group can abort in its destructor and take torchrun down.
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------
