@@ -3,6 +3,8 @@ classification to >= 95%, LoRA variants, exact resume, and clear errors for bad 
 
 import csv
 import json
+import subprocess
+import sys
 import random
 
 import pytest
@@ -128,6 +130,16 @@ def test_tiny_model_learns_instructions_by_heart_and_answers_greedily(tmp_path):
     model, tokenizer = load_model(out)
     answers = answer(model, tokenizer, [q for q, _ in FACTS], "chatml", max_new_tokens=30)
     assert answers == [a for _, a in FACTS]
+    # `scratchlm generate` and `chat` read the recorded format: the bare question gets the answer.
+    question, expected = FACTS[0]
+    done = subprocess.run([sys.executable, "-m", "scratchlm.cli", "generate", str(out), question,
+                           "--max-new-tokens", "30"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
+    chat = subprocess.run([sys.executable, "-m", "scratchlm.cli", "chat", str(out), "--max-new-tokens", "30"],
+                          input=question + "\n", capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip() == expected
 
 
 def test_resume_continues_exactly(tmp_path):

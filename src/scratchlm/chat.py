@@ -8,6 +8,8 @@ tells generation to stop. Built in:
                <|start_header_id|>assistant<|end_header_id|>\\n\\n          stop: <|eot_id|>
     "chatml"   <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n    stop: <|im_end|>
     "plain"    User: Hi\\nAssistant:                                       stop: \\nUser:
+    "alpaca"   Below is an instruction ... ### Instruction:\\nHi\\n\\n### Response:\\n
+                                                                  stop: <|endoftext|>
 
 (the llama3 example is one line, broken here to fit). A tokenizer loaded from a Hugging
 Face directory usually carries the model's own Jinja template (``tokenizer.chat_template``,
@@ -27,9 +29,20 @@ Assistant:
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Optional, Sequence
 
-TEMPLATES = ("llama3", "chatml", "plain")
+TEMPLATES = ("llama3", "chatml", "plain", "alpaca")
+# A fine-tuned model directory records the format it was tuned with (see finetune/), and
+# generate, chat and serve use it: {"template": "alpaca" | "llama3" | "chatml", ...}.
+PROMPT_FORMAT_FILE = "prompt_format.json"
+
+ALPACA_HEADER = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+ALPACA_HEADER_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
+                            "provides further context. Write a response that appropriately completes the request.")
 ROLES = ("system", "user", "assistant", "tool")
 
 # Special tokens that end a turn in the templates we know; a tokenizer that has one of
@@ -47,12 +60,37 @@ def _check_messages(messages: Sequence[dict]) -> None:
             raise ValueError(f"message {i} has role {m.get('role')!r}; expected one of {ROLES}")
 
 
-def resolve_template(template: Optional[str], tokenizer) -> str:
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt up to and including "### Response:\\n" (what the model continues)."""
+    if input:
+        return (f"{ALPACA_HEADER_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n"
+                f"### Input:\n{input}\n\n### Response:\n")
+    return f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def read_prompt_format(directory: str | os.PathLike) -> Optional[str]:
+    """The template recorded in a (fine-tuned) model directory, or None when it has none."""
+    file = Path(directory) / PROMPT_FORMAT_FILE
+    if not file.is_file():
+        return None
+    try:
+        template = json.loads(file.read_text()).get("template")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{file} is not a valid prompt format file: {e}") from None
+    if template not in TEMPLATES:
+        raise ValueError(f"{file}: unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    return template
+
+
+def resolve_template(template: Optional[str], tokenizer, model_dir: str | os.PathLike | None = None) -> str:
     """The template to use: a built-in name or Jinja source.
 
-    None picks the tokenizer's own Jinja template, else a built-in one that matches its
-    special tokens, else "plain". A string containing "{%" or "{{" is Jinja source.
+    None picks the format recorded in ``model_dir`` (a fine-tuned model), else the
+    tokenizer's own Jinja template, else a built-in one that matches its special tokens,
+    else "plain". A string containing "{%" or "{{" is Jinja source.
     """
+    if template is None and model_dir is not None and Path(model_dir).is_dir():
+        template = read_prompt_format(model_dir)
     if template is None:
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, str) and own:
@@ -85,6 +123,11 @@ def render_chat(messages: Sequence[dict], template: Optional[str], tokenizer, ad
     if template == "chatml":
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+    if template == "alpaca":  # one instruction, no history: the last user message
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users:
+            raise ValueError("the alpaca template needs a user message")
+        return alpaca_prompt(users[-1])
     if template == "plain":
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return text + ("Assistant:" if add_generation_prompt else "")
@@ -134,6 +177,8 @@ def chat_stops(template: Optional[str], tokenizer) -> tuple[list[str], list[int]
         markers = ["<|eot_id|>"]
     elif template == "chatml":
         markers = ["<|im_end|>"]
+    elif template == "alpaca":
+        markers = ["<|endoftext|>"]
     elif template == "plain":
         return ["\nUser:", "\nSystem:"], []
     else:  # the tokenizer's own template: whichever end-of-turn markers it has

@@ -524,6 +524,9 @@ def add_commands(subparsers) -> None:
     _add_sampling_options(p)
     p.add_argument("prompt", help="the text to continue ('-' reads it from stdin)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--raw", action="store_true",
+                   help="give a fine-tuned model the prompt as it is (default: laid out in the prompt "
+                        "format recorded in its directory, and stopped at its end of turn)")
     p.set_defaults(func=_generate_command)
 
     p = subparsers.add_parser("chat", help="talk to a model (reads stdin, streams replies)",
@@ -556,6 +559,9 @@ def _load(args):
 
 
 def _generate_command(args) -> int:
+    from pathlib import Path
+
+    from .chat import chat_stops, read_prompt_format, render_chat
     from .cli import UsageError
 
     options = _options(args)
@@ -566,13 +572,20 @@ def _generate_command(args) -> int:
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded")
+    stop, stop_ids = list(args.stop or []), []
+    recorded = None if args.raw or not Path(args.model).is_dir() else read_prompt_format(args.model)
+    if recorded:  # an instruction-tuned model: ask in the layout it learned, stop where its answer ends
+        prompt = render_chat([{"role": "user", "content": prompt}], recorded, tokenizer)
+        strings, stop_ids = chat_stops(recorded, tokenizer)
+        stop += strings
+        options["stop_token_ids"] = stop_ids
     if args.stream:
-        for delta in stream(model, tokenizer, prompt, stop=args.stop, **options):
+        for delta in stream(model, tokenizer, prompt, stop=stop, **options):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(generate(model, tokenizer, prompt, stop=args.stop, **options)[0].text)
+        print(generate(model, tokenizer, prompt, stop=stop, **options)[0].text)
     return 0
 
 
@@ -585,7 +598,7 @@ def _chat_command(args) -> int:
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer: chat needs one")
-    template = resolve_template(args.template, tokenizer)
+    template = resolve_template(args.template, tokenizer, model_dir=args.model)  # a fine-tuned model's own format first
     stop_strings, stop_ids = chat_stops(template, tokenizer)
     stop_strings += args.stop or []
     options["overflow"] = "truncate"  # a long conversation drops its oldest tokens

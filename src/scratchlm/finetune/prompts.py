@@ -41,13 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-TEMPLATES = ("alpaca", "llama3", "chatml")
-PROMPT_FORMAT_FILE = "prompt_format.json"
+# Prompt formats have one home, chat.py; this file adds what training needs (segments).
+from ..chat import ALPACA_HEADER, ALPACA_HEADER_WITH_INPUT, PROMPT_FORMAT_FILE, alpaca_prompt  # noqa: F401
+from ..chat import read_prompt_format as _read_any_format
 
-ALPACA_HEADER = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.")
-ALPACA_HEADER_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
-                            "provides further context. Write a response that appropriately completes the request.")
+TEMPLATES = ("alpaca", "llama3", "chatml")
 EOT = "<|endoftext|>"  # the alpaca answer ends with the tokenizer's end-of-text token
 
 # The token that ends an answer, per template (what generation stops on).
@@ -65,14 +63,6 @@ class Segment:
 # ----------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The alpaca prompt up to and including "### Response:\\n" (what the model continues)."""
-    if input:
-        return (f"{ALPACA_HEADER_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n"
-                f"### Input:\n{input}\n\n### Response:\n")
-    return f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-
-
 def _header(template: str, role: str) -> str:
     if template == "llama3":
         return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
@@ -184,13 +174,8 @@ def write_prompt_format(directory: Union[str, os.PathLike], template: str) -> No
 
 
 def read_prompt_format(directory: Union[str, os.PathLike]) -> Optional[str]:
-    """The template recorded in a model directory, or None when it has none."""
-    file = Path(directory) / PROMPT_FORMAT_FILE
-    if not file.is_file():
-        return None
-    try:
-        template = json.loads(file.read_text()).get("template")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{file} is not a valid prompt format file: {e}") from None
-    check_template(template)
+    """The fine-tuning template recorded in a model directory, or None when it has none."""
+    template = _read_any_format(directory)
+    if template is not None:
+        check_template(template)
     return template

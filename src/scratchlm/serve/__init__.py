@@ -157,6 +157,10 @@ def _serve_command(args) -> int:
 
         retriever = open_retriever(args.rag_index, build_default=False)
     model, tokenizer = load_for_serving(args.model)
+    if args.chat_template is None and Path(args.model).is_dir():
+        from ..chat import read_prompt_format
+
+        args.chat_template = read_prompt_format(args.model)  # a fine-tuned model's own format
     name = args.model_name or Path(str(args.model).rstrip("/")).name or "scratchlm"
     print(f"serving {name} at http://{args.host}:{args.port}/ (OpenAI API under /v1)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
