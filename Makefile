@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch: an unpinned torch would pull a multi-GB CUDA build.
+# The CPU build of torch: an unpinned torch would pull a multi-GB CUDA build. On a GPU
+# machine with CUDA, `make test TORCH=torch` takes PyPI's default (CUDA) build instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,21 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/scratchlm demo
+
+# The peers the benchmarks compare against. llms-from-scratch goes in with --no-deps:
+# its declared dependencies pull TensorFlow, and the modules we use need only torch.
+bench-setup: setup
+	$(PY) -m pip install -q -e ".[dev,bench]" "$(TORCH)"
+	$(PY) -m pip install -q --no-deps llms-from-scratch
+
+bench: bench-setup
+	$(PY) benchmarks/bpe_train.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/kv_cache.py
+	$(PY) benchmarks/finetune.py
+	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/rag.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -25,12 +25,13 @@ never half of one (a crash between the two renames leaves ``<dir>.old``, which
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -60,11 +61,7 @@ def save_model(path: str | os.PathLike, model: Transformer, tokenizer=None,
     ``state``: the weights to write instead of ``model.state_dict()``, e.g. the full state
     gathered from a sharded (FSDP) model; ``model`` then only supplies ``model.config``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         model.config.save(tmp / "config.json")
         if state is None:
             state = _unique_state(model)
@@ -77,11 +74,31 @@ def save_model(path: str | os.PathLike, model: Transformer, tokenizer=None,
             tokenizer.save(tmp)
         if extra is not None:
             extra(tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory all at once: the block fills a temporary sibling, which then
+    replaces ``path`` (see _swap_in); if the block fails, ``path`` is left as it was.
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "out"
+    >>> with atomic_directory(target) as tmp:
+    ...     _ = (tmp / "a.txt").write_text("hello")
+    >>> (target / "a.txt").read_text()
+    'hello'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _swap_in(tmp: Path, path: Path) -> None:

@@ -33,8 +33,16 @@ class UsageError(Exception):
     """A mistake in how the command was called: reported in one line, exit code 2."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (and exit code 2), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scratchlm", description="GPT-2 and Llama from scratch: "
+    # Sub-parsers are made with the class of their parent, so every command gets one-line errors.
+    parser = OneLineErrorParser(prog="scratchlm", description="GPT-2 and Llama from scratch: "
                                      "tokenize, train, generate, fine-tune, serve, retrieve.")
     parser.add_argument("--version", action="version", version=f"scratchlm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
@@ -535,27 +533,20 @@ def save_hf(directory: str | os.PathLike, model, tokenizer=None) -> Path:
     checkpoint.save_model."""
     from safetensors.torch import save_file
 
-    from .checkpoint import _swap_in
+    from .checkpoint import atomic_directory
 
     config = model.config
     hf_config = hf_config_dict(config, tokenizer)  # raises before anything is written
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(state, config).items()}
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             (tokenizer.save_hf if hasattr(tokenizer, "save_hf") else tokenizer.save)(tmp)
-        _swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 # Prompt formats have one home, chat.py; this file adds what training needs (segments).
-from ..chat import ALPACA_HEADER, ALPACA_HEADER_WITH_INPUT, PROMPT_FORMAT_FILE, alpaca_prompt  # noqa: F401
+from ..chat import PROMPT_FORMAT_FILE, alpaca_prompt
 from ..chat import read_prompt_format as _read_any_format
 
 TEMPLATES = ("alpaca", "llama3", "chatml")

@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -175,10 +173,9 @@ class RagIndex:
         path = Path(path)
         if path.exists() and not (path / DB_FILE).exists() and (not path.is_dir() or any(path.iterdir())):
             raise RagError(f"{path} exists and is not a scratchlm index; choose another --index directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        from ..checkpoint import atomic_directory  # the same atomic swap as model directories
+
+        with atomic_directory(path) as tmp:
             out = sqlite3.connect(tmp / DB_FILE)
             with out:
                 self._db.backup(out)
@@ -188,10 +185,6 @@ class RagIndex:
                 bm25, ids = self.bm25()
                 bm25.save(str(tmp / BM25_DIR))
                 np.save(tmp / BM25_DIR / "ids.npy", ids)
-            _swap_in(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.path = path
         return path
 
@@ -378,17 +371,6 @@ def find_index_dir(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"no index at {path}; build one with "
                                 f"`scratchlm rag index PATH... --index {path}`")
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace directory ``path`` by ``tmp`` with two renames (old kept as ``path.old`` between)."""
-    old = path.parent / f"{path.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["RagIndex", "Hit", "build_faiss", "find_index_dir", "INDEX_KINDS", "FORMAT_VERSION"]
