@@ -53,11 +53,7 @@ def plot_loss(metrics: str | os.PathLike | list[dict], out: str | os.PathLike, t
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_kv_cache(lengths: list[int], with_cache: dict[str, list[float]], without_cache: dict[str, list[float]],
@@ -88,11 +84,7 @@ def plot_kv_cache(lengths: list[int], with_cache: dict[str, list[float]], withou
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_sampling(logits, out: str | os.PathLike, show: int = 12) -> Path:
@@ -133,6 +125,13 @@ def plot_sampling(logits, out: str | os.PathLike, show: int = 12) -> Path:
     for ax in axes[1]:
         ax.set_xlabel("token, by rank")
     fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``out`` (making its folder) and free it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
