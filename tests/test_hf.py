@@ -281,3 +281,14 @@ def test_load_any_presets_and_errors(tmp_path):
         load_any("no-such-preset")
     with pytest.raises(FileNotFoundError, match="owner/nothing-here"):
         load_any("owner/nothing-here")  # offline: not fetched, one clear line
+
+
+def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """`runs/nope` when ./runs exists is a missing directory, said at once (no network retries)."""
+    import scratchlm.hf as hf
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf, "load_hf", lambda *a, **k: pytest.fail("asked the hub for a local path"))
+    with pytest.raises(FileNotFoundError, match="model directory not found: runs/nope"):
+        hf.load_any("runs/nope")

@@ -578,8 +578,12 @@ def load_any(model_ref: str | os.PathLike, device="cpu", dtype: Optional[torch.d
         if dtype is not None:
             model.to(dtype)
         return model.requires_grad_(False).eval(), preset_tokenizer(config)
-    if name.count("/") == 1 and not name.startswith((".", "/")):
+    # "owner/name" is a hub id, unless "owner" is a folder here: then it is a path that is missing
+    # (asking the hub would only add a network error to the real one).
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name.split("/")[0]).is_dir():
         return load_hf(name, device=device, dtype=dtype)
+    if path.parent != Path(".") and path.parent.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_ref}")
     raise FileNotFoundError(f"{model_ref}: not a model directory, a preset ({', '.join(ModelConfig.presets())}) "
                             f"or a Hugging Face id (owner/name)")
 
