@@ -272,3 +272,14 @@ def test_python_reference_with_statement(minilm, tmp_path, monkeypatch):
     assert hits[0].source == "python-reference:with" and hits[0].heading == 'The "with" statement'
     hits = retrieve.open_retriever().search("How do I catch an exception?", k=3)
     assert hits[0].source == "python-reference:try"
+
+
+def test_index_into_an_empty_folder_made_beforehand(tmp_path):
+    """`mkdir idx && scratchlm rag index docs --index idx` works: an empty folder is a new index."""
+    from rag_testdata import write_corpus
+    from scratchlm.rag import Retriever, ToyEmbedder, index_documents
+
+    target = tmp_path / "idx"
+    target.mkdir()
+    index_documents([write_corpus(tmp_path / "docs")], target, embedder=ToyEmbedder(), max_tokens=24, overlap=4)
+    assert Retriever(target, ToyEmbedder()).search("How does the king move in chess?", k=1)[0].source.endswith("chess.html")

@@ -82,7 +82,8 @@ def index_documents(paths: Optional[Iterable[str | os.PathLike]], index_dir: str
     """
     index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
     index = None
-    if not rebuild:
+    fresh_folder = index_dir.is_dir() and not any(index_dir.iterdir())  # e.g. made with mkdir first
+    if not rebuild and not fresh_folder:
         try:
             index = RagIndex.load(find_index_dir(index_dir))
         except FileNotFoundError:
