@@ -404,5 +404,4 @@ class Transformer(nn.Module):
 
 def _diagonal(T: int, S: int, device) -> torch.Tensor:
     """(T, S) bool, True only where query i meets its own key (absolute position S - T + i)."""
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T) & ~torch.ones(
-        T, S, dtype=torch.bool, device=device).tril(S - T - 1)
+    return torch.arange(S, device=device)[None, :] == torch.arange(S - T, S, device=device)[:, None]
