@@ -143,11 +143,11 @@ def test_stream_joined_equals_generate(stop):
 
 def test_stream_is_utf8_safe():
     """A character split over several tokens is handed out whole, once complete."""
-    from scratchlm.generate import _TextAssembler
+    from scratchlm.generate import TextAssembler
 
     tok = ByteTok()
     text = "é€😀"
-    asm = _TextAssembler(tok, [])
+    asm = TextAssembler(tok, [])
     pieces = [asm.add(t)[0] for t in tok.encode(text)] + [asm.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
@@ -156,10 +156,10 @@ def test_stream_is_utf8_safe():
 
 
 def test_held_back_stop_prefix_is_released():
-    from scratchlm.generate import _TextAssembler
+    from scratchlm.generate import TextAssembler
 
     tok = ByteTok()
-    asm = _TextAssembler(tok, ["END"])
+    asm = TextAssembler(tok, ["END"])
     out = [asm.add(t)[0] for t in tok.encode("xEN")]
     assert "".join(out) == "x"  # "EN" might become "END": held back
     piece, hit = asm.add(tok.encode("d")[0])

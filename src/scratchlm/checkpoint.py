@@ -216,6 +216,7 @@ def load_train_state(path: str | os.PathLike) -> dict:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file of a model directory; a missing or broken one is a CheckpointError."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -225,4 +226,4 @@ def read_json(path: Path) -> dict:
 
 
 __all__ = ["CheckpointError", "save_model", "load_model", "load_config", "resolve_dir", "DTYPES",
-           "save_train_state", "load_train_state"]
+           "save_train_state", "load_train_state", "read_json", "atomic_directory"]

@@ -208,7 +208,7 @@ def sample_next(logits: torch.Tensor, options: SamplingOptions, generator: Optio
 # ----------------------------------------------------------------------------------------
 # Text as it arrives: UTF-8-safe, stop strings cut, possible stop prefixes held back
 # ----------------------------------------------------------------------------------------
-class _TextAssembler:
+class TextAssembler:
     """Turns token ids into text one token at a time.
 
     A multi-byte character may be split across tokens, so bytes go through an incremental
@@ -411,7 +411,7 @@ def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, to
             yield i, Delta("", None, "length")
         return
 
-    texts = [_TextAssembler(tokenizer, stop or []) for _ in rows]
+    texts = [TextAssembler(tokenizer, stop or []) for _ in rows]
     done = [False] * len(rows)
     decoder = _Decoder(model, rows, max_new_tokens, options, generator, use_cache)
     ids = decoder.first()

@@ -38,7 +38,7 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_json
 from .config import ConfigError, ModelConfig
 
 
@@ -323,7 +323,7 @@ class LazyWeights(Mapping):
         if (directory / "model.safetensors").exists():
             self._add_file(directory / "model.safetensors")
         elif index is not None:
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no weight_map")
             for name, file in weight_map.items():
@@ -382,13 +382,6 @@ class LazyWeights(Mapping):
         return len(self.where)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-
-
 def is_hf_dir(path: str | os.PathLike) -> bool:
     """True for a directory whose config.json is a Hugging Face one (it names a model_type)."""
     config = Path(path) / "config.json"
@@ -411,7 +404,7 @@ def load_hf(source: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype
     from .model import Transformer
 
     directory = resolve_hf_source(source, revision)
-    hf_config = _read_json(directory / "config.json")
+    hf_config = read_json(directory / "config.json")
     try:
         config = config_from_hf(hf_config)
     except (KeyError, TypeError) as e:

@@ -293,7 +293,7 @@ def init_processes(device_name: str) -> tuple[Processes, torch.device]:
     return procs, device
 
 
-def _all_reduce(values: list[float], device, procs: Processes, op: str = "sum") -> list[float]:
+def all_reduce_values(values: list[float], device, procs: Processes, op: str = "sum") -> list[float]:
     if not procs.distributed:
         return values
     import torch.distributed as dist
@@ -350,7 +350,7 @@ class TrainResult:
     losses: list = field(default_factory=list)  # train loss of every step of this run
 
 
-class _StopFlag:
+class StopFlag:
     """SIGINT (Ctrl-C) sets a flag; the loop saves a checkpoint at the end of the step and
     stops. A second Ctrl-C interrupts at once."""
 
@@ -519,7 +519,7 @@ class Trainer:
         self.step += 1
         self.tokens += self.tokens_per_step
         self.lr = lr
-        [mean] = _all_reduce([total.item() / A], self.device, self.procs)
+        [mean] = all_reduce_values([total.item() / A], self.device, self.procs)
         return mean / self.procs.world_size
 
     def _no_sync(self, last: bool):
@@ -554,7 +554,7 @@ class Trainer:
             total += loss.item() * x.shape[0]
             count += x.shape[0]
         model.train()
-        total, count = _all_reduce([total, count], self.device, self.procs)
+        total, count = all_reduce_values([total, count], self.device, self.procs)
         loss = total / max(1, count)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
                 "val_bpb": loss / math.log(2) * self.val_tokens_per_byte}
@@ -633,12 +633,12 @@ class Trainer:
                 log.flush()
 
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 while True:
                     self.elapsed = time.perf_counter() - start
                     stop_now = stop.raised
                     if self.procs.distributed:  # every rank must agree on the time and on stopping
-                        self.elapsed, flag = _all_reduce([self.elapsed, float(stop_now)], self.device, self.procs, "max")
+                        self.elapsed, flag = all_reduce_values([self.elapsed, float(stop_now)], self.device, self.procs, "max")
                         stop_now = flag > 0
                     if stop_now:
                         result.interrupted = True

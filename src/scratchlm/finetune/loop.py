@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..train import _all_reduce, _StopFlag, autocast_dtype, init_processes, lr_at, make_optimizer
+from ..train import all_reduce_values, StopFlag, autocast_dtype, init_processes, lr_at, make_optimizer
 
 
 @dataclass
@@ -149,7 +149,7 @@ class Finetuner:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.lr = lr
-        total, tokens = _all_reduce([total / A, float(tokens)], self.device, self.procs)
+        total, tokens = all_reduce_values([total / A, float(tokens)], self.device, self.procs)
         self.tokens += int(tokens)
         return total / W, int(tokens)
 
@@ -213,12 +213,12 @@ class Finetuner:
 
         last_eval = -1
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 start, window_tokens = time.perf_counter(), 0
                 while self.step < cfg.max_steps:
                     stop_now = stop.raised
                     if self.procs.distributed:
-                        [flag] = _all_reduce([float(stop_now)], self.device, self.procs, "max")
+                        [flag] = all_reduce_values([float(stop_now)], self.device, self.procs, "max")
                         stop_now = flag > 0
                     if stop_now:
                         result.interrupted = True

@@ -51,7 +51,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..generate import SamplingOptions, _TextAssembler, sample_next
+from ..generate import SamplingOptions, TextAssembler, sample_next
 from ..model import KVCache
 
 log = logging.getLogger("scratchlm.serve")
@@ -111,7 +111,7 @@ class Sequence:
         self.done = threading.Event()  # set once the last event was emitted (or on cancel)
         self._options = params.options()
         self._generator: Optional[torch.Generator] = None
-        self._text: Optional[_TextAssembler] = None
+        self._text: Optional[TextAssembler] = None
         self._seen: Optional[torch.Tensor] = None  # (1, V) for the repetition penalty
 
     def cancel(self) -> None:
@@ -269,7 +269,7 @@ class Engine:
             p = seq.params
             if p.seed is not None:
                 seq._generator = torch.Generator(device=device).manual_seed(int(p.seed))
-            seq._text = _TextAssembler(self.tokenizer, p.stop)
+            seq._text = TextAssembler(self.tokenizer, p.stop)
             if p.repetition_penalty != 1.0:
                 seq._seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
                 seq._seen[0, seq.prompt_ids] = True
