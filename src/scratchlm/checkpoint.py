@@ -38,10 +38,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+from .errors import ScratchLMError
 from .model import DTYPES, Transformer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ScratchLMError):
     """A model directory that is missing, incomplete or corrupt."""
 
 

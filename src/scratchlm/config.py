@@ -18,14 +18,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import ConfigError
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu", "swiglu")
 POSITIONS = ("learned", "sinusoidal", "rope")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-    """A model configuration that cannot describe a working Transformer."""
 
 
 @dataclass

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from .errors import ScratchLMError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -54,7 +55,7 @@ LINEAR_NAMES = ("qkv_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "lm
 DEFAULT_TARGETS = ("qkv_proj", "out_proj")
 
 
-class LoRAError(ValueError):
+class LoRAError(ScratchLMError):
     """An adapter that does not fit the model, or settings that make no sense."""
 
 

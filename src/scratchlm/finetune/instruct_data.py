@@ -33,11 +33,12 @@ from typing import Iterator, Sequence, Union
 import torch
 
 from .prompts import ROLES, Segment, render_example
+from ..errors import ScratchLMError
 
 IGNORE_INDEX = -100  # F.cross_entropy(ignore_index=-100): these targets add nothing to the loss
 
 
-class DataError(ValueError):
+class DataError(ScratchLMError):
     """A data file that cannot be used; the message names the file and the row."""
 
 

@@ -1,8 +1,11 @@
 """The one error type of the rag package."""
 
 
-class RagError(ValueError):
+from ..errors import ScratchLMError
+
+
+class RagError(ScratchLMError):
     """A document, folder or index that cannot be used as asked: one clear line, exit code 2.
 
-    A ValueError, so the CLI (``scratchlm.cli.main``) reports it as a user mistake.
+    A ScratchLMError, so the CLI (``scratchlm.cli.main``) reports it as a user mistake.
     """

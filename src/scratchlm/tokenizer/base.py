@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterable
 from typing import Optional, Union
 
 import regex
+from ..errors import ScratchLMError
 
 # "all": every special token written in the text is recognised; "none" (or an empty
 # collection): special-token strings are encoded as ordinary text; a collection of
@@ -31,7 +32,7 @@ EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ScratchLMError):
     """Bad input to a tokenizer: an unknown character or id, a bad size, a corrupt file."""
 
 

@@ -1,12 +1,15 @@
-"""`scratchlm <command>`: one argparse parser; each feature module registers its own commands.
+"""`scratchlm <command>`: one argparse parser; every command's parsing lives in this package.
 
-A module that offers commands defines ``add_commands(subparsers)``, which adds its
-sub-parsers and sets ``func`` on each to the function that runs it (taking the parsed
-args and returning an exit code or None). Modules import their heavy or optional
-dependencies inside those functions, so `scratchlm --help` stays fast.
+Each module here is one command group (``cli/train.py``: train, demo; ``cli/generate.py``:
+generate, chat; ...). It defines ``add_commands(subparsers)``, which adds its sub-parsers
+and sets ``func`` on each to the function that runs it (taking the parsed args and
+returning an exit code or None). Library code lives outside this package and holds no
+argparse; the modules here import it inside those functions, so `scratchlm --help` stays
+fast.
 
-A user mistake (missing file, bad value, unknown preset...) ends with one line on stderr
-and exit code 2, never a traceback (set SCRATCHLM_DEBUG=1 to see one).
+A user mistake (a ``ScratchLMError``: missing file, bad value, unknown preset...) ends with
+one line on stderr and exit code 2, never a traceback (set SCRATCHLM_DEBUG=1 to see one).
+Any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -18,18 +21,18 @@ import sys
 
 # Modules that register commands, in the order they appear in --help.
 COMMAND_MODULES = [
-    "scratchlm.tokenizer.cli",  # tokenizer train / encode
-    "scratchlm.data",  # prepare
-    "scratchlm.train",  # train, demo
-    "scratchlm.generate",  # generate, chat
-    "scratchlm.hf",  # convert, export
-    "scratchlm.finetune",  # finetune instruct|classify, merge-lora
-    "scratchlm.serve",  # serve
-    "scratchlm.rag.cli",  # rag index|ask
+    "scratchlm.cli.tokenizer",  # tokenizer train / encode
+    "scratchlm.cli.data",  # prepare
+    "scratchlm.cli.train",  # train, demo
+    "scratchlm.cli.generate",  # generate, chat
+    "scratchlm.cli.convert",  # convert, export
+    "scratchlm.cli.finetune",  # finetune instruct|classify, classify, merge-lora
+    "scratchlm.cli.serve",  # serve
+    "scratchlm.cli.rag",  # rag index|ask
 ]
 
 
-class UsageError(Exception):
+class UsageError(Exception):  # noqa: N818
     """A mistake in how the command was called: reported in one line, exit code 2."""
 
 
@@ -59,17 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean the user asked for something that cannot be done."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
+    from ..errors import ScratchLMError
 
-    return (UsageError, ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError,
+    # Transitional: plain ValueError and OSError still count as user mistakes until every
+    # library module raises ScratchLMError for them.
+    return (UsageError, ScratchLMError, FileNotFoundError, NotADirectoryError,
             IsADirectoryError, PermissionError, ValueError)
 
 
@@ -92,6 +96,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return int(code or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

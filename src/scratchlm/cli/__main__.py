@@ -1,0 +1,7 @@
+"""`python -m scratchlm.cli ...` (what torchrun runs)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
