@@ -37,6 +37,7 @@ import regex
 from .base import Tokenizer, TokenizerError
 from .bpe_train import (count_pretokens, resolve_pattern, train_merges_fast,
                         train_merges_textbook)
+from .hf_json import save_hf_bpe
 
 
 def bpe_encode_piece(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
@@ -223,8 +224,6 @@ class BPETokenizer(Tokenizer):
     def save(self, directory: Union[str, os.PathLike]) -> None:
         """Write ``tokenizer.json`` + ``tokenizer_config.json`` (Hugging Face format, which
         is also our own: ``load_tokenizer`` reads them back) into an existing directory."""
-        from .formats import save_hf_bpe
-
         save_hf_bpe(self, directory)
 
     save_hf = save

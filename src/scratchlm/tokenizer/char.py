@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Union
 
 from .base import Tokenizer, TokenizerError
+from .files import remove_stale_files, require_directory
 
 FILENAME = "char_tokenizer.json"
 
@@ -72,10 +73,7 @@ class CharTokenizer(Tokenizer):
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
         """Write ``char_tokenizer.json`` into an existing directory."""
-        from .formats import remove_stale_files
-
-        if not Path(directory).is_dir():
-            raise TokenizerError(f"{directory}: not a directory (create it before saving a tokenizer)")
+        require_directory(directory)
         data = {"kind": "char", "chars": "".join(self.chars), "special_tokens": list(self.special_tokens)}
         (Path(directory) / FILENAME).write_text(json.dumps(data, ensure_ascii=True))
         remove_stale_files(directory, (FILENAME,))

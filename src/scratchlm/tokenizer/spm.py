@@ -28,6 +28,8 @@ from typing import Optional, Union
 import regex
 
 from .base import Tokenizer, TokenizerError
+from .files import remove_stale_files, require_directory
+from .hf_json import write_tokenizer_config
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
@@ -324,11 +326,7 @@ class SentencePieceTokenizer(Tokenizer):
         the model allows) and ``tokenizer_config.json``."""
         import json
 
-        from .formats import remove_stale_files, write_tokenizer_config
-
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise TokenizerError(f"{directory}: not a directory (create it before saving a tokenizer)")
+        directory = require_directory(directory)
         (directory / "tokenizer.model").write_bytes(self.model_bytes)
         written = ("tokenizer.model", "tokenizer_config.json")
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token}
