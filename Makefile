@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # machine with CUDA, `make test TORCH=torch` takes PyPI's default (CUDA) build instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo bench bench-setup clean
+.PHONY: setup test lint demo bench bench-setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+# ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and the layers contract
+# (import-linter, pyproject.toml): a lower layer never imports a higher one.
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 demo: setup
 	$(VENV)/bin/scratchlm demo
