@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from scratchlm.cli import main
-from scratchlm.corpus import load_corpus, python_docs, python_reference
-from scratchlm.data import (HEADER, BatchSampler, SlidingWindows, eval_batches, find_text_files, load_meta,
-                            load_split, prepare, read_shard, token_dtype, write_shard)
+from scratchlm.batches import BatchSampler, SlidingWindows, eval_batches
+from scratchlm.corpus import find_text_files, load_corpus, python_docs, python_reference
+from scratchlm.data import HEADER, DataError, load_meta, load_split, prepare, read_shard, token_dtype, write_shard
 from scratchlm.tokenizer import load_tokenizer
 
 
@@ -37,15 +37,22 @@ def test_vocab_over_65535_uses_uint32(tmp_path):
 
 
 def test_shard_rejects_ids_outside_vocab_and_bad_files(tmp_path):
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(DataError, match=r"s\.bin: token id 300 is outside the vocabulary \(ids 0\.\.255\)"):
         write_shard(tmp_path / "s.bin", np.array([1, 300]), vocab_size=256)
+    with pytest.raises(DataError, match="token id -1"):
+        write_shard(tmp_path / "s.bin", np.array([-1, 3]), vocab_size=256)
+    with pytest.raises(DataError, match="must be integers"):
+        write_shard(tmp_path / "s.bin", np.array([1.5]), vocab_size=256)
+    with pytest.raises(DataError, match="does not fit a shard"):
+        write_shard(tmp_path / "s.bin", np.array([1]), vocab_size=2**32 + 1)
+    assert not (tmp_path / "s.bin").exists()  # nothing written for a refused shard
     write_shard(tmp_path / "s.bin", np.arange(100), vocab_size=256)
     data = (tmp_path / "s.bin").read_bytes()
     (tmp_path / "short.bin").write_bytes(data[:-10])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(DataError, match="truncated"):
         read_shard(tmp_path / "short.bin")
     (tmp_path / "junk.bin").write_bytes(b"not a shard at all, just bytes....")
-    with pytest.raises(ValueError, match="not a scratchlm token shard"):
+    with pytest.raises(DataError, match="not a scratchlm token shard"):
         read_shard(tmp_path / "junk.bin")
 
 
