@@ -53,6 +53,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import NotFound
 from .chunking import Chunk
 from .errors import RagError
 from .loaders import Document
@@ -368,7 +369,7 @@ def find_index_dir(path: str | os.PathLike) -> Path:
         if path.exists():
             raise RagError(f"{path} is not a scratchlm index (no {DB_FILE}); build one with "
                            f"`scratchlm rag index PATH... --index {path}`")
-        raise FileNotFoundError(f"no index at {path}; build one with "
+        raise NotFound(f"no index at {path}; build one with "
                                 f"`scratchlm rag index PATH... --index {path}`")
     return path
 

@@ -80,6 +80,7 @@ def index_documents(paths: Optional[Iterable[str | os.PathLike]], index_dir: str
     sentence-transformers model named by ``embedder_name`` or recorded in the index).
     ``skip_errors``: leave out unreadable files (listed in the report) instead of failing.
     """
+    _check_chunk_sizes(max_tokens, overlap)
     index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
     index = None
     fresh_folder = index_dir.is_dir() and not any(index_dir.iterdir())  # e.g. made with mkdir first
@@ -145,6 +146,15 @@ def index_documents(paths: Optional[Iterable[str | os.PathLike]], index_dir: str
     if report.added or report.changed or report.removed or not (index_dir / "chunks.sqlite").exists():
         index.save(index_dir)
     return report
+
+
+def _check_chunk_sizes(max_tokens, overlap) -> None:
+    """Refuse chunk sizes that cannot work before any model is loaded (None: the default)."""
+    for flag, value, low in (("--chunk-tokens", max_tokens, 1), ("--overlap", overlap, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise RagError(f"{flag} must be a whole number of at least {low}, got {value!r}")
+    if max_tokens is not None and overlap is not None and not overlap < max_tokens / 2:
+        raise RagError(f"--overlap must be less than half of --chunk-tokens ({max_tokens}), got {overlap}")
 
 
 def _check_same_settings(index: RagIndex, index_dir: Path, name, kind, max_tokens, overlap) -> None:
