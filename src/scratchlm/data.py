@@ -356,8 +356,8 @@ def _tokenizer_for(spec: str, documents, vocab_size: int, sample_mb: float):
         budget -= len(doc)
         if budget <= 0:
             break
-    if not any(sample):
-        raise DataError("the input has no text")
+    if not any(doc.strip() for doc in sample):
+        raise DataError("the input has no text (only empty or blank documents)")
     return get_tokenizer(spec, sample, vocab_size)
 
 
@@ -376,7 +376,7 @@ def _check_out_dir(out: Path) -> Path:
         raise DataError(f"--out {out} is a symlink to a missing path")
     real = out.resolve()
     if real.exists() and not real.is_dir():
-        raise DataError(f"--out {out} is a file, not a folder")
+        raise DataError(f"--out {out} is not a folder (it is a file or a FIFO)")
     if real.is_dir():
         try:
             foreign = sorted(p.name for p in real.iterdir() if not (p.is_file() and _is_dataset_file(p.name)))

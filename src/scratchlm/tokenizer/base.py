@@ -151,6 +151,14 @@ class Tokenizer:
         return cache[key]
 
 
+def check_special_names(names: Iterable) -> None:
+    """Special tokens must be non-empty strings: an empty one matches between every two
+    characters, and splitting text around it never ends."""
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TokenizerError(f"a special token must be a non-empty string, got {name!r}")
+
+
 def as_id_list(ids) -> list:
     """Accept a list, tuple, numpy array or torch tensor of ids; return a list."""
     if hasattr(ids, "tolist"):  # numpy / torch

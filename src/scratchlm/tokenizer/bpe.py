@@ -34,7 +34,7 @@ from typing import Optional, Union
 
 import regex
 
-from .base import Tokenizer, TokenizerError
+from .base import Tokenizer, TokenizerError, check_special_names
 from .bpe_train import (count_pretokens, resolve_pattern, train_merges_fast,
                         train_merges_textbook)
 from .hf_json import save_hf_bpe
@@ -80,6 +80,7 @@ class BPETokenizer(Tokenizer):
         self.ranks = dict(ranks)
         self.pattern = resolve_pattern(pattern)
         self.special_tokens = dict(special_tokens or {})
+        check_special_names(self.special_tokens)
         self.merges = merges  # (left, right, new) in training order; None when loaded
         # Loaded Hugging Face files may ask for two text transforms before the regex:
         self.add_prefix_space = add_prefix_space  # ByteLevel(add_prefix_space=True): " " + text
@@ -115,6 +116,7 @@ class BPETokenizer(Tokenizer):
         ``text`` is one string or an iterable of documents (merges never cross documents).
         ``fast=False`` uses the textbook trainer (same merges, much slower)."""
         specials = list(dict.fromkeys(special_tokens))
+        check_special_names(specials)  # before training: an empty one would never stop splitting
         if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
             raise TokenizerError(f"vocab_size must be at least 256 + {len(specials)} special tokens "
                                  f"= {256 + len(specials)}, got {vocab_size!r}")

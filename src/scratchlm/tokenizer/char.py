@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Union
 
-from .base import Tokenizer, TokenizerError
+from .base import Tokenizer, TokenizerError, check_special_names
 from .files import remove_stale_files, require_directory
 
 FILENAME = "char_tokenizer.json"
@@ -40,7 +40,9 @@ class CharTokenizer(Tokenizer):
         if len(set(self.chars)) != len(self.chars):
             raise TokenizerError("a character tokenizer's vocabulary has duplicate characters")
         self.char_to_id = {c: i for i, c in enumerate(self.chars)}
-        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(dict.fromkeys(special_tokens))}
+        specials = list(dict.fromkeys(special_tokens))
+        check_special_names(specials)
+        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(specials)}
         self._table = {i: c.encode("utf-8", errors="surrogatepass") for i, c in enumerate(self.chars)}
         self._table.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
 
