@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from scratchlm.cli import main
 from scratchlm.batches import BatchSampler, SlidingWindows, eval_batches
+from scratchlm.cli import main
 from scratchlm.corpus import find_text_files, load_corpus, python_docs, python_reference
 from scratchlm.data import HEADER, DataError, load_meta, load_split, prepare, read_shard, token_dtype, write_shard
 from scratchlm.tokenizer import load_tokenizer

@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rag_testdata import encrypt_pdf, make_pdf
-from scratchlm.rag import RagError
-from scratchlm.rag import chunking, loaders
+from scratchlm.rag import RagError, chunking, loaders
 from scratchlm.rag.chunking import chunk_document, chunk_text, find_headings, word_spans
 from scratchlm.rag.loaders import find_documents, load_document
 

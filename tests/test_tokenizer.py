@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scratchlm.cli import main
-from scratchlm.tokenizer import (PATTERNS, BPETokenizer, CharTokenizer, TokenizerError, bpe_from_tiktoken,
-                                 load_tokenizer)
+from scratchlm.tokenizer import PATTERNS, BPETokenizer, CharTokenizer, TokenizerError, bpe_from_tiktoken, load_tokenizer
 from scratchlm.tokenizer.bpe_train import count_pretokens, train_merges_fast, train_merges_textbook
 
 # Varied text: prose, code, whitespace runs, numbers, emoji, CJK, Arabic, contractions.

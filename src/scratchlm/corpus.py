@@ -40,9 +40,8 @@ import json
 import os
 import stat
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable
 
 from .errors import DataError, NotFound
 

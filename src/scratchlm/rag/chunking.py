@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 from .errors import RagError
 
@@ -92,13 +92,13 @@ class Chunk:
     text: str
     start: int
     end: int
-    page: Optional[int] = None
-    heading: Optional[str] = None
+    page: int | None = None
+    heading: str | None = None
     position: int = 0  # index of the chunk within its document
 
 
 def chunk_text(text: str, max_tokens: int = 128, overlap: int = 16, *, source: str = "",
-               token_spans: TokenSpans = word_spans, page: Optional[int] = None,
+               token_spans: TokenSpans = word_spans, page: int | None = None,
                offset: int = 0) -> list[Chunk]:
     """Cut ``text`` into chunks of at most ``max_tokens`` tokens overlapping by ``overlap``.
 

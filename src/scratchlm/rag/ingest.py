@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 
 from .chunking import chunk_document
 from .errors import RagError
 from .index import PROBE_TEXT, RagIndex, find_index_dir
-from .loaders import Document, find_documents, load_document, python_reference_documents
+from .loaders import find_documents, load_document, python_reference_documents
 
 
 def default_index_dir() -> Path:
@@ -67,9 +67,9 @@ class IndexReport:
         return text + (f"; {len(self.skipped)} skipped" if self.skipped else "")
 
 
-def index_documents(paths: Optional[Iterable[str | os.PathLike]], index_dir: str | os.PathLike | None = None,
-                    *, embedder=None, embedder_name: Optional[str] = None, kind: Optional[str] = None,
-                    max_tokens: Optional[int] = None, overlap: Optional[int] = None,
+def index_documents(paths: Iterable[str | os.PathLike] | None, index_dir: str | os.PathLike | None = None,
+                    *, embedder=None, embedder_name: str | None = None, kind: str | None = None,
+                    max_tokens: int | None = None, overlap: int | None = None,
                     rebuild: bool = False, skip_errors: bool = False,
                     progress: bool = False) -> IndexReport:
     """Create or refresh the index at ``index_dir`` from the files under ``paths``.

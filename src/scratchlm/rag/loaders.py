@@ -26,9 +26,9 @@ import hashlib
 import html.parser
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import NotFound
 from .errors import RagError

@@ -30,13 +30,11 @@ import os
 import unicodedata
 import warnings
 from collections.abc import Iterable
-from typing import Optional, Union
 
 import regex
 
 from .base import Tokenizer, TokenizerError, check_special_names
-from .bpe_train import (count_pretokens, resolve_pattern, train_merges_fast,
-                        train_merges_textbook)
+from .bpe_train import count_pretokens, resolve_pattern, train_merges_fast, train_merges_textbook
 from .hf_json import save_hf_bpe
 
 
@@ -73,10 +71,10 @@ NORMALIZERS = (None, "NFC", "NFD", "NFKC", "NFKD")
 class BPETokenizer(Tokenizer):
     """Byte-level BPE over ``ranks`` (bytes -> id) with a pre-split ``pattern``."""
 
-    def __init__(self, ranks: dict[bytes, int], pattern: str, special_tokens: Optional[dict[str, int]] = None,
-                 *, merges: Optional[list[tuple[int, int, int]]] = None, add_prefix_space: bool = False,
-                 normalizer: Optional[str] = None, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
-                 chat_template: Optional[str] = None, name: str = "scratchlm"):
+    def __init__(self, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int] | None = None,
+                 *, merges: list[tuple[int, int, int]] | None = None, add_prefix_space: bool = False,
+                 normalizer: str | None = None, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | None = None, name: str = "scratchlm"):
         self.ranks = dict(ranks)
         self.pattern = resolve_pattern(pattern)
         self.special_tokens = dict(special_tokens or {})
@@ -109,8 +107,8 @@ class BPETokenizer(Tokenizer):
 
     # ---- training ----------------------------------------------------------------------
     @classmethod
-    def train(cls, text: Union[str, Iterable[str]], vocab_size: int, pattern: str = "gpt4",
-              special_tokens: Iterable[str] = ("<|endoftext|>",), fast: bool = True) -> "BPETokenizer":
+    def train(cls, text: str | Iterable[str], vocab_size: int, pattern: str = "gpt4",
+              special_tokens: Iterable[str] = ("<|endoftext|>",), fast: bool = True) -> BPETokenizer:
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``.
 
         ``text`` is one string or an iterable of documents (merges never cross documents).
@@ -223,7 +221,7 @@ class BPETokenizer(Tokenizer):
         return self._table
 
     # ---- files -----------------------------------------------------------------------
-    def save(self, directory: Union[str, os.PathLike]) -> None:
+    def save(self, directory: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` + ``tokenizer_config.json`` (Hugging Face format, which
         is also our own: ``load_tokenizer`` reads them back) into an existing directory."""
         save_hf_bpe(self, directory)

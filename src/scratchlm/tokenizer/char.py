@@ -22,7 +22,6 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
 
 from .base import Tokenizer, TokenizerError, check_special_names
 from .files import remove_stale_files, require_directory
@@ -47,7 +46,7 @@ class CharTokenizer(Tokenizer):
         self._table.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
 
     @classmethod
-    def train(cls, text: Union[str, Iterable[str]], special_tokens: Iterable[str] = ()) -> "CharTokenizer":
+    def train(cls, text: str | Iterable[str], special_tokens: Iterable[str] = ()) -> CharTokenizer:
         """Vocabulary = the sorted distinct characters of ``text`` (a str or an iterable of str)."""
         texts = [text] if isinstance(text, str) else list(text)
         chars = sorted(set().union(*map(set, texts))) if texts else []
@@ -73,7 +72,7 @@ class CharTokenizer(Tokenizer):
     def _bytes_table(self) -> dict[int, bytes]:
         return self._table
 
-    def save(self, directory: Union[str, os.PathLike]) -> None:
+    def save(self, directory: str | os.PathLike) -> None:
         """Write ``char_tokenizer.json`` into an existing directory."""
         require_directory(directory)
         data = {"kind": "char", "chars": "".join(self.chars), "special_tokens": list(self.special_tokens)}
@@ -81,7 +80,7 @@ class CharTokenizer(Tokenizer):
         remove_stale_files(directory, (FILENAME,))
 
     @classmethod
-    def load(cls, directory: Union[str, os.PathLike]) -> "CharTokenizer":
+    def load(cls, directory: str | os.PathLike) -> CharTokenizer:
         path = Path(directory) / FILENAME
         try:
             data = json.loads(path.read_text())

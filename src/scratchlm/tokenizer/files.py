@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
 
 from .base import TokenizerError
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 # Every file name a tokenizer of ours may read.
 TOKENIZER_FILES = ("char_tokenizer.json", "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",

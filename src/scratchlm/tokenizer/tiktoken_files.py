@@ -42,16 +42,16 @@ def llama3_special_tokens(n_ranks: int = 128000) -> dict[str, int]:
 def read_tiktoken_ranks(path: PathLike) -> dict[bytes, int]:
     """Read ``<base64 token> <rank>`` lines into {bytes: rank}."""
     ranks = {}
-    number = 0
+    where = ""
     try:
         text = Path(path).read_text("ascii")
         for number, line in enumerate(text.splitlines(), 1):
+            where = f" line {number}"
             if not line.strip():
                 continue
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
     except (ValueError, binascii.Error, UnicodeDecodeError) as e:
-        where = f" line {number}" if number else ""
         raise TokenizerError(f"{path}:{where} not a tiktoken rank file ({e})") from None
     if not ranks:
         raise TokenizerError(f"{path}: empty tiktoken rank file")
