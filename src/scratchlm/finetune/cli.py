@@ -154,7 +154,7 @@ def _merge_command(args) -> int:
 
     from ..checkpoint import load_model, save_model
     from ..lora import load_adapter, merge_lora
-    from .prompts import PROMPT_FORMAT_FILE
+    from ..chat import PROMPT_FORMAT_FILE
 
     model, tokenizer = load_model(args.base)
     load_adapter(model, args.adapter)
