@@ -295,6 +295,7 @@ def render_chat(messages: Sequence[dict], template: str | None, tokenizer, add_g
 def _render_jinja(source: str, messages, tokenizer, add_generation_prompt: bool) -> str:
     """Render a Hugging Face style Jinja chat template in a sandbox."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -305,7 +306,8 @@ def _render_jinja(source: str, messages, tokenizer, add_generation_prompt: bool)
 
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # The settings transformers renders with ({% break %} / {% continue %} included).
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
         compiled = env.from_string(source)
