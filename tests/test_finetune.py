@@ -16,7 +16,7 @@ from scratchlm.cli import main
 from scratchlm.finetune import (IGNORE_INDEX, DataError, Example, answer, collate, finetune_classify,
                                 finetune_instruct, load_classifier, classify, load_records, pack,
                                 read_prompt_format, render_example, tokenize_example)
-from scratchlm.finetune.prompts import alpaca_prompt, format_prompt
+from scratchlm.chat import alpaca_prompt, format_prompt
 from scratchlm.tokenizer import CharTokenizer
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -328,7 +328,10 @@ def test_train_last_n_blocks_unfreezes_exactly_those():
 
 
 def test_template_detection_and_recorded_format(tmp_path):
-    from scratchlm.finetune.prompts import detect_template, write_prompt_format
+    from scratchlm.chat import PromptFormatError, resolve_template, write_prompt_format
+
+    def detect_template(tokenizer, model_dir=None, records=None):  # the choice when fine-tuning
+        return resolve_template(None, tokenizer, model_dir, training=True, records=records)
 
     chat_data = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
@@ -338,7 +341,7 @@ def test_template_detection_and_recorded_format(tmp_path):
     assert detect_template(char_tokenizer(["<|endoftext|>"]), records=chat_data) == "chatml"  # multi-turn
     write_prompt_format(tmp_path, "alpaca")
     assert detect_template(char_tokenizer(CHAT_SPECIALS), tmp_path) == "alpaca"  # what the model was tuned on
-    with pytest.raises(ValueError, match="alpaca template"):
+    with pytest.raises(PromptFormatError, match="alpaca template"):
         render_example(chat_data[0], "alpaca")
 
 

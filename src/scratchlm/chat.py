@@ -1,20 +1,26 @@
-"""Chat templates: a list of messages -> the one prompt string a chat model was trained on.
+"""Prompt formats: a conversation -> the one text layout a chat model was trained on.
 
-A chat model reads a conversation as plain text with markers around each turn; the markers
-are special tokens it learned during instruction tuning, and the end-of-turn marker is what
-tells generation to stop. Built in:
+A chat model reads a conversation as plain text with markers around each turn. The
+markers are (usually) special tokens it learned during instruction tuning; the end-of-turn
+marker is what it learns to write after an answer, and what stops generation. ``FORMATS``
+is the table of the layouts built in (one ``PromptFormat`` each):
 
-    "llama3"   <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\nHi<|eot_id|>
-               <|start_header_id|>assistant<|end_header_id|>\\n\\n          stop: <|eot_id|>
-    "chatml"   <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n    stop: <|im_end|>
-    "plain"    User: Hi\\nAssistant:                                       stop: \\nUser:
-    "alpaca"   Below is an instruction ... ### Instruction:\\nHi\\n\\n### Response:\\n
-                                                                  stop: <|endoftext|>
+    name    begin              header (user; assistant)                      end of turn
+    llama3  <|begin_of_text|>  <|start_header_id|>user<|end_header_id|>\\n\\n   <|eot_id|>
+    chatml                     <|im_start|>user\\n                           <|im_end|> \\n
+    qwen    chatml, with Qwen 2.5's system message when the conversation has none
+    gemma   <bos>              <start_of_turn>user\\n; <start_of_turn>model\\n  <end_of_turn> \\n
+            (no system turn: the system message opens the first user message)
+    plain                      User: ; Assistant:                            \\n
+    alpaca  one instruction and its answer: "Below is an instruction ... ### Response:\\n"
+            then the answer and the tokenizer's end-of-text token
 
-(the llama3 example is one line, broken here to fit). A tokenizer loaded from a Hugging
-Face directory usually carries the model's own Jinja template (``tokenizer.chat_template``,
-from tokenizer_config.json); with ``template=None`` that one is used, else a built-in
-one chosen from the tokenizer's special tokens, else "plain".
+One renderer, ``render_segments``, lays a conversation out as ``Segment(text, trainable,
+special)`` pieces. Inference joins the texts into the prompt (``render_chat``); training
+encodes each piece and takes the loss only on the trainable ones: the assistant's answers
+and the end-of-turn marker after each (finetune/instruct_data.py). ``special`` pieces are
+template markup, where special-token strings become their ids; the others are user text,
+encoded with special tokens off, so data can never smuggle a control token in.
 
 >>> messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 >>> print(render_chat(messages, "plain", None))
@@ -23,41 +29,148 @@ User: Hi
 Assistant:
 >>> render_chat(messages[1:], "chatml", None)
 '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
->>> chat_stops("chatml", None)
+>>> chat = messages[1:] + [{"role": "assistant", "content": "Hello."}]
+>>> [s.text for s in render_segments(chat, "chatml") if s.trainable]     # what training learns
+['Hello.', '<|im_end|>']
+>>> "".join(s.text for s in render_segments(chat, "chatml")) == render_chat(chat, "chatml", None, False)
+True
+>>> chat_stops("chatml", None)      # no tokenizer with <|im_end|> as a special token: stop as text
 (['<|im_end|>'], [])
+
+Which format a model uses (``resolve_template``): the first of
+
+1. the one asked for: a name from ``FORMATS``, or Jinja source (a string with ``{%`` or ``{{``);
+2. the one recorded in the model directory's ``prompt_format.json`` (written by fine-tuning);
+3. the tokenizer's own Jinja template (``tokenizer.chat_template``, from a Hugging Face
+   ``tokenizer_config.json``); skipped for training, which needs a built-in's segments;
+4. the built-in format whose marker tokens the tokenizer has as special tokens (or its
+   Jinja template writes);
+5. "plain"; for training "alpaca", or "chatml" when the data holds multi-turn chats.
+
+>>> class Tokenizer:                # the attributes resolution looks at
+...     chat_template, special_tokens = None, {"<|im_start|>": 5, "<|im_end|>": 6}
+>>> resolve_template(None, Tokenizer()), resolve_template("llama3", Tokenizer())
+('chatml', 'llama3')
+>>> Tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+>>> resolve_template(None, Tokenizer()) == Tokenizer.chat_template      # its own Jinja template
+True
+>>> resolve_template(None, Tokenizer(), training=True)                   # training: a built-in
+'chatml'
+>>> resolve_template(None, None), resolve_template(None, None, training=True)
+('plain', 'alpaca')
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
-TEMPLATES = ("llama3", "chatml", "plain", "alpaca")
-# A fine-tuned model directory records the format it was tuned with (see finetune/), and
-# generate, chat and serve use it: {"template": "alpaca" | "llama3" | "chatml", ...}.
+from .errors import ScratchLMError
+
+
+class PromptFormatError(ScratchLMError):
+    """A conversation, format name or prompt_format.json that cannot be used."""
+
+
+ROLES = ("system", "user", "assistant", "tool")
+# A fine-tuned model directory records the format it was tuned with, and generate, chat
+# and serve use it: {"template": "chatml", "end_of_turn": "<|im_end|>"}.
 PROMPT_FORMAT_FILE = "prompt_format.json"
+# Stands for the tokenizer's own end-of-text token, whatever its name (alpaca's answers end
+# with it; finetune/instruct_data.py encodes it as ``tokenizer.eot_id``).
+END_OF_TEXT = "<|endoftext|>"
+# Special tokens that end a turn in the templates we know: a Jinja template's turns are
+# taken to end with whichever of these the tokenizer has.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "<|endoftext|>",
+                      "</s>")
 
 ALPACA_HEADER = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 ALPACA_HEADER_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
                             "provides further context. Write a response that appropriately completes the request.")
-ROLES = ("system", "user", "assistant", "tool")
-
-# Special tokens that end a turn in the templates we know; a tokenizer that has one of
-# these stops generation on it.
-END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 
 
-def _check_messages(messages: Sequence[dict]) -> None:
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one format lays out a conversation: ``begin``, then for every message
+    ``header[role] + content + end_of_turn + after_turn``, then at inference
+    ``generation_header`` (the text the assistant's reply follows)."""
+
+    name: str
+    header: Mapping[str, str]  # text before a message's content, per role
+    end_of_turn: str  # after every message; after an answer it is trained: the model learns to stop
+    generation_header: str  # opens the assistant's reply at inference
+    stops: tuple[str, ...]  # what ends a reply: by id where it is a special token, else as text
+    begin: str = ""  # once, before the first message
+    after_turn: str = ""  # markup after end_of_turn that is not trained ("\n" in chatml)
+    special_tokens: tuple[str, ...] = ()  # the special tokens its markup is written with
+    signature: tuple[str, ...] = ()  # tokens that identify it in a tokenizer (resolution step 4)
+    system_in_first_user: bool = False  # no system turn: the system text opens the first message
+    default_system: str | None = None  # the system message of a conversation that has none
+    single_turn: bool = False  # alpaca: one instruction and its answer, laid out by alpaca_prompt
+
+
+def _headers(pattern: str, **names: str) -> dict[str, str]:
+    """{role: header} with ``{role}`` in ``pattern`` replaced by the role's name in this format."""
+    return {role: pattern.format(role=names.get(role, role)) for role in ROLES}
+
+
+_CHATML = dict(header=_headers("<|im_start|>{role}\n"), end_of_turn="<|im_end|>", after_turn="\n",
+               generation_header="<|im_start|>assistant\n", stops=("<|im_end|>",),
+               special_tokens=("<|im_start|>", "<|im_end|>"))
+
+# Detection (resolution step 4) tries these in order.
+FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
+    PromptFormat("llama3", begin="<|begin_of_text|>", header=_headers("<|start_header_id|>{role}<|end_header_id|>\n\n"),
+                 end_of_turn="<|eot_id|>", generation_header="<|start_header_id|>assistant<|end_header_id|>\n\n",
+                 stops=("<|eot_id|>",), signature=("<|start_header_id|>", "<|eot_id|>"),
+                 special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    PromptFormat("chatml", **_CHATML, signature=("<|im_start|>",)),
+    PromptFormat("qwen", **_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    PromptFormat("gemma", begin="<bos>", header=_headers("<start_of_turn>{role}\n", assistant="model"),
+                 end_of_turn="<end_of_turn>", after_turn="\n", generation_header="<start_of_turn>model\n",
+                 stops=("<end_of_turn>",), special_tokens=("<bos>", "<start_of_turn>", "<end_of_turn>"),
+                 signature=("<start_of_turn>",), system_in_first_user=True),
+    # A base model's layout: nothing to learn but "Role: " prefixes.
+    PromptFormat("plain", header=_headers("{role}: ", **{r: r.capitalize() for r in ROLES}), end_of_turn="\n",
+                 generation_header="Assistant:", stops=("\nUser:", "\nSystem:")),
+    # Stanford Alpaca's template, for models without chat tokens.
+    PromptFormat("alpaca", header=_headers(""), end_of_turn=END_OF_TEXT, generation_header="",
+                 stops=(END_OF_TEXT,), single_turn=True),
+)}
+TEMPLATES = tuple(FORMATS)
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trainable: bool  # part of the answer: its tokens are loss targets
+    special: bool = False  # template markup: special-token strings in it become their ids
+
+
+def get_format(template: str) -> PromptFormat:
+    """The built-in format called ``template``; PromptFormatError for any other name."""
+    if template not in FORMATS:
+        raise PromptFormatError(f"unknown chat template {template!r}: choose {', '.join(TEMPLATES)}")
+    return FORMATS[template]
+
+
+# ----------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------
+def check_messages(messages: Sequence[dict]) -> list[dict]:
+    """The messages if they are a non-empty list of {"role", "content"}; else PromptFormatError."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise PromptFormatError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} must be a dict with a string 'content', got {m!r}")
+            raise PromptFormatError(f"message {i} must be a dict with a string 'content', got {m!r}")
         if m.get("role") not in ROLES:
-            raise ValueError(f"message {i} has role {m.get('role')!r}; expected one of {ROLES}")
+            raise PromptFormatError(f"message {i} has role {m.get('role')!r}; expected one of {ROLES}")
+    return list(messages)
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -68,93 +181,143 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return f"{ALPACA_HEADER}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def read_prompt_format(directory: str | os.PathLike) -> Optional[str]:
-    """The template recorded in a (fine-tuned) model directory, or None when it has none."""
-    file = Path(directory) / PROMPT_FORMAT_FILE
-    if not file.is_file():
-        return None
-    try:
-        template = json.loads(file.read_text()).get("template")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{file} is not a valid prompt format file: {e}") from None
-    if template not in TEMPLATES:
-        raise ValueError(f"{file}: unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
-    return template
+def as_messages(record: dict) -> list[dict]:
+    """A training record as a chat: an alpaca record ({instruction, input?, output?}) becomes
+    a user message (the input after a blank line) and the assistant's answer."""
+    if "messages" in record:
+        return record["messages"]
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    answer = [{"role": "assistant", "content": record["output"]}] if "output" in record else []
+    return [{"role": "user", "content": user}] + answer
 
 
-def resolve_template(template: Optional[str], tokenizer, model_dir: str | os.PathLike | None = None) -> str:
-    """The template to use: a built-in name or Jinja source.
+def render_segments(conversation: Sequence[dict] | dict, template: str,
+                    add_generation_prompt: bool = False) -> list[Segment]:
+    """``conversation`` (a list of messages, or a training record: alpaca
+    {instruction, input?, output?} or {messages}) laid out in the built-in format ``template``.
 
-    None picks the format recorded in ``model_dir`` (a fine-tuned model), else the
-    tokenizer's own Jinja template, else a built-in one that matches its special tokens,
-    else "plain". A string containing "{%" or "{{" is Jinja source.
+    With ``add_generation_prompt`` the layout ends where the assistant's reply begins.
     """
-    if template is None and model_dir is not None and Path(model_dir).is_dir():
-        template = read_prompt_format(model_dir)
-    if template is None:
-        own = getattr(tokenizer, "chat_template", None)
-        if isinstance(own, str) and own:
-            return own
-        specials = getattr(tokenizer, "special_tokens", None) or {}
-        if "<|eot_id|>" in specials:
-            return "llama3"
-        if "<|im_start|>" in specials:
-            return "chatml"
-        return "plain"
-    if template in TEMPLATES or "{%" in template or "{{" in template:
-        return template
-    raise ValueError(f"unknown chat template {template!r}: choose {', '.join(TEMPLATES)} or give Jinja source")
+    fmt = get_format(template)
+    if fmt.single_turn:
+        return _single_turn_segments(conversation, add_generation_prompt)
+    messages = check_messages(as_messages(conversation) if isinstance(conversation, dict) else conversation)
+    if fmt.default_system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": fmt.default_system}] + messages
+    prefix = ""  # the system text a format without a system turn puts in the first message
+    if fmt.system_in_first_user and messages[0]["role"] == "system":
+        if len(messages) == 1:
+            raise PromptFormatError(f"the {template} format has no system turn: a system message must be "
+                                    "followed by a user message, which it opens")
+        prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
+    segments = [Segment(fmt.begin, False, True)] if fmt.begin else []
+    for m in messages:
+        if fmt.system_in_first_user and m["role"] == "system":
+            raise PromptFormatError(f"the {template} format has no system turn: only a first system message "
+                                    "can be given (it opens the first user message)")
+        is_answer = m["role"] == "assistant"
+        segments.append(Segment(fmt.header[m["role"]], False, True))
+        if prefix:
+            segments.append(Segment(prefix, False))
+            prefix = ""
+        segments.append(Segment(m["content"], is_answer))
+        segments.append(Segment(fmt.end_of_turn, is_answer, True))
+        if fmt.after_turn:
+            segments.append(Segment(fmt.after_turn, False, True))
+    if add_generation_prompt:
+        segments.append(Segment(fmt.generation_header, False, True))
+    return segments
 
 
-def render_chat(messages: Sequence[dict], template: Optional[str], tokenizer, add_generation_prompt: bool = True) -> str:
-    """The prompt text for ``messages`` (a list of {"role", "content"} dicts).
+def _single_turn_segments(conversation: Sequence[dict] | dict, add_generation_prompt: bool) -> list[Segment]:
+    """Alpaca: the prompt (user text: no special tokens), then the answer and the end-of-text
+    token when there is one.
+
+    From a chat: at inference (a generation prompt, or a chat that ends in a user turn) the
+    last user message is the instruction (Alpaca has no place for a system message or
+    history); a transcript that ends in an answer must be one user message and its answer."""
+    if isinstance(conversation, dict) and "messages" not in conversation:
+        record = conversation
+    else:
+        messages = check_messages(conversation["messages"] if isinstance(conversation, dict) else conversation)
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users:
+            raise PromptFormatError("the alpaca template needs a user message")
+        roles = [m["role"] for m in messages]
+        if add_generation_prompt or roles[-1] != "assistant":
+            record = {"instruction": users[-1]}
+        elif roles == ["user", "assistant"]:
+            record = {"instruction": users[0], "output": messages[1]["content"]}
+        else:
+            raise PromptFormatError(f"the alpaca template holds one instruction and one answer, this chat has "
+                                    f"turns {roles}: use --template chatml or llama3")
+    segments = [Segment(alpaca_prompt(record["instruction"], record.get("input", "") or ""), False)]
+    if "output" in record and not add_generation_prompt:
+        segments += [Segment(record["output"], True), Segment(END_OF_TEXT, True, True)]
+    return segments
+
+
+def render_example(record: dict, template: str) -> list[Segment]:
+    """One training example (alpaca record or {messages}) as segments in ``template``."""
+    return render_segments(record, template, add_generation_prompt=False)
+
+
+def format_prompt(template: str, prompt: str | dict | Sequence[dict], input: str = "") -> str:
+    """The text to give the model at inference: an instruction (a string, with an optional
+    ``input``), an alpaca record {"instruction", "input"?} or the chat so far (messages),
+    laid out in the built-in ``template``, ending where the answer begins.
+
+    >>> format_prompt("llama3", "Name a colour.")[:40]
+    '<|begin_of_text|><|start_header_id|>user'
+    """
+    if isinstance(prompt, str):
+        prompt = {"instruction": prompt, "input": input}
+    elif isinstance(prompt, dict):
+        prompt = {"instruction": prompt["instruction"], "input": prompt.get("input", "") or input}
+    elif input:
+        raise PromptFormatError("an input goes with an instruction, not with a list of messages")
+    return "".join(s.text for s in render_segments(prompt, template, add_generation_prompt=True))
+
+
+def render_chat(messages: Sequence[dict], template: str | None, tokenizer, add_generation_prompt: bool = True) -> str:
+    """The prompt text for ``messages`` (a list of {"role", "content"} dicts) in ``template``
+    (a built-in name, Jinja source, or None: see ``resolve_template``).
 
     With add_generation_prompt the text ends where the assistant's reply begins.
     """
-    _check_messages(messages)
+    messages = check_messages(messages)
     template = resolve_template(template, tokenizer)
-    if template == "llama3":
-        text = "<|begin_of_text|>"
-        for m in messages:
-            text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
-        if add_generation_prompt:
-            text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        return text
-    if template == "chatml":
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-    if template == "alpaca":  # one instruction, no history: the last user message
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        if not users:
-            raise ValueError("the alpaca template needs a user message")
-        return alpaca_prompt(users[-1])
-    if template == "plain":
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return text + ("Assistant:" if add_generation_prompt else "")
+    if template in FORMATS:
+        return "".join(s.text for s in render_segments(messages, template, add_generation_prompt))
     return _render_jinja(template, messages, tokenizer, add_generation_prompt)
 
 
 def _render_jinja(source: str, messages, tokenizer, add_generation_prompt: bool) -> str:
     """Render a Hugging Face style Jinja chat template in a sandbox."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
+        raise PromptFormatError(f"chat template: {message}")
 
     def strftime_now(fmt):
         import datetime
 
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # The settings transformers renders with ({% break %} / {% continue %} included).
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
         compiled = env.from_string(source)
     except jinja2.TemplateError as e:
-        raise ValueError(f"chat template does not parse: {e}") from None
-    return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                           bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))
+        raise PromptFormatError(f"chat template does not parse: {e}") from None
+    try:
+        return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))
+    except jinja2.TemplateError as e:  # e.g. an undefined variable, or the sandbox refusing
+        raise PromptFormatError(f"chat template failed: {e}") from None
 
 
 def _token_text(tokenizer, which: str) -> str:
@@ -169,24 +332,96 @@ def _token_text(tokenizer, which: str) -> str:
     return ""
 
 
-def chat_stops(template: Optional[str], tokenizer) -> tuple[list[str], list[int]]:
-    """(stop strings, stop token ids) that end the assistant's turn under ``template``."""
+def chat_stops(template: str | None, tokenizer) -> tuple[list[str], list[int]]:
+    """(stop strings, stop token ids) that end the assistant's turn under ``template``: the
+    format's stops (for Jinja: the known end-of-turn tokens the tokenizer has), each by id
+    where it is a special token of the tokenizer, else as text; and the tokenizer's
+    end-of-text id."""
     template = resolve_template(template, tokenizer)
     specials = getattr(tokenizer, "special_tokens", None) or {}
-    if template == "llama3":
-        markers = ["<|eot_id|>"]
-    elif template == "chatml":
-        markers = ["<|im_end|>"]
-    elif template == "alpaca":
-        markers = ["<|endoftext|>"]
-    elif template == "plain":
-        return ["\nUser:", "\nSystem:"], []
+    if template in FORMATS:
+        markers = list(FORMATS[template].stops)
     else:  # the tokenizer's own template: whichever end-of-turn markers it has
-        markers = [m for m in END_OF_TURN if m in specials]
+        markers = [m for m in END_OF_TURN_TOKENS if m in specials]
     ids = [specials[m] for m in markers if m in specials]
     eot = getattr(tokenizer, "eot_id", None)
     if eot is not None and eot not in ids:
         ids.append(eot)
-    # A marker that is a special token stops by id; one that is not stops as text.
     strings = [m for m in markers if m not in specials]
     return strings, ids
+
+
+# ----------------------------------------------------------------------------------------
+# Which format a model uses, and recording it in a model directory
+# ----------------------------------------------------------------------------------------
+def resolve_template(template: str | None, tokenizer, model_dir: str | os.PathLike | None = None, *,
+                     training: bool = False, records: Sequence[dict] | None = None) -> str:
+    """The format to use: a built-in name, or Jinja source (never for ``training``).
+    The order is the module docstring's; ``records`` (training data) decide step 5."""
+    if template is not None:
+        if not isinstance(template, str):
+            raise PromptFormatError(f"a chat template is a name or Jinja source, not {type(template).__name__}")
+        if template in FORMATS:
+            return template
+        if not ("{%" in template or "{{" in template):
+            raise PromptFormatError(f"unknown chat template {template!r}: choose {', '.join(TEMPLATES)} "
+                                    "or give Jinja source")
+        if training:
+            raise PromptFormatError(f"fine-tuning needs a built-in prompt format ({', '.join(TEMPLATES)}), "
+                                    "not Jinja source: its answers must be told apart from the prompt")
+        return template
+    if model_dir is not None and Path(model_dir).is_dir():
+        recorded = read_prompt_format(model_dir)
+        if recorded is not None:
+            return recorded
+    own = getattr(tokenizer, "chat_template", None)
+    if not training and isinstance(own, str) and own:
+        return own
+    detected = detect_format(tokenizer)
+    if detected is not None:
+        return detected
+    if not training:
+        return "plain"
+    multi_turn = any("messages" in r and [m.get("role") for m in r["messages"]] != ["user", "assistant"]
+                     for r in records or [])
+    return "chatml" if multi_turn else "alpaca"  # alpaca holds one exchange only
+
+
+def detect_format(tokenizer) -> str | None:
+    """The first built-in format whose signature tokens the tokenizer has as special tokens
+    or its Jinja chat template writes; None when there is none."""
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    own = getattr(tokenizer, "chat_template", None)
+    own = own if isinstance(own, str) else ""
+    for fmt in FORMATS.values():
+        if any(token in specials or token in own for token in fmt.signature):
+            return fmt.name
+    return None
+
+
+def write_prompt_format(directory: str | os.PathLike, template: str) -> None:
+    """Record ``template`` in ``directory/prompt_format.json`` (atomically: a temporary file
+    renamed into place)."""
+    fmt = get_format(template)
+    file = Path(directory) / PROMPT_FORMAT_FILE
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps({"template": fmt.name, "end_of_turn": fmt.end_of_turn}, indent=2) + "\n")
+    os.replace(tmp, file)
+
+
+def read_prompt_format(directory: str | os.PathLike) -> str | None:
+    """The format recorded in a (fine-tuned) model directory, or None when it has none;
+    PromptFormatError when the file is malformed or names an unknown format."""
+    file = Path(directory) / PROMPT_FORMAT_FILE
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PromptFormatError(f"{file} is not a valid prompt format file: {e}") from None
+    if not isinstance(record, dict):
+        raise PromptFormatError(f"{file} is not a valid prompt format file: expected a JSON object")
+    template = record.get("template")
+    if template not in FORMATS:
+        raise PromptFormatError(f"{file}: unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    return template

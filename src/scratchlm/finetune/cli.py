@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..chat import TEMPLATES
+
 
 def _loop_arguments(p: argparse.ArgumentParser, lr: float, epochs: float) -> None:
     g = p.add_argument_group("training")
@@ -62,7 +64,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--data", required=True, help="instruction file (.json array or .jsonl)")
     p.add_argument("--val-data", default=None, help="validation file (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--template", default="auto", choices=["auto", "alpaca", "llama3", "chatml"],
+    p.add_argument("--template", default="auto", choices=["auto", *TEMPLATES],
                    help="prompt format (auto: the model's recorded or chat template, else alpaca)")
     p.add_argument("--train-on-prompt", action="store_true", help="also put the prompt tokens in the loss")
     p.add_argument("--packing", action="store_true", help="pack several examples per row (less padding)")
@@ -154,7 +156,7 @@ def _merge_command(args) -> int:
 
     from ..checkpoint import load_model, save_model
     from ..lora import load_adapter, merge_lora
-    from .prompts import PROMPT_FORMAT_FILE
+    from ..chat import PROMPT_FORMAT_FILE
 
     model, tokenizer = load_model(args.base)
     load_adapter(model, args.adapter)

@@ -1,7 +1,7 @@
 """Instruction tuning: teach a pretrained model to answer in a prompt format.
 
     base model dir + instruction file
-      -> examples with loss masks (instruct_data.py), in a template (prompts.py)
+      -> examples with loss masks (instruct_data.py), in a prompt format (../chat.py)
       -> the fine-tuning loop (loop.py): masked cross-entropy on the answers
       -> OUT/latest, OUT/best: model dirs (or LoRA adapter dirs) with prompt_format.json
 
@@ -26,7 +26,7 @@ from ..lora import LoRAConfig, apply_lora, count_parameters, load_adapter, merge
 from .instruct_data import (IGNORE_INDEX, Example, batches, collate, count_target_tokens, load_records,
                             make_examples, pack, split_records)
 from .loop import Finetuner, LoopConfig, LoopResult
-from .prompts import END_OF_TURN, detect_template, format_prompt, write_prompt_format
+from ..chat import chat_stops, format_prompt, resolve_template, write_prompt_format
 
 
 def is_main_process() -> bool:
@@ -56,11 +56,7 @@ def load_base(model_ref: Union[str, os.PathLike]):
 
 def stops_for(template: str, tokenizer) -> tuple[list[str], list[int]]:
     """(stop strings, stop ids) that end an answer in ``template``."""
-    if template == "alpaca":
-        return [], [tokenizer.eot_id] if tokenizer.eot_id is not None else []
-    marker = END_OF_TURN[template]
-    specials = getattr(tokenizer, "special_tokens", {}) or {}
-    return ([], [specials[marker]]) if marker in specials else ([marker], [])
+    return chat_stops(template, tokenizer)
 
 
 def answer(model, tokenizer, prompts, template: str, max_new_tokens: int = 64, **sampling) -> list[str]:
@@ -109,7 +105,8 @@ def finetune_instruct(model: Union[str, os.PathLike], data: Union[str, os.PathLi
     torch.manual_seed(cfg.seed)
     base, tokenizer = load_base(model)
     records = load_records(data)
-    template = template or detect_template(tokenizer, model if Path(model).is_dir() else None, records)
+    template = resolve_template(template, tokenizer, model if Path(model).is_dir() else None, training=True,
+                                records=records)
     if val_data:
         train_records, val_records = records, load_records(val_data)
     else:

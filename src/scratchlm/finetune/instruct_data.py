@@ -2,7 +2,7 @@
 
     file (alpaca JSON / JSONL, chat JSONL)          load_records
       -> records, checked row by row
-      -> segments in the prompt template            prompts.render_example
+      -> segments in the prompt format              chat.render_example
       -> ids + one "trainable" flag per token       tokenize_example
       -> inputs x = ids[:-1], targets y = ids[1:]   (y = -100 where the token is not
                                                      trainable: prompt and padding)
@@ -32,8 +32,8 @@ from typing import Iterator, Sequence, Union
 
 import torch
 
-from .prompts import ROLES, Segment, render_example
-from ..errors import ScratchLMError
+from ..chat import END_OF_TEXT, ROLES, PromptFormatError, Segment, render_example
+from ..errors import ConfigError, NotFound, ScratchLMError
 
 IGNORE_INDEX = -100  # F.cross_entropy(ignore_index=-100): these targets add nothing to the loss
 
@@ -53,7 +53,7 @@ def load_records(path: Union[str, os.PathLike]) -> list[dict]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise NotFound(f"data file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise DataError(f"{path} is empty: no examples to train on")
@@ -115,7 +115,7 @@ def split_records(records: list, val_fraction: float, seed: int = 0) -> tuple[li
     """Shuffle with ``seed`` and hold out ``val_fraction`` of the records (at least one when
     the fraction is > 0 and there are two or more records)."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_val = round(len(records) * val_fraction)
@@ -158,9 +158,9 @@ def tokenize_example(segments: Sequence[Segment], tokenizer, train_on_prompt: bo
     trainable: list[bool] = []
     eot_id = getattr(tokenizer, "eot_id", None)
     for seg in segments:
-        if seg.special and seg.text == "<|endoftext|>":
+        if seg.special and seg.text == END_OF_TEXT:
             if eot_id is None:
-                raise ValueError("the tokenizer has no end-of-text token, which the alpaca template "
+                raise PromptFormatError("the tokenizer has no end-of-text token, which the alpaca template "
                                  "needs to end an answer")
             piece = [eot_id]
         else:
@@ -182,7 +182,7 @@ def make_examples(records: list[dict], tokenizer, template: str, max_length: int
     for number, record in enumerate(records, start=1):
         try:
             example = tokenize_example(render_example(record, template), tokenizer, train_on_prompt)
-        except ValueError as e:
+        except ScratchLMError as e:
             raise DataError(f"{source} example {number}: {str(e).splitlines()[0]}") from None
         if len(example) > max_length:
             cut += 1
