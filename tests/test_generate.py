@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm import ModelConfig, Transformer
-from scratchlm.generate import (Completion, SamplingOptions, apply_repetition_penalty, generate,
-                                min_p_filter, sample_next, stream, top_k_filter, top_p_filter)
+from scratchlm.generate import Completion, generate, stream
+from scratchlm.sampling import (SamplingOptions, apply_repetition_penalty, min_p_filter, sample_next,
+                                top_k_filter, top_p_filter)
 
 transformers = pytest.importorskip("transformers")
 
@@ -347,8 +348,9 @@ def test_module_examples_run():
     import scratchlm.chat
     import scratchlm.decode_weights
     import scratchlm.generate
+    import scratchlm.sampling
 
-    for module in (scratchlm.generate, scratchlm.chat, scratchlm.decode_weights):
+    for module in (scratchlm.generate, scratchlm.sampling, scratchlm.chat, scratchlm.decode_weights):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
