@@ -6,8 +6,14 @@ import torch.nn.functional as F
 
 from scratchlm import ModelConfig, Transformer
 from scratchlm.generate import Completion, generate, stream
-from scratchlm.sampling import (SamplingOptions, apply_repetition_penalty, min_p_filter, sample_next,
-                                top_k_filter, top_p_filter)
+from scratchlm.sampling import (
+    SamplingOptions,
+    apply_repetition_penalty,
+    min_p_filter,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import transformers
 
 from scratchlm import ModelConfig, Transformer
-from scratchlm.hf import from_hf_model
 from scratchlm.errors import ScratchLMError
+from scratchlm.hf import from_hf_model
 from scratchlm.model import KVCache, apply_rope, causal_mask, check_token_ids, rope_table
 
 transformers.logging.set_verbosity_error()

@@ -29,22 +29,28 @@ import codecs
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ScratchLMError
 from .model import check_token_ids
 from .sampling import (  # noqa: F401 - sampling's names, re-exported for older imports
-    SamplingOptions, apply_repetition_penalty, filter_logits, min_p_filter, sample_next, top_k_filter,
-    top_p_filter)
+    SamplingOptions,
+    apply_repetition_penalty,
+    filter_logits,
+    min_p_filter,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
 
 if TYPE_CHECKING:
     from .model import Transformer
     from .tokenizer.base import Tokenizer
 
 # What generate() accepts as prompts: one text, several, one list of ids, several, or a tensor.
-Prompts = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]], torch.Tensor]
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------
@@ -426,7 +432,7 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Prompts, 
     if max_new_tokens == 0:
         produced = [0] * len(prompt_lengths)
     return [Completion("".join(t), i, r, p, n)
-            for t, i, r, p, n in zip(texts, ids, reasons, prompt_lengths, produced)]
+            for t, i, r, p, n in zip(texts, ids, reasons, prompt_lengths, produced, strict=True)]
 
 
 def stream(model: Transformer, tokenizer: Tokenizer | None, prompt: str | Sequence[int],

@@ -32,7 +32,8 @@ def create_app(model: Transformer, tokenizer: Tokenizer | None, model_name: str 
                **settings) -> FastAPI:
     """The FastAPI app for ``model``. settings: api_key, max_batch, max_queue,
     max_body_bytes, chat_template (see ``scratchlm serve --help``)."""
-    from .app import ServerSettings, create_app as _create_app
+    from .app import ServerSettings
+    from .app import create_app as _create_app
 
     return _create_app(model, tokenizer, ServerSettings(model_name, **settings))
 

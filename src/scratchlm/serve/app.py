@@ -135,14 +135,14 @@ def create_app(model: Transformer, tokenizer: Tokenizer | None, settings: Server
                               min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=seed,
                               stop=list(req.stop or []) + list(extra_stops), stop_token_ids=list(stop_ids))
 
-    def run(prompts: list[list[int]], params: list[list[SamplingParams]]) -> "Choices":
+    def run(prompts: list[list[int]], params: list[list[SamplingParams]]) -> Choices:
         """Queue one Sequence per (prompt, choice); their events arrive on one queue."""
         wanted = sum(len(per_choice) for per_choice in params)
         if wanted > settings.max_queue:  # could never fit, however long the client retries
             raise APIError(400, f"this request asks for {wanted} sequences (prompts x n); the server "
                                 f"queues at most {settings.max_queue}", param="n")
         choices = Choices(app.state.mailbox)
-        for ids, per_choice in zip(prompts, params):
+        for ids, per_choice in zip(prompts, params, strict=True):
             for p in per_choice:
                 choices.add(ids, p)
         try:

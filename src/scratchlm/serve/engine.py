@@ -50,8 +50,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -298,7 +299,7 @@ class Engine:
             cache.key_mask, positions = batch.key_mask, batch.positions
         hidden = model(batch.ids, cache=cache, positions=positions, return_hidden=True)
         logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position matters
-        for row, (seq, token) in enumerate(zip(sequences, self._sample(sequences, logits))):
+        for row, (seq, token) in enumerate(zip(sequences, self._sample(sequences, logits), strict=True)):
             if self._accept(seq, token):
                 self.batch.add(seq, cache, row)
 
@@ -314,7 +315,7 @@ class Engine:
         logits = batch.step()  # (B, V)
         self.steps += 1
         tokens = self._sample(batch.rows, logits)
-        finished = [seq for seq, token in zip(list(batch.rows), tokens) if not self._accept(seq, token)]
+        finished = [seq for seq, token in zip(list(batch.rows), tokens, strict=True) if not self._accept(seq, token)]
         batch.remove(finished)
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
@@ -429,7 +430,7 @@ class RunningBatch:
         fresh.key_mask = torch.zeros(new_rows, new_columns, dtype=torch.bool, device=fresh.k[0].device)
         if self.cache is not None:  # keys stay in the same rows and columns: the first r, c
             r, c = self.allocated, self.columns
-            for old, new in zip(self.cache.k + self.cache.v, fresh.k + fresh.v):
+            for old, new in zip(self.cache.k + self.cache.v, fresh.k + fresh.v, strict=True):
                 new[:r, :, :c] = old  # (rows, n_kv_heads, columns, head_dim)
             fresh.key_mask[:r, :c] = self.cache.key_mask
         self.cache = fresh
