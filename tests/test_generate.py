@@ -5,8 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm import ModelConfig, Transformer
-from scratchlm.generate import (Completion, SamplingOptions, apply_repetition_penalty, generate,
-                                min_p_filter, sample_next, stream, top_k_filter, top_p_filter)
+from scratchlm.generate import Completion, generate, stream
+from scratchlm.sampling import (
+    SamplingOptions,
+    apply_repetition_penalty,
+    min_p_filter,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -294,6 +301,73 @@ def test_text_prompt_without_tokenizer_is_an_error():
         generate(byte_model(), None, "hello")
 
 
+def test_out_of_vocabulary_prompt_ids_are_a_clear_error():
+    """forward does not check ids (no host sync): generate and stream check them on entry."""
+    from scratchlm.errors import ScratchLMError
+
+    model = byte_model()  # vocab 258
+    for prompts in ([1, 258], [[1, 2], [3, 999]], torch.tensor([[4, -3]])):
+        with pytest.raises(ScratchLMError, match=r"prompt \d: token id (258|999|-3) is outside the vocabulary"):
+            generate(model, None, prompts, max_new_tokens=2)
+    with pytest.raises(ScratchLMError, match="token id 300"):
+        stream(model, None, [5, 300])  # at the call, before iterating
+
+    class WideTok(ByteTok):  # a tokenizer with more ids than the model has
+        def encode(self, text):
+            return [b + 200 for b in text.encode("utf-8")]
+
+    with pytest.raises(ScratchLMError, match="prompt 0: token id 304 is outside"):
+        generate(model, WideTok(), "hi")
+
+
+# ---- the shared pieces: left padding and the stop rule ---------------------------------------
+def test_left_pad_lines_prompts_up_on_the_right():
+    from scratchlm.generate import left_pad
+
+    b = left_pad([[7, 8, 9], [4], [5, 6]], width=6)
+    assert b.prompt_length == 3 and b.padded
+    assert b.ids.tolist() == [[7, 8, 9, 0, 0, 0], [0, 0, 4, 0, 0, 0], [0, 5, 6, 0, 0, 0]]
+    assert b.key_mask.tolist() == [[True] * 6, [False, False] + [True] * 4, [False] + [True] * 5]
+    assert b.positions.tolist() == [[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3], [0, 0, 1, 2, 3, 4]]
+    even = left_pad([[1, 2], [3, 4]])
+    assert not even.padded and even.ids.shape == (2, 2) and even.key_mask.all()
+    # Padded rows through the model give each row's own logits (the mask and positions work).
+    model = byte_model()
+    with torch.no_grad():
+        cache = model.new_cache(3, 3)
+        cache.key_mask = b.key_mask[:, :3]
+        logits = model(b.ids[:, :3], cache=cache, positions=b.positions[:, :3])[:, -1]
+        for i, row in enumerate([[7, 8, 9], [4], [5, 6]]):
+            torch.testing.assert_close(logits[i], model(torch.tensor([row]))[0, -1], atol=1e-5, rtol=0)
+
+
+def test_stop_rule_order_and_reasons():
+    """A stop id first (not part of the text), then a stop string (cut), then max tokens."""
+    from scratchlm.generate import StopRule
+
+    tok = ByteTok()  # eot_id 1
+    ids = tok.encode("abcdef")
+
+    def run(rule, tokens):
+        out = []
+        for t in tokens:
+            text, reason = rule.add(t)
+            out.append(text)
+            if reason:
+                return "".join(out), reason, rule.produced
+        return "".join(out), None, rule.produced
+
+    assert run(StopRule(tok, 4), ids) == ("abcd", "length", 4)
+    assert run(StopRule(tok, 10, stop=["cd"]), ids) == ("ab", "stop", 4)
+    assert run(StopRule(tok, 10, stop_token_ids=[ids[2]]), ids) == ("ab", "stop", 3)
+    assert run(StopRule(tok, 10, stop=["bc"]), [ids[0], 1, ids[1]]) == ("a", "stop", 2)  # EOT
+    assert run(StopRule(tok, 10, stop=["bc"], ignore_eos=True), [ids[0], 1, ids[1], ids[2]]) == ("a", "stop", 4)
+    # A held-back stop prefix is released when a stop id ends the row, and at max tokens.
+    assert run(StopRule(tok, 10, stop=["cx"], stop_token_ids=[ids[3]]), ids) == ("abc", "stop", 4)
+    assert run(StopRule(tok, 3, stop=["cx"]), ids) == ("abc", "length", 3)
+    assert StopRule(tok, 3, stop_token_ids=[9]).stop_ids == {1, 9}
+
+
 def test_prompt_longer_than_context_errors_or_truncates():
     model = byte_model()  # context 128
     long = list(range(2, 122))
@@ -347,8 +421,9 @@ def test_module_examples_run():
     import scratchlm.chat
     import scratchlm.decode_weights
     import scratchlm.generate
+    import scratchlm.sampling
 
-    for module in (scratchlm.generate, scratchlm.chat, scratchlm.decode_weights):
+    for module in (scratchlm.generate, scratchlm.sampling, scratchlm.chat, scratchlm.decode_weights):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 

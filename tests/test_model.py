@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import transformers
 
 from scratchlm import ModelConfig, Transformer
+from scratchlm.errors import ScratchLMError
 from scratchlm.hf import from_hf_model
-from scratchlm.model import apply_rope, causal_mask, rope_table
+from scratchlm.model import KVCache, apply_rope, causal_mask, check_token_ids, rope_table
 
 transformers.logging.set_verbosity_error()
 ATOL = 1e-4
@@ -228,11 +229,15 @@ def test_left_padded_row_equals_unpadded(positions):
 
 # ---- bad input --------------------------------------------------------------------------------
 def test_token_ids_outside_vocabulary():
-    model = _tiny()
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        model(torch.tensor([[1, 97]]))
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        model(torch.tensor([[-1, 3]]))
+    """Ids are checked where they enter (check_token_ids), naming the bad id; forward itself
+    no longer reads ids back to the host (see test_forward_has_no_graph_break)."""
+    for ids in ([[1, 97]], torch.tensor([[1, 97]]), [5, 2, 97, 3], [[0], [1, 2, 98]]):
+        with pytest.raises(ScratchLMError, match=r"token id 9[78] is outside the vocabulary \[0, 97\)"):
+            check_token_ids(ids, 97)
+    with pytest.raises(ScratchLMError, match="token id -1 is outside"):
+        check_token_ids(torch.tensor([[-1, 3]]), 97)
+    check_token_ids([[0, 96], [5]], 97)  # in range: no error
+    check_token_ids([], 97)
 
 
 def test_sequence_longer_than_context():
@@ -246,6 +251,59 @@ def test_sequence_longer_than_context():
 
 
 # ---- training-time behaviour ------------------------------------------------------------------
+# ---- no host sync, no graph break ------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_forward_has_no_graph_break(preset):
+    """torch.compile sees one graph for a training forward (ids -> logits) and for a cached
+    decode step (one token with a KVCache, plain and with a padding key mask)."""
+    torch._dynamo.reset()
+    model = Transformer(ModelConfig.preset(preset, context_length=32)).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    model.eval()
+    with torch.no_grad():
+        for padded in (False, True):
+            cache = model.new_cache(2, 16)
+            if padded:
+                cache.key_mask = torch.ones(2, 16, dtype=torch.bool)
+                cache.key_mask[1, :3] = False
+            model(ids, cache=cache)
+            explained = torch._dynamo.explain(model)(ids[:, :1], cache=cache, positions=torch.tensor([[8], [5]]))
+            assert explained.graph_break_count == 0, explained.break_reasons
+            assert cache.length == 9
+    torch._dynamo.reset()
+
+
+# ---- cache views ------------------------------------------------------------------------------
+def test_cache_view_writes_land_in_the_whole_cache():
+    """A view of the first rows, at a given length, shares storage: decoding two rows through
+    a view of a 4-row cache gives what a 2-row cache of their own gives, and the writes land
+    in the 4-row cache's first rows and columns."""
+    model = _tiny()
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(5))
+    whole = model.new_cache(4, 20)
+    whole.key_mask = torch.ones(4, 20, dtype=torch.bool)
+    own = model.new_cache(2, 20)
+    with torch.no_grad():
+        view = whole.view(slice(0, 2), length=0)
+        assert (view.batch_size, view.max_length, view.length) == (2, 20, 0)
+        assert view.key_mask.shape == (2, 20) and view.key_mask.data_ptr() == whole.key_mask.data_ptr()
+        through_view = model(ids, cache=view)
+        alone = model(ids, cache=own)
+        torch.testing.assert_close(through_view, alone)
+        assert view.length == 6 and whole.length == 0  # the view keeps its own length
+        torch.testing.assert_close(whole.k[1][:2, :, :6], own.k[1][:, :, :6])
+        assert whole.k[1][2:].abs().sum() == 0  # rows outside the view untouched
+        step = whole.view(slice(0, 2), length=6)  # a new view where the first one ended
+        torch.testing.assert_close(model(ids[:, :1], cache=step), model(ids[:, :1], cache=own))
+    wrapped = KVCache.from_tensors(whole.k, whole.v, length=3)
+    assert (wrapped.batch_size, wrapped.max_length, wrapped.key_mask) == (4, 20, None)
+    with pytest.raises(ValueError, match="outside the cache"):
+        KVCache.from_tensors(whole.k, whole.v, length=21)
+
+
 def test_gpt2_style_init_scales_residual_projections():
     config = ModelConfig.preset("gpt2", n_layers=8, vocab_size=1000, context_length=64)
     torch.manual_seed(0)

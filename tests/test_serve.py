@@ -467,6 +467,88 @@ def test_a_failing_generation_is_a_json_500_and_the_server_carries_on(model_and_
         assert ok.json()["choices"][0]["text"] == expected(model_and_tokenizer, "The quick", max_new_tokens=6).text
 
 
+# ---- one stop rule, one check of prompt ids ---------------------------------------------------
+def run_engine(model, tokenizer, prompt_ids, params):
+    """The engine on one sequence: (text, finish_reason, completion_tokens, generated ids)."""
+    from scratchlm.serve.engine import Engine, Sequence
+
+    events = []
+    engine = Engine(model, tokenizer, max_batch=2).start()
+    try:
+        seq = Sequence(prompt_ids, params, events.append)
+        engine.submit([seq])
+        assert seq.done.wait(30)
+    finally:
+        engine.close()
+    assert events[-1].error is None, events[-1].error
+    return "".join(e.text for e in events), events[-1].finish_reason, events[-1].completion_tokens, seq.generated
+
+
+def test_engine_and_generate_end_rows_alike(model_and_tokenizer):
+    """The same prompt and stops give the same text, finish reason and token count from the
+    engine as from generate(): max tokens, a stop string, a stop id, a stop id that is also
+    where a stop string would end, and the end of the context (the engine's budget)."""
+    from scratchlm.serve.engine import SamplingParams
+
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("The quick")
+    full = generate(model, tokenizer, [prompt], max_new_tokens=24)[0]
+    assert full.finish_reason == "length" and len(full.text) > 12
+    cases = [dict(max_tokens=10), dict(max_tokens=24, stop=[full.text[6:9]]),
+             dict(max_tokens=24, stop_token_ids=[full.token_ids[7]]),
+             dict(max_tokens=24, stop=["\x00never"], stop_token_ids=[full.token_ids[3]])]
+    reasons = []
+    for case in cases:
+        ref = generate(model, tokenizer, [prompt], max_new_tokens=case["max_tokens"], stop=case.get("stop"),
+                       stop_token_ids=case.get("stop_token_ids"))[0]
+        text, reason, produced, generated = run_engine(model, tokenizer, prompt, SamplingParams(**case))
+        assert (text, reason, produced) == (ref.text, ref.finish_reason, ref.completion_tokens), case
+        assert generated[:len(ref.token_ids)] == ref.token_ids
+        reasons.append(reason)
+    assert reasons == ["length", "stop", "stop", "stop"]
+    # A 120-token prompt in a 128-token context: the engine stops at the context, 8 tokens in,
+    # where generate() with the 8 tokens that fit stops too.
+    long = (tokenizer.encode(" ".join(PROMPTS)) * 20)[:120]
+    text, reason, produced, _ = run_engine(model, tokenizer, long, SamplingParams(max_tokens=100))
+    ref = generate(model, tokenizer, [long], max_new_tokens=8)[0]
+    assert (text, reason, produced) == (ref.text, "length", 8)
+
+
+def test_out_of_vocabulary_prompt_ids_are_a_400(server):
+    """Token ids outside the vocabulary are refused where they enter, with the id named."""
+    url = server[0] + "/v1/completions"
+    for prompt, bad in (([1, 2, 300], 300), ([[5, 6], [7, -1]], -1), ([[5], [4, 3, 1000]], 1000)):
+        for stream in (False, True):
+            r = httpx.post(url, json={"model": NAME, "prompt": prompt, "max_tokens": 2, "stream": stream})
+            error = assert_openai_error(r, 400, "prompt")
+            assert f"token id {bad} is outside the vocabulary [0, 300)" in error["message"]
+    assert httpx.get(server[0] + "/health").json()["active"] == 0  # nothing was queued
+
+
+def test_engine_refuses_out_of_vocabulary_ids_and_a_mismatched_tokenizer_is_a_400(model_and_tokenizer):
+    """The engine checks prompt ids at submit (a ScratchLMError, not a failed step), and the
+    app answers any ScratchLMError with a JSON 400: here a tokenizer whose ids the model
+    (a smaller vocabulary) does not have."""
+    import torch
+
+    from scratchlm import ModelConfig, Transformer
+    from scratchlm.errors import ScratchLMError
+    from scratchlm.serve.engine import Engine, SamplingParams, Sequence
+
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_batch=1)
+    with pytest.raises(ScratchLMError, match="token id 300 is outside"):
+        engine.submit([Sequence([1, 300], SamplingParams(max_tokens=2), lambda e: None)])
+    assert engine.queued == 0
+    torch.manual_seed(0)
+    small = Transformer(ModelConfig.preset("gpt-tiny", vocab_size=200, context_length=128)).eval()
+    with ServerThread(create_app(small, tokenizer, NAME)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, "max_tokens": 2, "messages": [
+            {"role": "user", "content": "The quick brown fox"}]})
+        error = assert_openai_error(r, 400)
+        assert "is outside the vocabulary [0, 200)" in error["message"]
+
+
 # ---- the command line -------------------------------------------------------------------
 def test_cli_serve_mistakes_are_one_line(capsys):
     import socket

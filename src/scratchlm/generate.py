@@ -1,14 +1,16 @@
-"""Sampling and the decode loop: a prompt becomes a continuation, one token at a time.
+"""The decode loop: a prompt becomes a continuation, one token at a time.
 
-    prompts --encode, left-pad--> ids (B, T)
+    prompts --encode, check ids, left_pad--> ids (B, T), key mask, positions
     prefill: one forward over all T positions fills the KV cache -> logits of the last (B, V)
-    repeat:  logits -> repetition penalty -> / temperature -> top-k -> top-p -> min-p
-                    -> softmax -> sample   (temperature 0: argmax, "greedy")
+    repeat:  logits -> sample_next (sampling.py) -> next ids (B,)
+             each row's StopRule: a stop id, a stop string, or max_new_tokens ends it
              next ids (B,) -> one cached forward step -> logits (B, V)
-    until every row met a stop (EOS, a stop id, a stop string) or max_new_tokens.
+    until every row has ended.
 
 Everything goes through one generator of events (``_events``): ``generate`` collects them
-into one ``Completion`` per prompt, ``stream`` hands them out as ``Delta``s.
+into one ``Completion`` per prompt, ``stream`` hands them out as ``Delta``s. The serving
+engine (serve/engine.py) batches requests differently but shares ``left_pad``,
+``StopRule`` and ``TextAssembler`` with this loop, so both end rows the same way.
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer
@@ -24,14 +26,31 @@ True
 from __future__ import annotations
 
 import codecs
-import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-NEG_INF = float("-inf")
+from .errors import ScratchLMError
+from .model import check_token_ids
+from .sampling import (  # noqa: F401 - sampling's names, re-exported for older imports
+    SamplingOptions,
+    apply_repetition_penalty,
+    filter_logits,
+    min_p_filter,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
+
+if TYPE_CHECKING:
+    from .model import Transformer
+    from .tokenizer.base import Tokenizer
+
+# What generate() accepts as prompts: one text, several, one list of ids, several, or a tensor.
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,146 +82,8 @@ class Delta:
     """
 
     text: str
-    token_id: Optional[int]
-    finish_reason: Optional[str] = None
-
-
-# ----------------------------------------------------------------------------------------
-# Sampling: each filter maps logits (..., V) to logits with the dropped tokens at -inf
-# ----------------------------------------------------------------------------------------
-@dataclass
-class SamplingOptions:
-    """How the next token is chosen from the logits. Validated on construction.
-
-    >>> SamplingOptions(temperature=0.7, top_p=0.9).greedy
-    False
-    >>> SamplingOptions(top_p=1.5)
-    Traceback (most recent call last):
-    ...
-    ValueError: top_p must be in (0, 1], got 1.5
-    """
-
-    temperature: float = 0.0  # 0: greedy (argmax); 1: the model's own distribution
-    top_k: Optional[int] = None  # keep the k most likely tokens (None or 0: all)
-    top_p: Optional[float] = None  # keep the smallest set holding probability >= top_p
-    min_p: Optional[float] = None  # keep tokens with prob >= min_p * the top token's prob
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output
-
-    def __post_init__(self):
-        t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
-        if not isinstance(t, (int, float)) or t != t or t < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {t}")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise ValueError(f"top_k must be a positive integer (or 0/None for no limit), got {k}")
-        if p is not None and not (0.0 < p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {p}")
-        if m is not None and not (0.0 <= m <= 1.0):
-            raise ValueError(f"min_p must be in [0, 1], got {m}")
-        if not r > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k highest logits of each row (and any tied with the k-th), -inf elsewhere.
-
-    torch.topk finds the k-th value without sorting the whole vocabulary.
-
-    >>> top_k_filter(torch.tensor([1.0, 3.0, 2.0, 0.0]), 2)
-    tensor([-inf, 3., 2., -inf])
-    """
-    if not k or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1): the k-th largest
-    return logits.masked_fill(logits < kth, NEG_INF)
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability adds
-    up to at least p; -inf elsewhere. The most likely token is always kept.
-
-    >>> probs = torch.tensor([0.1, 0.5, 0.15, 0.25])
-    >>> top_p_filter(probs.log(), 0.7).exp()  # 0.5 + 0.25 = 0.75 >= 0.7
-    tensor([0.0000, 0.5000, 0.0000, 0.2500])
-    """
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of all more likely tokens
-    drop_sorted = mass_before >= p  # the set was already complete before this token
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, NEG_INF)
-
-
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Keep tokens whose probability is at least min_p times the most likely token's.
-
-    The cut scales with the model's confidence: a peaked distribution keeps few tokens,
-    a flat one keeps many.
-
-    >>> probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    >>> min_p_filter(probs.log(), 0.2).isfinite().tolist()  # threshold 0.2 * 0.5 = 0.1
-    [True, True, True, False]
-    """
-    if not min_p:
-        return logits
-    probs = logits.softmax(dim=-1)
-    threshold = min_p * probs.amax(dim=-1, keepdim=True)
-    return logits.masked_fill(probs < threshold, NEG_INF)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make tokens already seen less likely (penalty > 1): positive logits are divided by
-    the penalty, negative ones multiplied, so both move towards "less likely" (CTRL, 2019).
-
-    logits (B, V) float; seen (B, V) bool, True for tokens in the prompt or output so far.
-
-    >>> apply_repetition_penalty(torch.tensor([[2.0, -2.0, 2.0]]), torch.tensor([[True, True, False]]), 2.0)
-    tensor([[ 1., -4.,  2.]])
-    """
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def filter_logits(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p, in that order. logits (B, V) float32."""
-    logits = logits / options.temperature
-    if options.top_k:
-        logits = top_k_filter(logits, options.top_k)
-    if options.top_p is not None:
-        logits = top_p_filter(logits, options.top_p)
-    if options.min_p:
-        logits = min_p_filter(logits, options.min_p)
-    return logits
-
-
-def sample_next(logits: torch.Tensor, options: SamplingOptions, generator: Optional[torch.Generator] = None,
-                seen: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Choose one token per row. logits (B, V) -> ids (B,).
-
-    With top_k set, the other filters and the draw work on the k candidates only (sorted
-    by torch.topk), so no step touches the whole vocabulary more than once.
-    """
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
-    if options.greedy:
-        return logits.argmax(dim=-1)
-    candidates = None
-    if options.top_k and options.top_k < logits.shape[-1]:
-        logits, candidates = torch.topk(logits, options.top_k, dim=-1)  # (B, k) each
-    logits = filter_logits(logits, SamplingOptions(options.temperature, None, options.top_p, options.min_p))
-    probs = logits.softmax(dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-    if candidates is not None:
-        choice = candidates.gather(-1, choice)
-    return choice.squeeze(-1)
+    token_id: int | None
+    finish_reason: str | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,33 +146,113 @@ class TextAssembler:
         return self._take(len(self.text))
 
 
+
+# ----------------------------------------------------------------------------------------
+# When a row ends: the one stop rule of generate() and the server
+# ----------------------------------------------------------------------------------------
+class StopRule:
+    """Decides, token by token, when one row ends and what text it hands out.
+
+    For each sampled token, in this order:
+      1. a stop id (see stop_token_ids) ends the row, "stop"; the id is not part of the output;
+      2. a stop string completed by the token ends it, "stop"; the string is cut from the text;
+      3. the ``max_tokens``-th token (stop ids count) ends it, "length".
+    The stop ids are ``stop_token_ids`` and the tokenizer's end-of-text id (unless
+    ignore_eos). Otherwise the row goes on. ``add`` returns the text now safe to send (see TextAssembler)
+    and the finish reason, or None.
+
+    >>> class Chars:  # one character per id
+    ...     eot_id = 0
+    ...     def decode(self, ids): return "".join(chr(i) for i in ids)
+    >>> rule = StopRule(Chars(), max_tokens=10, stop=["!"])
+    >>> [rule.add(ord(c)) for c in "hi!"]
+    [('h', None), ('i', None), ('', 'stop')]
+    >>> rule = StopRule(Chars(), max_tokens=2)
+    >>> rule.add(ord("a")), rule.add(0)  # the end-of-text id
+    (('a', None), ('', 'stop'))
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, max_tokens: int, *, stop_token_ids: Sequence[int] = (),
+                 stop: Sequence[str] = (), ignore_eos: bool = False):
+        self.max_tokens = max_tokens
+        self.stop_ids = {int(t) for t in stop_token_ids}
+        eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
+        if eot is not None and not ignore_eos:
+            self.stop_ids.add(int(eot))
+        self.text = TextAssembler(tokenizer, stop)
+        self.produced = 0  # tokens sampled so far, a final stop id included
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """Take one sampled token: (text to send now, "stop" / "length" / None)."""
+        self.produced += 1
+        if token in self.stop_ids:
+            return self.text.flush(), "stop"
+        piece, hit_stop = self.text.add(token)
+        if hit_stop:
+            return piece, "stop"
+        if self.produced >= self.max_tokens:
+            return piece + self.text.flush(), "length"
+        return piece, None
+
+
+# ----------------------------------------------------------------------------------------
+# A batch of prompts of different lengths
+# ----------------------------------------------------------------------------------------
+@dataclass
+class PaddedBatch:
+    """Prompts left-padded into one tensor; see left_pad."""
+
+    ids: torch.Tensor  # (B, width) long: row i's prompt in columns [T - len_i, T), zeros elsewhere
+    key_mask: torch.Tensor  # (B, width) bool: False at the padding on the left of each row
+    positions: torch.Tensor  # (B, width) long: each row counts from 0 at its first real token
+    prompt_length: int  # T, the longest prompt
+    padded: bool  # some row is shorter than T (else key_mask and positions are not needed)
+
+
+def left_pad(rows: Sequence[Sequence[int]], width: int | None = None,
+             device: torch.device | str | None = None) -> PaddedBatch:
+    """Line prompts up on the right so that every row's last token is in column T - 1.
+
+    Left padding puts every row's next token in the same column, so one forward step serves
+    the whole batch. The model must not see the padding: pass ``key_mask`` on the KV cache
+    (padding keys are never attended) and ``positions`` (each row starts at position 0), and
+    a padded row computes what it would alone. ``width`` (default T) leaves room for the
+    tokens to come: columns T.. are zeros in ids, True in key_mask, and go on counting.
+
+    >>> b = left_pad([[5, 6, 7], [8]], width=5)
+    >>> b.ids.tolist(), b.padded
+    ([[5, 6, 7, 0, 0], [0, 0, 8, 0, 0]], True)
+    >>> b.key_mask.int().tolist(), b.positions.tolist()
+    ([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])
+    """
+    T = max(len(r) for r in rows)
+    width = T if width is None else width
+    pad = torch.tensor([T - len(r) for r in rows])  # (B,)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):  # filled on the CPU, moved once
+        ids[i, T - len(r):T] = torch.tensor(r, dtype=torch.long)
+    columns = torch.arange(width)
+    key_mask = columns[None, :] >= pad[:, None]  # (B, width)
+    positions = (columns[None, :] - pad[:, None]).clamp(min=0)  # (B, width)
+    return PaddedBatch(ids.to(device), key_mask.to(device), positions.to(device), T,
+                       padded=any(len(r) < T for r in rows))
+
+
 # ----------------------------------------------------------------------------------------
 # The decode loop
 # ----------------------------------------------------------------------------------------
 class _Decoder:
-    """Runs the model over a left-padded batch: one prefill, then one cached step per token.
+    """Runs the model over a left-padded batch: one prefill, then one cached step per token."""
 
-    Left padding lines the last prompt tokens up in one column, so every row's next token
-    is read from position -1. Padding keys are masked out (cache.key_mask) and each row's
-    positions start at 0 at its first real token, so a padded row computes what it would
-    alone.
-    """
-
-    def __init__(self, model, rows: list[list[int]], max_new_tokens: int, options: SamplingOptions,
-                 generator: Optional[torch.Generator], use_cache: bool):
+    def __init__(self, model: Transformer, rows: list[list[int]], max_new_tokens: int,
+                 options: SamplingOptions, generator: torch.Generator | None, use_cache: bool):
         self.model, self.options, self.generator, self.use_cache = model, options, generator, use_cache
         device = model.tok_emb.weight.device
-        B, T = len(rows), max(len(r) for r in rows)
-        self.total = T + max_new_tokens  # longest sequence this batch can reach
-        pad = torch.tensor([T - len(r) for r in rows], device=device)  # (B,)
-        self.padded = bool((pad > 0).any())
+        B = len(rows)
+        T = max(len(r) for r in rows)
         # ids (B, total): prompts right-aligned in the first T columns, outputs appended after.
-        self.ids = torch.zeros(B, self.total, dtype=torch.long, device=device)
-        for i, r in enumerate(rows):
-            self.ids[i, T - len(r):T] = torch.tensor(r, dtype=torch.long)
-        cols = torch.arange(self.total, device=device)
-        self.key_mask = cols[None, :] >= pad[:, None]  # (B, total) True at real tokens
-        self.positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, total) per-row positions
+        batch = left_pad(rows, width=T + max_new_tokens, device=device)
+        self.ids, self.key_mask, self.positions, self.padded = batch.ids, batch.key_mask, batch.positions, batch.padded
         self.length = T  # columns filled so far
         self.seen = None
         if options.repetition_penalty != 1.0:  # (B, V): tokens of prompt and output so far
@@ -299,7 +260,7 @@ class _Decoder:
             self.seen.scatter_(1, self.ids[:, :T], self.key_mask[:, :T])
         self.cache = None
         if use_cache:
-            self.cache = model.new_cache(B, self.total)
+            self.cache = model.new_cache(B, self.ids.shape[1])
             if self.padded:
                 self.cache.key_mask = self.key_mask
 
@@ -336,50 +297,56 @@ class _Decoder:
         return model.lm_head(hidden[:, -1])  # only the last position's logits are needed
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.seen is not None:
-            return sample_next(logits, self.options, self.generator, self.seen)
-        return sample_next(logits, self.options, self.generator)
+        return sample_next(logits, self.options, self.generator, self.seen)
 
 
-def _encode_prompts(tokenizer, prompts) -> list[list[int]]:
-    """str | list[str] | list[int] | list[list[int]] -> a list of id lists."""
+def encode_prompts(tokenizer: Tokenizer | None, prompts: Prompts, vocab_size: int) -> list[list[int]]:
+    """str | list[str] | list[int] | list[list[int]] | tensor -> a list of id lists, each
+    checked to lie in the model's vocabulary (forward does not check)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     elif isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("no prompts given")
+        raise ScratchLMError("no prompts given")
     if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
         prompts = [prompts]  # one prompt given as a flat list of ids
     rows = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if not p:
-                raise ValueError(f"prompt {i} is empty: give at least one character or token")
+                raise ScratchLMError(f"prompt {i} is empty: give at least one character or token")
             if tokenizer is None:
-                raise ValueError("text prompts need a tokenizer (this model has none): pass token ids")
+                raise ScratchLMError("text prompts need a tokenizer (this model has none): pass token ids")
             ids = list(tokenizer.encode(p))  # special-token strings become their ids
         else:
-            ids = [int(t) for t in p]
+            try:
+                ids = [int(t) for t in p]
+            except (TypeError, ValueError):
+                raise ScratchLMError(f"prompt {i} is neither text nor a list of token ids") from None
         if not ids:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
+            raise ScratchLMError(f"prompt {i} is empty: give at least one token")
+        try:
+            check_token_ids(ids, vocab_size)
+        except ScratchLMError as e:
+            raise ScratchLMError(f"prompt {i}: {e}") from None
         rows.append(ids)
     return rows
 
 
 def _check_length(rows: list[list[int]], max_new_tokens: int, context: int, overflow: str) -> list[list[int]]:
     if max_new_tokens >= context:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
-                         f"context of {context} tokens")
+        raise ScratchLMError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                             f"context of {context} tokens")
     room = context - max_new_tokens  # the longest prompt that still fits
     longest = max(len(r) for r in rows)
     if longest <= room:
         return rows
     if overflow == "error":
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                         f"context length {context}: shorten the prompt or max_new_tokens "
-                         f"(or cut the prompt from the left with overflow='truncate')")
+        raise ScratchLMError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                             f"context length {context}: shorten the prompt or max_new_tokens "
+                             f"(or cut the prompt from the left with overflow='truncate')")
     warnings.warn(f"prompt of {longest} tokens cut from the left to {room} so that "
                   f"max_new_tokens={max_new_tokens} fits the context of {context}", stacklevel=3)
     return [r[-room:] for r in rows]
@@ -391,68 +358,59 @@ def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, to
     """The one decode loop. First yields the prompt lengths (list[int]), then (row, Delta)
     events, each row's last one carrying its finish_reason."""
     options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ScratchLMError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
     if overflow not in ("error", "truncate"):
-        raise ValueError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
+        raise ScratchLMError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
     if isinstance(stop, str):
         stop = [stop]
-    rows = _check_length(_encode_prompts(tokenizer, prompts), max_new_tokens,
-                         model.config.context_length, overflow)
-    stop_ids = set(int(t) for t in (stop_token_ids or []))
-    eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
-    if eot is not None and not ignore_eos:
-        stop_ids.add(int(eot))
+    config = model.config
+    rows = _check_length(encode_prompts(tokenizer, prompts, config.vocab_size), max_new_tokens,
+                         config.context_length, overflow)
     if generator is None and seed is not None:
         generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(int(seed))
+    rules = [StopRule(tokenizer, max_new_tokens, stop_token_ids=stop_token_ids or (), stop=stop or (),
+                      ignore_eos=ignore_eos) for _ in rows]
     yield [len(r) for r in rows]
     if max_new_tokens == 0:
         for i in range(len(rows)):
             yield i, Delta("", None, "length")
         return
 
-    texts = [TextAssembler(tokenizer, stop or []) for _ in rows]
     done = [False] * len(rows)
     decoder = _Decoder(model, rows, max_new_tokens, options, generator, use_cache)
     ids = decoder.first()
-    for step in range(max_new_tokens):
+    while True:
         for i, token in enumerate(ids.tolist()):  # one sync per step for the whole batch
             if done[i]:
                 continue
-            if token in stop_ids:
-                done[i] = True
-                yield i, Delta(texts[i].flush(), None, "stop")
-                continue
-            piece, hit_stop = texts[i].add(token)
-            if hit_stop or step == max_new_tokens - 1:
-                done[i] = True
-                yield i, Delta(piece + ("" if hit_stop else texts[i].flush()), token,
-                               "stop" if hit_stop else "length")
-            else:
-                yield i, Delta(piece, token)
+            text, reason = rules[i].add(token)
+            done[i] = reason is not None
+            yield i, Delta(text, None if token in rules[i].stop_ids else token, reason)
         if all(done):
             return
         ids = decoder.next(ids)
 
 
-def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
-             repetition_penalty: float = 1.0, seed: Optional[int] = None,
-             stop_token_ids: Optional[Sequence[int]] = None, stop: Optional[Sequence[str]] = None,
-             use_cache: bool = True, ignore_eos: bool = False, generator: Optional[torch.Generator] = None,
+def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Prompts, *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop_token_ids: Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
+             use_cache: bool = True, ignore_eos: bool = False, generator: torch.Generator | None = None,
              overflow: str = "error") -> list[Completion]:
     """Continue each prompt; one Completion per prompt, always a list.
 
     prompts: a string, a list of strings, or token ids (a list of ints, or a list of lists;
-        then the tokenizer may be None and the text fields are "").
+        then the tokenizer may be None and the text fields are ""). Ids outside the model's
+        vocabulary are a ScratchLMError.
     temperature: 0 picks the most likely token (greedy); above 0 samples from
         softmax(logits / temperature) after top_k / top_p / min_p filtering.
     seed: makes sampling repeatable (or pass your own torch.Generator as ``generator``).
     stop_token_ids, stop: ids and strings that end a row; the tokenizer's EOT id always
-        does unless ignore_eos. A stop string is cut from the text.
+        does unless ignore_eos. A stop string is cut from the text (see StopRule).
     use_cache: False recomputes the whole sequence each step (slow; for comparison).
     overflow: when prompt + max_new_tokens exceeds the context: "error" (default) raises
-        ValueError, "truncate" cuts the prompt from the left and warns.
+        ScratchLMError, "truncate" cuts the prompt from the left and warns.
     """
     events = _events(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -474,10 +432,11 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 64, temperature
     if max_new_tokens == 0:
         produced = [0] * len(prompt_lengths)
     return [Completion("".join(t), i, r, p, n)
-            for t, i, r, p, n in zip(texts, ids, reasons, prompt_lengths, produced)]
+            for t, i, r, p, n in zip(texts, ids, reasons, prompt_lengths, produced, strict=True)]
 
 
-def stream(model, tokenizer, prompt, **options) -> Iterator[Delta]:
+def stream(model: Transformer, tokenizer: Tokenizer | None, prompt: str | Sequence[int],
+           **options) -> Iterator[Delta]:
     """Yield a Delta per generated token for one prompt; takes generate()'s options.
 
     >>> import torch
@@ -488,156 +447,7 @@ def stream(model, tokenizer, prompt, **options) -> Iterator[Delta]:
     [None, None, 'length']
     """
     if not isinstance(prompt, str) and not all(isinstance(t, int) for t in prompt):
-        raise ValueError("stream() takes one prompt (a string or a list of token ids)")
+        raise ScratchLMError("stream() takes one prompt (a string or a list of token ids)")
     events = _events(model, tokenizer, prompt, **options)
     next(events)  # validates the options and the prompt now, not at the first next()
     return (delta for _, delta in events)
-
-
-# ----------------------------------------------------------------------------------------
-# Command line: scratchlm generate / chat
-# ----------------------------------------------------------------------------------------
-def _add_sampling_options(p) -> None:
-    p.add_argument("model", help="model directory, Hugging Face directory or id, or a preset (random weights)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; >0: sample")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample in the smallest set with this mass, in (0, 1]")
-    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (repeatable output)")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop when this text appears (repeatable); it is not printed")
-    p.add_argument("--no-cache", action="store_true", help="recompute every position each step (slow)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="run in this dtype (default: the checkpoint's)")
-    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int8-dynamic"], default=None,
-                   help="weight layout for decoding (see decode_weights.py); default: fp32 models get the "
-                        "faster transposed fp32 layout, others stay as loaded")
-    p.add_argument("--truncate", action="store_true",
-                   help="cut a too-long prompt from the left (default: error)")
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="continue a prompt",
-                              description="Print the continuation of PROMPT (the prompt itself is not printed).")
-    _add_sampling_options(p)
-    p.add_argument("prompt", help="the text to continue ('-' reads it from stdin)")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--raw", action="store_true",
-                   help="give a fine-tuned model the prompt as it is (default: laid out in the prompt "
-                        "format recorded in its directory, and stopped at its end of turn)")
-    p.set_defaults(func=_generate_command)
-
-    p = subparsers.add_parser("chat", help="talk to a model (reads stdin, streams replies)",
-                              description="An interactive chat: each line you type is a user turn; the "
-                                          "reply streams back. /reset clears the history, /exit quits.")
-    _add_sampling_options(p)
-    p.add_argument("--system", default=None, help="a system message to start the conversation")
-    p.add_argument("--template", default=None,
-                   help="chat template: llama3, chatml, plain (default: the tokenizer's own, else guessed)")
-    p.set_defaults(func=_chat_command, max_new_tokens=256)
-
-
-def _options(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                use_cache=not args.no_cache, overflow="truncate" if args.truncate else "error")
-
-
-def _load(args):
-    from .hf import load_any
-
-    from .decode_weights import prepare_for_decode
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_any(args.model, dtype=dtype)
-    weights = args.weights or ("fp32" if model.tok_emb.weight.dtype == torch.float32 else None)
-    if weights:
-        prepare_for_decode(model, weights)
-    return model, tokenizer
-
-
-def _generate_command(args) -> int:
-    from pathlib import Path
-
-    from .chat import chat_stops, read_prompt_format, render_chat
-    from .cli import UsageError
-
-    options = _options(args)
-    SamplingOptions(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # fail fast
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt:
-        raise UsageError("the prompt is empty")
-    model, tokenizer = _load(args)
-    if tokenizer is None:
-        raise UsageError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded")
-    stop, stop_ids = list(args.stop or []), []
-    recorded = None if args.raw or not Path(args.model).is_dir() else read_prompt_format(args.model)
-    if recorded:  # an instruction-tuned model: ask in the layout it learned, stop where its answer ends
-        prompt = render_chat([{"role": "user", "content": prompt}], recorded, tokenizer)
-        strings, stop_ids = chat_stops(recorded, tokenizer)
-        stop += strings
-        options["stop_token_ids"] = stop_ids
-    if args.stream:
-        for delta in stream(model, tokenizer, prompt, stop=stop, **options):
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    else:
-        print(generate(model, tokenizer, prompt, stop=stop, **options)[0].text)
-    return 0
-
-
-def _chat_command(args) -> int:
-    from .chat import chat_stops, render_chat, resolve_template
-    from .cli import UsageError
-
-    options = _options(args)
-    SamplingOptions(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    model, tokenizer = _load(args)
-    if tokenizer is None:
-        raise UsageError(f"{args.model} has no tokenizer: chat needs one")
-    template = resolve_template(args.template, tokenizer, model_dir=args.model)  # a fine-tuned model's own format first
-    stop_strings, stop_ids = chat_stops(template, tokenizer)
-    stop_strings += args.stop or []
-    options["overflow"] = "truncate"  # a long conversation drops its oldest tokens
-    start = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(start)
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            print("> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            messages = list(start)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        prompt = render_chat(messages, template, tokenizer)
-        reply: list[str] = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the left cut of a long history is expected here
-            for delta in stream(model, tokenizer, prompt, stop=stop_strings, stop_token_ids=stop_ids, **options):
-                text = delta.text if any(reply) else delta.text.lstrip()  # no leading blank
-                reply.append(text)
-                sys.stdout.write(text)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        messages.append({"role": "assistant", "content": "".join(reply).strip()})
-    return 0
-
-
-def load_any(model_ref, **options):
-    """(model, tokenizer or None) from a model directory, a Hugging Face directory or id, or a
-    preset; see scratchlm.hf.load_any."""
-    from .hf import load_any as _load_any
-
-    return _load_any(model_ref, **options)

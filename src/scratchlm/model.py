@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .errors import ScratchLMError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,6 +106,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def check_token_ids(ids, vocab_size: int) -> None:
+    """Raise a ScratchLMError naming the first id outside [0, vocab_size).
+
+    Ids are checked where they enter (a tokenizer's output, a caller's prompt ids, a
+    request body), not in ``Transformer.forward``: reading a tensor's min and max there
+    would cost two device-to-host syncs per forward and two graph breaks under
+    torch.compile. ids: a list of ints, nested lists, or a tensor.
+
+    >>> check_token_ids([[1, 2], [3]], vocab_size=4)
+    >>> check_token_ids([1, 9], vocab_size=4)
+    Traceback (most recent call last):
+    ...
+    scratchlm.errors.ScratchLMError: token id 9 is outside the vocabulary [0, 4)
+    """
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    stack = [ids]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif not 0 <= item < vocab_size:
+            raise ScratchLMError(f"token id {item} is outside the vocabulary [0, {vocab_size})")
+
+
 def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
     """The fixed positions of "Attention Is All You Need", (length, d_model):
     PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
@@ -134,7 +160,7 @@ class KVCache:
                  device=None, dtype=None):
         max_length = max_length or config.context_length
         if max_length > config.context_length:
-            raise ValueError(f"cache length {max_length} exceeds context_length {config.context_length}")
+            raise ScratchLMError(f"cache length {max_length} exceeds context_length {config.context_length}")
         dtype = dtype or DTYPES[config.dtype]
         shape = (batch_size, config.n_kv_heads, max_length, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -143,6 +169,39 @@ class KVCache:
         self.batch_size = batch_size
         self.length = 0
         self.key_mask: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor], *, length: int = 0,
+                     key_mask: Optional[torch.Tensor] = None) -> KVCache:
+        """A cache over tensors that already exist (per layer (B, n_kv_heads, max_length,
+        head_dim)), without copying them: what the model writes through it lands in them."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = list(k), list(v)
+        cache.batch_size, _, cache.max_length, _ = k[0].shape
+        if not 0 <= length <= cache.max_length:
+            raise ValueError(f"length {length} is outside the cache's {cache.max_length} positions")
+        if key_mask is not None and key_mask.shape != (cache.batch_size, cache.max_length):
+            raise ValueError(f"key_mask {tuple(key_mask.shape)} does not match the cache "
+                             f"({cache.batch_size}, {cache.max_length})")
+        cache.length, cache.key_mask = length, key_mask
+        return cache
+
+    def view(self, rows: slice = slice(None), *, length: Optional[int] = None) -> KVCache:
+        """A cache over ``rows`` of this one (a slice: views, not copies), holding ``length``
+        positions (default: this cache's). Its key_mask is this one's rows, if it has one.
+
+        A server keeps one cache for every row in flight and runs the model on the first B
+        rows of it; writes through the view land in the whole.
+
+        >>> from scratchlm.config import ModelConfig
+        >>> whole = KVCache(ModelConfig.preset("gpt-tiny"), batch_size=4, max_length=16)
+        >>> part = whole.view(slice(0, 2), length=5)
+        >>> part.batch_size, part.length, part.k[0].data_ptr() == whole.k[0].data_ptr()
+        (2, 5, True)
+        """
+        key_mask = self.key_mask[rows] if self.key_mask is not None else None
+        return KVCache.from_tensors([t[rows] for t in self.k], [t[rows] for t in self.v],
+                                    length=self.length if length is None else length, key_mask=key_mask)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv_heads, T, head_dim) at the current position; return all keys and
@@ -351,7 +410,8 @@ class Transformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: Optional[KVCache] = None,
                 positions: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
-        """ids (B, T) -> logits (B, T, vocab_size).
+        """ids (B, T) -> logits (B, T, vocab_size). ids must lie in [0, vocab_size): check
+        ids from outside with check_token_ids before (forward does not, to stay sync-free).
 
         cache: a KVCache; the T tokens are appended after the ``cache.length`` already seen.
         positions: (B, T) position of each token; by default past .. past + T - 1. Batches of
@@ -362,10 +422,8 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         limit = cache.max_length if cache is not None else self.config.context_length
         if past + T > limit:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the context length {limit}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            bad = int(ids.max()) if int(ids.max()) >= self.config.vocab_size else int(ids.min())
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+            raise ScratchLMError(f"sequence of {past + T} tokens exceeds the context length {limit}")
+        # ids are not range-checked here (no host sync, no graph break): see check_token_ids.
         if positions is None:
             positions = torch.arange(past, past + T, device=ids.device).unsqueeze(0)  # (1, T)
 

@@ -27,25 +27,30 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ScratchLMError
+from ..model import check_token_ids
 from .engine import Engine, QueueFull, SamplingParams, Sequence
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body, validation_error
 
+if TYPE_CHECKING:
+    from ..model import Transformer
+    from ..tokenizer.base import Tokenizer
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 class ServerSettings:
-    """What `scratchlm serve` was told, in one place (see add_commands for the flags)."""
+    """What `scratchlm serve` was told, in one place (the flags are in cli/serve.py)."""
 
-    def __init__(self, model_name: str, *, api_key: Optional[str] = None, max_batch: int = 16,
-                 max_queue: int = 64, max_body_bytes: int = 1_000_000, chat_template: Optional[str] = None,
+    def __init__(self, model_name: str, *, api_key: str | None = None, max_batch: int = 16,
+                 max_queue: int = 64, max_body_bytes: int = 1_000_000, chat_template: str | None = None,
                  retriever=None, rag_k: int = 4, rag_mode: str = "dense"):
         self.model_name, self.api_key, self.chat_template = model_name, api_key or None, chat_template
         self.max_batch, self.max_queue, self.max_body_bytes = max_batch, max_queue, max_body_bytes
@@ -53,7 +58,7 @@ class ServerSettings:
         self.retriever, self.rag_k, self.rag_mode = retriever, rag_k, rag_mode
 
 
-def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
+def create_app(model: Transformer, tokenizer: Tokenizer | None, settings: ServerSettings) -> FastAPI:
     """A FastAPI app serving ``model``; its worker thread runs while the app is up."""
     if tokenizer is not None:
         from ..chat import resolve_template
@@ -106,7 +111,7 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                                 f"'{settings.model_name}'", param="model", code="model_not_found")
 
-    def token_budget(prompt_ids: list[int], asked: Optional[int], param: str, prompt_param: str) -> int:
+    def token_budget(prompt_ids: list[int], asked: int | None, param: str, prompt_param: str) -> int:
         """max_tokens for one prompt: as asked if it fits the context (else a 400), or by
         default all the room the context leaves."""
         if len(prompt_ids) >= context:
@@ -130,14 +135,14 @@ def create_app(model, tokenizer, settings: ServerSettings) -> FastAPI:
                               min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=seed,
                               stop=list(req.stop or []) + list(extra_stops), stop_token_ids=list(stop_ids))
 
-    def run(prompts: list[list[int]], params: list[list[SamplingParams]]) -> "Choices":
+    def run(prompts: list[list[int]], params: list[list[SamplingParams]]) -> Choices:
         """Queue one Sequence per (prompt, choice); their events arrive on one queue."""
         wanted = sum(len(per_choice) for per_choice in params)
         if wanted > settings.max_queue:  # could never fit, however long the client retries
             raise APIError(400, f"this request asks for {wanted} sequences (prompts x n); the server "
                                 f"queues at most {settings.max_queue}", param="n")
         choices = Choices(app.state.mailbox)
-        for ids, per_choice in zip(prompts, params):
+        for ids, per_choice in zip(prompts, params, strict=True):
             for p in per_choice:
                 choices.add(ids, p)
         try:
@@ -269,7 +274,7 @@ class Reply:
     """Builds the response objects of one request, streamed or whole."""
 
     def __init__(self, kind: str, id_prefix: str, model_name: str, prompt_tokens: int,
-                 sources: Optional[list] = None):
+                 sources: list | None = None):
         self.kind, self.model, self.prompt_tokens = kind, model_name, prompt_tokens
         self.sources = sources  # retrieved passages (an extension field), sent once
         self.id = f"{id_prefix}-{uuid.uuid4().hex[:24]}"
@@ -335,8 +340,8 @@ class Reply:
         include_usage = bool(stream_options and stream_options.include_usage)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(index: int, *, text: Optional[str] = None, role: bool = False,
-                  finish: Optional[str] = None) -> str:
+        def chunk(index: int, *, text: str | None = None, role: bool = False,
+                  finish: str | None = None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
                 item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -419,10 +424,10 @@ def _prompt_ids(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
             ids = _encode(tokenizer, p, "prompt")
         else:
             ids = list(p)
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
-                               param="prompt")
+            try:
+                check_token_ids(ids, vocab_size)  # forward does not check: ids are checked here
+            except ScratchLMError as e:
+                raise APIError(400, str(e), param="prompt") from None
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         rows.append(ids)
@@ -461,7 +466,7 @@ async def _retrieval_prompt(req, settings: ServerSettings, tokenizer, context: i
     return text, list(stop_strings), list(stop_ids), sources
 
 
-def _render_chat(messages, template: Optional[str], tokenizer) -> tuple[str, list[str], list[int]]:
+def _render_chat(messages, template: str | None, tokenizer) -> tuple[str, list[str], list[int]]:
     """The conversation as prompt text in the chat template, and what ends the assistant's
     turn in that template: (text, stop strings, stop token ids)."""
     from ..chat import chat_stops, render_chat
@@ -485,6 +490,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         if e.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(ScratchLMError)
+    async def user_error(request: Request, e: ScratchLMError):  # a request we cannot serve
+        error = APIError(400, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):

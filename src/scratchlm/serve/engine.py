@@ -19,6 +19,10 @@ is small enough that per-step overhead dominates (benchmarks/serve_load.py measu
 see docs/serving.md), so batching multiplies throughput; ``max_batch=1`` gives plain
 first-in-first-out serving.
 
+The rows end by generate()'s rule (``StopRule``: a stop id, a stop string, max_tokens,
+or here also the end of the context) and newly admitted prompts are padded by its
+``left_pad``, so the server answers what ``generate`` would.
+
 How rows of different lengths share one KV cache: every row's keys sit *right-aligned*
 in the cache, ending at the column the next step writes (``cache.length``). A row with u
 tokens so far owns columns [length - u, length); ``cache.key_mask`` hides the columns to
@@ -46,13 +50,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..generate import SamplingOptions, TextAssembler, sample_next
-from ..model import KVCache
+from ..errors import ScratchLMError
+from ..generate import StopRule, left_pad
+from ..model import KVCache, check_token_ids
+from ..sampling import SamplingOptions, sample_next
+
+if TYPE_CHECKING:
+    from ..model import Transformer
+    from ..tokenizer.base import Tokenizer
 
 log = logging.getLogger("scratchlm.serve")
 
@@ -67,11 +78,11 @@ class SamplingParams:
 
     max_tokens: int
     temperature: float = 0.0
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: list[str] = field(default_factory=list)  # strings that end the text (and are cut)
     stop_token_ids: list[int] = field(default_factory=list)  # ids that end it (EOT is added)
 
@@ -88,8 +99,8 @@ class Event:
 
     text: str
     completion_tokens: int  # tokens produced so far (a final stop id included, as generate() counts)
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
+    finish_reason: str | None = None
+    error: str | None = None
 
 
 class Sequence:
@@ -102,7 +113,7 @@ class Sequence:
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None]):
         if not prompt_ids:
-            raise ValueError("a prompt needs at least one token")
+            raise ScratchLMError("a prompt needs at least one token")
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.emit = emit
@@ -110,9 +121,9 @@ class Sequence:
         self.cancelled = False
         self.done = threading.Event()  # set once the last event was emitted (or on cancel)
         self._options = params.options()
-        self._generator: Optional[torch.Generator] = None
-        self._text: Optional[TextAssembler] = None
-        self._seen: Optional[torch.Tensor] = None  # (1, V) for the repetition penalty
+        self._generator: torch.Generator | None = None
+        self._rule: StopRule | None = None  # when the row ends (set when it starts)
+        self._seen: torch.Tensor | None = None  # (1, V) for the repetition penalty
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -132,13 +143,12 @@ class Engine:
     max_queue: sequences allowed to wait for a row; ``submit`` raises QueueFull past it.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, max_batch: int = 16,
+                 max_queue: int = 64):
         if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
+            raise ScratchLMError("max_batch and max_queue must be at least 1")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
-        self.eot_ids = {int(eot)} if eot is not None else set()
         self._waiting: deque[Sequence] = deque()
         self._wakeup = threading.Condition()
         self._closed = False
@@ -161,7 +171,7 @@ class Engine:
             self.model(torch.zeros(1, 1, dtype=torch.long, device=device))
 
     # ---- the HTTP side -------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread.start()
         return self
 
@@ -173,7 +183,12 @@ class Engine:
             self._thread.join(timeout)
 
     def submit(self, sequences: list[Sequence]) -> None:
-        """Queue all of ``sequences`` (one request's choices), or none of them."""
+        """Queue all of ``sequences`` (one request's choices), or none of them.
+
+        A prompt id outside the vocabulary is a ScratchLMError here, not a failed step later.
+        """
+        for seq in sequences:
+            check_token_ids(seq.prompt_ids, self.model.config.vocab_size)
         with self._wakeup:
             if self._closed:
                 raise QueueFull("the server is shutting down")
@@ -183,6 +198,7 @@ class Engine:
             self._wakeup.notify()
 
     def cancel(self, sequences: list[Sequence]) -> None:
+        """Stop generating for ``sequences`` (from any thread): dropped before the next step."""
         for seq in sequences:
             seq.cancel()
         with self._wakeup:
@@ -215,7 +231,7 @@ class Engine:
         for seq in list(self.batch.rows) + list(self._waiting):  # shutting down: end everyone
             self._fail(seq, "the server is shutting down")
 
-    def _wait_for_work(self) -> Optional[list[Sequence]]:
+    def _wait_for_work(self) -> list[Sequence] | None:
         """Block until there is something to do; take waiting sequences (FIFO) into free rows."""
         with self._wakeup:
             while True:
@@ -255,8 +271,8 @@ class Engine:
         """Prefill newly admitted sequences together, sample each one's first token, and let
         them join the running batch.
 
-        The prompts are left-padded to one length T, as generate() does: padding keys are
-        masked out and each row's positions start at 0 at its first real token.
+        The prompts are left-padded to one length T by generate()'s left_pad: padding keys
+        are masked out and each row's positions start at 0 at its first real token.
         """
         for seq in [s for s in sequences if s.cancelled]:
             seq.done.set()
@@ -265,28 +281,25 @@ class Engine:
             return
         model = self.model
         device = model.tok_emb.weight.device
+        context = model.config.context_length
         for seq in sequences:
             p = seq.params
             if p.seed is not None:
                 seq._generator = torch.Generator(device=device).manual_seed(int(p.seed))
-            seq._text = TextAssembler(self.tokenizer, p.stop)
+            # A row also ends when the context is full: at most context - P tokens after a P-token prompt.
+            seq._rule = StopRule(self.tokenizer, min(p.max_tokens, context - len(seq.prompt_ids)),
+                                 stop_token_ids=p.stop_token_ids, stop=p.stop)
             if p.repetition_penalty != 1.0:
                 seq._seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
                 seq._seen[0, seq.prompt_ids] = True
-        T = max(len(s.prompt_ids) for s in sequences)
-        ids = torch.zeros(len(sequences), T, dtype=torch.long, device=device)  # (B, T)
-        pad = torch.tensor([T - len(s.prompt_ids) for s in sequences], device=device)  # (B,)
-        for i, seq in enumerate(sequences):
-            ids[i, T - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids, device=device)
-        cache = model.new_cache(len(sequences), T)
+        batch = left_pad([s.prompt_ids for s in sequences], device=device)  # ids (B, T)
+        cache = model.new_cache(len(sequences), batch.prompt_length)
         positions = None
-        if bool((pad > 0).any()):
-            columns = torch.arange(T, device=device)
-            cache.key_mask = columns[None, :] >= pad[:, None]  # (B, T) True at real tokens
-            positions = (columns[None, :] - pad[:, None]).clamp(min=0)
-        hidden = model(ids, cache=cache, positions=positions, return_hidden=True)
+        if batch.padded:
+            cache.key_mask, positions = batch.key_mask, batch.positions
+        hidden = model(batch.ids, cache=cache, positions=positions, return_hidden=True)
         logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position matters
-        for row, (seq, token) in enumerate(zip(sequences, self._sample(sequences, logits))):
+        for row, (seq, token) in enumerate(zip(sequences, self._sample(sequences, logits), strict=True)):
             if self._accept(seq, token):
                 self.batch.add(seq, cache, row)
 
@@ -302,7 +315,7 @@ class Engine:
         logits = batch.step()  # (B, V)
         self.steps += 1
         tokens = self._sample(batch.rows, logits)
-        finished = [seq for seq, token in zip(list(batch.rows), tokens) if not self._accept(seq, token)]
+        finished = [seq for seq, token in zip(list(batch.rows), tokens, strict=True) if not self._accept(seq, token)]
         batch.remove(finished)
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
@@ -317,24 +330,18 @@ class Engine:
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Record a sampled token, send the text it completes; False when the row is done.
 
-        The rules are generate()'s: a stop id (EOT or a requested one) ends the row and is
-        not part of the text; a stop string ends it and is cut off; otherwise the row ends
-        at max_tokens or when the context is full.
+        The row's StopRule decides (generate()'s rule): a stop id (EOT or a requested one)
+        ends the row and is not part of the text; a stop string ends it and is cut off;
+        otherwise the row ends at max_tokens or when the context is full.
         """
         seq.generated.append(token)
         if seq._seen is not None:
             seq._seen[0, token] = True
-        produced = len(seq.generated)
-        if token in self.eot_ids or token in seq.params.stop_token_ids:
-            return self._finish(seq, seq._text.flush(), "stop")
-        piece, hit_stop = seq._text.add(token)
-        if hit_stop:
-            return self._finish(seq, piece, "stop")
-        context = self.model.config.context_length
-        if produced >= seq.params.max_tokens or len(seq.prompt_ids) + produced >= context:
-            return self._finish(seq, piece + seq._text.flush(), "length")
-        if piece:
-            seq.emit(Event(piece, produced))
+        text, reason = seq._rule.add(token)
+        if reason is not None:
+            return self._finish(seq, text, reason)
+        if text:
+            seq.emit(Event(text, len(seq.generated)))
         return True
 
     def _finish(self, seq: Sequence, text: str, reason: str) -> bool:
@@ -347,24 +354,22 @@ class RunningBatch:
     """The KV cache of every row in flight, side by side and right-aligned (see the module
     docstring). Row i of the cache belongs to ``rows[i]``.
 
-    The buffers hold ``allocated`` rows and ``columns`` positions, both grown by doubling
+    ``cache`` holds ``allocated`` rows and ``columns`` positions, both grown by doubling
     (up to max_batch and the context length) and never shrunk, so a model with a 128k
-    context does not reserve 128k positions per row for short chats. The model sees a
-    KVCache whose tensors are views of the first B rows, so its writes land in the buffers.
-    A row that leaves is replaced by the last row (one row copied): the rows in use are
-    always the first B and nothing else moves.
+    context does not reserve 128k positions per row for short chats. Its ``key_mask``
+    (allocated, columns) is True at each row's keys. The model sees ``cache.view`` of the
+    first B rows, so its writes land in the buffers. A row that leaves is replaced by the
+    last row (one row copied): the rows in use are always the first B and nothing else moves.
     """
 
-    def __init__(self, model, max_batch: int, columns: int = 256):
+    def __init__(self, model: Transformer, max_batch: int, columns: int = 256):
         self.model, self.max_batch = model, max_batch
         self.context = model.config.context_length
         self.initial_columns = min(columns, self.context)
         self.rows: list[Sequence] = []
         self.length = 0  # the column the next step writes; every row's keys end just before it
         self.allocated, self.columns = 0, 0
-        self.k: list[torch.Tensor] = []  # per layer (allocated, n_kv_heads, columns, head_dim)
-        self.v: list[torch.Tensor] = []
-        self.key_mask: Optional[torch.Tensor] = None  # (allocated, columns), True at a row's keys
+        self.cache: KVCache | None = None  # the buffers, made by the first _reserve
 
     def add(self, seq: Sequence, prefill: KVCache, row: int = 0) -> None:
         """Append a row whose prompt is row ``row`` of ``prefill`` (a cache of left-padded
@@ -375,12 +380,12 @@ class RunningBatch:
             self.length = P
         elif self.length < P:  # not enough columns to the left of the others: shift them right
             self._shift(P - self.length)
-        end = self.length
+        end, cache = self.length, self.cache
         for layer in range(len(prefill.k)):
-            self.k[layer][B, :, end - P:end] = prefill.k[layer][row, :, T - P:T]
-            self.v[layer][B, :, end - P:end] = prefill.v[layer][row, :, T - P:T]
-        self.key_mask[B] = False
-        self.key_mask[B, end - P:end] = True
+            cache.k[layer][B, :, end - P:end] = prefill.k[layer][row, :, T - P:T]
+            cache.v[layer][B, :, end - P:end] = prefill.v[layer][row, :, T - P:T]
+        cache.key_mask[B] = False
+        cache.key_mask[B, end - P:end] = True
         self.rows.append(seq)
 
     def remove(self, leaving: list[Sequence]) -> None:
@@ -389,9 +394,8 @@ class RunningBatch:
                 continue
             i, last = self.rows.index(seq), len(self.rows) - 1
             if i != last:  # move the last row into the hole
-                for t in self.k + self.v:
+                for t in self.cache.k + self.cache.v + [self.cache.key_mask]:
                     t[i] = t[last]
-                self.key_mask[i] = self.key_mask[last]
                 self.rows[i] = self.rows[last]
             self.rows.pop()
         if not self.rows:
@@ -405,16 +409,13 @@ class RunningBatch:
                 self._reserve(len(self.rows), self.columns + 1)  # room is cheap: grow
             else:
                 self._shift(-unused)  # at the context limit (or plenty unused): slide left
-        B, device = len(self.rows), self.key_mask.device
+        B, device = len(self.rows), self.cache.key_mask.device
         ids = torch.tensor([[s.generated[-1]] for s in self.rows], dtype=torch.long, device=device)
         positions = torch.tensor([[s.cached_tokens] for s in self.rows], dtype=torch.long, device=device)
-        self.key_mask[:B, self.length] = True  # the column this step writes
-        cache = self._cache
-        cache.k, cache.v = [t[:B] for t in self.k], [t[:B] for t in self.v]
-        cache.key_mask, cache.length, cache.batch_size = self.key_mask[:B], self.length, B
-        cache.max_length = self.columns
-        hidden = self.model(ids, cache=cache, positions=positions, return_hidden=True)
-        self.length = cache.length
+        self.cache.key_mask[:B, self.length] = True  # the column this step writes
+        view = self.cache.view(slice(0, B), length=self.length)  # the first B rows, written in place
+        hidden = self.model(ids, cache=view, positions=positions, return_hidden=True)
+        self.length = view.length
         return self.model.lm_head(hidden[:, -1])
 
     # ---- buffers ---------------------------------------------------------------------------
@@ -426,24 +427,23 @@ class RunningBatch:
         new_columns = self.columns if columns <= self.columns else min(
             self.context, max(columns, 2 * self.columns, self.initial_columns))
         fresh = self.model.new_cache(new_rows, new_columns)  # zeros in the model's dtype and device
-        r, c = self.allocated, self.columns  # keys stay in the same columns: the first c
-        for old, new in zip(self.k + self.v, fresh.k + fresh.v):
-            new[:r, :, :c] = old
-        mask = torch.zeros(new_rows, new_columns, dtype=torch.bool, device=fresh.k[0].device)
-        if self.key_mask is not None:
-            mask[:r, :c] = self.key_mask
-        self.k, self.v, self.key_mask = fresh.k, fresh.v, mask
+        fresh.key_mask = torch.zeros(new_rows, new_columns, dtype=torch.bool, device=fresh.k[0].device)
+        if self.cache is not None:  # keys stay in the same rows and columns: the first r, c
+            r, c = self.allocated, self.columns
+            for old, new in zip(self.cache.k + self.cache.v, fresh.k + fresh.v, strict=True):
+                new[:r, :, :c] = old  # (rows, n_kv_heads, columns, head_dim)
+            fresh.key_mask[:r, :c] = self.cache.key_mask
+        self.cache = fresh
         self.allocated, self.columns = new_rows, new_columns
-        fresh.k, fresh.v = [], []
-        self._cache = fresh  # reused as the KVCache the model sees (its tensors set per step)
 
     def _shift(self, by: int) -> None:
         """Move every row's columns ``by`` to the right (by > 0) or left (by < 0)."""
         B, L = len(self.rows), self.length
         lo = max(0, -by)  # columns [lo, L) survive a left shift; all of them a right one
-        for t in self.k + self.v:
+        for t in self.cache.k + self.cache.v:
             t[:B, :, lo + by:L + by] = t[:B, :, lo:L].clone()
-        moved = self.key_mask[:B, lo:L].clone()
-        self.key_mask[:B] = False
-        self.key_mask[:B, lo + by:L + by] = moved
+        mask = self.cache.key_mask
+        moved = mask[:B, lo:L].clone()
+        mask[:B] = False
+        mask[:B, lo + by:L + by] = moved
         self.length = L + by

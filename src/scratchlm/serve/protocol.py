@@ -17,7 +17,7 @@ scratchlm.serve.protocol.APIError: n: Input should be greater than or equal to 1
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -29,7 +29,7 @@ class APIError(Exception):
     """A request the server will not serve: an HTTP status and an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -45,23 +45,23 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
     stream: bool = False
-    stream_options: Optional["StreamOptions"] = None
+    stream_options: StreamOptions | None = None
     # Not part of the OpenAI API; common extensions (vLLM, llama.cpp use the same names).
-    top_k: Optional[int] = Field(None, ge=0)
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     # OpenAI options this server does not implement: refused unless left at their defaults.
-    logprobs: Union[bool, int, None] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logit_bias: Optional[dict] = None
+    logprobs: bool | int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
 
     @field_validator("stop")
     @classmethod
@@ -88,11 +88,11 @@ class StreamOptions(BaseModel):
 class CompletionRequest(_Request):
     """POST /v1/completions: continue a prompt (or several)."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
-    max_tokens: Optional[int] = Field(16, ge=1)  # the OpenAI default for completions
+    suffix: str | None = None
+    best_of: int | None = None
+    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -114,8 +114,8 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[ContentPart], None] = None
-    name: Optional[str] = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined)."""
@@ -130,9 +130,9 @@ class ChatCompletionRequest(_Request):
     """POST /v1/chat/completions: the next message of a conversation."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
-    tools: Optional[list] = None
-    response_format: Optional[dict] = None
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    tools: list | None = None
+    response_format: dict | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -144,7 +144,7 @@ class ChatCompletionRequest(_Request):
                            param="response_format", code="unsupported_parameter")
 
     @property
-    def token_limit(self) -> Optional[int]:
+    def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 

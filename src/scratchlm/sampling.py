@@ -1,0 +1,160 @@
+"""Choosing the next token from the logits: greedy, temperature, top-k, top-p, min-p, and
+the repetition penalty. Each filter maps logits (..., V) to logits with the dropped tokens
+at -inf; ``sample_next`` applies them in order and draws one token per row.
+
+    logits (B, V) -> repetition penalty -> / temperature -> top-k -> top-p -> min-p
+                  -> softmax -> sample          (temperature 0: argmax, "greedy")
+
+>>> import torch
+>>> logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+>>> sample_next(logits, SamplingOptions()).tolist()  # greedy: the most likely token
+[1]
+>>> g = torch.Generator().manual_seed(0)
+>>> sample_next(logits, SamplingOptions(temperature=1.0, top_k=1), g).tolist()  # one candidate left
+[1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ScratchLMError
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingOptions:
+    """How the next token is chosen from the logits. Validated on construction.
+
+    >>> SamplingOptions(temperature=0.7, top_p=0.9).greedy
+    False
+    >>> SamplingOptions(top_p=1.5)
+    Traceback (most recent call last):
+    ...
+    scratchlm.errors.ScratchLMError: top_p must be in (0, 1], got 1.5
+    """
+
+    temperature: float = 0.0  # 0: greedy (argmax); 1: the model's own distribution
+    top_k: int | None = None  # keep the k most likely tokens (None or 0: all)
+    top_p: float | None = None  # keep the smallest set holding probability >= top_p
+    min_p: float | None = None  # keep tokens with prob >= min_p * the top token's prob
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output
+
+    def __post_init__(self):
+        t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
+        if not isinstance(t, (int, float)) or t != t or t < 0:
+            raise ScratchLMError(f"temperature must be >= 0 (0 means greedy), got {t}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ScratchLMError(f"top_k must be a positive integer (or 0/None for no limit), got {k}")
+        if p is not None and not (0.0 < p <= 1.0):
+            raise ScratchLMError(f"top_p must be in (0, 1], got {p}")
+        if m is not None and not (0.0 <= m <= 1.0):
+            raise ScratchLMError(f"min_p must be in [0, 1], got {m}")
+        if not r > 0:
+            raise ScratchLMError(f"repetition_penalty must be > 0, got {r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits of each row (and any tied with the k-th), -inf elsewhere.
+
+    torch.topk finds the k-th value without sorting the whole vocabulary.
+
+    >>> top_k_filter(torch.tensor([1.0, 3.0, 2.0, 0.0]), 2)
+    tensor([-inf, 3., 2., -inf])
+    """
+    if not k or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1): the k-th largest
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability adds
+    up to at least p; -inf elsewhere. The most likely token is always kept.
+
+    >>> probs = torch.tensor([0.1, 0.5, 0.15, 0.25])
+    >>> top_p_filter(probs.log(), 0.7).exp()  # 0.5 + 0.25 = 0.75 >= 0.7
+    tensor([0.0000, 0.5000, 0.0000, 0.2500])
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of all more likely tokens
+    drop_sorted = mass_before >= p  # the set was already complete before this token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least min_p times the most likely token's.
+
+    The cut scales with the model's confidence: a peaked distribution keeps few tokens,
+    a flat one keeps many.
+
+    >>> probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    >>> min_p_filter(probs.log(), 0.2).isfinite().tolist()  # threshold 0.2 * 0.5 = 0.1
+    [True, True, True, False]
+    """
+    if not min_p:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already seen less likely (penalty > 1): positive logits are divided by
+    the penalty, negative ones multiplied, so both move towards "less likely" (CTRL, 2019).
+
+    logits (B, V) float; seen (B, V) bool, True for tokens in the prompt or output so far.
+
+    >>> apply_repetition_penalty(torch.tensor([[2.0, -2.0, 2.0]]), torch.tensor([[True, True, False]]), 2.0)
+    tensor([[ 1., -4.,  2.]])
+    """
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, in that order. logits (B, V) float32."""
+    logits = logits / options.temperature
+    if options.top_k:
+        logits = top_k_filter(logits, options.top_k)
+    if options.top_p is not None:
+        logits = top_p_filter(logits, options.top_p)
+    if options.min_p:
+        logits = min_p_filter(logits, options.min_p)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None = None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Choose one token per row. logits (B, V) -> ids (B,).
+
+    With top_k set, the other filters and the draw work on the k candidates only (sorted
+    by torch.topk), so no step touches the whole vocabulary more than once.
+    """
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
+    if options.greedy:
+        return logits.argmax(dim=-1)
+    candidates = None
+    if options.top_k and options.top_k < logits.shape[-1]:
+        logits, candidates = torch.topk(logits, options.top_k, dim=-1)  # (B, k) each
+    logits = filter_logits(logits, SamplingOptions(options.temperature, None, options.top_p, options.min_p))
+    probs = logits.softmax(dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    if candidates is not None:
+        choice = candidates.gather(-1, choice)
+    return choice.squeeze(-1)
