@@ -252,6 +252,19 @@ def write_gguf(model, path: str, qtype: str) -> int:
     return per_token
 
 
+def llama_cpp_runs(path: str, threads: int) -> bool:
+    """Whether this llama-cpp-python build can read and run ``path``: tried in a child
+    process, since a wheel built for other CPU features dies of SIGILL (seen here on the
+    Q8_0 and Q4_0 kernels of a prebuilt wheel), which would end the whole benchmark."""
+    import subprocess
+    import sys
+
+    code = ("from llama_cpp import Llama; m = Llama(model_path=%r, n_ctx=64, n_threads=%d, verbose=False); "
+            "m.eval([1, 2, 3]); print('ok')" % (path, threads))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    return "ok" in done.stdout
+
+
 def llama_cpp_peer(path: str, n_new: int, threads: int, n_ctx: int):
     from llama_cpp import Llama
 
@@ -379,7 +392,12 @@ def main() -> None:
             folder = tempfile.mkdtemp(prefix="decode-bench-")
             for qtype in ("F16", "Q8_0", "Q4_0"):
                 path = f"{folder}/{args.model}-{qtype}.gguf"
-                gguf_bytes[f"llama.cpp {qtype}"] = write_gguf(plain, path, qtype)
+                per_token = write_gguf(plain, path, qtype)
+                if not llama_cpp_runs(path, args.threads):
+                    print(f"llama.cpp {qtype} skipped: this llama-cpp-python build crashes on it "
+                          f"(rebuild: CMAKE_ARGS='-DGGML_NATIVE=ON' pip install --no-binary :all: llama-cpp-python)")
+                    continue
+                gguf_bytes[f"llama.cpp {qtype}"] = per_token
                 peers[f"llama.cpp {qtype}"] = llama_cpp_peer(path, n, args.threads,
                                                              max(args.prefill_tokens, args.prompt_tokens) + n + 8)
         except ImportError:
