@@ -34,6 +34,8 @@ demo: setup
 bench-setup: setup
 	$(PY) -m pip install -q -e ".[dev,bench]" "$(TORCH)"
 	$(PY) -m pip install -q --no-deps llms-from-scratch
+	# llama.cpp for benchmarks/decode.py (GGUF files written with gguf's writer); builds from source.
+	$(PY) -m pip install -q gguf llama-cpp-python
 
 bench: bench-setup
 	$(PY) benchmarks/bpe_train.py

@@ -1,22 +1,31 @@
-"""Decode speed on GPT-2 124M (random weights): scratchlm against its peers, side by side.
+"""Decode speed of scratchlm against its peers, side by side, on random weights.
 
-Peers, all greedy, all holding the same weights, run interleaved round by round in one
-process so that a busy machine slows them alike:
+Models: ``--model smollm2-135m`` (the Llama architecture with GQA: 30 layers, 9 query heads
+sharing 3 key/value heads, tied head, vocabulary 49,152; the default) or ``--model gpt2``
+(GPT-2 124M). Peers, all greedy, all holding the same weights, run interleaved round by
+round in one process so that a busy machine slows them alike:
 
-    hf          transformers GPT2LMHeadModel.generate(use_cache=True), fp32
-    lfs         llms_from_scratch.kv_cache.gpt2 (the book's KV-cache GPT), fp32, its own greedy loop
+    hf          transformers .generate(use_cache=True), fp32
+    lfs         llms_from_scratch.kv_cache.gpt2 (the book's KV-cache GPT, GPT-2 only)
+    llama.cpp   llama-cpp-python on the same weights written as GGUF F16, Q8_0 and Q4_0 with
+                the gguf package's writer (smollm2 shape only; skipped if not installed)
     ours        scratchlm.generate on the model as trained (nn.Linear, fp32), then after
-                decode_weights.prepare_for_decode: fp32 transposed, bf16, int8 weight-only
+                decode_weights.prepare_for_decode: fp32 transposed, bf16, int8, int4
 
-Tokens/s counts the new tokens over the whole call (a 32-token prefill included). The
-memory-bandwidth limit is what a perfect decoder would reach: read bandwidth (measured
-here, summing a 1 GiB tensor) / bytes of weights read per token (every matrix once; the
-embedding lookups read one row, and a tied output head is the embedding matrix).
+Tokens/s counts the new tokens over the whole call (a 32-token prefill included). Prefill
+tokens/s is a 512-token prompt read once (the time to the first token). The memory-bandwidth
+limit is what a perfect decoder would reach: read bandwidth (measured here, summing a 1 GiB
+tensor) / bytes of weights read per token (every matrix once; the embedding lookups read one
+row, and a tied output head is the embedding matrix).
 
-    python benchmarks/decode.py                      # 2 threads, 32 new tokens, 5 rounds
+    python benchmarks/decode.py                      # smollm2-135m, 2 threads, 5 rounds
+    python benchmarks/decode.py --model gpt2
     python benchmarks/decode.py --quick              # fewer tokens and rounds
+    python benchmarks/decode.py --attention          # only the per-call attention timings
+    python benchmarks/decode.py --profile            # only a profile of one decode step
 
-Needs the bench extra (pip install -e '.[bench]') and pip install --no-deps llms-from-scratch.
+Needs the bench extra (pip install -e '.[bench]'), pip install --no-deps llms-from-scratch,
+and for the llama.cpp peer gguf and llama-cpp-python (``make bench-setup``).
 """
 
 from __future__ import annotations
@@ -160,6 +169,121 @@ def lfs_model_from(hf_model):
     return model
 
 
+def hf_model_for(name: str):
+    """A randomly initialised transformers model of the named shape (seed 0)."""
+    import transformers
+
+    from scratchlm.config import ModelConfig
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    c = ModelConfig.preset(name)
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.context_length,
+        rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+# ---- llama.cpp on the same weights ---------------------------------------------------------
+def write_gguf(model, path: str, qtype: str) -> int:
+    """Write scratchlm Llama ``model`` (nn.Linear layout) as a GGUF file for llama.cpp with
+    every matrix in ``qtype`` (F16, Q8_0 or Q4_0) and the norms in F32; returns the bytes of
+    the tensors read per token. The vocabulary is placeholder pieces (random weights)."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    kind = gguf.GGMLQuantizationType[qtype]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(c.context_length)
+    w.add_embedding_length(c.d_model)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.d_ff)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>".encode() for i in range(c.vocab_size)])
+    w.add_token_scores([0.0] * c.vocab_size)
+    w.add_token_types([1] * c.vocab_size)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    per_token = 0
+
+    def matrix(name, t):
+        nonlocal per_token
+        a = t.detach().float().numpy()
+        if kind == gguf.GGMLQuantizationType.F16:
+            data = a.astype(np.float16)
+            w.add_tensor(name, data)
+        else:
+            data = gguf.quants.quantize(a, kind)
+            w.add_tensor(name, data, raw_dtype=kind)
+        if name != "token_embd.weight" or c.tie_embeddings:  # the head reads the whole table
+            per_token += data.nbytes
+
+    def vector(name, t):
+        w.add_tensor(name, t.detach().float().numpy())
+
+    matrix("token_embd.weight", model.tok_emb.weight)
+    for i, b in enumerate(model.blocks):
+        q, k, v = b.attn.qkv_proj.weight.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
+                                                c.n_kv_heads * c.head_dim])
+        vector(f"blk.{i}.attn_norm.weight", b.attn_norm.weight)
+        matrix(f"blk.{i}.attn_q.weight", q)
+        matrix(f"blk.{i}.attn_k.weight", k)
+        matrix(f"blk.{i}.attn_v.weight", v)
+        matrix(f"blk.{i}.attn_output.weight", b.attn.out_proj.weight)
+        vector(f"blk.{i}.ffn_norm.weight", b.mlp_norm.weight)
+        matrix(f"blk.{i}.ffn_gate.weight", b.mlp.gate_proj.weight)
+        matrix(f"blk.{i}.ffn_up.weight", b.mlp.up_proj.weight)
+        matrix(f"blk.{i}.ffn_down.weight", b.mlp.down_proj.weight)
+    vector("output_norm.weight", model.final_norm.weight)
+    if not c.tie_embeddings:
+        matrix("output.weight", model.lm_head.weight)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return per_token
+
+
+def llama_cpp_runs(path: str, threads: int) -> bool:
+    """Whether this llama-cpp-python build can read and run ``path``: tried in a child
+    process, since a wheel built for other CPU features dies of SIGILL (seen here on the
+    Q8_0 and Q4_0 kernels of a prebuilt wheel), which would end the whole benchmark."""
+    import subprocess
+    import sys
+
+    code = ("from llama_cpp import Llama; m = Llama(model_path=%r, n_ctx=64, n_threads=%d, verbose=False); "
+            "m.eval([1, 2, 3]); print('ok')" % (path, threads))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    return "ok" in done.stdout
+
+
+def llama_cpp_peer(path: str, n_new: int, threads: int, n_ctx: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+
+    def run(ids):
+        if ids.shape[0] != 1:
+            raise ValueError("batch 1 only")
+        llm.reset()
+        out = []
+        for token in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True):
+            out.append(token)
+            if len(out) == n_new:
+                break
+        return torch.tensor([out])
+    return run
+
+
 def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> str:
     if torch.equal(tokens, reference):
         return "same"
@@ -167,49 +291,124 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> str:
     return f"differs from token {int(row.nonzero()[0])}" if row.any() else "same (row 0)"
 
 
+def attention_per_call(config, cached: int = 85, repeats: int = 200) -> None:
+    """Per-call time of the decode attention (one query token, ``cached`` keys) in the
+    layouts and kernel choices that were considered, best of interleaved rounds."""
+    import torch.nn.functional as F
+
+    H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
+    print(f"attention per call: {H} query heads, {Hkv} kv heads, head_dim {D}, {cached} cached positions")
+    for dtype in (torch.float32, torch.bfloat16):
+        for B in (1, 8):
+            q = torch.randn(B, 1, H, D, dtype=dtype).transpose(1, 2)  # (B, H, 1, D) as the model makes it
+            k_buf, v_buf = (torch.randn(B, Hkv, 1024, D, dtype=dtype) for _ in range(2))
+            k, v = k_buf[:, :, :cached], v_buf[:, :, :cached]  # the cache's views
+            kc, vc = k.contiguous(), v.contiguous()
+            grouped = q.reshape(B, Hkv, H // Hkv, D)
+            calls = {"enable_gqa on the cache views": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                     "enable_gqa on contiguous keys": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True),
+                     "repeat_interleave to MHA": lambda: F.scaled_dot_product_attention(
+                         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)),
+                     "group folded into queries (ours)": lambda: F.scaled_dot_product_attention(grouped, k, v)}
+            best = {name: float("inf") for name in calls}
+            with torch.inference_mode():
+                for _ in range(5):
+                    for name, fn in calls.items():
+                        best[name] = min(best[name], _timed(lambda: [fn() for _ in range(repeats)])[0] / repeats)
+            print(f"  {str(dtype)[6:]:8s} batch {B}: " + ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in best.items()))
+
+
+def profile_step(model, steps: int = 10, cached: int = 85) -> None:
+    """torch.profiler table of ``steps`` decode steps at ``cached`` positions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(1, cached + 1)
+    with torch.inference_mode():
+        model(torch.randint(0, model.config.vocab_size, (1, cached)), cache=cache)
+        ids = torch.tensor([[5]])
+
+        def step():
+            cache.length = cached
+            return model.lm_head(model(ids, cache=cache, return_hidden=True)[:, -1])
+        for _ in range(3):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["smollm2-135m", "gpt2"], default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt of the prefill run (0: skip)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput run (0: skip)")
-    ap.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds")
+    ap.add_argument("--draft-k", type=int, default=4, help="draft tokens per round of speculative decoding (0: skip)")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peers")
+    ap.add_argument("--quick", action="store_true", help="16 new tokens, 3 rounds")
+    ap.add_argument("--attention", action="store_true", help="only time the decode attention per call")
+    ap.add_argument("--profile", action="store_true", help="only profile decode steps (fp32 and bf16)")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.rounds = 16, 3
     torch.set_num_threads(args.threads)
 
-    import transformers
-
-    from scratchlm.hf import from_hf_model
     from scratchlm.decode_weights import prepare_for_decode
+    from scratchlm.hf import from_hf_model
 
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    hf = hf_model_for(args.model)
     plain = from_hf_model(hf).eval()  # nn.Linear layout, as trained
-    ours32 = prepare_for_decode(copy.deepcopy(plain), "fp32")
-    ours16 = prepare_for_decode(copy.deepcopy(plain), "bf16")
-    ours8 = prepare_for_decode(copy.deepcopy(plain), "int8")
-    ours8d = prepare_for_decode(copy.deepcopy(plain), "int8-dynamic")
-    models = {"hf fp32": hf, "ours fp32 (Linear)": plain, "ours fp32": ours32, "ours bf16": ours16,
-              "ours int8": ours8, "ours int8-dynamic": ours8d}
+    if args.attention:
+        return attention_per_call(plain.config)
+    if args.profile:
+        for layout in ("fp32", "bf16"):
+            print(f"--- {layout}")
+            profile_step(prepare_for_decode(copy.deepcopy(plain), layout))
+        return
+    models = {"hf fp32": hf, "ours fp32 (Linear)": plain}
+    for layout in ("fp32", "bf16", "int8", "int4"):
+        models[f"ours {layout}"] = prepare_for_decode(copy.deepcopy(plain), layout)
     n = args.new_tokens
     peers = {"hf fp32": hf_peer(hf, n)}
-    try:
-        lfs = lfs_model_from(hf)
-        models["lfs fp32"] = lfs
-        peers["lfs fp32"] = lfs_peer(lfs, n)
-    except ImportError:
-        print("llms-from-scratch not installed: pip install --no-deps llms-from-scratch")
-    peers |= {"ours fp32 (Linear)": ours_peer(plain, n), "ours fp32": ours_peer(ours32, n), "ours bf16": ours_peer(ours16, n), "ours int8": ours_peer(ours8, n),
-              "ours int8-dynamic": ours_peer(ours8d, n)}
+    if args.model == "gpt2":
+        try:
+            lfs = lfs_model_from(hf)
+            models["lfs fp32"] = lfs
+            peers["lfs fp32"] = lfs_peer(lfs, n)
+        except ImportError:
+            print("llms-from-scratch not installed: pip install --no-deps llms-from-scratch")
+    peers |= {name: ours_peer(m, n) for name, m in models.items() if name.startswith("ours")}
+    gguf_bytes: dict[str, int] = {}
+    if args.model != "gpt2" and not args.no_llama_cpp:
+        try:
+            import tempfile
+
+            import llama_cpp  # noqa: F401
+
+            folder = tempfile.mkdtemp(prefix="decode-bench-")
+            for qtype in ("F16", "Q8_0", "Q4_0"):
+                path = f"{folder}/{args.model}-{qtype}.gguf"
+                per_token = write_gguf(plain, path, qtype)
+                if not llama_cpp_runs(path, args.threads):
+                    print(f"llama.cpp {qtype} skipped: this llama-cpp-python build crashes on it "
+                          f"(rebuild: CMAKE_ARGS='-DGGML_NATIVE=ON' pip install --no-binary :all: llama-cpp-python)")
+                    continue
+                gguf_bytes[f"llama.cpp {qtype}"] = per_token
+                peers[f"llama.cpp {qtype}"] = llama_cpp_peer(path, n, args.threads,
+                                                             max(args.prefill_tokens, args.prompt_tokens) + n + 8)
+        except ImportError:
+            print("llama.cpp peers skipped: pip install gguf llama-cpp-python")
 
     bandwidth = read_bandwidth()
-    print(f"GPT-2 124M, random weights, {args.threads} threads, prompt {args.prompt_tokens} tokens, "
+    print(f"{args.model}, random weights, {args.threads} threads, prompt {args.prompt_tokens} tokens, "
           f"{n} new tokens, {args.rounds} interleaved rounds")
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor)")
-    prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+    vocab = plain.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
     for name, run in peers.items():  # warm up
         run(prompt)
 
@@ -221,27 +420,86 @@ def main() -> None:
             times[name].append(t)
             tokens[name] = out
     # x hf: the median over rounds of (hf time / peer time) within the same round, which a
-    # machine whose load drifts from round to round disturbs least.
-    print(f"\nbatch 1             tok/s best / median   x hf (median of rounds)   bytes/token   limit tok/s"
+    # machine whose load drifts from round to round disturbs least. x llama.cpp: against the
+    # llama.cpp file of the same bits per weight (fp32 and bf16 against F16).
+    same_bits = {"ours fp32": "llama.cpp F16", "ours bf16": "llama.cpp F16", "ours int8": "llama.cpp Q8_0",
+                 "ours int4": "llama.cpp Q4_0"}
+    print(f"\nbatch 1             tok/s best / median   x hf    x llama.cpp   bytes/token   limit tok/s"
           f"   best of limit   greedy vs hf fp32")
     for name in peers:
         best, median = min(times[name]), statistics.median(times[name])
         ratio = statistics.median(h / t for h, t in zip(times["hf fp32"], times[name]))
-        per_token = weight_bytes_per_token(models[name])
+        peer = same_bits.get(name)
+        x_cpp = (f"{statistics.median(c / t for c, t in zip(times[peer], times[name])):8.2f}"
+                 if peer in times else "       -")
+        per_token = gguf_bytes[name] if name in gguf_bytes else weight_bytes_per_token(models[name])
         limit = bandwidth / per_token
-        print(f"{name:18s} {n / best:10.1f} / {n / median:6.1f}   {ratio:10.2f}               {per_token / 1e6:8.0f} MB"
-              f"   {limit:10.1f}   {n / best / limit:10.0%}      {agreement(tokens[name], tokens['hf fp32'])}")
+        same = agreement(tokens[name], tokens["hf fp32"]) if not name.startswith("llama.cpp") else "(own vocab)"
+        print(f"{name:18s} {n / best:10.1f} / {n / median:6.1f}   {ratio:5.2f}   {x_cpp}      {per_token / 1e6:8.0f} MB"
+              f"   {limit:10.1f}   {n / best / limit:10.0%}      {same}")
+
+    if args.prefill_tokens:
+        long = torch.randint(0, vocab, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(3))
+        first = {name: (hf_peer(hf, 1) if name == "hf fp32" else
+                        llama_cpp_peer_first(peers, name) if name.startswith("llama.cpp") else
+                        ours_peer(models[name], 1) if name.startswith("ours") else None) for name in peers}
+        first = {k: v for k, v in first.items() if v is not None}
+        ptimes: dict[str, list[float]] = {name: [] for name in first}
+        for _ in range(max(2, args.rounds // 2)):
+            for name, run in first.items():
+                ptimes[name].append(_timed(run, long)[0])
+        print(f"\nprefill of {args.prefill_tokens} tokens   prompt tokens/s best   x hf (median of rounds)")
+        for name in first:
+            ratio = statistics.median(h / t for h, t in zip(ptimes["hf fp32"], ptimes[name]))
+            print(f"{name:18s} {args.prefill_tokens / min(ptimes[name]):14.1f}          {ratio:10.2f}")
 
     if args.batch:
-        batch = torch.randint(0, 50257, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
-        btimes: dict[str, list[float]] = {name: [] for name in peers}
+        batch = torch.randint(0, vocab, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
+        batched = {name: run for name, run in peers.items() if not name.startswith("llama.cpp")}
+        btimes: dict[str, list[float]] = {name: [] for name in batched}
         for _ in range(max(2, args.rounds // 2)):
-            for name, run in peers.items():
+            for name, run in batched.items():
                 btimes[name].append(_timed(run, batch)[0])
         print(f"\nbatch {args.batch}            tokens/s best (all rows)   x hf (median of rounds)")
-        for name in peers:
+        for name in batched:
             ratio = statistics.median(h / t for h, t in zip(btimes["hf fp32"], btimes[name]))
             print(f"{name:18s} {args.batch * n / min(btimes[name]):14.1f}          {ratio:10.2f}")
+
+    if args.draft_k:
+        speculative_run(models, prompt[0].tolist(), n, args.draft_k, args.rounds)
+
+
+def llama_cpp_peer_first(peers, name):
+    """The llama.cpp peer's first token only: its prefill. (Peers are closures over n_new.)"""
+    run = peers[name]
+    llm = next(c.cell_contents for c in run.__closure__ if type(c.cell_contents).__name__ == "Llama")
+
+    def first(ids):
+        llm.reset()
+        llm.eval(ids[0].tolist())
+    return first
+
+
+def speculative_run(models, prompt: list[int], n: int, k: int, rounds: int) -> None:
+    """Target: ours fp32; draft: the same weights in int4 (it shares the tokenizer by
+    construction). The accepted-token rate, and the speed-up over the target alone."""
+    from scratchlm.generate import generate
+    from scratchlm.speculative import speculative_generate
+
+    target, draft = models["ours fp32"], models["ours int4"]
+    alone = lambda: generate(target, None, [prompt], max_new_tokens=n)  # noqa: E731
+    spec = lambda: speculative_generate(target, draft, prompt, max_new_tokens=n, k=k)  # noqa: E731
+    alone(), spec()
+    ta, ts = [], []
+    for _ in range(rounds):
+        ta.append(_timed(alone)[0])
+        t, result = _timed(spec)
+        ts.append(t)
+    same = result.token_ids == alone()[0].token_ids
+    print(f"\nspeculative (target ours fp32, draft ours int4, k={k}): accepted {result.acceptance_rate:.0%} of "
+          f"proposals, {result.tokens_per_round:.2f} tokens per target pass, "
+          f"x target alone {statistics.median(a / s for a, s in zip(ta, ts)):.2f} (median of rounds), "
+          f"tokens identical: {same}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ PUBLISHED = {
     "llama3.1-8b": 8_030_261_248,
     "llama3.2-1b": 1_235_814_400,
     "llama3.2-3b": 3_212_749_824,
+    "smollm2-135m": 134_515_008,
+    "smollm2-360m": 361_821_120,
+    "smollm2-1.7b": 1_711_376_384,
 }
 
 
@@ -27,6 +30,23 @@ def test_preset_parameter_count_matches_published(name):
     with torch.device("meta"):  # no memory: shapes only
         model = Transformer(ModelConfig.preset(name))
     assert model.num_parameters() == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-360m", "smollm2-1.7b"])
+def test_smollm2_presets_match_transformers_llama_of_the_same_shape(name):
+    """The same shape built by transformers' LlamaConfig has exactly as many parameters."""
+    transformers = pytest.importorskip("transformers")
+    cfg = ModelConfig.preset(name)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings)
+    with torch.device("meta"):
+        ours = Transformer(cfg)
+        theirs = transformers.LlamaForCausalLM(hf_config)
+    n_theirs = sum(p.numel() for p in theirs.parameters())  # a tied matrix is counted once
+    assert ours.num_parameters() == n_theirs == PUBLISHED[name]
 
 
 @pytest.mark.parametrize("name", ModelConfig.presets())

@@ -386,7 +386,8 @@ def test_zero_new_tokens_and_return_types():
 
 
 # ---- decode weight layouts ---------------------------------------------------------------
-@pytest.mark.parametrize("weights, tolerance", [("fp32", 1e-5), ("bf16", 0.03), ("int8", 0.05), ("int8-dynamic", 0.1)])
+@pytest.mark.parametrize("weights, tolerance", [("fp32", 1e-5), ("bf16", 0.03), ("int8", 0.05), ("int4", 0.2),
+                                                ("int8-dynamic", 0.1)])
 def test_decode_weight_layouts_keep_the_logits(pair, weights, tolerance):
     import copy
 
@@ -411,7 +412,7 @@ def test_decode_weights_rejects_unknown_layout():
     from scratchlm.decode_weights import prepare_for_decode
 
     with pytest.raises(ValueError, match="weights must be one of"):
-        prepare_for_decode(byte_model(), "int4")
+        prepare_for_decode(byte_model(), "int3")
 
 
 def test_module_examples_run():

@@ -179,6 +179,11 @@ PRESETS: dict[str, dict] = {
                           rope_scaling=_llama31_scaling(32.0)),  # 1,235,814,400
     "llama3.2-3b": _llama(128256, 131072, 3072, 28, 24, 8, 8192, 500000.0, tie_embeddings=True,
                           rope_scaling=_llama31_scaling(32.0)),  # 3,212,749,824
+    # SmolLM2 (Hugging Face): Llama-architecture, tied head, vocabulary 49,152. The 135M and
+    # 360M share 3 and 5 key/value heads among 9 and 15 query heads (GQA); the 1.7B is MHA.
+    "smollm2-135m": _llama(49152, 8192, 576, 30, 9, 3, 1536, 100000.0, tie_embeddings=True),  # 134,515,008
+    "smollm2-360m": _llama(49152, 8192, 960, 32, 15, 5, 2560, 100000.0, tie_embeddings=True),  # 361,821,120
+    "smollm2-1.7b": _llama(49152, 8192, 2048, 24, 32, 32, 8192, 130000.0, tie_embeddings=True),  # 1,711,376,384
     # Small models for CPU work and tests.
     "gpt-tiny": dict(vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
                      d_ff=256, bias=True, tie_embeddings=True),

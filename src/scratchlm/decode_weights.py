@@ -8,9 +8,17 @@ how well the matrix-vector kernel streams those bytes. Three ways to store the w
             W_t row by row, adding x[k] * W_t[k, :] into y: contiguous, vectorised reads.
             The (out, in) layout of nn.Linear needs one dot product per output instead,
             which streams ~1.4-1.7x slower on CPU (benchmarks/decode.py).
-    "bf16"  half the bytes; nn.Linear as is (oneDNN's bf16 kernel prefers (out, in)).
+    "bf16"  half the bytes. Each weight is reordered once into oneDNN's blocked layout
+            (PackedBF16Linear): the plain bf16 F.linear re-plans and re-reads its (out, in)
+            matrix on every call and is slower than fp32 at batch 1 (benchmarks/decode.py).
+            Where the CPU has no native bf16 matmul (AVX512-BF16 or AMX), bf16 emulated in
+            fp32 is slower than fp32 itself: prepare_for_decode warns and uses "fp32".
     "int8"  a quarter of the fp32 bytes: w ~= scale[n] * q[n, k] with q in [-127, 127], one
             scale per output row; activations in bf16; torch._weight_int8pack_mm.
+    "int4"  an eighth: each group of ``group_size`` (32-128) inputs of a row has its own scale
+            and offset, w ~= (q - 8) * scale + zero with q in [0, 15] (gpt-fast's and
+            llama.cpp Q4_1's scheme), through PyTorch's tinygemm CPU kernel
+            (torch.ops.aten._weight_int4pack_mm_for_cpu), activations in bf16.
 
     "int8-dynamic"  int8 weights and int8 activations (each row of x quantized on the fly
             to uint8 with its own range; fbgemm's VNNI kernel). Not weight-only: about
@@ -40,7 +48,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHTS = ("fp32", "bf16", "int8", "int8-dynamic")
+from .errors import ScratchLMError
+
+WEIGHTS = ("fp32", "bf16", "int8", "int4", "int8-dynamic")
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls natively (AVX512-BF16 / AMX), not emulated."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class TransposedLinear(nn.Module):
@@ -113,6 +129,73 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class PackedBF16Linear(nn.Module):
+    """A bf16 Linear whose weight oneDNN has reordered once, ahead of time, into the blocked
+    layout its matmul kernel reads (what torch.compile's CPU freezing does); any batch size.
+
+    weight_packed: the (out, in) matrix in oneDNN's opaque layout (CPU only, inference only).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().to(torch.bfloat16)
+        self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)  # packed for batch 1
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight_packed, self.bias,
+                                                  "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric 4-bit quantization of w (out, in).
+
+    Returns q (out, in) int32 in [0, 15], scale and zero (out, in / group_size) float32 with
+    w ~= (q - 8) * scale + zero: the group's minimum maps to q = 0 and its maximum to 15.
+    """
+    out_features, in_features = w.shape
+    g = w.float().reshape(out_features, in_features // group_size, group_size)
+    low, high = g.amin(dim=-1), g.amax(dim=-1)  # (out, groups)
+    scale = ((high - low) / 15.0).clamp(min=1e-8)
+    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(out_features, in_features), scale, low + 8 * scale
+
+
+class Int4Linear(nn.Module):
+    """A Linear stored in 4 bits: groups of ``group_size`` weights along each row share a
+    scale and a zero point (bf16), packed for the tinygemm CPU kernel.
+
+    weight_int4: the kernel's packed layout of q (out, in) (two weights per byte);
+    scales_and_zeros: (in / group_size, out, 2) bf16.
+    """
+
+    def __init__(self, linear: nn.Linear, group_size: int = 64):
+        super().__init__()
+        if linear.in_features % group_size:
+            raise ScratchLMError(f"int4: group size {group_size} does not divide in_features={linear.in_features}")
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
+        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1)
+                             .contiguous().to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
 class DynamicInt8Linear(nn.Module):
     """int8 weights (one scale per output row) times activations quantized to 8 bits on the
     fly, accumulated in int32 by PyTorch's quantized CPU engine; fp32 in and out."""
@@ -121,7 +204,7 @@ class DynamicInt8Linear(nn.Module):
         super().__init__()
         if "fbgemm" not in torch.backends.quantized.supported_engines and \
                 "x86" not in torch.backends.quantized.supported_engines:
-            raise ValueError("int8-dynamic needs PyTorch's x86/fbgemm quantized engine; use 'int8'")
+            raise ScratchLMError("int8-dynamic needs PyTorch's x86/fbgemm quantized engine; use 'int8'")
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         bias = None if linear.bias is None else linear.bias.detach().float()
@@ -140,13 +223,27 @@ class DynamicInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def prepare_for_decode(model: nn.Module, weights: str = "fp32") -> nn.Module:
+def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64) -> nn.Module:
     """Store ``model``'s weights the fast way for decoding (one of WEIGHTS), in
-    place. Only the Transformer's own Linear layers are swapped (merge LoRA adapters first)."""
+    place. Only the Transformer's own Linear layers are swapped (merge LoRA adapters first).
+
+    group_size: inputs per scale for "int4" (one of INT4_GROUP_SIZES); a layer whose input
+    size it does not divide keeps int8 weights.
+    """
     from .model import MLP, Attention, Transformer
 
     if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        raise ScratchLMError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ScratchLMError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    packed_bf16 = weights == "bf16" and on_cpu and cpu_has_native_bf16()
+    if weights == "bf16" and on_cpu and not packed_bf16:
+        warnings.warn("this CPU has no native bf16 matmul (AVX512-BF16 or AMX): bf16 would decode "
+                      "slower than fp32, so the fp32 layout is used", stacklevel=2)
+        weights = "fp32"
+    if weights == "int4" and not on_cpu:
+        raise ScratchLMError("int4 weights use PyTorch's CPU int4 kernel: move the model to the CPU first")
     dtype = torch.float32 if weights in ("fp32", "int8-dynamic") else torch.bfloat16
     tied = isinstance(model, Transformer) and model.lm_head.weight is model.tok_emb.weight
     if weights == "fp32" and tied:  # one transposed table serves the head and the lookups
@@ -161,8 +258,12 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32") -> nn.Module:
             if type(child) is nn.Linear:
                 if weights == "fp32":
                     setattr(module, name, TransposedLinear.from_linear(child))
-                elif weights == "int8":
+                elif weights == "bf16" and packed_bf16:
+                    setattr(module, name, PackedBF16Linear(child))
+                elif weights == "int8" or (weights == "int4" and child.in_features % group_size):
                     setattr(module, name, Int8Linear(child, dtype))
+                elif weights == "int4":
+                    setattr(module, name, Int4Linear(child, group_size))
                 elif weights == "int8-dynamic":
                     setattr(module, name, DynamicInt8Linear(child))
     model.requires_grad_(False)

@@ -1,0 +1,157 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks them in one pass.
+
+Decoding is memory-bound: one target forward over k + 1 tokens reads the weights once, about
+what one token costs. So a cheap draft guesses d_1..d_k one by one, the target scores
+[last, d_1..d_k] together, and the rule of Leviathan et al. (2023) / Chen et al. (2023) (the
+one gpt-fast and Hugging Face assisted generation use) keeps the longest acceptable prefix:
+
+    accept d_i with probability min(1, p_i(d_i) / q_i(d_i))       p: target, q: draft
+    at the first rejection, draw from norm(max(p_i - q_i, 0)) and stop
+    if all k are accepted, draw one more token from p_{k+1} (a free bonus)
+
+Every emitted token is then distributed exactly as the target's own sampling would give it
+(accepted: q * min(1, p/q) = min(p, q); rejected: the residual adds p - min(p, q)), whatever
+the draft. Greedy (temperature 0) is the special case "accept while the draft's token is the
+target's argmax": the output is token for token the target's alone. The draft only changes
+the speed: each round costs k draft steps and one target pass, and yields 1 to k + 1 tokens.
+
+Both models keep a KV cache. A rejected suffix is dropped by moving ``cache.length`` back:
+the cache is written in place, so the stale positions are simply overwritten later.
+
+>>> import torch
+>>> from scratchlm import ModelConfig, Transformer
+>>> torch.manual_seed(0) and None
+>>> target = Transformer(ModelConfig.preset("llama-tiny")).eval()
+>>> draft = Transformer(ModelConfig.preset("llama-tiny", n_layers=1)).eval()
+>>> out = speculative_generate(target, draft, [1, 2, 3], max_new_tokens=12, k=4)
+>>> from scratchlm.generate import generate
+>>> out.token_ids == generate(target, None, [[1, 2, 3]], max_new_tokens=12)[0].token_ids
+True
+>>> 0.0 <= out.acceptance_rate <= 1.0
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ScratchLMError
+from .generate import SamplingOptions, filter_logits
+
+
+@dataclass
+class SpeculativeResult:
+    token_ids: list[int]  # the new tokens (max_new_tokens of them)
+    proposed: int  # draft tokens proposed over all rounds
+    accepted: int  # of those, accepted by the target
+    rounds: int  # target forward passes after the prefill
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return len(self.token_ids) / self.rounds if self.rounds else 0.0
+
+
+def _probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+    """(T, V) logits -> (T, V) the distribution sampling draws from (filters applied)."""
+    return filter_logits(logits.float(), options).softmax(dim=-1)
+
+
+class _Cached:
+    """A model with its KV cache, fed the sequence from wherever its cache stops."""
+
+    def __init__(self, model, max_length: int):
+        self.model = model
+        self.cache = model.new_cache(1, max_length)
+
+    def logits(self, seq: list[int], extra: list[int] = ()) -> torch.Tensor:
+        """Feed seq[cache.length:] + extra; logits (T, V) of the tokens fed."""
+        device = self.model.tok_emb.weight.device
+        ids = torch.tensor([seq[self.cache.length:] + list(extra)], device=device)
+        return self.model(ids, cache=self.cache)[0]
+
+
+@torch.inference_mode()
+def speculative_generate(target, draft, prompt: list[int], *, max_new_tokens: int = 64, k: int = 4,
+                         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                         generator: torch.Generator | None = None) -> SpeculativeResult:
+    """Generate ``max_new_tokens`` after ``prompt`` (token ids, batch 1) from ``target``,
+    with ``draft`` proposing ``k`` tokens per round. Both must share the vocabulary."""
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ScratchLMError(f"the draft's vocabulary ({draft.config.vocab_size}) is not the target's "
+                             f"({target.config.vocab_size}): they must share the tokenizer")
+    if not isinstance(k, int) or k < 1:
+        raise ScratchLMError(f"k (draft tokens per round) must be a positive integer, got {k!r}")
+    if not prompt:
+        raise ScratchLMError("the prompt is empty")
+    options = SamplingOptions(temperature, top_k, top_p)
+    greedy = options.greedy
+    max_length = len(prompt) + max_new_tokens + k + 1
+    for name, model in (("target", target), ("draft", draft)):
+        if max_length > model.config.context_length:
+            raise ScratchLMError(f"prompt + max_new_tokens + k + 1 = {max_length} tokens exceed the {name}'s "
+                                 f"context length {model.config.context_length}")
+    big, small = _Cached(target, max_length), _Cached(draft, max_length)
+    seq = list(prompt)
+    n_prompt = len(seq)
+    # Invariant between rounds: both caches hold at most seq[:-1]; each model's next forward
+    # starts with whatever its cache lacks, so the last token is always fed.
+    if len(seq) > 1:
+        big.logits(seq[:-1])
+        small.logits(seq[:-1])
+    proposed = accepted = rounds = 0
+
+    def draw(p: torch.Tensor) -> int:
+        return int(torch.multinomial(p, 1, generator=generator))
+
+    while len(seq) - n_prompt < max_new_tokens:
+        n = len(seq)
+        want = min(k, max_new_tokens - (n - n_prompt))  # no point drafting past the end
+        drafted, q = [], []
+        logits = small.logits(seq)[-1]
+        for i in range(want):
+            if greedy:
+                token = int(logits.argmax())
+            else:
+                q.append(_probs(logits[None], options)[0])
+                token = draw(q[-1])
+            drafted.append(token)
+            if i + 1 < want:
+                logits = small.logits(seq + drafted)[-1]
+        # One target pass over [the tokens its cache lacks, d_1..d_want]: the last want + 1
+        # rows score d_1..d_want and the bonus position.
+        scores = big.logits(seq, drafted)[-(want + 1):]  # (want + 1, V)
+        rounds += 1
+        proposed += want
+        new = []
+        if greedy:
+            best = scores.argmax(dim=-1).tolist()
+            for i, token in enumerate(drafted):
+                if token != best[i]:
+                    break
+                new.append(token)
+            new.append(best[len(new)])  # the correction, or the bonus if all were accepted
+        else:
+            p = _probs(scores, options)  # (want + 1, V)
+            for i, token in enumerate(drafted):
+                ratio = p[i, token] / q[i][token]
+                if torch.rand((), generator=generator) < ratio:
+                    new.append(token)
+                    continue
+                residual = (p[i] - q[i]).clamp(min=0)  # where the target wants more than the draft gave
+                new.append(draw(residual / residual.sum()) if residual.sum() > 0 else draw(p[i]))
+                break
+            else:
+                new.append(draw(p[want]))
+        accepted += len(new) - 1  # the accepted drafts, then one target token
+        seq += new
+        # Drop what the caches hold beyond the kept tokens (all of seq but its last).
+        big.cache.length = min(big.cache.length, len(seq) - 1)
+        small.cache.length = min(small.cache.length, len(seq) - 1)
+    out = seq[n_prompt:n_prompt + max_new_tokens]
+    return SpeculativeResult(out, proposed, accepted, rounds)
