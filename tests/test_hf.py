@@ -120,7 +120,7 @@ def test_convert_then_export_round_trip(hf_dir, tmp_path, capsys):
     tok_again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert tok_again("Hello world! café 😀")["input_ids"] == hf_tok("Hello world! café 😀")["input_ids"]
     # ... and scratchlm's copy of it encodes and decodes the same way.
-    from scratchlm.hf import load_any
+    from scratchlm.load import load_any
 
     ours, tok = load_any(tmp_path / "ours")
     assert tok.encode("Hello world! café") == hf_tok("Hello world! café")["input_ids"]
@@ -269,7 +269,7 @@ def test_export_refuses_a_shape_hf_has_not(tmp_path, capsys):
 
 # ---- load_any -----------------------------------------------------------------------------------
 def test_load_any_presets_and_errors(tmp_path):
-    from scratchlm.hf import load_any
+    from scratchlm.load import load_any
 
     model, tok = load_any("llama-tiny")
     assert model.config.n_kv_heads == 2 and not model.training
@@ -285,10 +285,10 @@ def test_load_any_presets_and_errors(tmp_path):
 
 def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     """`runs/nope` when ./runs exists is a missing directory, said at once (no network retries)."""
-    import scratchlm.hf as hf
+    import scratchlm.load as load
 
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hf, "load_hf", lambda *a, **k: pytest.fail("asked the hub for a local path"))
+    monkeypatch.setattr(load, "load_hf", lambda *a, **k: pytest.fail("asked the hub for a local path"))
     with pytest.raises(FileNotFoundError, match="model directory not found: runs/nope"):
-        hf.load_any("runs/nope")
+        load.load_any("runs/nope")

@@ -546,8 +546,6 @@ def _options(args) -> dict:
 
 
 def _load(args):
-    from .hf import load_any
-
     from .decode_weights import prepare_for_decode
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -637,7 +635,7 @@ def _chat_command(args) -> int:
 
 def load_any(model_ref, **options):
     """(model, tokenizer or None) from a model directory, a Hugging Face directory or id, or a
-    preset; see scratchlm.hf.load_any."""
-    from .hf import load_any as _load_any
+    preset; see scratchlm.load.load_any."""
+    from .load import load_any as _load_any
 
     return _load_any(model_ref, **options)
