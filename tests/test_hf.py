@@ -292,3 +292,34 @@ def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(load, "load_hf", lambda *a, **k: pytest.fail("asked the hub for a local path"))
     with pytest.raises(FileNotFoundError, match="model directory not found: runs/nope"):
         load.load_any("runs/nope")
+
+
+# ---- outputs that must not be written over ------------------------------------------------------
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_export_and_convert_never_write_over_their_input_a_users_folder_or_a_file(hf_dir, tmp_path, capsys):
+    _, d, _, _ = hf_dir
+    assert main(["convert", str(d), str(tmp_path / "m")]) == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("buy milk")
+    file = tmp_path / "out.bin"
+    file.write_bytes(b"precious")
+    before = {p: _tree(p) for p in (tmp_path / "m", notes, d)}
+
+    assert "input" in cli_error(["export", str(tmp_path / "m"), str(tmp_path / "m")], capsys)
+    assert "input" in cli_error(["export", str(tmp_path / "m"), str(tmp_path / "." / "m" / "..")], capsys)
+    assert "notes is a folder that holds no config.json" in cli_error(
+        ["export", str(tmp_path / "m"), str(notes)], capsys)
+    assert "is a file" in cli_error(["export", str(tmp_path / "m"), str(file)], capsys)
+    assert "input" in cli_error(["convert", str(d), str(d)], capsys)
+    assert "is a file" in cli_error(["convert", str(d), str(file)], capsys)
+
+    assert {p: _tree(p) for p in (tmp_path / "m", notes, d)} == before
+    assert file.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "notes", "out.bin"]  # no .old, no .tmp-*
+    # A model folder of ours is still replaced (the round trip above writes "back" twice).
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "back")]) == 0
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "back")]) == 0
