@@ -76,7 +76,7 @@ def train_ours(docs: list[str], vocab: int, pattern: str) -> tuple[float, dict]:
 def train_hf(docs: list[str], vocab: int, pattern: str) -> float:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-    from scratchlm.tokenizer.formats import hf_pattern
+    from scratchlm.tokenizer.hf_json import hf_pattern
 
     t0 = time.perf_counter()
     tok = Tokenizer(models.BPE())

@@ -1,15 +1,17 @@
 """Data: shards on disk, document separators, windows and batches, `scratchlm prepare`."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from scratchlm.batches import BatchSampler, SlidingWindows, eval_batches
 from scratchlm.cli import main
-from scratchlm.corpus import load_corpus, python_docs, python_reference
-from scratchlm.data import (HEADER, BatchSampler, SlidingWindows, eval_batches, find_text_files, load_meta,
-                            load_split, prepare, read_shard, token_dtype, write_shard)
+from scratchlm.corpus import find_text_files, load_corpus, python_docs, python_reference
+from scratchlm.data import HEADER, DataError, load_meta, load_split, prepare, read_shard, token_dtype, write_shard
 from scratchlm.tokenizer import load_tokenizer
 
 
@@ -37,15 +39,22 @@ def test_vocab_over_65535_uses_uint32(tmp_path):
 
 
 def test_shard_rejects_ids_outside_vocab_and_bad_files(tmp_path):
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(DataError, match=r"s\.bin: token id 300 is outside the vocabulary \(ids 0\.\.255\)"):
         write_shard(tmp_path / "s.bin", np.array([1, 300]), vocab_size=256)
+    with pytest.raises(DataError, match="token id -1"):
+        write_shard(tmp_path / "s.bin", np.array([-1, 3]), vocab_size=256)
+    with pytest.raises(DataError, match="must be integers"):
+        write_shard(tmp_path / "s.bin", np.array([1.5]), vocab_size=256)
+    with pytest.raises(DataError, match="does not fit a shard"):
+        write_shard(tmp_path / "s.bin", np.array([1]), vocab_size=2**32 + 1)
+    assert not (tmp_path / "s.bin").exists()  # nothing written for a refused shard
     write_shard(tmp_path / "s.bin", np.arange(100), vocab_size=256)
     data = (tmp_path / "s.bin").read_bytes()
     (tmp_path / "short.bin").write_bytes(data[:-10])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(DataError, match="truncated"):
         read_shard(tmp_path / "short.bin")
     (tmp_path / "junk.bin").write_bytes(b"not a shard at all, just bytes....")
-    with pytest.raises(ValueError, match="not a scratchlm token shard"):
+    with pytest.raises(DataError, match="not a scratchlm token shard"):
         read_shard(tmp_path / "junk.bin")
 
 
@@ -206,3 +215,207 @@ def test_undecodable_bytes(tmp_path, capsys):
     tok = load_tokenizer(tmp_path / "out")
     ids = np.concatenate([np.asarray(s) for s in load_split(tmp_path / "out", "train")]).tolist()
     assert "caf\ufffd au lait" in tok.decode([i for i in ids if i != tok.eot_id])
+
+
+# ---- prepare never loses the dataset that was there ------------------------------------------
+def _shards(folder):
+    return sorted(p.name for p in folder.glob("*.bin"))
+
+
+def test_failed_prepare_leaves_the_old_dataset_intact(tmp_path, capsys):
+    """A prepare into an existing dataset that fails on a bad input file (after the
+    tokenizer is ready, where the old code had already deleted the shards) leaves the
+    old shards, meta.json and tokenizer as they were, and no temporary folder."""
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps({"text": f"hello world {i}, " * 10}) + "\n"
+                                                 for i in range(40)))
+    out = tmp_path / "out"
+    assert main(["prepare", str(tmp_path / "good.jsonl"), "--out", str(out), "--tokenizer", "char",
+                 "--shard-tokens", "1000", "--val-fraction", "0.3"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(_shards(out)) >= 3
+    (tmp_path / "bad.jsonl").write_text('{"text": "hello"}\n{"text": "hel')
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "bad.jsonl"), "--out", str(out),
+                 "--tokenizer", str(out)]) == 2  # a saved tokenizer: nothing is read before the shards
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bar, then the error
+    assert err[-1].startswith("scratchlm: error: ") and "bad.jsonl:2: not valid JSON" in err[-1]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "out"]
+    assert load_meta(out)["splits"]["train"]["tokens"] > 0 and load_split(out, "train")
+
+
+def test_second_prepare_replaces_the_first_whole(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"abc {i} " * 20}) + "\n" for i in range(40)))
+    first = prepare([str(tmp_path / "a.jsonl")], out_dir=tmp_path / "out", tokenizer="char", shard_tokens=1000,
+                    val_fraction=0.3, progress=False)
+    assert first.meta["splits"]["train"]["shards"] > 1
+    second = prepare([str(tmp_path / "a.jsonl")], out_dir=tmp_path / "out", tokenizer="char", val_fraction=0.3,
+                     progress=False)
+    assert second.meta["splits"]["train"]["shards"] == 1
+    assert _shards(tmp_path / "out") == ["train_000000.bin", "val_000000.bin"]  # no stale shard left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]
+
+
+def test_prepare_refuses_a_folder_that_is_not_a_dataset(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("abc " * 200)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "diary.md").write_text("mine")
+    msg = _cli_error(capsys, ["prepare", str(tmp_path / "a.txt"), "--out", str(notes), "--tokenizer", "char"])
+    assert "holds files that are not a prepared dataset's (diary.md)" in msg
+    assert [p.name for p in notes.iterdir()] == ["diary.md"]
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder made beforehand is fine
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(empty), "--tokenizer", "char"]) == 0
+    assert load_meta(empty)["vocab_size"] > 0
+
+
+def test_prepare_through_a_symlink_keeps_the_link(tmp_path):
+    (tmp_path / "a.txt").write_text("abc " * 200)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for _ in range(2):  # the second run swaps a dataset in behind the link
+        prepare([str(tmp_path / "a.txt")], out_dir=tmp_path / "link", tokenizer="char", progress=False)
+    assert (tmp_path / "link").is_symlink() and load_meta(tmp_path / "link") == load_meta(tmp_path / "real")
+
+
+def test_shard_writer_checks_every_id_and_names_the_file(tmp_path):
+    from scratchlm.data import write_token_shards
+
+    class Liar:  # a tokenizer whose ids reach beyond the vocabulary it declares
+        eot_id, vocab_size = 0, 10
+
+        def encode(self, text, allowed_special="none"):
+            return [1, 2, 12]
+
+    with pytest.raises(DataError, match=r"train_000000\.bin: token id 12 is outside the vocabulary \(ids 0\.\.9\)"):
+        write_token_shards(["some text"], Liar(), tmp_path, val_fraction=0.01, progress=False)
+
+
+# ---- prepare's options and inputs, the hostile way -----------------------------------------------
+@pytest.mark.parametrize("option, value, message", [
+    ("--vocab-size", "0", "vocab_size must be a whole number between 257"),
+    ("--vocab-size", "-5", "vocab_size must be"),
+    ("--vocab-size", "256", "vocab_size must be"),
+    ("--vocab-size", str(2**40), "vocab_size must be"),
+    ("--vocab-size", "nan", "invalid int value"),
+    ("--vocab-size", "1e30", "invalid int value"),
+    ("--tokenizer-sample-mb", "0", "tokenizer_sample_mb must be more than 0"),
+    ("--tokenizer-sample-mb", "-1", "tokenizer_sample_mb must be more than 0"),
+    ("--tokenizer-sample-mb", "nan", "tokenizer_sample_mb must be a finite number"),
+    ("--tokenizer-sample-mb", "inf", "tokenizer_sample_mb must be a finite number"),
+    ("--val-fraction", "0", "val_fraction must be between 0 and 1"),
+    ("--val-fraction", "1", "val_fraction must be between 0 and 1"),
+    ("--val-fraction", "-0.5", "val_fraction must be between 0 and 1"),
+    ("--val-fraction", "nan", "val_fraction must be a finite number"),
+    ("--val-fraction", "inf", "val_fraction must be a finite number"),
+    ("--val-fraction", "1e308", "val_fraction must be between 0 and 1"),
+    ("--shard-tokens", "0", "shard_tokens must be a whole number at least 1"),  # used to loop forever
+    ("--shard-tokens", "-3", "shard_tokens must be"),
+    ("--shard-tokens", "1e12", "invalid int value"),
+    ("--seed", "-1", "seed must be a whole number at least 0"),
+    ("--text-field", "", "text_field must be a non-empty field name"),
+])
+def test_prepare_bad_numbers(tmp_path, capsys, option, value, message):
+    (tmp_path / "a.txt").write_text("abc " * 200)
+    out = tmp_path / "out"
+    argv = ["prepare", str(tmp_path / "a.txt"), "--out", str(out), option, value]
+    if "invalid int value" in message:  # refused by argparse: exit 2 with one line, too
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0]
+    else:
+        assert message in _cli_error(capsys, argv)
+    assert not out.exists()  # refused before any work
+
+
+def test_prepare_huge_shard_size_is_one_shard(tmp_path):
+    (tmp_path / "a.txt").write_text("abc " * 200)
+    result = prepare([str(tmp_path / "a.txt")], out_dir=tmp_path / "out", tokenizer="char",
+                     shard_tokens=10**15, seed=10**30, progress=False)  # nothing allocated up front
+    assert result.meta["splits"]["train"]["shards"] == 1
+
+
+def test_prepare_bad_paths(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("abc " * 200)
+    out = str(tmp_path / "out")
+    os.mkfifo(tmp_path / "pipe")
+    assert "pipe is not a regular file or folder" in _cli_error(capsys, ["prepare", str(tmp_path / "pipe"),
+                                                                         "--out", out])
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    assert "no such file or folder" in _cli_error(capsys, ["prepare", str(tmp_path / "dangling.txt"), "--out", out])
+    assert "is not a folder" in _cli_error(capsys, ["prepare", str(text), "--out", str(text)])
+    assert "is not a folder" in _cli_error(capsys, ["prepare", str(text), "--out", str(tmp_path / "pipe")])
+    (tmp_path / "nowhere").symlink_to(tmp_path / "missing-dir")
+    assert "symlink to a missing path" in _cli_error(capsys, ["prepare", str(text), "--out",
+                                                              str(tmp_path / "nowhere")])
+    assert "does not exist" in _cli_error(capsys, ["prepare", str(text), "--out", out,
+                                                   "--tokenizer", str(tmp_path / "no-tok")])
+    assert "is not a folder" in _cli_error(capsys, ["prepare", str(text), "--out", out, "--tokenizer", str(text)])
+    (tmp_path / "empty").mkdir()
+    assert "holds no tokenizer files" in _cli_error(capsys, ["prepare", str(text), "--out", out,
+                                                             "--tokenizer", str(tmp_path / "empty")])
+    (tmp_path / "docs").mkdir()
+    os.mkfifo(tmp_path / "docs" / "pipe.txt")  # a FIFO inside a folder is passed over, not read
+    (tmp_path / "docs" / "b.txt").symlink_to(text)  # a symlink to a text file is read
+    assert main(["prepare", str(tmp_path / "docs"), "--out", out, "--tokenizer", "char"]) == 0
+    assert load_meta(out)["splits"]["train"]["documents"] + load_meta(out)["splits"]["val"]["documents"] == 1
+
+
+def test_prepare_unreadable_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a.txt").write_text("abc " * 200)
+    real = Path.read_bytes
+
+    def denied(self):  # as root, chmod 000 does not stop a read: simulate it
+        if self.name == "a.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    msg = _cli_error(capsys, ["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"),
+                              "--tokenizer", "char"])
+    assert "a.txt: cannot read (Permission denied)" in msg
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", b"", "no text"),
+    ("cut.jsonl", b'{"text": "one"}\n{"text": "tw', "cut.jsonl:2: not valid JSON"),
+    ("list.jsonl", b'["not", "an", "object"]\n', "list.jsonl:1: no string field 'text'"),
+    ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "image.txt is not valid UTF-8"),
+    ("utf16.txt", "some text".encode("utf-16"), "utf16.txt is not valid UTF-8"),
+    ("blank.md", b"   \n\n  ", "no text"),
+])
+def test_prepare_bad_files(tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    assert message in _cli_error(capsys, ["prepare", str(tmp_path / name), "--out", str(tmp_path / "out"),
+                                          "--tokenizer", "char"])
+
+
+def test_prepare_corrupt_parquet(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    (tmp_path / "t.parquet").write_bytes(b"PAR1 this is not really parquet PAR1")
+    assert "t.parquet: cannot read as Parquet" in _cli_error(capsys, ["prepare", str(tmp_path / "t.parquet"),
+                                                                      "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "not a prepared dataset's meta.json"),
+    ("null", "not a prepared dataset's meta.json"),
+    ('{"vocab_size": "12"}', "not a prepared dataset's meta.json"),
+    ("{", "is not valid JSON"),
+])
+def test_bad_meta_json(tmp_path, content, message):
+    (tmp_path / "meta.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_meta(tmp_path)
+
+
+def test_windows_refuse_bad_sizes():
+    tokens = [np.arange(100)]
+    for kwargs in ({"stride": -4}, {"stride": 0}, {"context_length": 0}):
+        with pytest.raises(DataError, match="must be a positive whole number"):
+            SlidingWindows(tokens, **{"context_length": 8, **kwargs})
+    with pytest.raises(DataError, match="batch_size must be a positive whole number"):
+        BatchSampler(tokens, context_length=8, batch_size=0)

@@ -1,14 +1,14 @@
 """rag: chunking (coverage, overlap, breaks, headings, offsets) and document loaders (pages, errors)."""
 
 import doctest
+import os
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rag_testdata import encrypt_pdf, make_pdf
-from scratchlm.rag import RagError
-from scratchlm.rag import chunking, loaders
+from scratchlm.rag import RagError, chunking, loaders
 from scratchlm.rag.chunking import chunk_document, chunk_text, find_headings, word_spans
 from scratchlm.rag.loaders import find_documents, load_document
 
@@ -193,3 +193,50 @@ def test_python_reference_documents():
     chunks = chunk_document(with_doc.text, source=with_doc.source)
     assert chunks[0].heading == 'The "with" statement'
     check_chunks(with_doc.text, chunks, 128, 16)
+
+
+def test_missing_paths_are_not_found_errors(tmp_path):
+    from scratchlm.errors import NotFound
+
+    with pytest.raises(NotFound, match="no such file or folder"):
+        find_documents([tmp_path / "missing"])
+
+
+def test_a_symlink_is_judged_by_its_own_name(tmp_path):
+    """A .txt link to a file without a suffix used to abort the whole run."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "blob").write_text("Linked notes about cats.")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").symlink_to(tmp_path / "store" / "blob")
+    (docs / "again.txt").symlink_to(tmp_path / "store" / "blob")  # one file, two links: read once
+    os.mkfifo(docs / "pipe.txt")  # a FIFO is passed over, not read (it would block)
+    found = find_documents([docs])
+    assert len(found) == 1 and found[0].name in ("notes.txt", "again.txt")
+    assert load_document(found[0]).text == "Linked notes about cats."
+
+
+def test_heading_detection_is_linear_in_line_length():
+    """One 300k-character line with no underline: the old regex took minutes (quadratic)."""
+    import time
+
+    line = "word " * 60_000
+    start = time.perf_counter()
+    assert find_headings(line) == []
+    assert time.perf_counter() - start < 3.0  # linear: milliseconds, even on a loaded machine
+    assert find_headings("Title  \t\n=====\nbody\n" + line) == [(0, "Title")]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "--chunk-tokens must be a whole number of at least 1, got 0"),
+    ({"max_tokens": -5}, "--chunk-tokens must be"),
+    ({"overlap": -1}, "--overlap must be a whole number of at least 0"),
+    ({"max_tokens": 10, "overlap": 5}, "--overlap must be less than half of --chunk-tokens"),
+])
+def test_index_refuses_bad_chunk_sizes_up_front(tmp_path, kwargs, message):
+    from scratchlm.rag import index_documents
+
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(RagError, match=message):  # before any model is loaded (none is given)
+        index_documents([tmp_path / "a.txt"], tmp_path / "index", **kwargs)
+    assert not (tmp_path / "index").exists()

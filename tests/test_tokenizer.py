@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scratchlm.cli import main
-from scratchlm.tokenizer import (PATTERNS, BPETokenizer, CharTokenizer, TokenizerError, bpe_from_tiktoken,
-                                 load_tokenizer)
+from scratchlm.tokenizer import PATTERNS, BPETokenizer, CharTokenizer, TokenizerError, bpe_from_tiktoken, load_tokenizer
 from scratchlm.tokenizer.bpe_train import count_pretokens, train_merges_fast, train_merges_textbook
 
 # Varied text: prose, code, whitespace runs, numbers, emoji, CJK, Arabic, contractions.
@@ -349,3 +348,65 @@ def test_regex_tiktoken_cannot_parse_falls_back_to_python():
     with pytest.warns(UserWarning, match="pure Python"):
         assert tok.encode("hello") == [104, 101, 256, 111]
     assert tok.encode("hello", fast=False) == [104, 101, 256, 111]
+
+
+# ---- layout and checks where ids enter -----------------------------------------------------------
+def test_tokenizer_package_imports_go_one_way():
+    """Inside scratchlm/tokenizer, no module imports load.py (the dispatcher) but the
+    package's __init__, and the imports between modules form no circle."""
+    import ast
+    import pathlib
+
+    import scratchlm.tokenizer as package
+
+    folder = pathlib.Path(package.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {node.module.split(".")[0] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert "formats" not in graph  # the old two-way module is gone
+    assert [m for m, deps in graph.items() if "load" in deps] == ["__init__"]
+    done, visiting = set(), []
+
+    def visit(module):
+        assert module not in visiting, f"import circle: {' -> '.join(visiting + [module])}"
+        if module in done:
+            return
+        visiting.append(module)
+        for dep in graph.get(module, ()):
+            visit(dep)
+        visiting.pop()
+        done.add(module)
+
+    for module in graph:
+        if module != "__init__":
+            visit(module)
+
+
+def test_load_tokenizer_checks_ids_against_the_model_vocabulary(trained, tmp_path):
+    trained.save(tmp_path)  # tokenizer.json: ids 0..vocab_size-1
+    n = trained.vocab_size
+    assert load_tokenizer(tmp_path, vocab_size=n).vocab_size == n
+    assert load_tokenizer(tmp_path, vocab_size=n + 64) is not None  # padded embedding rows are fine
+    with pytest.raises(TokenizerError, match=f"has ids up to {n - 1} but the model's vocabulary has {n - 1}"):
+        load_tokenizer(tmp_path, vocab_size=n - 1)
+
+
+def test_empty_special_token_is_refused():
+    # It used to be accepted, and encoding then spun forever inside tiktoken.
+    with pytest.raises(TokenizerError, match="special token must be a non-empty string"):
+        BPETokenizer.train("some text", 300, special_tokens=["<|endoftext|>", ""])
+    with pytest.raises(TokenizerError, match="special token must be a non-empty string"):
+        CharTokenizer.train("some text", special_tokens=[""])
+
+
+def test_cli_train_refuses_bad_out_and_specials(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("some text " * 20)
+    (tmp_path / "file").write_text("mine")
+    for extra, message in ((["--out", str(tmp_path / "file")], "is a file, not a directory"),
+                           (["--out", str(tmp_path / "o"), "--special", ""], "non-empty string")):
+        assert main(["tokenizer", "train", str(tmp_path / "corpus.txt"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("scratchlm: error: ") and message in err and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "mine"

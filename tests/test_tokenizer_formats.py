@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scratchlm.tokenizer import BPETokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer
-from scratchlm.tokenizer.formats import LLAMA3_PATTERN, read_tiktoken_ranks, write_tiktoken_ranks
+from scratchlm.tokenizer.tiktoken_files import LLAMA3_PATTERN, read_tiktoken_ranks, write_tiktoken_ranks
 from test_tokenizer import SPECIAL_TEXT, TEXTS, corpus
 
 tokenizers = pytest.importorskip("tokenizers")

@@ -26,3 +26,7 @@ class NotFound(ScratchLMError, FileNotFoundError):
 
 class ConfigError(ScratchLMError):
     """A configuration (model, training, command options) that cannot work."""
+
+
+class DataError(ScratchLMError):
+    """Input data that cannot be used: an unreadable or malformed file, a bad size or split."""

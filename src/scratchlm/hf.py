@@ -318,5 +318,3 @@ def save_hf(directory: str | os.PathLike, model, tokenizer=None, inputs=()) -> P
         if tokenizer is not None:
             (tokenizer.save_hf if hasattr(tokenizer, "save_hf") else tokenizer.save)(tmp)
     return directory
-
-

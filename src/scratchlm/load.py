@@ -93,7 +93,7 @@ def preset_tokenizer(config: ModelConfig):
         try:
             import tiktoken
 
-            from .tokenizer.formats import bpe_from_tiktoken
+            from .tokenizer import bpe_from_tiktoken
 
             if _tiktoken_cached("gpt2"):
                 return bpe_from_tiktoken(tiktoken.get_encoding("gpt2"))

@@ -385,7 +385,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, quiet: bool = False):
-        from .data import BatchSampler, eval_batches, load_meta, load_split
+        from .batches import BatchSampler, eval_batches
+        from .data import load_meta, load_split
         from .tokenizer import load_tokenizer
 
         self.cfg, self.quiet = cfg, quiet

@@ -9,7 +9,8 @@ The parts, in the order data flows through them:
     ingest.py    files -> index, embedding only new or changed files
     retrieve.py  question -> best chunks: dense, BM25 keyword, or both fused (RRF)
     pipeline.py  question + chunks -> numbered prompt -> answer -> citations
-    cli.py       `scratchlm rag index` and `scratchlm rag ask`
+
+`scratchlm rag index` and `scratchlm rag ask` are parsed in scratchlm/cli/rag.py.
 
 The Python API in three lines (guide: docs/rag.md)::
 

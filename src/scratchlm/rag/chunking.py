@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+
+from .errors import RagError
 
 # A tokenizer for sizing chunks: text -> the (start, end) character span of each token.
 TokenSpans = Callable[[str], Sequence[tuple[int, int]]]
@@ -90,13 +92,13 @@ class Chunk:
     text: str
     start: int
     end: int
-    page: Optional[int] = None
-    heading: Optional[str] = None
+    page: int | None = None
+    heading: str | None = None
     position: int = 0  # index of the chunk within its document
 
 
 def chunk_text(text: str, max_tokens: int = 128, overlap: int = 16, *, source: str = "",
-               token_spans: TokenSpans = word_spans, page: Optional[int] = None,
+               token_spans: TokenSpans = word_spans, page: int | None = None,
                offset: int = 0) -> list[Chunk]:
     """Cut ``text`` into chunks of at most ``max_tokens`` tokens overlapping by ``overlap``.
 
@@ -104,9 +106,9 @@ def chunk_text(text: str, max_tokens: int = 128, overlap: int = 16, *, source: s
     document). Text with no token (empty or only whitespace) gives no chunk.
     """
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        raise RagError(f"max_tokens must be at least 1, got {max_tokens}")
     if not 0 <= overlap < max_tokens / 2:
-        raise ValueError(f"overlap must be >= 0 and less than half of max_tokens ({max_tokens}), got {overlap}")
+        raise RagError(f"overlap must be >= 0 and less than half of max_tokens ({max_tokens}), got {overlap}")
     spans = list(token_spans(text))
     n = len(spans)
     if n == 0:
@@ -138,7 +140,9 @@ def chunk_text(text: str, max_tokens: int = 128, overlap: int = 16, *, source: s
 # Headings: Markdown "# Title" lines, and reStructuredText/setext titles underlined with a
 # row of = - * ~ ^ (the Python reference topics use these).
 _ATX_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
-_UNDERLINED_HEADING = re.compile(r"^([^\n]*\S[^\n]*)\n([=\-*~^])\2{2,}[ \t]*$", re.M)
+# The title ends at its last non-space character: "[^\n]*\S[^\n]*" would let the two
+# runs trade characters, which is quadratic in the length of a line with no underline.
+_UNDERLINED_HEADING = re.compile(r"^([^\n]*\S)[^\S\n]*\n([=\-*~^])\2{2,}[ \t]*$", re.M)
 
 
 def find_headings(text: str) -> list[tuple[int, str]]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class Embedder:
             self.encoder = copy.deepcopy(self.encoder).to(torch.bfloat16)
             self.dtype = torch.bfloat16
 
-    def _pooling_mode(self) -> Optional[str]:
+    def _pooling_mode(self) -> str | None:
         """'mean' or 'cls' when the pipeline is Transformer -> Pooling [-> Normalize], else None."""
         modules = list(self.model)
         kinds = [type(m).__name__ for m in modules]

@@ -47,12 +47,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import NotFound
 from .chunking import Chunk
 from .errors import RagError
 from .loaders import Document
@@ -91,8 +92,8 @@ class Hit:
     text: str
     start: int
     end: int
-    page: Optional[int]
-    heading: Optional[str]
+    page: int | None
+    heading: str | None
     score: float
 
     def label(self) -> str:
@@ -111,7 +112,7 @@ class RagIndex:
     """Chunks + embeddings (SQLite) + a FAISS index over them. See the module docstring."""
 
     def __init__(self, db: sqlite3.Connection, meta: dict, faiss_index=None,
-                 path: Optional[Path] = None):
+                 path: Path | None = None):
         self._db = db
         self.meta = meta
         self._faiss = faiss_index  # None: stale, rebuilt from the embeddings when needed
@@ -123,7 +124,7 @@ class RagIndex:
 
     @classmethod
     def create(cls, embedder: str, dim: int, kind: str = "flat", max_tokens: int = 128,
-               overlap: int = 16, probe: Optional[Sequence[float]] = None) -> "RagIndex":
+               overlap: int = 16, probe: Sequence[float] | None = None) -> RagIndex:
         """An empty index for vectors of ``dim`` from embedding model ``embedder``.
 
         ``probe``: the model's vector for ``PROBE_TEXT``; ``check_embedder`` compares it
@@ -140,7 +141,7 @@ class RagIndex:
         return cls(db, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RagIndex":
+    def load(cls, path: str | os.PathLike) -> RagIndex:
         """Open a saved index (read-only until changed). Clear errors for anything amiss."""
         path = find_index_dir(path)
         try:
@@ -329,7 +330,7 @@ class RagIndex:
         self._writable = True
 
 
-def build_faiss(ids: np.ndarray, vectors: np.ndarray, kind: str = "flat", dim: Optional[int] = None):
+def build_faiss(ids: np.ndarray, vectors: np.ndarray, kind: str = "flat", dim: int | None = None):
     """A FAISS inner-product index of ``kind`` over ``vectors``, labelled with ``ids``."""
     import faiss
 
@@ -368,7 +369,7 @@ def find_index_dir(path: str | os.PathLike) -> Path:
         if path.exists():
             raise RagError(f"{path} is not a scratchlm index (no {DB_FILE}); build one with "
                            f"`scratchlm rag index PATH... --index {path}`")
-        raise FileNotFoundError(f"no index at {path}; build one with "
+        raise NotFound(f"no index at {path}; build one with "
                                 f"`scratchlm rag index PATH... --index {path}`")
     return found
 

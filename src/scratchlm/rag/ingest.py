@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 
 from .chunking import chunk_document
 from .errors import RagError
 from .index import PROBE_TEXT, RagIndex, find_index_dir
-from .loaders import Document, find_documents, load_document, python_reference_documents
+from .loaders import find_documents, load_document, python_reference_documents
 
 
 def default_index_dir() -> Path:
@@ -67,9 +67,9 @@ class IndexReport:
         return text + (f"; {len(self.skipped)} skipped" if self.skipped else "")
 
 
-def index_documents(paths: Optional[Iterable[str | os.PathLike]], index_dir: str | os.PathLike | None = None,
-                    *, embedder=None, embedder_name: Optional[str] = None, kind: Optional[str] = None,
-                    max_tokens: Optional[int] = None, overlap: Optional[int] = None,
+def index_documents(paths: Iterable[str | os.PathLike] | None, index_dir: str | os.PathLike | None = None,
+                    *, embedder=None, embedder_name: str | None = None, kind: str | None = None,
+                    max_tokens: int | None = None, overlap: int | None = None,
                     rebuild: bool = False, skip_errors: bool = False,
                     progress: bool = False) -> IndexReport:
     """Create or refresh the index at ``index_dir`` from the files under ``paths``.
@@ -80,6 +80,7 @@ def index_documents(paths: Optional[Iterable[str | os.PathLike]], index_dir: str
     sentence-transformers model named by ``embedder_name`` or recorded in the index).
     ``skip_errors``: leave out unreadable files (listed in the report) instead of failing.
     """
+    _check_chunk_sizes(max_tokens, overlap)
     index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
     index = None
     fresh_folder = index_dir.is_dir() and not any(index_dir.iterdir())  # e.g. made with mkdir first
@@ -145,6 +146,15 @@ def index_documents(paths: Optional[Iterable[str | os.PathLike]], index_dir: str
     if report.added or report.changed or report.removed or not (index_dir / "chunks.sqlite").exists():
         index.save(index_dir)
     return report
+
+
+def _check_chunk_sizes(max_tokens, overlap) -> None:
+    """Refuse chunk sizes that cannot work before any model is loaded (None: the default)."""
+    for flag, value, low in (("--chunk-tokens", max_tokens, 1), ("--overlap", overlap, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise RagError(f"{flag} must be a whole number of at least {low}, got {value!r}")
+    if max_tokens is not None and overlap is not None and not overlap < max_tokens / 2:
+        raise RagError(f"--overlap must be less than half of --chunk-tokens ({max_tokens}), got {overlap}")
 
 
 def _check_same_settings(index: RagIndex, index_dir: Path, name, kind, max_tokens, overlap) -> None:

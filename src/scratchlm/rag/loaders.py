@@ -26,10 +26,11 @@ import hashlib
 import html.parser
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
+from ..errors import NotFound
 from .errors import RagError
 
 SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf")
@@ -58,28 +59,30 @@ def content_hash(data: bytes) -> str:
 def find_documents(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """The supported files under ``paths`` (files or folders, searched recursively), sorted.
 
-    Hidden files and folders (a name starting with ".") are skipped. Raises
-    FileNotFoundError for a missing path and RagError when nothing indexable is found.
+    Hidden files and folders (a name starting with ".") are skipped. A symlink is judged
+    by its own name (``notes.txt`` -> ``notes``, no suffix, is a .txt) and read once
+    however many links lead to one file. Raises NotFound for a missing path and RagError
+    when nothing indexable is found.
     """
-    found: set[Path] = set()
+    found: dict[Path, Path] = {}  # the real file -> the path it was found by
     paths = [Path(p) for p in paths]
     for path in paths:
         if not path.exists():
-            raise FileNotFoundError(f"no such file or folder: {path}")
+            raise NotFound(f"no such file or folder: {path}")
         if path.is_file():
             if path.suffix.lower() not in SUFFIXES:
                 raise RagError(f"{path}: unsupported file type {path.suffix or '(none)'}; "
                                f"expected one of {', '.join(SUFFIXES)}")
-            found.add(path.resolve())
+            found.setdefault(path.resolve(), path.absolute())
             continue
         for file in path.rglob("*"):
             hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
             if file.is_file() and not hidden and file.suffix.lower() in SUFFIXES:
-                found.add(file.resolve())
+                found.setdefault(file.resolve(), file.absolute())
     if not found:
         where = ", ".join(str(p) for p in paths)
         raise RagError(f"no {', '.join(SUFFIXES)} files found in {where}")
-    return sorted(found)
+    return [found[real] for real in sorted(found)]
 
 
 def load_document(path: str | os.PathLike) -> Document:

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
 
 from .errors import RagError
 from .index import Hit
@@ -86,10 +86,10 @@ class Answer:
 
     question: str
     sources: list[Hit]  # in prompt order: source n is sources[n - 1]
-    text: Optional[str] = None  # None: retrieval only, no model
+    text: str | None = None  # None: retrieval only, no model
     citations: list[int] = field(default_factory=list)  # valid source numbers cited
     invalid_citations: list[int] = field(default_factory=list)  # cited numbers that name no source
-    prompt: Optional[str] = None
+    prompt: str | None = None
 
     def cited(self) -> list[Hit]:
         """The sources the answer cites, in order of first citation."""
@@ -114,7 +114,7 @@ class Answer:
 
 
 def fit_prompt(question: str, hits: Sequence[Hit], tokenizer, budget: int,
-               template: Optional[str] = None) -> tuple[str, list[Hit]]:
+               template: str | None = None) -> tuple[str, list[Hit]]:
     """(prompt, hits it holds) with at most ``budget`` tokens.
 
     Passages are cut to the longest common length that fits (binary search on characters);
@@ -155,7 +155,7 @@ def _capped(hits: Sequence[Hit], cap: int) -> list[Hit]:
 
 
 def answer(question: str, hits: Sequence[Hit], model, tokenizer, *, max_new_tokens: int = 256,
-           template: Optional[str] = None, **generate_options) -> Answer:
+           template: str | None = None, **generate_options) -> Answer:
     """Generate an answer to ``question`` from the retrieved ``hits`` with a scratchlm model."""
     from ..chat import chat_stops, resolve_template
     from ..generate import generate
@@ -177,7 +177,7 @@ def answer(question: str, hits: Sequence[Hit], model, tokenizer, *, max_new_toke
 
 
 def ask(question: str, index=None, model=None, tokenizer=None, *, k: int = 4, mode: str = "dense",
-        max_new_tokens: int = 256, template: Optional[str] = None, **generate_options) -> Answer:
+        max_new_tokens: int = 256, template: str | None = None, **generate_options) -> Answer:
     """Retrieve the ``k`` best chunks from ``index`` and, given a ``model``, answer from them.
 
     index: a Retriever, a RagIndex, an index directory, or None for the built-in Python

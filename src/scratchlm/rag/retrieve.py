@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .errors import RagError
 from .index import Hit, RagIndex
@@ -29,7 +29,7 @@ MODES = ("dense", "keyword", "hybrid")
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], c: int = 60,
-                           digits: Optional[int] = 6) -> list[tuple[int, float]]:
+                           digits: int | None = 6) -> list[tuple[int, float]]:
     """Fuse ranked lists of ids: (id, sum of 1/(c + rank)) best first; ties keep first-seen order."""
     scores: dict[int, float] = {}
     for ranking in rankings:
@@ -58,7 +58,7 @@ class Retriever:
     """
 
     def __init__(self, index: RagIndex | str | os.PathLike, embedder=None,
-                 query_threads: Optional[int] = 1):
+                 query_threads: int | None = 1):
         self.index = index if isinstance(index, RagIndex) else RagIndex.load(index)
         if embedder is None:
             from .embed import load_embedder
@@ -98,7 +98,7 @@ class Retriever:
 
 
 @contextlib.contextmanager
-def _threads(n: Optional[int]):
+def _threads(n: int | None):
     """Run torch and FAISS on ``n`` threads inside the block (None: unchanged)."""
     if n is None:
         yield

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Iterable
-from typing import Optional, Union
 
 import regex
+
 from ..errors import ScratchLMError
 
 # "all": every special token written in the text is recognised; "none" (or an empty
 # collection): special-token strings are encoded as ordinary text; a collection of
 # names: only those.
-AllowedSpecial = Union[str, Collection[str]]
+AllowedSpecial = str | Collection[str]
 
 # Names that mean "end of text" in the tokenizers we load, most specific first.
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
@@ -40,10 +40,10 @@ class Tokenizer:
     """Base class: special-token handling, decoding and id checks (see the module doc)."""
 
     special_tokens: dict[str, int]
-    chat_template: Optional[str] = None
-    bos_token: Optional[str] = None  # set by loaders from tokenizer_config.json / the model
-    eos_token: Optional[str] = None
-    hf_config: Optional[dict] = None  # the tokenizer_config.json it was loaded with, if any
+    chat_template: str | None = None
+    bos_token: str | None = None  # set by loaders from tokenizer_config.json / the model
+    eos_token: str | None = None
+    hf_config: dict | None = None  # the tokenizer_config.json it was loaded with, if any
 
     # ---- what subclasses provide -------------------------------------------------------
     def encode_ordinary(self, text: str) -> list[int]:
@@ -54,7 +54,7 @@ class Tokenizer:
     def vocab_size(self) -> int:
         raise NotImplementedError
 
-    def save(self, directory: Union[str, os.PathLike]) -> None:
+    def save(self, directory: str | os.PathLike) -> None:
         raise NotImplementedError
 
     # ---- shared ----------------------------------------------------------------------
@@ -106,14 +106,14 @@ class Tokenizer:
                                      f"vocabulary (ids 0..{self.vocab_size - 1})")
 
     @property
-    def eot_id(self) -> Optional[int]:
+    def eot_id(self) -> int | None:
         """Id of the end-of-text token, or None: the eos token the tokenizer declares (in
         tokenizer_config.json or the model), else "<|endoftext|>", "<|end_of_text|>", "</s>"."""
         names = (self.eos_token,) + EOT_NAMES
         return next((self.special_tokens[n] for n in names if n in self.special_tokens), None)
 
     @property
-    def bos_id(self) -> Optional[int]:
+    def bos_id(self) -> int | None:
         """Id of the beginning-of-text token, or None when the tokenizer has none."""
         names = (self.bos_token,) + BOS_NAMES
         return next((self.special_tokens[n] for n in names if n in self.special_tokens), None)
@@ -149,6 +149,14 @@ class Tokenizer:
             alternatives = "|".join(regex.escape(n) for n in sorted(names, key=len, reverse=True))
             cache[key] = regex.compile(f"({alternatives})")
         return cache[key]
+
+
+def check_special_names(names: Iterable) -> None:
+    """Special tokens must be non-empty strings: an empty one matches between every two
+    characters, and splitting text around it never ends."""
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TokenizerError(f"a special token must be a non-empty string, got {name!r}")
 
 
 def as_id_list(ids) -> list:

@@ -30,13 +30,12 @@ import os
 import unicodedata
 import warnings
 from collections.abc import Iterable
-from typing import Optional, Union
 
 import regex
 
-from .base import Tokenizer, TokenizerError
-from .bpe_train import (count_pretokens, resolve_pattern, train_merges_fast,
-                        train_merges_textbook)
+from .base import Tokenizer, TokenizerError, check_special_names
+from .bpe_train import count_pretokens, resolve_pattern, train_merges_fast, train_merges_textbook
+from .hf_json import save_hf_bpe
 
 
 def bpe_encode_piece(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
@@ -72,13 +71,14 @@ NORMALIZERS = (None, "NFC", "NFD", "NFKC", "NFKD")
 class BPETokenizer(Tokenizer):
     """Byte-level BPE over ``ranks`` (bytes -> id) with a pre-split ``pattern``."""
 
-    def __init__(self, ranks: dict[bytes, int], pattern: str, special_tokens: Optional[dict[str, int]] = None,
-                 *, merges: Optional[list[tuple[int, int, int]]] = None, add_prefix_space: bool = False,
-                 normalizer: Optional[str] = None, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
-                 chat_template: Optional[str] = None, name: str = "scratchlm"):
+    def __init__(self, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int] | None = None,
+                 *, merges: list[tuple[int, int, int]] | None = None, add_prefix_space: bool = False,
+                 normalizer: str | None = None, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | None = None, name: str = "scratchlm"):
         self.ranks = dict(ranks)
         self.pattern = resolve_pattern(pattern)
         self.special_tokens = dict(special_tokens or {})
+        check_special_names(self.special_tokens)
         self.merges = merges  # (left, right, new) in training order; None when loaded
         # Loaded Hugging Face files may ask for two text transforms before the regex:
         self.add_prefix_space = add_prefix_space  # ByteLevel(add_prefix_space=True): " " + text
@@ -107,13 +107,14 @@ class BPETokenizer(Tokenizer):
 
     # ---- training ----------------------------------------------------------------------
     @classmethod
-    def train(cls, text: Union[str, Iterable[str]], vocab_size: int, pattern: str = "gpt4",
-              special_tokens: Iterable[str] = ("<|endoftext|>",), fast: bool = True) -> "BPETokenizer":
+    def train(cls, text: str | Iterable[str], vocab_size: int, pattern: str = "gpt4",
+              special_tokens: Iterable[str] = ("<|endoftext|>",), fast: bool = True) -> BPETokenizer:
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``.
 
         ``text`` is one string or an iterable of documents (merges never cross documents).
         ``fast=False`` uses the textbook trainer (same merges, much slower)."""
         specials = list(dict.fromkeys(special_tokens))
+        check_special_names(specials)  # before training: an empty one would never stop splitting
         if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
             raise TokenizerError(f"vocab_size must be at least 256 + {len(specials)} special tokens "
                                  f"= {256 + len(specials)}, got {vocab_size!r}")
@@ -220,11 +221,9 @@ class BPETokenizer(Tokenizer):
         return self._table
 
     # ---- files -----------------------------------------------------------------------
-    def save(self, directory: Union[str, os.PathLike]) -> None:
+    def save(self, directory: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` + ``tokenizer_config.json`` (Hugging Face format, which
         is also our own: ``load_tokenizer`` reads them back) into an existing directory."""
-        from .formats import save_hf_bpe
-
         save_hf_bpe(self, directory)
 
     save_hf = save

@@ -22,9 +22,9 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
 
-from .base import Tokenizer, TokenizerError
+from .base import Tokenizer, TokenizerError, check_special_names
+from .files import remove_stale_files, require_directory
 
 FILENAME = "char_tokenizer.json"
 
@@ -39,12 +39,14 @@ class CharTokenizer(Tokenizer):
         if len(set(self.chars)) != len(self.chars):
             raise TokenizerError("a character tokenizer's vocabulary has duplicate characters")
         self.char_to_id = {c: i for i, c in enumerate(self.chars)}
-        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(dict.fromkeys(special_tokens))}
+        specials = list(dict.fromkeys(special_tokens))
+        check_special_names(specials)
+        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(specials)}
         self._table = {i: c.encode("utf-8", errors="surrogatepass") for i, c in enumerate(self.chars)}
         self._table.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
 
     @classmethod
-    def train(cls, text: Union[str, Iterable[str]], special_tokens: Iterable[str] = ()) -> "CharTokenizer":
+    def train(cls, text: str | Iterable[str], special_tokens: Iterable[str] = ()) -> CharTokenizer:
         """Vocabulary = the sorted distinct characters of ``text`` (a str or an iterable of str)."""
         texts = [text] if isinstance(text, str) else list(text)
         chars = sorted(set().union(*map(set, texts))) if texts else []
@@ -70,18 +72,15 @@ class CharTokenizer(Tokenizer):
     def _bytes_table(self) -> dict[int, bytes]:
         return self._table
 
-    def save(self, directory: Union[str, os.PathLike]) -> None:
+    def save(self, directory: str | os.PathLike) -> None:
         """Write ``char_tokenizer.json`` into an existing directory."""
-        from .formats import remove_stale_files
-
-        if not Path(directory).is_dir():
-            raise TokenizerError(f"{directory}: not a directory (create it before saving a tokenizer)")
+        require_directory(directory)
         data = {"kind": "char", "chars": "".join(self.chars), "special_tokens": list(self.special_tokens)}
         (Path(directory) / FILENAME).write_text(json.dumps(data, ensure_ascii=True))
         remove_stale_files(directory, (FILENAME,))
 
     @classmethod
-    def load(cls, directory: Union[str, os.PathLike]) -> "CharTokenizer":
+    def load(cls, directory: str | os.PathLike) -> CharTokenizer:
         path = Path(directory) / FILENAME
         try:
             data = json.loads(path.read_text())

@@ -23,11 +23,12 @@ import heapq
 import os
 import struct
 from pathlib import Path
-from typing import Optional, Union
 
 import regex
 
 from .base import Tokenizer, TokenizerError
+from .files import remove_stale_files, require_directory
+from .hf_json import write_tokenizer_config
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
@@ -111,7 +112,7 @@ def read_model_proto(data: bytes) -> dict:
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece BPE model: reference encoder in Python, fast path via ``sentencepiece``."""
 
-    def __init__(self, model_bytes: bytes, source: str = "tokenizer.model", config: Optional[dict] = None):
+    def __init__(self, model_bytes: bytes, source: str = "tokenizer.model", config: dict | None = None):
         try:
             spec = read_model_proto(model_bytes)
         except (ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
@@ -153,11 +154,11 @@ class SentencePieceTokenizer(Tokenizer):
         self._processor = None
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], config: Optional[dict] = None) -> "SentencePieceTokenizer":
+    def load(cls, path: str | os.PathLike, config: dict | None = None) -> SentencePieceTokenizer:
         path = Path(path)
         return cls(path.read_bytes(), str(path), config)
 
-    def _piece(self, i: int) -> Optional[str]:
+    def _piece(self, i: int) -> str | None:
         return self.pieces[i]["piece"] if 0 <= i < len(self.pieces) else None
 
     @property
@@ -205,7 +206,7 @@ class SentencePieceTokenizer(Tokenizer):
                 "needs the sentencepiece package: the reference encoder does BPE with identity "
                 "normalisation (Llama 2's settings)")
         text = self.normalize(text)
-        symbols: list[Optional[str]] = self._symbols(text)
+        symbols: list[str | None] = self._symbols(text)
         n = len(symbols)
         prev = list(range(-1, n - 1))  # a doubly linked list over the symbols
         nxt = list(range(1, n + 1))
@@ -267,7 +268,7 @@ class SentencePieceTokenizer(Tokenizer):
     # decode_bytes (from the base class) keeps every piece's space, "▁world" -> b" world":
     # a stream of one-token decode_bytes reads " Hello world", where decode gives "Hello world".
 
-    hf_tokenizer_json: Optional[str] = None  # the tokenizer.json it was loaded beside, if any
+    hf_tokenizer_json: str | None = None  # the tokenizer.json it was loaded beside, if any
 
     def hf_tokenizer_dict(self) -> dict:
         """A Hugging Face ``tokenizer.json`` that encodes like this model (Llama 2 style:
@@ -318,17 +319,13 @@ class SentencePieceTokenizer(Tokenizer):
                       "merges": [[left, right] for *_, left, right in merges]},
         }
 
-    def save(self, directory: Union[str, os.PathLike]) -> None:
+    def save(self, directory: str | os.PathLike) -> None:
         """Write ``tokenizer.model`` (the SentencePiece file, unchanged), a Hugging Face
         ``tokenizer.json`` (the one it was loaded with, else ``hf_tokenizer_dict()`` when
         the model allows) and ``tokenizer_config.json``."""
         import json
 
-        from .formats import remove_stale_files, write_tokenizer_config
-
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise TokenizerError(f"{directory}: not a directory (create it before saving a tokenizer)")
+        directory = require_directory(directory)
         (directory / "tokenizer.model").write_bytes(self.model_bytes)
         written = ("tokenizer.model", "tokenizer_config.json")
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token}
