@@ -6,8 +6,10 @@ resident memory just before loading, divided by the bytes of the weights on disk
 
     naive      safetensors.torch.load_file (every tensor) + Transformer(config) (random init,
                a second full copy) + load_state_dict (copies into it)
-    load_hf    model on the meta device; each tensor read from the file into its own buffer
-               and handed to the model (assign=True); GPT-2's Conv1D transposes one at a time
+    load_hf    each tensor read from the file into its own buffer (safetensors_io), GPT-2's
+               Conv1D transposes a few rows at a time; the model built on the meta device and
+               given those tensors (assign=True) by state_dict.model_from_state_dict, the
+               helper every loader uses
 
     python benchmarks/load_memory.py              # GPT-2 124M and a ~270M Llama, random weights
 """

@@ -114,3 +114,173 @@ def test_train_state_never_unpickles_objects(tmp_path):
     torch.save({"step": 1, "payload": datetime.datetime.now()}, tmp_path / "run" / "train_state.pt")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_train_state(tmp_path / "run")
+
+
+# ---- the atomic swap under repeated crashes ----------------------------------------------------
+def _weights_of(path):
+    return load_model(path)[0].tok_emb.weight
+
+
+def _fail_at(monkeypatch, name, call):
+    """Make the ``call``-th call (1-based) of atomic.os.replace or atomic.shutil.rmtree raise,
+    as a kill at that moment would stop the save."""
+    import scratchlm.atomic as atomic
+
+    module = atomic.os if name == "replace" else atomic.shutil
+    real = getattr(module, name)
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == call:
+            raise KeyboardInterrupt(f"killed at {name} #{call} (simulated)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, fake)
+
+
+@pytest.mark.parametrize("where", [("replace", 1), ("replace", 2), ("rmtree", 1), ("rmtree", 2)])
+def test_a_second_kill_after_one_between_the_renames_still_leaves_a_checkpoint(tmp_path, monkeypatch, where):
+    """Kill 1 lands between the two renames (only run.old is left); kill 2 lands anywhere in the
+    next save. One of the two good checkpoints must still load (the old swap deleted run.old first)."""
+    first, second, third = _model(0), _model(1), _model(2)
+    save_model(tmp_path / "run", first)
+    _fail_at(monkeypatch, "replace", 2)  # run -> run.old done, run.tmp -> run not
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tmp_path / "run", second)
+    monkeypatch.undo()
+    assert not (tmp_path / "run").exists() and (tmp_path / "run.old").is_dir()
+    assert torch.equal(_weights_of(tmp_path / "run"), first.tok_emb.weight)  # falls back to run.old
+
+    _fail_at(monkeypatch, *where)
+    try:
+        save_model(tmp_path / "run", third)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    loaded = _weights_of(tmp_path / "run")
+    assert torch.equal(loaded, first.tok_emb.weight) or torch.equal(loaded, third.tok_emb.weight)
+
+    save_model(tmp_path / "run", third)  # and a save that completes tidies up
+    assert torch.equal(_weights_of(tmp_path / "run"), third.tok_emb.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_temporary_folders_left_by_kills_are_removed_by_the_next_save(tmp_path):
+    import subprocess
+    import sys
+
+    save_model(tmp_path / "run", _model(0))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that no process has now
+    stale = [tmp_path / f".run.tmp-{gone}-0123abcd", tmp_path / ".run.tmp-89abcdef"]  # + the older naming
+    alive = tmp_path / f".run.tmp-{os.getppid()}-fedc4321"  # a running process may be writing it
+    other = tmp_path / f".other.tmp-{gone}-0123abcd"  # another directory's: not this save's business
+    for d in (*stale, alive, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    save_model(tmp_path / "run", _model(1))
+    assert not any(d.exists() for d in stale)
+    assert alive.exists() and other.exists()
+    assert torch.equal(_weights_of(tmp_path / "run"), _model(1).tok_emb.weight)
+
+
+# ---- what a save may replace ------------------------------------------------------------------------
+def _tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_save_never_replaces_a_users_folder_a_file_or_its_input(tmp_path):
+    from scratchlm.atomic import OutputError
+    from scratchlm.errors import ScratchLMError
+
+    model = _model(0)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("buy milk")
+    with pytest.raises(OutputError, match="notes is a folder that holds no config.json"):
+        save_model(notes, model)
+    assert _tree(notes) == {"todo.txt": b"buy milk"}
+
+    file = tmp_path / "out.bin"
+    file.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="is a file"):
+        save_model(file, model)
+    assert file.read_bytes() == b"precious" and not (tmp_path / "out.bin.old").exists()
+
+    save_model(tmp_path / "m", model)
+    before = _tree(tmp_path / "m")
+    for target in (tmp_path / "m", tmp_path):  # the input itself, or a folder that holds it
+        with pytest.raises(OutputError, match="input"):
+            save_model(target, _model(1), inputs=[tmp_path / "m"])
+    assert _tree(tmp_path / "m") == before
+    assert issubclass(OutputError, ScratchLMError)
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")] == []
+
+    (tmp_path / "empty").mkdir()
+    save_model(tmp_path / "empty", model)  # an empty folder made beforehand is fine
+    save_model(tmp_path / "m", _model(1))  # and a model folder of ours is replaced in place
+    assert torch.equal(_weights_of(tmp_path / "m"), _model(1).tok_emb.weight)
+
+
+def test_a_symlinked_output_is_written_where_it_points(tmp_path):
+    save_model(tmp_path / "real", _model(0))
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    save_model(tmp_path / "link", _model(1))
+    assert (tmp_path / "link").is_symlink()
+    assert torch.equal(_weights_of(tmp_path / "real"), _model(1).tok_emb.weight)
+
+
+def test_merge_lora_refuses_to_write_over_its_inputs(tmp_path, capsys):
+    from scratchlm.cli import main
+    from scratchlm.lora import apply_lora, save_adapter
+
+    base = _model(0)
+    save_model(tmp_path / "base", base)
+    apply_lora(base, rank=2, alpha=4, targets=["qkv_proj"])
+    save_adapter(tmp_path / "adapter", base, base_model=str(tmp_path / "base"))
+    before = {name: _tree(tmp_path / name) for name in ("base", "adapter")}
+    for out in ("base", "adapter"):
+        capsys.readouterr()
+        assert main(["merge-lora", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("scratchlm: error: ") and len(err.strip().splitlines()) == 1 and "input" in err
+    assert {name: _tree(tmp_path / name) for name in ("base", "adapter")} == before
+    assert main(["merge-lora", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+
+
+# ---- the one loading helper: every mismatch names its keys -------------------------------------------
+def test_weights_that_do_not_fit_the_config_name_the_keys(tmp_path):
+    model = _model(0)
+    save_model(tmp_path / "run", model)
+    weights = tmp_path / "run" / "model.safetensors"
+    good = safetensors.torch.load_file(str(weights))
+
+    def load_with(state):
+        safetensors.torch.save_file(state, str(weights))
+        with pytest.raises(CheckpointError) as e:
+            load_model(tmp_path / "run")
+        return str(e.value)
+
+    assert "missing final_norm.bias" in load_with({k: v for k, v in good.items() if k != "final_norm.bias"})
+    assert "unexpected extra.weight" in load_with({**good, "extra.weight": torch.zeros(2)})
+    msg = load_with({**good, "final_norm.weight": torch.zeros(3)})
+    assert "shape mismatch for final_norm.weight" in msg and "(3,)" in msg
+    msg = load_with({**good, "final_norm.weight": good["final_norm.weight"].half()})
+    assert "dtype mismatch for final_norm.weight" in msg and "torch.float16" in msg
+    # Asking for a dtype converts instead (and records it in the config).
+    safetensors.torch.save_file(good, str(weights))
+    half, _ = load_model(tmp_path / "run", dtype=torch.bfloat16)
+    assert half.final_norm.weight.dtype == torch.bfloat16 and half.config.dtype == "bfloat16"
+
+
+def test_loaded_model_ties_its_head_and_rebuilds_its_tables(tmp_path):
+    config = ModelConfig.preset("llama-tiny").replace(tie_embeddings=True)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    save_model(tmp_path / "run", model)
+    again, _ = load_model(tmp_path / "run")
+    assert again.lm_head.weight is again.tok_emb.weight  # one Parameter, as Transformer() makes it
+    assert again.rope_cos.device.type == "cpu" and torch.equal(again.rope_cos, model.rope_cos)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))

@@ -120,7 +120,7 @@ def test_convert_then_export_round_trip(hf_dir, tmp_path, capsys):
     tok_again = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert tok_again("Hello world! café 😀")["input_ids"] == hf_tok("Hello world! café 😀")["input_ids"]
     # ... and scratchlm's copy of it encodes and decodes the same way.
-    from scratchlm.hf import load_any
+    from scratchlm.load import load_any
 
     ours, tok = load_any(tmp_path / "ours")
     assert tok.encode("Hello world! café") == hf_tok("Hello world! café")["input_ids"]
@@ -269,7 +269,7 @@ def test_export_refuses_a_shape_hf_has_not(tmp_path, capsys):
 
 # ---- load_any -----------------------------------------------------------------------------------
 def test_load_any_presets_and_errors(tmp_path):
-    from scratchlm.hf import load_any
+    from scratchlm.load import load_any
 
     model, tok = load_any("llama-tiny")
     assert model.config.n_kv_heads == 2 and not model.training
@@ -285,10 +285,41 @@ def test_load_any_presets_and_errors(tmp_path):
 
 def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     """`runs/nope` when ./runs exists is a missing directory, said at once (no network retries)."""
-    import scratchlm.hf as hf
+    import scratchlm.load as load
 
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hf, "load_hf", lambda *a, **k: pytest.fail("asked the hub for a local path"))
+    monkeypatch.setattr(load, "load_hf", lambda *a, **k: pytest.fail("asked the hub for a local path"))
     with pytest.raises(FileNotFoundError, match="model directory not found: runs/nope"):
-        hf.load_any("runs/nope")
+        load.load_any("runs/nope")
+
+
+# ---- outputs that must not be written over ------------------------------------------------------
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_export_and_convert_never_write_over_their_input_a_users_folder_or_a_file(hf_dir, tmp_path, capsys):
+    _, d, _, _ = hf_dir
+    assert main(["convert", str(d), str(tmp_path / "m")]) == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("buy milk")
+    file = tmp_path / "out.bin"
+    file.write_bytes(b"precious")
+    before = {p: _tree(p) for p in (tmp_path / "m", notes, d)}
+
+    assert "input" in cli_error(["export", str(tmp_path / "m"), str(tmp_path / "m")], capsys)
+    assert "input" in cli_error(["export", str(tmp_path / "m"), str(tmp_path / "." / "m" / "..")], capsys)
+    assert "notes is a folder that holds no config.json" in cli_error(
+        ["export", str(tmp_path / "m"), str(notes)], capsys)
+    assert "is a file" in cli_error(["export", str(tmp_path / "m"), str(file)], capsys)
+    assert "input" in cli_error(["convert", str(d), str(d)], capsys)
+    assert "is a file" in cli_error(["convert", str(d), str(file)], capsys)
+
+    assert {p: _tree(p) for p in (tmp_path / "m", notes, d)} == before
+    assert file.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "notes", "out.bin"]  # no .old, no .tmp-*
+    # A model folder of ours is still replaced (the round trip above writes "back" twice).
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "back")]) == 0
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "back")]) == 0

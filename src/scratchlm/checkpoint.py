@@ -8,10 +8,11 @@ A model directory holds:
     train_state.pt      optional: optimizer, step, RNG and data position (train.py)
     + any extra files   e.g. metrics, generation settings
 
-Atomic: everything is written into a temporary sibling directory first, then swapped in
-with renames. A crash at any moment leaves either the old checkpoint or the new one,
-never half of one (a crash between the two renames leaves ``<dir>.old``, which
-``load_model`` falls back to).
+Atomic (atomic.py): everything is written into a temporary sibling directory first, then
+swapped in with renames. A crash at any moment leaves either the old checkpoint or the new
+one, never half of one (a crash between the two renames leaves ``<dir>.old``, which
+``load_model`` falls back to). A save replaces only a model folder of ours (or an empty
+one), never a user's folder, a file, or one of the ``inputs`` it was made from.
 
 >>> import tempfile, torch
 >>> from scratchlm import ModelConfig, Transformer
@@ -25,25 +26,18 @@ never half of one (a crash between the two renames leaves ``<dir>.old``, which
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import MODEL_FILES, atomic_directory, saved_dir
 from .config import ConfigError, ModelConfig
-from .errors import ScratchLMError
 from .model import DTYPES, Transformer
-
-
-class CheckpointError(ScratchLMError):
-    """A model directory that is missing, incomplete or corrupt."""
+from .state_dict import CheckpointError, model_from_state_dict, read_json
 
 
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -55,14 +49,17 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(path: str | os.PathLike, model: Transformer, tokenizer=None,
-               extra: Optional[Callable[[Path], None]] = None,
-               state: Optional[dict[str, torch.Tensor]] = None) -> Path:
+               extra: Callable[[Path], None] | None = None,
+               state: dict[str, torch.Tensor] | None = None, inputs: Iterable = ()) -> Path:
     """Write config, weights and tokenizer (and whatever ``extra(tmp_dir)`` writes) atomically.
 
     ``state``: the weights to write instead of ``model.state_dict()``, e.g. the full state
     gathered from a sharded (FSDP) model; ``model`` then only supplies ``model.config``.
+    ``inputs``: the paths the model was read from, which ``path`` must not replace.
+    An OutputError (before anything is written) when ``path`` is a file, a folder that is
+    not a model folder, or one of ``inputs``.
     """
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, marker=MODEL_FILES, inputs=inputs) as tmp:
         model.config.save(tmp / "config.json")
         if state is None:
             state = _unique_state(model)
@@ -78,63 +75,12 @@ def save_model(path: str | os.PathLike, model: Transformer, tokenizer=None,
     return Path(path)
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Write a directory all at once: the block fills a temporary sibling, which then
-    replaces ``path`` (see _swap_in); if the block fails, ``path`` is left as it was.
-
-    >>> import tempfile
-    >>> target = Path(tempfile.mkdtemp()) / "out"
-    >>> with atomic_directory(target) as tmp:
-    ...     _ = (tmp / "a.txt").write_text("hello")
-    >>> (target / "a.txt").read_text()
-    'hello'
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace directory ``path`` by ``tmp``: rename old away, rename new in, delete old."""
-    old = path.parent / f"{path.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def resolve_dir(path: str | os.PathLike) -> Path:
     """The directory to load: ``path``, or ``path.old`` left by a crash mid-swap."""
-    path = Path(path)
-    if not path.exists():
-        old = path.parent / f"{path.name}.old"
-        if old.exists():
-            return old
+    found = saved_dir(path)
+    if found is None:
         raise CheckpointError(f"model directory not found: {path}")
+    path = found
     if not path.is_dir():
         raise CheckpointError(f"not a model directory: {path}")
     return path
@@ -150,7 +96,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
 
 
-def load_model(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None,
+def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
                with_tokenizer: bool = True):
     """(model, tokenizer or None) from a model directory. Raises CheckpointError with one
     clear line for a missing, partial or corrupt directory."""
@@ -163,26 +109,7 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtyp
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{weights} is corrupt or truncated ({str(e).splitlines()[0]})") from None
-    with torch.device("meta"):
-        model = Transformer(config)
-    # Take the tensors as they are (no second copy); then rebuild the non-persistent tables.
-    model = model.to_empty(device=device)
-    if config.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("tok_emb.weight"))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match config.json (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{weights}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}")
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    model.reset_tables()
-    if dtype is not None:
-        model.to(dtype)
+    model = model_from_state_dict(config, state, device=device, dtype=dtype, source=str(weights))
     model.eval()
     tokenizer = None
     if with_tokenizer:
@@ -214,16 +141,6 @@ def load_train_state(path: str | os.PathLike) -> dict:
     except Exception as e:  # noqa: BLE001 - zip, pickle and unpickler errors all mean "corrupt"
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{file} is corrupt or truncated ({first[:200]})") from None
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file of a model directory; a missing or broken one is a CheckpointError."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"missing file: {path}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
 __all__ = ["CheckpointError", "save_model", "load_model", "load_config", "resolve_dir", "DTYPES",

@@ -227,14 +227,14 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, base_model: Optional
                  extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter.safetensors`` into directory ``path``,
     atomically (a temporary sibling renamed into place), plus whatever ``extra(tmp)`` writes."""
-    from .checkpoint import atomic_directory  # the same atomic swap as model directories
+    from .atomic import MODEL_FILES, atomic_directory  # the same atomic swap as model directories
 
     config: LoRAConfig = getattr(model, "lora_config", None)
     if config is None or not lora_layers(model):
         raise LoRAError("the model has no LoRA adapters to save")
     config = LoRAConfig(**{**asdict(config), "base_model": base_model or config.base_model})
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, marker=MODEL_FILES) as tmp:
         record = {"format": "scratchlm-lora", **asdict(config), "layers": sorted(lora_layers(model))}
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
         save_file(lora_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

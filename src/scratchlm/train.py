@@ -41,6 +41,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .atomic import saved_dir
 from .checkpoint import CheckpointError, load_config, load_model, load_train_state, save_model, save_train_state
 from .config import ConfigError, ModelConfig
 from .model import Transformer
@@ -414,7 +415,7 @@ class Trainer:
         state = None
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if cfg.resume:
-            if not (self.latest / "config.json").exists() and not Path(f"{self.latest}.old").exists():
+            if saved_dir(self.latest, "config.json") is None:
                 raise CheckpointError(f"--resume: no checkpoint in {self.latest}")
             saved = load_config(self.latest)
             if saved != model_config:

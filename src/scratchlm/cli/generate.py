@@ -66,7 +66,7 @@ def _load(args):
     import torch
 
     from ..decode_weights import prepare_for_decode
-    from ..hf import load_any
+    from ..load import load_any
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tokenizer = load_any(args.model, dtype=dtype)

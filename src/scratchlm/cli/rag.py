@@ -85,7 +85,7 @@ def _ask_command(args: argparse.Namespace) -> int:
         raise UsageError(f"-k must be at least 1, got {args.k}")
     hits = open_retriever(args.index).search(question, k=args.k, mode=args.mode)
     if args.model and not args.retrieve_only:
-        from ..hf import load_any
+        from ..load import load_any
 
         model, tokenizer = load_any(args.model)
         result = answer(question, hits, model, tokenizer, max_new_tokens=args.max_new_tokens,

@@ -167,6 +167,6 @@ def _merge_command(args) -> int:
         if fmt.is_file():
             (tmp / PROMPT_FORMAT_FILE).write_text(fmt.read_text())
 
-    save_model(args.out, model, tokenizer, extra=extra)
+    save_model(args.out, model, tokenizer, extra=extra, inputs=[args.base, args.adapter])
     print(f"merged {args.adapter} into {args.base}: {args.out}")
     return 0

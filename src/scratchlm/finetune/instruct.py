@@ -42,9 +42,9 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def load_base(model_ref: Union[str, os.PathLike]):
     """(model, tokenizer) in float32, ready to train, from a scratchlm model directory, a
-    Hugging Face directory or hub id, or a preset name (random weights): see hf.load_any."""
+    Hugging Face directory or hub id, or a preset name (random weights): see load.load_any."""
     try:
-        from ..hf import load_any
+        from ..load import load_any
     except ImportError:  # the hf part is optional
         model, tokenizer = load_model(model_ref)
     else:

@@ -174,9 +174,9 @@ class RagIndex:
         path = Path(path)
         if path.exists() and not (path / DB_FILE).exists() and (not path.is_dir() or any(path.iterdir())):
             raise RagError(f"{path} exists and is not a scratchlm index; choose another --index directory")
-        from ..checkpoint import atomic_directory  # the same atomic swap as model directories
+        from ..atomic import atomic_directory  # the same atomic swap as model directories
 
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, marker=[DB_FILE]) as tmp:
             out = sqlite3.connect(tmp / DB_FILE)
             with out:
                 self._db.backup(out)
@@ -361,17 +361,17 @@ def build_faiss(ids: np.ndarray, vectors: np.ndarray, kind: str = "flat", dim: i
 
 def find_index_dir(path: str | os.PathLike) -> Path:
     """``path`` if it holds an index (or ``path.old`` left by a save interrupted mid-swap)."""
+    from ..atomic import saved_dir
+
     path = Path(path)
-    if not (path / DB_FILE).exists():
-        old = path.parent / f"{path.name}.old"
-        if (old / DB_FILE).exists():
-            return old
+    found = saved_dir(path, DB_FILE)
+    if found is None:
         if path.exists():
             raise RagError(f"{path} is not a scratchlm index (no {DB_FILE}); build one with "
                            f"`scratchlm rag index PATH... --index {path}`")
         raise NotFound(f"no index at {path}; build one with "
                                 f"`scratchlm rag index PATH... --index {path}`")
-    return path
+    return found
 
 
 __all__ = ["RagIndex", "Hit", "build_faiss", "find_index_dir", "INDEX_KINDS", "FORMAT_VERSION"]

@@ -182,7 +182,7 @@ def ask(question: str, index=None, model=None, tokenizer=None, *, k: int = 4, mo
 
     index: a Retriever, a RagIndex, an index directory, or None for the built-in Python
         reference index (built on first use).
-    model: a Transformer (pass its ``tokenizer`` too) or anything ``hf.load_any`` takes
+    model: a Transformer (pass its ``tokenizer`` too) or anything ``load.load_any`` takes
         (a scratchlm model directory, a Hugging Face directory or id, a preset);
         None: retrieval only (``Answer.text`` is None).
     mode: "dense" (default), "keyword" (BM25) or "hybrid" (both, fused by RRF).
@@ -199,7 +199,7 @@ def ask(question: str, index=None, model=None, tokenizer=None, *, k: int = 4, mo
     if model is None:
         return Answer(question, hits)
     if isinstance(model, (str, os.PathLike)):
-        from ..hf import load_any
+        from ..load import load_any
 
         model, tokenizer = load_any(model)
     return answer(question, hits, model, tokenizer, max_new_tokens=max_new_tokens, template=template,

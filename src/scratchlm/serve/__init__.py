@@ -91,7 +91,7 @@ class run_in_background:
 
 def load_for_serving(model_ref: str) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a model directory, a Hugging Face directory, a preset or a hub id."""
-    from ..hf import load_any
+    from ..load import load_any
 
     model, tokenizer = load_any(model_ref)
     return model.eval(), tokenizer
