@@ -17,7 +17,7 @@ from scratchlm.cli import main
 from scratchlm.config import ConfigError
 from scratchlm.data import prepare
 from scratchlm.plots import read_metrics
-from scratchlm.train import (DEMO_CONFIG, TrainConfig, Trainer, autocast_dtype, cpu_has_fast_bf16, lr_at,
+from scratchlm.train import (DEMO_CONFIG, TrainConfig, autocast_dtype, cpu_has_fast_bf16, lr_at, make_trainer,
                              param_groups, train)
 from scratchlm.model import Transformer
 from scratchlm.config import ModelConfig
@@ -63,8 +63,8 @@ def test_overfits_one_batch(tmp_path):
     cfg = tiny(tmp_path / "data", tmp_path / "run", batch_size=1, context_length=32, sampler="sliding",
                max_steps=150, lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0, eval_every=1000,
                eval_batches=1)
-    trainer = Trainer(cfg, quiet=True)
-    assert len(trainer.batches.windows) == 1
+    trainer = make_trainer(cfg, quiet=True)
+    assert len(trainer.task.batches.windows) == 1
     result = trainer.run()
     assert result.losses[0] > 2.5  # about ln(vocab) at the start
     assert result.losses[-1] < 0.05
@@ -233,7 +233,7 @@ def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
     assert step >= 3
     model, _ = load_model(run / "latest")
     assert model.config.n_layers == 2
-    resumed = Trainer(TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()) | {"resume": True}))
+    resumed = make_trainer(TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()) | {"resume": True}))
     assert resumed.step == step
 
 
@@ -241,7 +241,7 @@ def test_pick_threads_leaves_training_state_alone(data_dir, tmp_path):
     from scratchlm.train import pick_threads
 
     torch.set_num_threads(2)
-    trainer = Trainer(tiny(data_dir, tmp_path / "run"), quiet=True)
+    trainer = make_trainer(tiny(data_dir, tmp_path / "run"), quiet=True)
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     choice = pick_threads(trainer)
     assert choice in (1, 2) and torch.get_num_threads() == choice
