@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scratchlm import ModelConfig, Transformer
-from scratchlm.checkpoint import load_model, save_model
+from scratchlm.checkpoint import load_model, load_train_state, save_model
 from scratchlm.cli import main
 from scratchlm.finetune import (IGNORE_INDEX, DataError, Example, answer, collate, finetune_classify,
                                 finetune_instruct, load_classifier, classify, load_records, pack,
@@ -346,24 +346,32 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
     import os
     import signal
 
-    from scratchlm.finetune.loop import Finetuner, LoopConfig
+    from scratchlm.train import LoopConfig, Task, Trainer
 
-    model = torch.nn.Linear(3, 1)
     saved = []
 
-    def batch(g):
-        if g == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
-        return torch.randn(4, 3), torch.randn(4, 1)
+    class Interrupted(Task):
+        def model(self, resume_from):
+            return torch.nn.Linear(3, 1)
 
-    def loss(m, b):
-        return torch.nn.functional.mse_loss(m(b[0]), b[1]), 4
+        def micro_batch(self, step, micro, rank, world, model):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+            return torch.randn(4, 3), torch.randn(4, 1)
+
+        def loss(self, model, batch):
+            return torch.nn.functional.mse_loss(model(batch[0]), batch[1]), {}, 4
+
+        def save(self, directory, weights, extra):
+            directory.mkdir(parents=True, exist_ok=True)
+            extra(directory)
+            saved.append(directory.name)
 
     cfg = LoopConfig(out_dir=str(tmp_path), max_steps=100, batch_size=4, progress=False, plot=False, device="cpu")
-    result = Finetuner(cfg, model, 10, batch, loss, lambda m: {}, lambda d, s: saved.append((d.name, s)),
-                       quiet=True).run()
+    result = Trainer(cfg, Interrupted(), quiet=True).run()
     assert result.interrupted and result.step == 3
-    assert saved[-1][0] == "latest" and saved[-1][1]["step"] == 3 and "optimizer" in saved[-1][1]
+    state = load_train_state(tmp_path / "latest")
+    assert saved[-1] == "latest" and state["step"] == 3 and "optimizer" in state
 
 
 def test_examples_whose_prompt_fills_the_context_are_left_out():

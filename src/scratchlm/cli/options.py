@@ -1,7 +1,9 @@
 """Command-line options generated from a config dataclass: one ``--option`` per field.
 
 Every field ``some_name`` is ``--some_name`` and ``--some-name`` (plus the aliases its
-``option(...)`` names); a bool is ``--flag`` (true), ``--flag false`` and ``--no-flag``;
+``option(...)`` names); a bool is ``--flag`` (true), ``--flag false`` and ``--no-flag``
+(in a command with a positional argument, only ``--flag`` and ``--no-flag``, so that
+``--lora MODEL`` does not read MODEL as the flag's value);
 an optional value takes ``none``; a dict takes JSON. Defaults stay out of the namespace
 (``SUPPRESS``), so that a ``--config`` file's value is overridden only by an option that
 was actually given; the config class then checks every value (config.py), so a bad value
@@ -24,7 +26,7 @@ import types
 from dataclasses import MISSING, fields
 from typing import Any, Literal, Union, get_args, get_origin
 
-from ..train.config import field_help, field_types
+from ..train.config import field_aliases, field_help, field_types
 
 
 def parse_bool(text: str) -> bool:
@@ -66,6 +68,7 @@ def _text_parser(annotation: Any) -> tuple[Any, str]:
 def add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One option (or positional argument) per field of config class ``cls``."""
     hints = field_types(cls)
+    plain_flags = any(f.metadata.get("positional") for f in fields(cls))
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -77,12 +80,16 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             parser.add_argument(f.name, nargs="?", type=parse, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 help=text)
             continue
-        names = [f.name, *[a.lstrip("-") for a in f.metadata.get("aliases", ())]]
+        names = [f.name, *[a.lstrip("-") for a in field_aliases(cls, f.name)]]
         flags = []
         for name in names:
             flags += [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         help_text = f"{text} (default: {default!r})"
-        if annotation is bool:
+        if annotation is bool and plain_flags:
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        elif annotation is bool:
             parser.add_argument(*flags, dest=f.name, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
                                 metavar="BOOL", help=help_text)
             parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",

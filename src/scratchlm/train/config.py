@@ -68,6 +68,15 @@ def field_help(cls: type, name: str) -> str:
     return ""
 
 
+def field_aliases(cls: type, name: str) -> tuple[str, ...]:
+    """The other option names of a field: the first class in the MRO that gives some."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("aliases"):
+            return f.metadata["aliases"]
+    return ()
+
+
 def describe_type(annotation: Any) -> str:
     """int, float, str, bool, dict, 'a' | 'b', int or none, ..."""
     origin, args = get_origin(annotation), get_args(annotation)
@@ -151,9 +160,9 @@ class Config:
     command: typing.ClassVar[str] = "scratchlm"  # named in the "unknown option" message
 
     def __post_init__(self):
-        for name, annotation in field_types(type(self)).items():
-            if name in self.__dataclass_fields__:
-                setattr(self, name, check_value(name, annotation, getattr(self, name)))
+        hints = field_types(type(self))
+        for f in fields(self):
+            setattr(self, f.name, check_value(f.name, hints[f.name], getattr(self, f.name)))
         self.validate()
 
     def validate(self) -> None:
@@ -256,5 +265,5 @@ class LoopConfig(Config):
         need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
 
 
-__all__ = ["Config", "LoopConfig", "option", "check_value", "field_types", "field_help", "describe_type",
+__all__ = ["Config", "LoopConfig", "option", "check_value", "field_types", "field_help", "field_aliases", "describe_type",
            "read_config_file", "need", "positive_ints", "ConfigError"]
