@@ -432,6 +432,9 @@ class Trainer:
             (tmp / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
             if with_state:
                 save_train_state(tmp, state)
+            else:  # best/: which step it is, and by what
+                (tmp / "best.json").write_text(json.dumps(
+                    {"step": self.step, self.task.best_metric: self.best, "mode": self.task.best_mode}) + "\n")
 
         self.task.save(directory, weights, extra)
         if with_state:
