@@ -142,20 +142,37 @@ def test_tiny_model_learns_instructions_by_heart_and_answers_greedily(tmp_path):
     assert chat.stdout.strip() == expected
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_continues_exactly(tmp_path, lora):
+    """6 steps straight == 3 steps, then --resume to 6, with dropout on (in the model, and in
+    the adapters with LoRA): the same loss at every step and the same weights, bit for bit,
+    because every RNG is saved and restored."""
+    from scratchlm.lora import LoRAConfig, load_adapter
+
     tok = char_tokenizer()
-    base = model_dir(tmp_path / "base", tok, context_length=64)
+    base = model_dir(tmp_path / "base", tok, context_length=64, dropout=0.2)
     rows = [{"instruction": q, "output": a} for q, a in FACTS]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     common = dict(template="chatml", val_fraction=0.0, batch_size=2, lr=1e-3, min_lr=1e-3, warmup_steps=0,
-                  progress=False, quiet=True, plot=False, n_samples=0)
-    finetune_instruct(base, data, tmp_path / "once", max_steps=6, **common)
-    finetune_instruct(base, data, tmp_path / "twice", max_steps=3, **common)
-    finetune_instruct(base, data, tmp_path / "twice", max_steps=6, resume=True, **common)
-    a, _ = load_model(tmp_path / "once" / "latest")
-    b, _ = load_model(tmp_path / "twice" / "latest")
+                  progress=False, quiet=True, plot=False, n_samples=0,
+                  lora=LoRAConfig(rank=2, dropout=0.3) if lora else None)
+    once = finetune_instruct(base, data, tmp_path / "once", max_steps=6, **common)
+    first = finetune_instruct(base, data, tmp_path / "twice", max_steps=6, stop_at_step=3, **common)
+    second = finetune_instruct(base, data, tmp_path / "twice", max_steps=6, resume=True, **common)
+    assert first.losses + second.losses == once.losses
+    if lora:
+        a, _ = load_model(base)
+        load_adapter(a, tmp_path / "once" / "latest")
+        b, _ = load_model(base)
+        load_adapter(b, tmp_path / "twice" / "latest")
+    else:
+        a, _ = load_model(tmp_path / "once" / "latest")
+        b, _ = load_model(tmp_path / "twice" / "latest")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(p, q, msg=name)
+        assert torch.equal(p, q), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "twice" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 7))
 
 
 def test_lora_instruction_tuning_saves_an_adapter_and_merges(tmp_path):

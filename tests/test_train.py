@@ -117,7 +117,47 @@ def test_checkpoints_best_and_plot(data_dir, tmp_path):
     model, tok = load_model(run / "best")
     assert tok is not None and model.config.vocab_size == tok.vocab_size
     assert load_train_state(run / "latest")["step"] == 30 == result.step
-    assert best_step in (10, 20, 30)
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["step"] == best_step and best["val_loss"] == min(r["val_loss"] for r in evals)
+
+
+def test_resume_skips_a_torn_last_metrics_line_and_names_a_corrupt_one(data_dir, tmp_path):
+    """A crash in the middle of writing metrics.jsonl leaves half a line at its end: --resume
+    drops it. A bad line anywhere else is damage: a clear error naming the file and line."""
+    from scratchlm.errors import ScratchLMError
+
+    common = dict(max_steps=8, eval_every=100)
+    train(tiny(data_dir, tmp_path / "run", stop_at_step=4, **common), quiet=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "step": 5, "tok')  # torn
+    train(tiny(data_dir, tmp_path / "run", resume=True, **common), quiet=True)
+    steps = [r["step"] for r in read_metrics(metrics) if r["kind"] == "train"]
+    assert steps == list(range(1, 9))
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    with pytest.raises(ScratchLMError, match=r"metrics\.jsonl line 3 is not valid JSON"):
+        train(tiny(data_dir, tmp_path / "run", resume=True, max_steps=10, eval_every=100), quiet=True)
+
+
+def test_pretraining_reads_the_loss_only_when_it_logs(data_dir, tmp_path, monkeypatch):
+    """No Tensor.item per step: with log_every = max_steps, 3 and 9 steps read alike."""
+    calls = {"n": 0}
+    item = torch.Tensor.item
+
+    def counted(self):
+        calls["n"] += 1
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+
+    def items(steps):
+        calls["n"] = 0
+        train(tiny(data_dir, tmp_path / str(steps), max_steps=steps, log_every=steps, eval_every=1000,
+                   eval_batches=1), quiet=True)
+        return calls["n"]
+
+    assert items(3) == items(9)
 
 
 # ---- schedule, optimizer groups, precision -----------------------------------------------------------
