@@ -492,7 +492,8 @@ class Trainer:
                       "elapsed_s": round(self.elapsed, 2)}
             if sample:
                 record["sample" if isinstance(sample, str) else "samples"] = sample
-            write(record)
+            if metrics or sample:  # a task without evaluation logs no empty rows
+                write(record)
             result.val = metrics
             if main and not self.quiet and (metrics or sample):
                 bar.write(self.task.describe(self.step, metrics, sample))
