@@ -131,3 +131,15 @@ def test_a_step_does_not_sync_with_the_host(tmp_path, monkeypatch):
         return counts["n"]
 
     assert reads(4) == reads(16)
+
+
+@pytest.mark.parametrize("name", ["train.config", "train.core", "train.distributed", "train.metrics", "train.optim",
+                                  "train.precision", "train.pretrain", "train.rng", "finetune.config",
+                                  "finetune.instruct", "finetune.classify", "cli.options"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"scratchlm.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and (result.attempted > 0 or name == "train.task")

@@ -74,25 +74,25 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
-import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_directory, load_train_state, resolve_dir, save_train_state
+from ..checkpoint import atomic_directory  # noqa: F401 (the docstring example uses it)
+from ..checkpoint import CheckpointError, load_train_state, resolve_dir, save_train_state
 from ..errors import ConfigError, ScratchLMError
 from ..plots import read_metrics
 from .config import LoopConfig
-from .distributed import (Processes, all_reduce_tensor, all_reduce_values, full_state, gradient_sync, init_processes,
-                          load_optimizer_state, wrap_model)
+from .distributed import all_reduce_values, full_state, gradient_sync, init_processes, load_optimizer_state, wrap_model
+from .metrics import Window
 from .optim import decay_progress, lr_at, make_optimizer
 from .precision import autocast, autocast_dtype
+from .rng import rng_state, seed_everything, set_rng_state
+from .task import Run, Task, TrainResult
 
 
 class TrainingDiverged(ScratchLMError):
@@ -100,121 +100,8 @@ class TrainingDiverged(ScratchLMError):
 
 
 # ----------------------------------------------------------------------------------------
-# What a task sees of the run, and what it supplies
+# Small pieces: eval mode, Ctrl-C, moving batches
 # ----------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """The run as a task sees it (given to ``Task.setup`` before anything else)."""
-
-    cfg: LoopConfig
-    procs: Processes
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    sharded: bool  # FSDP2: the model's weights are spread over the processes
-    out_dir: Path
-
-    def autocast(self):
-        return autocast(self.device, self.autocast_dtype)
-
-
-class Task:
-    """What a training task supplies; see the module docstring. Defaults: no epochs,
-    no evaluation, no samples, no state of its own."""
-
-    best_metric: str = "val_loss"
-    best_mode: Literal["min", "max"] = "min"
-    title: str = "training"  # of loss.png
-
-    def setup(self, run: Run) -> None:
-        self.run = run
-
-    def model(self, resume_from: Path | None) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def batches_per_epoch(self) -> int | None:
-        """Micro-batches (of one process) in one pass over the training set, if that means something."""
-        return None
-
-    def micro_batch(self, step: int, micro: int, rank: int, world: int, model: torch.nn.Module) -> Any:
-        raise NotImplementedError
-
-    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        raise NotImplementedError
-
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        return {}
-
-    def sample(self, model: torch.nn.Module) -> str | list[str] | None:
-        return None
-
-    def describe(self, step: int, metrics: dict, sample: str | list[str] | None) -> str:
-        """What an evaluation prints."""
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        lines = [f"step {step}" + (f": {shown}" if shown else "")]
-        lines += [f"  sample: {s}" for s in ([sample] if isinstance(sample, str) else sample or [])]
-        return "\n".join(lines)
-
-    def save(self, directory: Path, weights: dict | None, extra: Callable[[Path], None]) -> None:
-        """Write a checkpoint directory atomically; call ``extra(tmp)`` inside it.
-        ``weights``: the whole state dict gathered from a sharded model, else None (use the model's)."""
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-@dataclass
-class TrainResult:
-    step: int
-    tokens: int
-    out_dir: Path
-    val: dict = field(default_factory=dict)  # the last evaluation
-    losses: list = field(default_factory=list)  # train loss of every step of this run
-    interrupted: bool = False
-
-    @property
-    def val_loss(self) -> float | None:
-        return self.val.get("val_loss")
-
-    @property
-    def val_bpb(self) -> float | None:
-        return self.val.get("val_bpb")
-
-
-# ----------------------------------------------------------------------------------------
-# Small pieces: RNG state, eval mode, Ctrl-C, moving batches
-# ----------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # CUDA too
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every random number generator a task may draw from, as tensors and plain values
-    (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """Eval mode (no dropout) and no gradients; train mode again afterwards."""
@@ -263,43 +150,6 @@ class StopFlag:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
-
-
-class Window:
-    """The steps since the last log line: losses and metrics stay on the device until
-    ``read`` syncs them (once), summed over the processes."""
-
-    def __init__(self, tokens_before: int):
-        self.losses: list[torch.Tensor] = []  # one 0-d tensor per step
-        self.metrics: dict[str, list[torch.Tensor]] = {}
-        self.tokens: int | torch.Tensor = 0  # this process's
-        self.tokens_before = tokens_before
-        self.start = time.perf_counter()
-        self._read: tuple[int, dict] | None = None
-
-    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], tokens) -> None:
-        self.losses.append(loss)
-        for name, value in metrics.items():
-            self.metrics.setdefault(name, []).append(value)
-        self.tokens = self.tokens + tokens
-
-    def read(self, procs: Processes, device: torch.device) -> dict:
-        """{"losses": per-step mean loss over every process, "metrics": window means,
-        "tokens": tokens of every process in the window}; one host sync, one collective."""
-        if self._read is not None and self._read[0] == len(self.losses):
-            return self._read[1]
-        if not self.losses:  # every rank alike: nothing to reduce
-            return {"losses": [], "tokens": 0, "metrics": {}}
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        names = sorted(self.metrics)
-        parts = [torch.stack(self.losses).to(dtype)] + [torch.stack(self.metrics[n]).to(dtype) for n in names]
-        tokens = torch.as_tensor(self.tokens, device=device).to(dtype).reshape(1)
-        flat = all_reduce_tensor(torch.cat([p.to(device) for p in parts] + [tokens]), procs).tolist()
-        n, W = len(self.losses), procs.world_size
-        values = {"losses": [v / W for v in flat[:n]], "tokens": int(round(flat[-1])),
-                  "metrics": {name: sum(flat[n * (i + 1):n * (i + 2)]) / (n * W) for i, name in enumerate(names)}}
-        self._read = (n, values)
-        return values
 
 
 # ----------------------------------------------------------------------------------------
