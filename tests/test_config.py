@@ -151,3 +151,19 @@ def test_every_command_reads_a_config_file(tmp_path):
     cfg = config_from_args(ClassifyConfig, q.parse_args(["base", "--config", str(tmp_path / "clf.yaml"), "--lora"]))
     assert (cfg.trainable, cfg.lr, cfg.epochs) == (2, 1e-3, 3.0)  # LoRA's default rate
     assert ClassifyConfig(model="b", data="d").lr == 5e-4
+
+
+def test_repository_config_files_are_valid():
+    """configs/*: every file fills its command's config class (the demo's is checked against
+    the demo's own settings in test_train.py)."""
+    from pathlib import Path
+
+    from scratchlm.finetune.config import InstructConfig
+    from scratchlm.train import TrainConfig
+    from scratchlm.train.config import read_config_file
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    assert TrainConfig.from_file(configs / "demo.yaml").d_model == 256
+    cfg = InstructConfig.from_dict({**read_config_file(configs / "instruct-lora.toml"), "model": "m", "data": "d"})
+    assert cfg.lora and cfg.lora_config().targets == ["qkv_proj", "out_proj", "up_proj", "down_proj"]
+    assert cfg.lr == 1e-3  # LoRA's default rate
