@@ -104,3 +104,54 @@ def test_fsdp2_resume_continues_exactly(ddp, data_dir, tmp_path):
     torchrun(data_dir, tmp_path, "--distributed=fsdp", f"--stop_at_step={STEPS // 2}")
     torchrun(data_dir, tmp_path, "--distributed=fsdp", "--resume=true")
     assert losses(tmp_path)[0] == pytest.approx(losses(ddp)[0], rel=1e-5)
+
+
+# ---- fine-tuning runs in the same core: DDP == accumulation, FSDP2 == DDP ---------------------------
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """A tiny model directory and instruction file, and the one-process reference run."""
+    import json
+
+    from scratchlm import ModelConfig, Transformer
+    from scratchlm.checkpoint import save_model
+    from scratchlm.finetune import finetune_instruct
+    from scratchlm.tokenizer import CharTokenizer
+
+    root = tmp_path_factory.mktemp("sft")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tok = CharTokenizer.train(letters + letters.upper() + " .,:;!?#()'\n", special_tokens=["<|endoftext|>"])
+    torch.manual_seed(0)
+    save_model(root / "base", Transformer(ModelConfig.preset("gpt-tiny", vocab_size=tok.vocab_size,
+                                                              context_length=256)), tok)
+    rows = [{"instruction": f"say {w}.", "output": f"{w}!"} for w in ("hi", "bye", "yes", "no", "ok", "why")]
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = torch.get_num_threads()
+    try:
+        finetune_instruct(root / "base", root / "d.jsonl", root / "single", template="alpaca", val_fraction=0.0,
+                          batch_size=2, grad_accum=2, max_steps=4, lr=1e-3, device="cpu", progress=False,
+                          plot=False, n_samples=0, quiet=True, threads=1)
+    finally:
+        torch.set_num_threads(before)
+    return root
+
+
+def finetune_torchrun(root, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "scratchlm.cli", "finetune", "instruct", str(root / "base"), "--data", str(root / "d.jsonl"),
+           "--out", str(out), "--template", "alpaca", "--val-fraction", "0", "--batch-size", "2",
+           "--max-steps", "4", "--lr", "1e-3", "--device", "cpu", "--no-progress", "--no-plot", "--samples", "0",
+           *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_finetuning_under_ddp_and_fsdp2_matches_one_process(sft):
+    finetune_torchrun(sft, sft / "ddp")
+    finetune_torchrun(sft, sft / "fsdp", "--distributed", "fsdp")
+    reference = losses(sft / "single")[0]
+    assert len(reference) == 4
+    assert losses(sft / "ddp")[0] == pytest.approx(reference, rel=1e-5)
+    assert losses(sft / "fsdp")[0] == pytest.approx(reference, rel=1e-5)
+    w1, w2 = weights(sft / "single"), weights(sft / "fsdp")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)

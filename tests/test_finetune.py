@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scratchlm import ModelConfig, Transformer
-from scratchlm.checkpoint import load_model, save_model
+from scratchlm.checkpoint import load_model, load_train_state, save_model
 from scratchlm.cli import main
 from scratchlm.finetune import (IGNORE_INDEX, DataError, Example, answer, collate, finetune_classify,
                                 finetune_instruct, load_classifier, classify, load_records, pack,
@@ -142,20 +142,37 @@ def test_tiny_model_learns_instructions_by_heart_and_answers_greedily(tmp_path):
     assert chat.stdout.strip() == expected
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_continues_exactly(tmp_path, lora):
+    """6 steps straight == 3 steps, then --resume to 6, with dropout on (in the model, and in
+    the adapters with LoRA): the same loss at every step and the same weights, bit for bit,
+    because every RNG is saved and restored."""
+    from scratchlm.lora import LoRAConfig, load_adapter
+
     tok = char_tokenizer()
-    base = model_dir(tmp_path / "base", tok, context_length=64)
+    base = model_dir(tmp_path / "base", tok, context_length=64, dropout=0.2)
     rows = [{"instruction": q, "output": a} for q, a in FACTS]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     common = dict(template="chatml", val_fraction=0.0, batch_size=2, lr=1e-3, min_lr=1e-3, warmup_steps=0,
-                  progress=False, quiet=True, plot=False, n_samples=0)
-    finetune_instruct(base, data, tmp_path / "once", max_steps=6, **common)
-    finetune_instruct(base, data, tmp_path / "twice", max_steps=3, **common)
-    finetune_instruct(base, data, tmp_path / "twice", max_steps=6, resume=True, **common)
-    a, _ = load_model(tmp_path / "once" / "latest")
-    b, _ = load_model(tmp_path / "twice" / "latest")
+                  progress=False, quiet=True, plot=False, n_samples=0,
+                  lora=LoRAConfig(rank=2, dropout=0.3) if lora else None)
+    once = finetune_instruct(base, data, tmp_path / "once", max_steps=6, **common)
+    first = finetune_instruct(base, data, tmp_path / "twice", max_steps=6, stop_at_step=3, **common)
+    second = finetune_instruct(base, data, tmp_path / "twice", max_steps=6, resume=True, **common)
+    assert first.losses + second.losses == once.losses
+    if lora:
+        a, _ = load_model(base)
+        load_adapter(a, tmp_path / "once" / "latest")
+        b, _ = load_model(base)
+        load_adapter(b, tmp_path / "twice" / "latest")
+    else:
+        a, _ = load_model(tmp_path / "once" / "latest")
+        b, _ = load_model(tmp_path / "twice" / "latest")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(p, q, msg=name)
+        assert torch.equal(p, q), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "twice" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 7))
 
 
 def test_lora_instruction_tuning_saves_an_adapter_and_merges(tmp_path):
@@ -349,24 +366,32 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
     import os
     import signal
 
-    from scratchlm.finetune.loop import Finetuner, LoopConfig
+    from scratchlm.train import LoopConfig, Task, Trainer
 
-    model = torch.nn.Linear(3, 1)
     saved = []
 
-    def batch(g):
-        if g == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
-        return torch.randn(4, 3), torch.randn(4, 1)
+    class Interrupted(Task):
+        def model(self, resume_from):
+            return torch.nn.Linear(3, 1)
 
-    def loss(m, b):
-        return torch.nn.functional.mse_loss(m(b[0]), b[1]), 4
+        def micro_batch(self, step, micro, rank, world, model):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+            return torch.randn(4, 3), torch.randn(4, 1)
+
+        def loss(self, model, batch):
+            return torch.nn.functional.mse_loss(model(batch[0]), batch[1]), {}, 4
+
+        def save(self, directory, weights, extra):
+            directory.mkdir(parents=True, exist_ok=True)
+            extra(directory)
+            saved.append(directory.name)
 
     cfg = LoopConfig(out_dir=str(tmp_path), max_steps=100, batch_size=4, progress=False, plot=False, device="cpu")
-    result = Finetuner(cfg, model, 10, batch, loss, lambda m: {}, lambda d, s: saved.append((d.name, s)),
-                       quiet=True).run()
+    result = Trainer(cfg, Interrupted(), quiet=True).run()
     assert result.interrupted and result.step == 3
-    assert saved[-1][0] == "latest" and saved[-1][1]["step"] == 3 and "optimizer" in saved[-1][1]
+    state = load_train_state(tmp_path / "latest")
+    assert saved[-1] == "latest" and state["step"] == 3 and "optimizer" in state
 
 
 def test_examples_whose_prompt_fills_the_context_are_left_out():

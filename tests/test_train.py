@@ -17,7 +17,7 @@ from scratchlm.cli import main
 from scratchlm.config import ConfigError
 from scratchlm.data import prepare
 from scratchlm.plots import read_metrics
-from scratchlm.train import (DEMO_CONFIG, TrainConfig, Trainer, autocast_dtype, cpu_has_fast_bf16, lr_at,
+from scratchlm.train import (DEMO_CONFIG, TrainConfig, autocast_dtype, cpu_has_fast_bf16, lr_at, make_trainer,
                              param_groups, train)
 from scratchlm.model import Transformer
 from scratchlm.config import ModelConfig
@@ -63,8 +63,8 @@ def test_overfits_one_batch(tmp_path):
     cfg = tiny(tmp_path / "data", tmp_path / "run", batch_size=1, context_length=32, sampler="sliding",
                max_steps=150, lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0, eval_every=1000,
                eval_batches=1)
-    trainer = Trainer(cfg, quiet=True)
-    assert len(trainer.batches.windows) == 1
+    trainer = make_trainer(cfg, quiet=True)
+    assert len(trainer.task.batches.windows) == 1
     result = trainer.run()
     assert result.losses[0] > 2.5  # about ln(vocab) at the start
     assert result.losses[-1] < 0.05
@@ -117,7 +117,47 @@ def test_checkpoints_best_and_plot(data_dir, tmp_path):
     model, tok = load_model(run / "best")
     assert tok is not None and model.config.vocab_size == tok.vocab_size
     assert load_train_state(run / "latest")["step"] == 30 == result.step
-    assert best_step in (10, 20, 30)
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["step"] == best_step and best["val_loss"] == min(r["val_loss"] for r in evals)
+
+
+def test_resume_skips_a_torn_last_metrics_line_and_names_a_corrupt_one(data_dir, tmp_path):
+    """A crash in the middle of writing metrics.jsonl leaves half a line at its end: --resume
+    drops it. A bad line anywhere else is damage: a clear error naming the file and line."""
+    from scratchlm.errors import ScratchLMError
+
+    common = dict(max_steps=8, eval_every=100)
+    train(tiny(data_dir, tmp_path / "run", stop_at_step=4, **common), quiet=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "step": 5, "tok')  # torn
+    train(tiny(data_dir, tmp_path / "run", resume=True, **common), quiet=True)
+    steps = [r["step"] for r in read_metrics(metrics) if r["kind"] == "train"]
+    assert steps == list(range(1, 9))
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    with pytest.raises(ScratchLMError, match=r"metrics\.jsonl line 3 is not valid JSON"):
+        train(tiny(data_dir, tmp_path / "run", resume=True, max_steps=10, eval_every=100), quiet=True)
+
+
+def test_pretraining_reads_the_loss_only_when_it_logs(data_dir, tmp_path, monkeypatch):
+    """No Tensor.item per step: with log_every = max_steps, 3 and 9 steps read alike."""
+    calls = {"n": 0}
+    item = torch.Tensor.item
+
+    def counted(self):
+        calls["n"] += 1
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+
+    def items(steps):
+        calls["n"] = 0
+        train(tiny(data_dir, tmp_path / str(steps), max_steps=steps, log_every=steps, eval_every=1000,
+                   eval_batches=1), quiet=True)
+        return calls["n"]
+
+    assert items(3) == items(9)
 
 
 # ---- schedule, optimizer groups, precision -----------------------------------------------------------
@@ -233,7 +273,7 @@ def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
     assert step >= 3
     model, _ = load_model(run / "latest")
     assert model.config.n_layers == 2
-    resumed = Trainer(TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()) | {"resume": True}))
+    resumed = make_trainer(TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()) | {"resume": True}))
     assert resumed.step == step
 
 
@@ -241,7 +281,7 @@ def test_pick_threads_leaves_training_state_alone(data_dir, tmp_path):
     from scratchlm.train import pick_threads
 
     torch.set_num_threads(2)
-    trainer = Trainer(tiny(data_dir, tmp_path / "run"), quiet=True)
+    trainer = make_trainer(tiny(data_dir, tmp_path / "run"), quiet=True)
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     choice = pick_threads(trainer)
     assert choice in (1, 2) and torch.get_num_threads() == choice

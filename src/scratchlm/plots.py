@@ -19,11 +19,30 @@ from pathlib import Path
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl file (one JSON object per line)."""
+    """The records of a metrics.jsonl file (one JSON object per line).
+
+    A last line that does not parse is a record torn by a crash in the middle of its write:
+    it is left out. A bad line anywhere else means the file was damaged: a ScratchLMError
+    naming the file and the line.
+    """
+    from .errors import ScratchLMError
+
+    lines = Path(path).read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
     rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # torn
+                break
+            raise ScratchLMError(f"{path} line {number} is not valid JSON ({e.msg}): the file is damaged") from None
+        if not isinstance(row, dict):
+            raise ScratchLMError(f"{path} line {number} is not a JSON object: the file is damaged")
+        rows.append(row)
     return rows
 
 

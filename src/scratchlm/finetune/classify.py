@@ -28,18 +28,21 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import load_model, load_train_state, save_model, save_train_state
+from ..checkpoint import load_model, save_model
+from ..errors import ConfigError, NotFound, ScratchLMError
 from ..lora import LoRAConfig, apply_lora, count_parameters, is_adapter_dir, load_adapter, read_adapter_config, save_adapter
-from .instruct import is_main_process, load_base
+from ..train.core import Task, Trainer
+from ..train.distributed import is_main_process, process_group
+from .config import ClassifyConfig
+from .instruct import load_base, lora_options
 from .instruct_data import DataError
-from .loop import Finetuner, LoopConfig
 
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -62,7 +65,7 @@ class Classifier(nn.Module):
         return self.head(last)
 
 
-def choose_trainable(clf: Classifier, train: Union[str, int], lora: Optional[LoRAConfig] = None) -> None:
+def choose_trainable(clf: Classifier, train: str | int, lora: LoRAConfig | None = None) -> None:
     """Set requires_grad: the head always; then the last ``train`` blocks + final norm, or
     "all", or (with ``lora``) only adapters on the backbone."""
     backbone = clf.backbone
@@ -77,7 +80,7 @@ def choose_trainable(clf: Classifier, train: Union[str, int], lora: Optional[LoR
         elif train != "head":
             n = int(train)
             if not 0 <= n <= len(backbone.blocks):
-                raise ValueError(f"--train: the model has {len(backbone.blocks)} blocks, cannot train the last {n}")
+                raise ConfigError(f"--train: the model has {len(backbone.blocks)} blocks, cannot train the last {n}")
             for module in [*backbone.blocks[len(backbone.blocks) - n:], backbone.final_norm]:
                 for p in module.parameters():
                     p.requires_grad_(True)
@@ -90,12 +93,12 @@ def choose_trainable(clf: Classifier, train: Union[str, int], lora: Optional[LoR
 # ----------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------
-def load_labelled(path: Union[str, os.PathLike], text_column: str = "text",
+def load_labelled(path: str | os.PathLike, text_column: str = "text",
                   label_column: str = "label") -> list[tuple[str, str, int]]:
     """Rows of a CSV file with a header as (text, label, line number)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise NotFound(f"data file not found: {path}")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames
@@ -182,7 +185,7 @@ def _write_head(directory: Path, clf: Classifier, labels: Sequence[str], train: 
 
 
 def save_classifier(directory, clf: Classifier, tokenizer, labels, train="head", extra=None,
-                    base_model: Optional[str] = None) -> Path:
+                    base_model: str | None = None) -> Path:
     def write(tmp: Path):
         _write_head(tmp, clf, labels, train)
         if extra is not None:
@@ -193,18 +196,18 @@ def save_classifier(directory, clf: Classifier, tokenizer, labels, train="head",
     return save_model(directory, clf.backbone, tokenizer, extra=write)
 
 
-def load_classifier(directory, base_model: Optional[str] = None):
+def load_classifier(directory, base_model: str | None = None):
     """(Classifier, tokenizer, labels) from a classifier directory; an adapter directory is
     loaded on top of its base model (``base_model``, else the one it records)."""
     directory = Path(directory)
     config_file = directory / CLASSIFIER_CONFIG
     if not config_file.is_file():
-        raise FileNotFoundError(f"{directory} is not a classifier directory (no {CLASSIFIER_CONFIG})")
+        raise NotFound(f"{directory} is not a classifier directory (no {CLASSIFIER_CONFIG})")
     labels = json.loads(config_file.read_text())["labels"]
     if is_adapter_dir(directory):
         base = base_model or read_adapter_config(directory).base_model
         if not base:
-            raise ValueError(f"{directory} is a LoRA adapter: give the base model it was trained on")
+            raise ScratchLMError(f"{directory} is a LoRA adapter: give the base model it was trained on")
         backbone, tokenizer = load_base(base)
         load_adapter(backbone, directory)
     else:
@@ -232,109 +235,141 @@ def _split3(rows: list, val_fraction: float, test_fraction: float, seed: int):
     return (pick(order[n_val + n_test:]), pick(order[:n_val]), pick(order[n_val:n_val + n_test]))
 
 
-def finetune_classify(model, data, out_dir: str = "runs/classify", train: Union[str, int] = "head",
-                      labels: Optional[Sequence[str]] = None, text_column: str = "text", label_column: str = "label",
-                      val_data: Optional[str] = None, test_data: Optional[str] = None, val_fraction: float = 0.1,
-                      test_fraction: float = 0.1, lora: Optional[LoRAConfig] = None, quiet: bool = False,
-                      **loop_options) -> dict:
-    """Train a classifier; returns {"train_accuracy", "val_accuracy", "test_accuracy",
-    "confusion_matrix", "labels", ...}, also written to OUT/classification.json."""
-    cfg = LoopConfig(out_dir=str(out_dir), **loop_options)
-    torch.manual_seed(cfg.seed)
-    backbone, tokenizer = load_base(model)
-    rows = load_labelled(data, text_column, label_column)
-    splits = {"train": (rows, data)}
-    if val_data or test_data:
-        if val_data:
-            splits["val"] = (load_labelled(val_data, text_column, label_column), val_data)
-        if test_data:
-            splits["test"] = (load_labelled(test_data, text_column, label_column), test_data)
-    else:
-        train_rows, val_rows, test_rows = _split3(rows, val_fraction, test_fraction, cfg.seed)
-        splits = {"train": (train_rows, data), "val": (val_rows, data), "test": (test_rows, data)}
-    labels = list(labels) if labels else sorted({label for _, label, _ in rows})
-    if len(labels) < 2:
-        raise DataError(f"{data}: only one label ({labels[0]!r}): classification needs at least two")
-    T = backbone.config.context_length
-    encoded = {name: encode_rows(r, labels, tokenizer, T, path) for name, (r, path) in splits.items()}
-    pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+class ClassifyTask(Task):
+    """Classification as a task of the training core: cross-entropy over the labels."""
 
-    clf = Classifier(backbone, len(labels))
-    latest = Path(out_dir) / "latest"
-    state = None
-    if cfg.resume:
-        clf, _, _ = load_classifier(latest, base_model=str(model))
-        state = load_train_state(latest)
-        if lora is not None:  # load_classifier already put the adapters on
-            for p in clf.backbone.parameters():
-                p.requires_grad_(False)
-            for name, p in clf.backbone.named_parameters():
-                p.requires_grad_("lora_" in name)
-            for p in clf.head.parameters():
-                p.requires_grad_(True)
+    title = "fine-tuning"
+
+    def __init__(self, cfg: ClassifyConfig, quiet: bool = False):
+        self.cfg, self.quiet = cfg, quiet
+        torch.manual_seed(cfg.seed)  # a preset name builds random weights
+        self.backbone, self.tokenizer = load_base(cfg.model)
+        rows = load_labelled(cfg.data, cfg.text_column, cfg.label_column)
+        splits = {"train": (rows, cfg.data)}
+        if cfg.val_data or cfg.test_data:
+            for name, path in (("val", cfg.val_data), ("test", cfg.test_data)):
+                if path:
+                    splits[name] = (load_labelled(path, cfg.text_column, cfg.label_column), path)
         else:
-            choose_trainable(clf, train)
-    else:
-        choose_trainable(clf, train, lora)
-    clf.train()
-    trainable, total = count_parameters(clf)
-    quiet = quiet or not is_main_process()
-    if not quiet:
-        sizes = ", ".join(f"{len(v)} {k}" for k, v in encoded.items())
-        print(f"{len(labels)} labels ({', '.join(labels)}); {sizes} rows; "
-              f"training {trainable:,} of {total:,} parameters")
+            train_rows, val_rows, test_rows = _split3(rows, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+            splits = {"train": (train_rows, cfg.data), "val": (val_rows, cfg.data), "test": (test_rows, cfg.data)}
+        self.labels = cfg.label_set or sorted({label for _, label, _ in rows})
+        if len(self.labels) < 2:
+            raise DataError(f"{cfg.data}: only one label ({self.labels[0]!r}): classification needs at least two")
+        T = self.backbone.config.context_length
+        self.encoded = {name: encode_rows(r, self.labels, self.tokenizer, T, path) for name, (r, path) in splits.items()}
+        self.pad_id = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
+        self.n_batches = (len(self.encoded["train"]) + cfg.batch_size - 1) // cfg.batch_size
+        self.lora = cfg.lora_config()
 
-    train_items = encoded["train"]
-    n_batches = (len(train_items) + cfg.batch_size - 1) // cfg.batch_size
+    def setup(self, run) -> None:
+        super().setup(run)
+        if run.sharded:
+            raise ConfigError("classification fine-tuning runs with --distributed ddp (the head is saved from "
+                              "the whole model)")
 
-    def batch(g: int):
-        epoch, index = divmod(g, n_batches)
-        order = list(range(len(train_items)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        chosen = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
-        return collate_labelled([train_items[i] for i in chosen], pad_id)
+    def model(self, resume_from: Path | None) -> Classifier:
+        cfg = self.cfg
+        self.clf = Classifier(self.backbone, len(self.labels))
+        if resume_from is not None:
+            self.clf, _, _ = load_classifier(resume_from, base_model=cfg.model)
+            if self.lora is not None:  # load_classifier already put the adapters on
+                for name, p in self.clf.backbone.named_parameters():
+                    p.requires_grad_("lora_" in name)
+                for p in self.clf.head.parameters():
+                    p.requires_grad_(True)
+            else:
+                choose_trainable(self.clf, cfg.trainable)
+        else:
+            choose_trainable(self.clf, cfg.trainable, self.lora)
+        if not self.quiet and is_main_process():
+            trainable, total = count_parameters(self.clf)
+            sizes = ", ".join(f"{len(v)} {k}" for k, v in self.encoded.items())
+            print(f"{len(self.labels)} labels ({', '.join(self.labels)}); {sizes} rows; "
+                  f"training {trainable:,} of {total:,} parameters")
+        return self.clf
 
-    def loss(m, b):
-        ids, lengths, y = b
-        return F.cross_entropy(m(ids, lengths).float(), y), int(lengths.sum())
+    def batches_per_epoch(self) -> int:
+        return self.n_batches
 
-    def evaluate(m) -> dict:
-        items = encoded.get("val") or []
+    def micro_batch(self, step, micro, rank, world, model):
+        g = (step * self.cfg.grad_accum + micro) * world + rank
+        epoch, index = divmod(g, self.n_batches)
+        items, size = self.encoded["train"], self.cfg.batch_size
+        order = list(range(len(items)))
+        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        return collate_labelled([items[i] for i in order[index * size:(index + 1) * size]], self.pad_id)
+
+    def loss(self, model, batch):
+        ids, lengths, y = batch
+        logits = model(ids, lengths).float()  # (B, n_classes)
+        accuracy = (logits.detach().argmax(-1) == y).float().mean()
+        return F.cross_entropy(logits, y), {"train_accuracy": accuracy}, int(lengths.sum())
+
+    def evaluate(self, model) -> dict[str, float]:
+        items = self.encoded.get("val") or []
         if not items:
             return {}
-        device = m.head.weight.device
-        total_loss, correct = 0.0, 0
-        for start in range(0, len(items), cfg.batch_size):
-            ids, lengths, y = collate_labelled(items[start:start + cfg.batch_size], pad_id)
-            logits = m(ids.to(device), lengths.to(device)).float()
-            total_loss += F.cross_entropy(logits, y.to(device), reduction="sum").item()
-            correct += int((logits.argmax(-1).cpu() == y).sum())
-        return {"val_loss": total_loss / len(items), "val_accuracy": correct / len(items)}
+        device = self.run.device
+        total_loss = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for start in range(0, len(items), self.cfg.batch_size):
+            ids, lengths, y = collate_labelled(items[start:start + self.cfg.batch_size], self.pad_id)
+            logits = model(ids.to(device), lengths.to(device)).float()
+            total_loss += F.cross_entropy(logits, y.to(device), reduction="sum").double()
+            correct += (logits.argmax(-1) == y.to(device)).sum()
+        return {"val_loss": total_loss.item() / len(items), "val_accuracy": correct.item() / len(items)}
 
-    def save(directory: Path, train_state: Optional[dict]):
-        extra = (lambda tmp: save_train_state(tmp, train_state)) if train_state is not None else None
-        save_classifier(directory, clf, tokenizer, labels, train, extra=extra, base_model=str(model))
+    def save(self, directory, weights, extra) -> None:
+        save_classifier(directory, self.clf, self.tokenizer, self.labels, self.cfg.train, extra=extra,
+                        base_model=str(self.cfg.model))
 
-    result = Finetuner(cfg, clf, n_batches, batch, loss, evaluate, save, None, state, quiet).run()
+    def report(self, steps: int, interrupted: bool) -> dict:
+        """Accuracy on every split; the confusion matrix of the test split (else val, else train)."""
+        labels, clf = self.labels, self.clf
+        report = {"labels": labels, "steps": steps, "interrupted": interrupted}
+        for name, items in self.encoded.items():
+            if items:
+                preds = predict_indices(clf, items, self.pad_id, self.cfg.batch_size)
+                truth = [y for _, y in items]
+                report[f"{name}_accuracy"] = sum(p == t for p, t in zip(preds, truth)) / len(items)
+                report[f"{name}_confusion_matrix"] = confusion_matrix(truth, preds, len(labels))
+        shown = "test" if self.encoded.get("test") else ("val" if self.encoded.get("val") else "train")
+        report["confusion_matrix"] = report[f"{shown}_confusion_matrix"]
+        report["confusion_matrix_split"] = shown
+        return report
 
-    # ---- the report: accuracy on every split, confusion matrix on the test split ---------------
-    report = {"labels": labels, "steps": result.step, "interrupted": result.interrupted}
-    for name, items in encoded.items():
-        if items:
-            preds = predict_indices(clf, items, pad_id, cfg.batch_size)
-            truth = [y for _, y in items]
-            report[f"{name}_accuracy"] = sum(p == t for p, t in zip(preds, truth)) / len(items)
-            report[f"{name}_confusion_matrix"] = confusion_matrix(truth, preds, len(labels))
-    shown = "test" if encoded.get("test") else ("val" if encoded.get("val") else "train")
-    report["confusion_matrix"] = report[f"{shown}_confusion_matrix"]
-    report["confusion_matrix_split"] = shown
-    out = Path(out_dir)
+
+def classify_finetune(cfg: ClassifyConfig, quiet: bool = False) -> dict:
+    """Run `scratchlm finetune classify` as ``cfg`` says; the report (see finetune_classify)."""
+    with process_group():
+        task = ClassifyTask(cfg, quiet)
+        result = Trainer(cfg, task, quiet=quiet).run()
+    report = task.report(result.step, result.interrupted)
     if not is_main_process():
         return report
+    out, shown = Path(cfg.out_dir), report["confusion_matrix_split"]
     (out / "classification.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = format_confusion(report["confusion_matrix"], labels)
+    table = format_confusion(report["confusion_matrix"], task.labels)
     (out / "confusion_matrix.txt").write_text(f"{shown} split\n{table}\n")
     if not quiet:
         print(", ".join(f"{k.split('_')[0]} accuracy {report[k]:.1%}" for k in report if k.endswith("_accuracy")))
         print(f"confusion matrix ({shown} split):\n{table}")
     return report
+
+
+def finetune_classify(model, data, out_dir: str = "runs/classify", train: str | int = "head",
+                      labels: Sequence[str] | None = None, text_column: str = "text", label_column: str = "label",
+                      val_data: str | None = None, test_data: str | None = None, val_fraction: float = 0.1,
+                      test_fraction: float = 0.1, lora: LoRAConfig | None = None, quiet: bool = False,
+                      **loop_options) -> dict:
+    """Train a classifier; returns {"train_accuracy", "val_accuracy", "test_accuracy",
+    "confusion_matrix", "labels", ...}, also written to OUT/classification.json.
+
+    loop_options: fields of ClassifyConfig / LoopConfig (epochs, max_steps, batch_size, lr, resume, ...)."""
+    cfg = ClassifyConfig.from_dict(dict(
+        model=str(model), data=str(data), out_dir=str(out_dir), train=str(train),
+        labels=",".join(labels) if labels else None, text_column=text_column, label_column=label_column,
+        val_data=str(val_data) if val_data else None, test_data=str(test_data) if test_data else None,
+        val_fraction=float(val_fraction), test_fraction=float(test_fraction), **lora_options(lora), **loop_options))
+    return classify_finetune(cfg, quiet=quiet)

@@ -2,7 +2,8 @@
 
     base model dir + instruction file
       -> examples with loss masks (instruct_data.py), in a prompt format (../chat.py)
-      -> the fine-tuning loop (loop.py): masked cross-entropy on the answers
+      -> InstructTask, a task of the training core (../train/core.py): masked
+         cross-entropy on the answers
       -> OUT/latest, OUT/best: model dirs (or LoRA adapter dirs) with prompt_format.json
 
 >>> import torch
@@ -16,22 +17,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, load_train_state, save_model, save_train_state
+from ..checkpoint import load_model, save_model
+from ..errors import ConfigError, ScratchLMError
 from ..lora import LoRAConfig, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
+from ..train.core import Task, Trainer, TrainResult
+from ..train.distributed import is_main_process, process_group
+from .config import InstructConfig
 from .instruct_data import (IGNORE_INDEX, Example, batches, collate, count_target_tokens, load_records,
                             make_examples, pack, split_records)
-from .loop import Finetuner, LoopConfig, LoopResult
 from ..chat import chat_stops, format_prompt, resolve_template, write_prompt_format
-
-
-def is_main_process() -> bool:
-    """True except in the processes of rank > 0 of a torchrun job (they stay quiet)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -40,7 +39,7 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def load_base(model_ref: Union[str, os.PathLike]):
+def load_base(model_ref: str | os.PathLike):
     """(model, tokenizer) in float32, ready to train, from a scratchlm model directory, a
     Hugging Face directory or hub id, or a preset name (random weights): see load.load_any."""
     try:
@@ -50,7 +49,7 @@ def load_base(model_ref: Union[str, os.PathLike]):
     else:
         model, tokenizer = load_any(str(model_ref))
     if tokenizer is None:
-        raise ValueError(f"{model_ref} has no tokenizer files: fine-tuning needs the model's tokenizer")
+        raise ScratchLMError(f"{model_ref} has no tokenizer files: fine-tuning needs the model's tokenizer")
     return model.float().requires_grad_(True), tokenizer
 
 
@@ -90,106 +89,143 @@ def _describe(prompt) -> str:
     return repr(text[:60])
 
 
-def finetune_instruct(model: Union[str, os.PathLike], data: Union[str, os.PathLike], out_dir: str = "runs/instruct",
-                      template: Optional[str] = None, train_on_prompt: bool = False, packing: bool = False,
-                      val_fraction: float = 0.1, val_data: Optional[str] = None, lora: Optional[LoRAConfig] = None,
-                      merge: bool = False, n_samples: int = 2, sample_tokens: int = 64, quiet: bool = False,
-                      **loop_options) -> LoopResult:
-    """Fine-tune model directory ``model`` on the instruction file ``data``; see the module doc.
+class InstructTask(Task):
+    """Instruction tuning as a task of the training core: masked loss on the answers."""
 
-    loop_options: fields of LoopConfig (epochs, max_steps, batch_size, lr, resume, ...).
-    With ``lora`` only the adapters train and OUT/latest is an adapter directory;
-    ``merge`` also writes OUT/merged, a plain model directory with the adapters folded in.
-    """
-    cfg = LoopConfig(out_dir=str(out_dir), **loop_options)
-    torch.manual_seed(cfg.seed)
-    base, tokenizer = load_base(model)
-    records = load_records(data)
-    template = resolve_template(template, tokenizer, model if Path(model).is_dir() else None, training=True,
-                                records=records)
-    if val_data:
-        train_records, val_records = records, load_records(val_data)
-    else:
-        train_records, val_records = split_records(records, val_fraction, cfg.seed)
-    max_length = base.config.context_length + 1  # inputs and targets are one shorter
-    train_examples, cut = make_examples(train_records, tokenizer, template, max_length, train_on_prompt, str(data))
-    val_examples, _ = make_examples(val_records, tokenizer, template, max_length, train_on_prompt,
-                                    str(val_data or data))
-    if packing:
-        train_examples = pack(train_examples, max_length)
-    pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+    title = "fine-tuning"
 
-    latest = Path(out_dir) / "latest"
-    state = None
-    if lora is not None:
-        lora = LoRAConfig(**{**lora.__dict__, "base_model": str(model)})
-        if cfg.resume:
-            load_adapter(base, latest)
+    def __init__(self, cfg: InstructConfig, quiet: bool = False):
+        self.cfg, self.quiet = cfg, quiet
+        torch.manual_seed(cfg.seed)  # a preset name builds random weights
+        self.base, self.tokenizer = load_base(cfg.model)
+        records = load_records(cfg.data)
+        model_dir = cfg.model if Path(cfg.model).is_dir() else None
+        self.template = resolve_template(None if cfg.template == "auto" else cfg.template, self.tokenizer,
+                                         model_dir, training=True, records=records)
+        if cfg.val_data:
+            train_records, val_records = records, load_records(cfg.val_data)
         else:
-            apply_lora(base, lora.rank, lora.alpha, lora.dropout, lora.targets)
-        net = base
-    elif cfg.resume:
-        net, _ = load_model(latest, with_tokenizer=False)
-        net = net.float()
-    else:
-        net = base
-    if cfg.resume:
-        state = load_train_state(latest)
-    trainable, total = count_parameters(net)
-    if not quiet and is_main_process():
-        print(f"{len(train_examples)} training rows ({count_target_tokens(train_examples):,} answer tokens), "
-              f"{len(val_examples)} validation; template {template}; "
-              f"training {trainable:,} of {total:,} parameters" + (f"; {cut} examples cut to fit" if cut else ""))
+            train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
+        max_length = self.base.config.context_length + 1  # inputs and targets are one shorter
+        self.train_examples, self.cut = make_examples(train_records, self.tokenizer, self.template, max_length,
+                                                      cfg.train_on_prompt, str(cfg.data))
+        self.val_examples, _ = make_examples(val_records, self.tokenizer, self.template, max_length,
+                                             cfg.train_on_prompt, str(cfg.val_data or cfg.data))
+        if cfg.packing:
+            self.train_examples = pack(self.train_examples, max_length)
+        self.pad_id = self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0
+        self.n_batches = (len(self.train_examples) + cfg.batch_size - 1) // cfg.batch_size
+        self.sample_records = (val_records or train_records)[:cfg.n_samples]
+        self.lora = cfg.lora_config()
+        self._epoch, self._batches = -1, []
 
-    n_batches = (len(train_examples) + cfg.batch_size - 1) // cfg.batch_size
-    cache: dict[int, list] = {}
+    def setup(self, run) -> None:
+        super().setup(run)
+        if run.sharded and self.lora is not None:
+            raise ConfigError("LoRA fine-tuning shards nothing worth sharding: use --distributed ddp")
 
-    def batch(g: int):
-        epoch, index = divmod(g, n_batches)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = list(batches(train_examples, cfg.batch_size, pad_id, seed=cfg.seed, epoch=epoch))
-        return cache[epoch][index]
+    def model(self, resume_from: Path | None) -> torch.nn.Module:
+        if self.lora is not None:
+            if resume_from is not None:
+                load_adapter(self.base, resume_from)
+            else:
+                apply_lora(self.base, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.targets)
+            self.net = self.base
+        elif resume_from is not None:
+            self.net = load_model(resume_from, with_tokenizer=False)[0].float()
+        else:
+            self.net = self.base
+        trainable, total = count_parameters(self.net)
+        if not self.quiet and is_main_process():
+            print(f"{len(self.train_examples)} training rows ({count_target_tokens(self.train_examples):,} answer "
+                  f"tokens), {len(self.val_examples)} validation; template {self.template}; training "
+                  f"{trainable:,} of {total:,} parameters" + (f"; {self.cut} examples cut to fit" if self.cut else ""))
+        return self.net
 
-    def loss(m, b):
-        x, y = b
-        return masked_loss(m(x), y), x.numel()
+    def batches_per_epoch(self) -> int:
+        return self.n_batches
 
-    def evaluate(m) -> dict:
-        if not val_examples:
+    def micro_batch(self, step, micro, rank, world, model):
+        # The g-th micro-batch of the run: epochs of shuffled rows, each rank its own share.
+        g = (step * self.cfg.grad_accum + micro) * world + rank
+        epoch, index = divmod(g, self.n_batches)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = list(batches(self.train_examples, self.cfg.batch_size, self.pad_id, seed=self.cfg.seed,
+                                         epoch=epoch))
+        return self._batches[index]
+
+    def loss(self, model, batch):
+        x, y = batch
+        return masked_loss(model(x), y), {}, x.numel()
+
+    def evaluate(self, model) -> dict[str, float]:
+        if not self.val_examples:
             return {}
-        total_loss, count = 0.0, 0
-        for x, y in batches(val_examples, cfg.batch_size, pad_id, shuffle=False):
+        device = self.run.device
+        total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+        for x, y in batches(self.val_examples, self.cfg.batch_size, self.pad_id, shuffle=False):
             n = int((y != IGNORE_INDEX).sum())
-            total_loss += masked_loss(m(x.to(next(m.parameters()).device)), y.to(next(m.parameters()).device)).item() * n
+            total += masked_loss(model(x.to(device)), y.to(device)).double() * n
             count += n
-        return {"val_loss": total_loss / max(1, count)}
+        return {"val_loss": total.item() / max(1, count)}
 
-    sample_records = (val_records or train_records)[:n_samples]
-
-    def samples(m) -> list[str]:
-        if not sample_records or sample_tokens <= 0:
+    def sample(self, model) -> list[str]:
+        if not self.sample_records or self.cfg.sample_tokens <= 0:
             return []
-        prompts = [prompt_of(r)[0] for r in sample_records]
-        outs = answer(m, tokenizer, prompts, template, max_new_tokens=sample_tokens)
+        prompts = [prompt_of(r)[0] for r in self.sample_records]
+        outs = answer(model, self.tokenizer, prompts, self.template, max_new_tokens=self.cfg.sample_tokens)
         return [f"{_describe(p)} -> {o!r}" for p, o in zip(prompts, outs)]
 
-    def save(directory: Path, train_state: Optional[dict]):
-        def extra(tmp: Path):
-            write_prompt_format(tmp, template)
-            if train_state is not None:
-                save_train_state(tmp, train_state)
+    def save(self, directory, weights, extra) -> None:
+        def write(tmp: Path):
+            write_prompt_format(tmp, self.template)
+            extra(tmp)
 
-        if lora is not None:
-            save_adapter(directory, net, base_model=str(model), extra=extra)
+        if self.lora is not None:
+            save_adapter(directory, self.net, base_model=str(self.cfg.model), extra=write)
         else:
-            save_model(directory, net, tokenizer, extra=extra)
+            save_model(directory, self.net, self.tokenizer, extra=write, state=weights)
 
-    result = Finetuner(cfg, net, n_batches, batch, loss, evaluate, save, samples, state, quiet).run()
-    if merge and lora is not None and is_main_process():
-        merged = merge_lora(net)
-        save_model(Path(out_dir) / "merged", merged, tokenizer, extra=lambda tmp: write_prompt_format(tmp, template))
+
+def instruct(cfg: InstructConfig, quiet: bool = False) -> TrainResult:
+    """Run `scratchlm finetune instruct` as ``cfg`` says; OUT/merged too with lora + merge."""
+    with process_group():
+        task = InstructTask(cfg, quiet)
+        result = Trainer(cfg, task, quiet=quiet).run()
+    if cfg.merge and task.lora is not None and is_main_process():
+        merged = merge_lora(task.net)
+        save_model(Path(cfg.out_dir) / "merged", merged, task.tokenizer,
+                   extra=lambda tmp: write_prompt_format(tmp, task.template))
     return result
 
 
-__all__ = ["finetune_instruct", "masked_loss", "answer", "stops_for", "load_base", "collate", "Example"]
+def lora_options(lora: LoRAConfig | None) -> dict:
+    """The config fields of a LoRAConfig."""
+    if lora is None:
+        return {}
+    return {"lora": True, "lora_rank": lora.rank, "lora_alpha": float(lora.alpha), "lora_dropout": float(lora.dropout),
+            "lora_targets": ",".join(lora.targets)}
+
+
+def finetune_instruct(model: str | os.PathLike, data: str | os.PathLike, out_dir: str = "runs/instruct",
+                      template: str | None = None, train_on_prompt: bool = False, packing: bool = False,
+                      val_fraction: float = 0.1, val_data: str | None = None, lora: LoRAConfig | None = None,
+                      merge: bool = False, n_samples: int = 2, sample_tokens: int = 64, quiet: bool = False,
+                      **loop_options) -> TrainResult:
+    """Fine-tune model directory ``model`` on the instruction file ``data``; see the module doc.
+
+    loop_options: fields of InstructConfig / LoopConfig (epochs, max_steps, batch_size, lr, resume, ...).
+    With ``lora`` only the adapters train and OUT/latest is an adapter directory;
+    ``merge`` also writes OUT/merged, a plain model directory with the adapters folded in.
+    """
+    cfg = InstructConfig.from_dict(dict(
+        model=str(model), data=str(data), out_dir=str(out_dir), template=template or "auto",
+        train_on_prompt=train_on_prompt, packing=packing, val_fraction=float(val_fraction),
+        val_data=str(val_data) if val_data else None, merge=merge, n_samples=n_samples, sample_tokens=sample_tokens,
+        **lora_options(lora), **loop_options))
+    return instruct(cfg, quiet=quiet)
+
+
+__all__ = ["finetune_instruct", "instruct", "InstructTask", "InstructConfig", "masked_loss", "answer", "stops_for",
+           "load_base", "collate", "Example", "is_main_process"]
