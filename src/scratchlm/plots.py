@@ -118,7 +118,7 @@ def plot_sampling(logits, out: str | os.PathLike, show: int = 12) -> Path:
     import matplotlib.pyplot as plt
     import torch
 
-    from .generate import min_p_filter, top_k_filter, top_p_filter
+    from .sampling import min_p_filter, top_k_filter, top_p_filter
 
     logits = torch.as_tensor(logits, dtype=torch.float32)
     order = logits.argsort(descending=True)[:show]
