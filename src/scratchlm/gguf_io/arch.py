@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -142,9 +143,9 @@ def config_from_metadata(arch: Architecture, metadata: dict, tensors: dict, path
     for name, value in values.items():
         if isinstance(value, list):
             raise GGUFError(f"{path}: {arch.name} metadata gives {name} per layer; scratchlm needs one value")
-    for name in ("rope_theta", "norm_eps"):
+    for name in ("rope_theta", "norm_eps"):  # f32 in the file: 1e-5 reads as 9.99999974e-06
         if name in values:
-            values[name] = float(values[name])
+            values[name] = float(str(np.float32(values[name])))  # the shortest decimal of that f32
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{path}: GGUF file has no tensor 'token_embd.weight'")
     vocab_size, d_model = tensors["token_embd.weight"].shape

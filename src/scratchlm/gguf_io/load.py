@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ScratchLMError
 from .arch import (Slot, architecture_of, config_from_metadata, layer_names, part_rows,
@@ -85,7 +86,7 @@ def load_gguf(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None =
             config = config.replace(rope_scaling=scaling)
         target = dtype or default_dtype(file)
         config = config.replace(dtype=str(target).replace("torch.", ""))
-        with torch.device("meta"):
+        with _MetaParameters():
             model = Transformer(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state = {k: torch.empty(shape, dtype=target) for k, shape in expected.items()
@@ -109,6 +110,25 @@ def load_gguf(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None =
     model.requires_grad_(False).eval()
     tokenizer = tokenizer_from_metadata(metadata, path) if with_tokenizer else None
     return model, tokenizer
+
+
+class _MetaParameters(TorchFunctionMode):
+    """Build a module with its parameters on the meta device and no initialisation.
+
+    The usual ``with torch.device("meta")`` runs every op on meta tensors through PyTorch's
+    Python reference kernels, whose first use imports torch._dynamo (seconds). Here only the
+    factories that make parameters get ``device="meta"``; ``torch.nn.init`` calls are skipped
+    (there is nothing to fill), and the small position tables are computed on the CPU."""
+
+    FACTORIES = {torch.empty, torch.ones, torch.zeros}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", "") == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def _fill(file: GGUFFile, gguf_name: str, slot: Slot, state: dict, config, path) -> None:
