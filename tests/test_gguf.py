@@ -452,3 +452,102 @@ def test_real_model_tokenizer_equals_llama_cpp(smollm):
     # tokenizer does not, which shows on whitespace before a digit: llama.cpp is the reference.
     for text in TOKENIZER_TEXTS + ["a  12 b", "year 2024: 3.14159", "x  \n 7"]:
         assert tok.encode(text) == vocab.tokenize(text.encode(), add_bos=False, special=True), text
+
+
+# ---- tokenizers through GGUF: ours -> metadata -> ours, transformers and llama.cpp ---------------------
+def llama_cpp_vocab(path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def trained_bpe():
+    from test_tokenizer import corpus
+
+    return BPETokenizer.train(corpus(), vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>"])
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    from test_tokenizer import corpus
+
+    from scratchlm.tokenizer import SentencePieceTokenizer
+
+    directory = tmp_path_factory.mktemp("sp")
+    (directory / "corpus.txt").write_text("\n".join(t for t in corpus() if t))
+    spm.SentencePieceTrainer.train(   # Llama 2's settings
+        input=str(directory / "corpus.txt"), model_prefix=str(directory / "tokenizer"), vocab_size=700,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        character_coverage=0.9995, minloglevel=2)
+    return SentencePieceTokenizer.load(directory / "tokenizer.model"), spm.SentencePieceProcessor(
+        model_file=str(directory / "tokenizer.model"))
+
+
+def tokenizer_texts():
+    from test_tokenizer import TEXTS
+
+    return TEXTS + TOKENIZER_TEXTS[:-3]
+
+
+@pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
+def test_our_bpe_through_gguf(tmp_path, pattern, trained_bpe):
+    from test_tokenizer import corpus
+
+    tok = trained_bpe if pattern == "gpt4" else BPETokenizer.train(corpus(), vocab_size=500, pattern="gpt2")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = save_gguf(scratch_llama(vocab_size=640), tok, tmp_path / "m.gguf", dtype="f32")
+    again = load_gguf(path)[1]
+    assert again.chat_template == tok.chat_template and again.eot_id == tok.eot_id
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    vocab = llama_cpp_vocab(path)
+    for text in tokenizer_texts():
+        ids = tok.encode(text)
+        assert again.encode(text) == ids, text
+        assert vocab.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        if pattern == "gpt2":  # transformers reads only some pre-tokenizer names (llama-bpe, not gpt-2: the default)
+            assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, text
+
+
+def test_sentencepiece_through_gguf(tmp_path, sentencepiece_model):
+    tok, library = sentencepiece_model
+    path = save_gguf(scratch_llama(vocab_size=704), tok, tmp_path / "m.gguf", dtype="f32")
+    again = load_gguf(path)[1]
+    assert type(again).__name__ == "SentencePieceTokenizer"
+    assert again.bos_id == tok.bos_id and again.eot_id == tok.eot_id
+    vocab = llama_cpp_vocab(path)
+    for text in tokenizer_texts():
+        ids = library.encode(text)
+        assert again.encode(text) == ids, text
+        assert again.encode(text, fast=False) == ids, text  # our reference encoder on the rebuilt model
+        assert vocab.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        assert again.decode(ids) == library.decode(ids)
+
+
+# ---- llama.cpp runs our export -------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_llama_cpp_runs_our_export_of_smollm(smollm, tmp_path, dtype):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from scratchlm.chat import render_chat
+    from scratchlm.generate import generate
+
+    ours, tok, *_ = smollm
+    path = save_gguf(ours, tok, tmp_path / f"smollm-{dtype}.gguf", dtype=dtype)
+    ours_again, tok_again = load_gguf(path, dtype=torch.float32)  # the exported weights, as llama.cpp sees them
+    runner = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    for prompt in RAW[:2] + [render_chat(CHAT[0], None, tok)]:
+        ids = tok_again.encode(prompt)
+        assert runner.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        expected = generate(ours_again, tok_again, [ids], max_new_tokens=12, ignore_eos=True)[0].token_ids
+        runner.reset()
+        got = []
+        for t in runner.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            got.append(t)
+            if len(got) == len(expected):
+                break
+        if got != expected:  # allowed only at a near tie of our two best logits
+            n = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+            row = logits(ours_again, torch.tensor([ids + expected[:n]]))[0, -1]
+            gap = float(row[expected[n]] - row[got[n]])
+            assert gap < 0.05, f"{dtype}: llama.cpp differs at new token {n}: {got} vs {expected} (our logit gap {gap:.3f})"
