@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -143,6 +144,11 @@ class GGUFFile:
             self.file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
         else:
             self.path, self.file = Path("<stream>"), path
+        self._lock = threading.Lock()
+        try:
+            self._fd: int | None = self.file.fileno() if hasattr(os, "preadv") else None
+        except (OSError, io.UnsupportedOperation):
+            self._fd = None
         try:
             self._parse()
         except BaseException:
@@ -215,7 +221,7 @@ class GGUFFile:
 
     def read_into(self, name: str, out: torch.Tensor, rows_per_slice: int | None = None) -> None:
         """Dequantize tensor ``name`` into ``out`` (CPU, contiguous, of its shape), a slice of
-        rows at a time: the float32 temporaries never exceed one slice (~16 MB)."""
+        rows at a time: the float32 temporaries stay near one slice (~4 MB)."""
         gguf = _gguf()
         info = self.tensors[name]
         if tuple(out.shape) != info.shape:
@@ -226,27 +232,38 @@ class GGUFFile:
         row_bytes = row_len // block * type_bytes
         n_rows = out.numel() // row_len if row_len else 0
         flat = out.view(n_rows, row_len)
-        step = rows_per_slice or max(1, (4 << 20) // max(row_len, 1))
+        step = rows_per_slice or max(1, (1 << 20) // max(row_len, 1))
         native = NATIVE.get(info.type)
-        self.file.seek(self.data_start + info.offset)
+        position = self.data_start + info.offset
         for start in range(0, n_rows, step):
             rows = min(step, n_rows - start)
             if native is not None and native == out.dtype:  # bytes straight into the weights
                 target = flat[start:start + rows]
-                self._readinto(memoryview(target.view(torch.uint8).numpy()).cast("B"), name)
+                position = self._read_at(position, memoryview(target.view(torch.uint8).numpy()).cast("B"), name)
                 continue
             raw = np.empty((rows, row_bytes), dtype=np.uint8)
-            self._readinto(memoryview(raw).cast("B"), name)
+            position = self._read_at(position, memoryview(raw).cast("B"), name)
             if native is not None:  # a float type: reinterpret, then convert
                 values = torch.from_numpy(raw).view(native).view(rows, row_len)
             else:
                 values = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.type)))
             flat[start:start + rows].copy_(values)
 
-    def _readinto(self, view: memoryview, name: str) -> None:
-        got = self.file.readinto(view)
-        if got != len(view):
-            raise GGUFError(f"{self.path}: truncated GGUF file (tensor {name} ends early)")
+    def _read_at(self, position: int, view: memoryview, name: str) -> int:
+        """Fill ``view`` from the file at ``position`` (positional reads: safe from several
+        threads at once); return the position after it."""
+        done = 0
+        while done < len(view):
+            if self._fd is not None:
+                got = os.preadv(self._fd, [view[done:]], position + done)
+            else:  # platforms without preadv, and in-memory streams
+                with self._lock:
+                    self.file.seek(position + done)
+                    got = self.file.readinto(view[done:])
+            if not got:
+                raise GGUFError(f"{self.path}: truncated GGUF file (tensor {name} ends early)")
+            done += got
+        return position + done
 
     def close(self) -> None:
         if not self.file.closed:

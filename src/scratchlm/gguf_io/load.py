@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -96,8 +97,11 @@ def load_gguf(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None =
         if missing:
             raise GGUFError(f"{path}: GGUF file has no tensor {missing[0]!r}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        for gguf_name, slot in names:
-            _fill(file, gguf_name, slot, state, config, path)
+        # numpy's block arithmetic and the reads release the GIL: a few threads overlap them.
+        workers = min(4, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            for done in [pool.submit(_fill, file, n, slot, state, config, path) for n, slot in names]:
+                done.result()  # re-raises the first error
     for key, tensor in state.items():
         if str(device) != "cpu":
             state[key] = tensor.to(device)
