@@ -581,3 +581,25 @@ def test_llama_cpp_runs_our_export_of_smollm(smollm, tmp_path, dtype):
             gap = float(row[expected[n]] - row[got[n]])
             print(f"{dtype}: llama.cpp differs at new token {n}: {got} vs {expected} (our logit gap {gap:.4f})")
             assert gap < 0.05, f"{dtype}: llama.cpp differs at new token {n} (our logit gap {gap:.3f})"
+
+
+def test_cli_export_hook_writes_a_gguf(tmp_path):
+    import argparse
+
+    from scratchlm.checkpoint import save_model
+    from scratchlm.cli.gguf import QUANT_CHOICES, add_export_options, export_gguf
+    from scratchlm.gguf_io import WEIGHT_TYPES
+
+    assert tuple(WEIGHT_TYPES) == QUANT_CHOICES
+    model, tok = scratch_llama(), small_bpe()
+    save_model(tmp_path / "run", model, tok)
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    add_export_options(p)
+    args = p.parse_args([str(tmp_path / "run"), str(tmp_path / "out.gguf"), "--quant", "q8_0"])
+    assert export_gguf(args) == 0
+    again, _ = load_gguf(tmp_path / "out.gguf")
+    with GGUFFile(tmp_path / "out.gguf") as f:
+        assert f.tensors["blk.0.ffn_up.weight"].type_name == "Q8_0"
+    assert (logits(again, IDS) - logits(model, IDS)).abs().max() < 0.05
