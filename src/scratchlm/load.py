@@ -2,13 +2,15 @@
 
 ``ref`` is whatever a user types to name a model. ``LOADERS`` tries, in order:
 
+    a GGUF file                   *.gguf, or a file with the GGUF magic    gguf_io.load_gguf
+    a named offline model         "smollm2-135m-instruct" (a package's GGUF) gguf_io.load_gguf
     a Hugging Face directory      config.json names a model_type          hf.load_hf
     a scratchlm model directory   any other local path (or its .old)      checkpoint.load_model
     a preset                      "gpt2", "llama-tiny", ... (random weights, seeded)
     a Hugging Face hub id         owner/name, fetched when online         hf.load_hf
 
-A new kind of model (a ``.gguf`` file) is one more (test, loader) row, placed before the
-rows that would claim it. A local path that exists goes to the directory loaders, which
+A new kind of model is one more (test, loader) row, placed before the rows that would
+claim it. A local path that exists goes to the directory loaders, which
 explain what is wrong with it; a name no row claims is a NotFound saying what was tried.
 
 >>> model, tokenizer = load_any("gpt-tiny")
@@ -28,6 +30,7 @@ from .atomic import saved_dir
 from .checkpoint import load_model
 from .config import ModelConfig
 from .errors import NotFound
+from .gguf_io import NAMED_MODELS, is_gguf_file, load_gguf
 from .hf import is_hf_dir, load_hf
 from .hub import is_hub_id
 from .model import Transformer
@@ -56,6 +59,14 @@ def _is_preset(ref) -> bool:
     return str(ref) in ModelConfig.presets()
 
 
+def _is_gguf(ref) -> bool:
+    return str(ref).endswith(".gguf") or (Path(ref).is_file() and is_gguf_file(ref))
+
+
+def _load_gguf(ref, device, dtype, seed):
+    return load_gguf(ref, device=device, dtype=dtype)
+
+
 def _load_hf(ref, device, dtype, seed):
     return load_hf(ref, device=device, dtype=dtype)
 
@@ -75,6 +86,8 @@ def _load_preset(ref, device, dtype, seed):
 
 
 LOADERS: list[tuple[Callable[[str | os.PathLike], bool], Callable]] = [
+    (_is_gguf, _load_gguf),                                        # GGUF file (llama.cpp, Ollama)
+    (lambda ref: str(ref) in NAMED_MODELS, _load_gguf),            # a named offline model
     (lambda ref: Path(ref).is_dir() and is_hf_dir(ref), _load_hf),  # Hugging Face directory
     (_is_local, _load_scratchlm),                                  # scratchlm directory (or a bad path)
     (_is_preset, _load_preset),                                    # preset, random weights
