@@ -41,7 +41,7 @@ def evaluate_generative(model, tokenizer, task: Task, *, num_fewshot: int = 0, s
     """Exact match of the final number, greedy decoding (through ``template`` for a chat model)."""
     from tqdm.auto import tqdm
 
-    from ...generate import generate
+    from ..generate import generate
 
     if task.kind != "generative":
         raise TaskError(f"{task.name}: a {task.kind} task is not generative")

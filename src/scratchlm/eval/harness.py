@@ -107,7 +107,7 @@ class ScratchLMHarness(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ...generate import generate
+        from ..generate import generate
 
         out: list[str] = []
         eos = self.tokenizer.decode([self.eot_token_id])

@@ -89,7 +89,7 @@ def generate_completions(model, tokenizer, problems: list[dict], *, samples: int
     """
     from tqdm.auto import tqdm
 
-    from ...generate import generate
+    from ..generate import generate
 
     prompts = [_chat_prompt(p, template, tokenizer) if template else p["prompt"] for p in problems]
     out: list[list[str]] = [[] for _ in problems]
