@@ -60,7 +60,7 @@ def setup(request, tmp_path_factory):
 
     import scratchlm.eval.harness  # noqa: F401 - registers "scratchlm"
 
-    manager = TaskManager(include_path=str(tasks))
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)  # indexing its 10,000 YAMLs is slow
     runs = {}
     for backend in ("hf", "scratchlm"):
         runs[backend] = lm_eval.simple_evaluate(

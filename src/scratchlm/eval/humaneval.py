@@ -12,7 +12,7 @@ n >= k samples of which c passed (Chen et al., 2021)::
 
     pass@k = 1 - C(n - c, k) / C(n, k)
 
->>> pass_at_k(n=10, c=3, k=1)
+>>> round(pass_at_k(n=10, c=3, k=1), 4)
 0.3
 >>> round(pass_at_k(n=10, c=3, k=5), 4)
 0.9167
