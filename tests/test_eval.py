@@ -241,3 +241,17 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(f"scratchlm.eval.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_questions_of_different_lengths_share_a_batch_and_still_fit(tiny):
+    """Several questions in one batch: contexts left-padded; a long context next to a long
+    continuation must not overflow the model's context (128 for llama-tiny)."""
+    g = torch.Generator().manual_seed(2)
+    rand = lambda n: torch.randint(0, 512, (n,), generator=g).tolist()  # noqa: E731
+    requests = []
+    for ctx_len, cont_len in ((100, 3), (5, 100), (30, 8), (2, 2), (100, 28)):
+        ctx = rand(ctx_len)
+        requests += [(ctx, rand(cont_len)) for _ in range(3)]
+    plain = [score_continuations(tiny, [r])[0][0] for r in requests]
+    got = [lp for lp, _ in score_continuations(tiny, requests, batch_size=12)]
+    assert got == pytest.approx(plain, abs=1e-4)

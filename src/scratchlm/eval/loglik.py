@@ -23,7 +23,8 @@ Speed, without changing a number:
 - the output head runs only at the scored positions (the head is the largest matrix of a
   small model with a big vocabulary), the log-softmax only there, in float32;
 - requests that share a context (the choices of one question) read it once: the context
-  is run through the model into a KV cache, which every choice then continues.
+  is run through the model into a KV cache, which every choice then continues (several
+  questions per batch, their contexts left-padded and masked, as ``generate`` pads prompts).
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer
@@ -134,41 +135,72 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
         for i, result in zip(chunk, _score_batch(model, inputs, [rows[i][1] for i in chunk])):
             results[i] = result
         bar.update(len(chunk))
-    for members in shared:
-        context = rows[members[0]][0]
-        # The context but its last token goes into the cache; the last one is where the
-        # first continuation token is predicted, so it is read with the continuations.
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
-            inputs = [context[-1:] + rows[i][1][:-1] for i in chunk]
-            scored = _score_batch(model, inputs, [rows[i][1] for i in chunk], prefix=context[:-1])
-            for i, result in zip(chunk, scored):
+    # Groups of one context: the context but its last token goes into the cache; the last one
+    # is where the first continuation token is predicted, so it is read with the continuations.
+    # Several groups share a batch (their contexts left-padded), up to batch_size rows.
+    shared.sort(key=lambda members: -len(rows[members[0]][0]))
+    parts = [members[i:i + batch_size] for members in shared for i in range(0, len(members), batch_size)]
+    batch: list[list[int]] = []
+
+    def fits(groups: list[list[int]]) -> bool:  # the padded prefix + the longest continuation row
+        longest_prefix = max(len(rows[g[0]][0]) - 1 for g in groups)
+        longest_row = max(len(rows[i][1]) for g in groups for i in g)
+        return sum(map(len, groups)) <= batch_size and longest_prefix + longest_row <= limit
+
+    for part in parts + [None]:
+        if batch and (part is None or not fits(batch + [part])):
+            members = [i for group in batch for i in group]
+            inputs = [rows[i][0][-1:] + rows[i][1][:-1] for i in members]
+            owners = [g for g, group in enumerate(batch) for _ in group]
+            prefixes = [rows[group[0]][0][:-1] for group in batch]
+            scored = _score_batch(model, inputs, [rows[i][1] for i in members], prefixes, owners)
+            for i, result in zip(members, scored):
                 results[i] = result
-            bar.update(len(chunk))
+            bar.update(len(members))
+            batch = []
+        if part is not None:
+            batch.append(part)
     bar.close()
     return results  # type: ignore[return-value]
 
 
 def _score_batch(model, inputs: list[list[int]], continuations: list[list[int]],
-                 prefix: list[int] | None = None) -> list[tuple[float, bool]]:
-    """One forward over right-padded ``inputs`` (after ``prefix``, read once into a shared cache)."""
+                 prefixes: list[list[int]] | None = None, owners: list[int] | None = None) -> list[tuple[float, bool]]:
+    """One forward over right-padded ``inputs``; with ``prefixes``, row b continues
+    ``prefixes[owners[b]]``, which is read once per prefix into the KV cache first."""
     device = model.tok_emb.weight.device
     B, T = len(inputs), max(len(r) for r in inputs)
     ids = torch.zeros(B, T, dtype=torch.long)  # right padding: id 0 is never scored
     for b, row in enumerate(inputs):
         ids[b, :len(row)] = torch.tensor(row)
     ids = ids.to(device)
-    cache = None
-    if prefix:
-        P = len(prefix)
-        one = model.new_cache(1, P)
-        model(torch.tensor([prefix], device=device), cache=one, return_hidden=True)
+    cache = positions = None
+    if prefixes:
+        # Prefixes left-padded to one length P: padding keys are masked out and each row's
+        # positions start at 0 at its first real token (as generate() pads prompts).
+        G, P = len(prefixes), max(len(p) for p in prefixes)
+        pad = torch.tensor([P - len(p) for p in prefixes], device=device)  # (G,)
+        padded = bool((pad > 0).any())
+        prefix_ids = torch.zeros(G, P, dtype=torch.long)
+        for g, p in enumerate(prefixes):
+            prefix_ids[g, P - len(p):] = torch.tensor(p)
+        cols = torch.arange(P + T, device=device)
+        key_mask = cols[None, :] >= pad[:, None]  # (G, P + T)
+        all_positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # (G, P + T)
+        read = model.new_cache(G, P)
+        read.key_mask = key_mask[:, :P] if padded else None
+        model(prefix_ids.to(device), cache=read, positions=all_positions[:, :P] if padded else None,
+              return_hidden=True)
+        index = torch.tensor(owners, device=device)  # (B,) the prefix of each row
         cache = model.new_cache(B, P + T)
-        for layer in range(len(cache.k)):  # every row starts from the same keys and values
-            cache.k[layer][:, :, :P] = one.k[layer][:, :, :P]
-            cache.v[layer][:, :, :P] = one.v[layer][:, :, :P]
+        for layer in range(len(cache.k)):  # every row starts from its prefix's keys and values
+            cache.k[layer][:, :, :P] = read.k[layer][index]
+            cache.v[layer][:, :, :P] = read.v[layer][index]
         cache.length = P
-    hidden = model(ids, cache=cache, return_hidden=True)  # (B, T, d_model)
+        if padded:
+            cache.key_mask = key_mask[index]
+            positions = all_positions[index, P:]
+    hidden = model(ids, cache=cache, positions=positions, return_hidden=True)  # (B, T, d_model)
 
     # The continuation of row b is scored at its last len(cont) input positions.
     rows, cols, targets = [], [], []
