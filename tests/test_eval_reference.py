@@ -128,7 +128,8 @@ def test_generate_until_equals_the_hf_backend(setup):
     d, _ = setup
     args = f"pretrained={d / 'model'},batch_size=2"
     gen = {"until": ["\n", "dog"], "max_gen_toks": 12, "do_sample": False}
-    requests = [Instance("generate_until", {}, (c, dict(gen)), i) for i, c in enumerate(["The quick", "Hello"])]
+    requests = [Instance("generate_until", {}, (c, dict(gen)), i)
+                for i, c in enumerate(["The quick", "Hello", "and a cache keeps the keys and values. " * 2])]
     hf = get_model("hf").create_from_arg_string(args, {"device": "cpu"}).generate_until(requests, True)
     ours = get_model("scratchlm").create_from_arg_string(args).generate_until(requests, True)
     assert ours == hf

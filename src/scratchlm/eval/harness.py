@@ -33,6 +33,7 @@ import lm_eval.models  # noqa: F401 - lm-eval fills its registry lazily, only wh
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from ..errors import ScratchLMError
 from .bpb import rolling_loglikelihood
 from .loglik import prefix_token_id, score_continuations
 
@@ -51,12 +52,12 @@ class ScratchLMHarness(TemplateLM):
             from . import load_model
 
             if pretrained is None:
-                raise ValueError("model_args needs pretrained=DIR (a model directory, HF directory or preset)")
+                raise ScratchLMError("model_args needs pretrained=DIR (a model directory, HF directory or preset)")
             torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                            "float16": torch.float16}.get(str(dtype)) if dtype not in (None, "auto") else None
             model, tokenizer = load_model(pretrained, device=device, dtype=torch_dtype)
         if tokenizer is None:
-            raise ValueError("the model has no tokenizer: lm-eval tasks are text")
+            raise ScratchLMError("the model has no tokenizer: lm-eval tasks are text")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or model.config.context_length)
@@ -107,13 +108,22 @@ class ScratchLMHarness(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled) continuations, batched: requests with the same generation
+        settings go through ``generate`` together, ``batch_size`` at a time."""
+        import json
+
+        from tqdm.auto import tqdm
+
         from ..generate import generate
 
-        out: list[str] = []
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1] or {}, sort_keys=True, default=str), []).append(i)
         eos = self.tokenizer.decode([self.eot_token_id])
-        for request in requests:
-            context, gen_kwargs = request.args
-            kwargs = dict(gen_kwargs or {})
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm, leave=False)
+        for members in groups.values():
+            kwargs = dict(requests[members[0]].args[1] or {})
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             if eos and eos not in until:
@@ -121,17 +131,23 @@ class ScratchLMHarness(TemplateLM):
             max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
             do_sample = bool(kwargs.pop("do_sample", False))
             temperature = float(kwargs.pop("temperature", 0.0)) if do_sample else 0.0
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]
-            [completion] = generate(self.model, self.tokenizer, [ids], max_new_tokens=max_new,
-                                    temperature=temperature, top_p=kwargs.get("top_p"),
-                                    stop=[s for s in until if s], overflow="truncate")
-            text = completion.text
-            for stop in until:  # the text is cut at the first stop string, as lm-eval does
-                if stop:
-                    text = text.split(stop)[0]
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
-        return out
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                # The context is cut from the left to leave room for the answer, as lm-eval does.
+                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in chunk]
+                completions = generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new,
+                                       temperature=temperature, top_p=kwargs.get("top_p") if do_sample else None,
+                                       stop=[s for s in until if s], overflow="truncate")
+                for i, completion in zip(chunk, completions):
+                    text = completion.text
+                    for stop in until:  # cut at the first stop string, as lm-eval does
+                        if stop:
+                            text = text.split(stop)[0]
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    out[i] = text
+                bar.update(len(chunk))
+        bar.close()
+        return out  # type: ignore[return-value]
 
 
 class _Encoder:
