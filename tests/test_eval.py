@@ -255,3 +255,12 @@ def test_questions_of_different_lengths_share_a_batch_and_still_fit(tiny):
     plain = [score_continuations(tiny, [r])[0][0] for r in requests]
     got = [lp for lp, _ in score_continuations(tiny, requests, batch_size=12)]
     assert got == pytest.approx(plain, abs=1e-4)
+
+
+def test_a_hub_task_offline_is_one_line_pointing_to_a_local_file(monkeypatch, capsys):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["eval", "gpt-tiny", "--tasks", "arc_easy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "arc_easy" in err and "local JSONL" in err, err

@@ -145,11 +145,9 @@ def letter_choice(model, tokenizer, task: Task, *, template: str | None = None, 
 
     for item in tqdm(items, desc=task.name, disable=not progress, leave=False):
         n = len(item.continuations)
-        if task.letters:  # MMLU: the options are already in the text, the choices are the letters
-            question = item.contexts[0].removesuffix("Answer:").rstrip()
-        else:
-            question = item.contexts[0].removesuffix("Answer:").rstrip() + "".join(
-                f"\n{LETTERS[i]}. {c}" for i, c in enumerate(item.continuations))
+        question = task.description + item.contexts[0].removesuffix("Answer:").rstrip()
+        if not task.letters:  # MMLU's text already lists lettered options; others get them here
+            question += "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(item.continuations))
         letters = LETTERS[:n]
         content = f"{question}\n\nAnswer with the letter of the correct option ({', '.join(letters)}) only."
         prompt = render_chat([{"role": "user", "content": content}], template, tokenizer)
