@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 
 def build_model(directory: Path, docs: list[str], vocab_size: int = 8192) -> None:
@@ -85,11 +85,10 @@ def build_data(directory: Path, docs: list[str], items: int, mb: float) -> None:
     (directory / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tasks = directory / "tasks"
     tasks.mkdir(exist_ok=True)
-    for name, body in (("bench_mc", 'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
-                                    'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-                                    "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
-                       ("bench_text", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
-                                      'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: bits_per_byte\n')):
+    mc = ('output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\n'
+          'doc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
+    rolling = 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: bits_per_byte\n'
+    for name, body in (("bench_mc", mc), ("bench_text", rolling)):
         data = "mc" if name == "bench_mc" else "text"
         (tasks / f"{name}.yaml").write_text(
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  cache_dir: {directory / 'cache'}\n"

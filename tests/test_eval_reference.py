@@ -6,19 +6,18 @@ import json
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 
-from test_hf import hf_tokenizer, make_hf  # noqa: E402
+from test_hf import hf_tokenizer, make_hf
 
-from scratchlm.eval import load_model  # noqa: E402
-from scratchlm.eval.bpb import bits_per_byte, rolling_windows  # noqa: E402
-from scratchlm.eval.multiple_choice import evaluate_choices  # noqa: E402
-from scratchlm.eval.tasks import load_task_file  # noqa: E402
+from scratchlm.eval import load_model
+from scratchlm.eval.bpb import bits_per_byte, rolling_windows
+from scratchlm.eval.multiple_choice import evaluate_choices
+from scratchlm.eval.tasks import load_task_file
 
 MC = [
     {"context": "The quick brown fox", "choices": ["jumps over", "sleeps", "Hello world!"], "label": 0},

@@ -31,10 +31,11 @@ more context (a lower, fairer number) for more compute::
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import NotFound, ScratchLMError
 from .loglik import prefix_token_id, score_continuations
@@ -203,7 +204,7 @@ def _prepared_split(path: Path, split: str) -> list[str]:
         bounds = cuts + [len(tokens)]
         if not cuts or cuts[0] != 0:
             bounds = [-1] + bounds  # a split cut mid-document (a one-file corpus)
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             if b - a > 1:
                 docs.append(tokenizer.decode(tokens[a + 1:b].tolist()))
     return docs

@@ -60,7 +60,13 @@ def run_tasks(model, tokenizer, specs: list[str], options: EvalOptions | None = 
 
 def _plan(spec: str):
     from ..corpus import CORPORA
-    from .tasks import HUB_TASKS, detect_layout, load_hub_task, load_task_file, read_jsonl
+    from .tasks import (
+        HUB_TASKS,
+        detect_layout,
+        load_hub_task,
+        load_task_file,
+        read_jsonl,
+    )
 
     spec = spec.strip()
     if spec == "humaneval" or spec.startswith("humaneval:"):
