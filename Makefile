@@ -45,6 +45,7 @@ bench: bench-setup
 	$(PY) benchmarks/finetune.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/rag.py
+	$(PY) benchmarks/eval.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "scratchlm.cli.finetune",  # finetune instruct|classify, classify, merge-lora
     "scratchlm.cli.serve",  # serve
     "scratchlm.cli.rag",  # rag index|ask
+    "scratchlm.cli.eval",  # eval
 ]
 
 
