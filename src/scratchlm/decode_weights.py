@@ -223,12 +223,18 @@ class DynamicInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _int4_fits(linear: nn.Linear, group_size: int) -> bool:
+    """The int4 CPU packing needs whole groups along each row and outputs in tiles of 16."""
+    return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
+
+
 def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64) -> nn.Module:
     """Store ``model``'s weights the fast way for decoding (one of WEIGHTS), in
     place. Only the Transformer's own Linear layers are swapped (merge LoRA adapters first).
 
     group_size: inputs per scale for "int4" (one of INT4_GROUP_SIZES); a layer whose input
-    size it does not divide keeps int8 weights.
+    size it does not divide, or whose output size is not a multiple of 16 (the packing
+    kernel's tile), keeps int8 weights.
     """
     from .model import MLP, Attention, Transformer
 
@@ -260,7 +266,7 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
                     setattr(module, name, TransposedLinear.from_linear(child))
                 elif weights == "bf16" and packed_bf16:
                     setattr(module, name, PackedBF16Linear(child))
-                elif weights == "int8" or (weights == "int4" and child.in_features % group_size):
+                elif weights == "int8" or (weights == "int4" and not _int4_fits(child, group_size)):
                     setattr(module, name, Int8Linear(child, dtype))
                 elif weights == "int4":
                     setattr(module, name, Int4Linear(child, group_size))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .compiled_decode import compile_decode_step
 from .errors import ScratchLMError
 from .model import check_token_ids
 from .sampling import (  # noqa: F401 - sampling's names, re-exported for older imports
@@ -245,7 +246,8 @@ class _Decoder:
     """Runs the model over a left-padded batch: one prefill, then one cached step per token."""
 
     def __init__(self, model: Transformer, rows: list[list[int]], max_new_tokens: int,
-                 options: SamplingOptions, generator: torch.Generator | None, use_cache: bool):
+                 options: SamplingOptions, generator: torch.Generator | None, use_cache: bool,
+                 compile: bool | str = False):
         self.model, self.options, self.generator, self.use_cache = model, options, generator, use_cache
         device = model.tok_emb.weight.device
         B = len(rows)
@@ -263,6 +265,12 @@ class _Decoder:
             self.cache = model.new_cache(B, self.ids.shape[1])
             if self.padded:
                 self.cache.key_mask = self.key_mask
+        # compile: the one-token steps run through a compiled static-shape step (compiled_decode.py);
+        # the prefill stays eager (its length changes from call to call).
+        self.step = None
+        if compile:
+            self.step = compile_decode_step(model, "inductor" if compile is True else compile)
+            self.column = torch.zeros(1, dtype=torch.long, device=device)  # the step's cache column
 
     @torch.inference_mode()
     def first(self) -> torch.Tensor:
@@ -276,6 +284,8 @@ class _Decoder:
         self.length += 1
         if self.seen is not None:
             self.seen.scatter_(1, previous[:, None], True)
+        if self.step is not None:
+            return self._sample(self._compiled_step(previous))
         start = self.length - 1 if self.use_cache else 0
         return self._sample(self._forward(start, self.length))
 
@@ -286,18 +296,36 @@ class _Decoder:
         if not self.use_cache and self.padded:  # no cache, but the padding mask lives on a cache
             cache = model.new_cache(self.ids.shape[0], end)
             cache.key_mask = self.key_mask[:, :end]
-        was_training = model.training
-        if was_training:
-            model.eval()
-        try:
+        with _eval_mode(model):
             hidden = model(self.ids[:, start:end], cache=cache, positions=positions, return_hidden=True)
-        finally:
-            if was_training:
-                model.train()
         return model.lm_head(hidden[:, -1])  # only the last position's logits are needed
+
+    def _compiled_step(self, previous: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after feeding previous (B,) at column length - 1, through the compiled step."""
+        cache = self.cache
+        self.column.fill_(self.length - 1)  # in place: the step's inputs keep their identity and shape
+        with _eval_mode(self.model):
+            logits = self.step(previous[:, None], self.column, self.positions, self.key_mask, cache.k, cache.v)
+        cache.length = self.length
+        return logits
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits, self.options, self.generator, self.seen)
+
+
+class _eval_mode:
+    """Run a block with the model in eval mode (no dropout), restoring training mode after."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        if self.was_training:
+            self.model.eval()
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.model.train()
 
 
 def encode_prompts(tokenizer: Tokenizer | None, prompts: Prompts, vocab_size: int) -> list[list[int]]:
@@ -354,7 +382,7 @@ def _check_length(rows: list[list[int]], max_new_tokens: int, context: int, over
 
 def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
             min_p=None, repetition_penalty=1.0, seed=None, stop_token_ids=None, stop=None, use_cache=True,
-            ignore_eos=False, generator=None, overflow="error"):
+            ignore_eos=False, generator=None, overflow="error", compile=False):
     """The one decode loop. First yields the prompt lengths (list[int]), then (row, Delta)
     events, each row's last one carrying its finish_reason."""
     options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -362,6 +390,10 @@ def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, to
         raise ScratchLMError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
     if overflow not in ("error", "truncate"):
         raise ScratchLMError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
+    if compile is not False and not (compile is True or (isinstance(compile, str) and compile)):
+        raise ScratchLMError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+    if compile and not use_cache:
+        raise ScratchLMError("compile needs the KV cache: the compiled step is the cached one-token step")
     if isinstance(stop, str):
         stop = [stop]
     config = model.config
@@ -378,7 +410,7 @@ def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, to
         return
 
     done = [False] * len(rows)
-    decoder = _Decoder(model, rows, max_new_tokens, options, generator, use_cache)
+    decoder = _Decoder(model, rows, max_new_tokens, options, generator, use_cache, compile)
     ids = decoder.first()
     while True:
         for i, token in enumerate(ids.tolist()):  # one sync per step for the whole batch
@@ -397,7 +429,7 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Prompts, 
              min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
              stop_token_ids: Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
              use_cache: bool = True, ignore_eos: bool = False, generator: torch.Generator | None = None,
-             overflow: str = "error") -> list[Completion]:
+             overflow: str = "error", compile: bool | str = False) -> list[Completion]:
     """Continue each prompt; one Completion per prompt, always a list.
 
     prompts: a string, a list of strings, or token ids (a list of ints, or a list of lists;
@@ -411,11 +443,14 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Prompts, 
     use_cache: False recomputes the whole sequence each step (slow; for comparison).
     overflow: when prompt + max_new_tokens exceeds the context: "error" (default) raises
         ScratchLMError, "truncate" cuts the prompt from the left and warns.
+    compile: True runs each one-token step through torch.compile (inductor) with a static
+        KV cache (compiled_decode.py); a string names another torch.compile backend. The
+        first call compiles (slow); the same batch size and lengths reuse the graph.
     """
     events = _events(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                      seed=seed, stop_token_ids=stop_token_ids, stop=stop, use_cache=use_cache,
-                     ignore_eos=ignore_eos, generator=generator, overflow=overflow)
+                     ignore_eos=ignore_eos, generator=generator, overflow=overflow, compile=compile)
     prompt_lengths = next(events)
     texts = [[] for _ in prompt_lengths]
     ids: list[list[int]] = [[] for _ in prompt_lengths]

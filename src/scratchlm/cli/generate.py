@@ -22,9 +22,14 @@ def _add_sampling_options(p) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute every position each step (slow)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="run in this dtype (default: the checkpoint's)")
-    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int8-dynamic"], default=None,
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4", "int8-dynamic"], default=None,
                    help="weight layout for decoding (see decode_weights.py); default: fp32 models get the "
                         "faster transposed fp32 layout, others stay as loaded")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step (static KV cache); the first reply "
+                        "waits for the compiler, later steps reuse its graph")
+    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                   help="the torch.compile backend for --compile (default inductor)")
     p.add_argument("--truncate", action="store_true",
                    help="cut a too-long prompt from the left (default: error)")
 
@@ -59,7 +64,8 @@ def _check_sampling(args) -> None:
 def _options(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                use_cache=not args.no_cache, overflow="truncate" if args.truncate else "error")
+                use_cache=not args.no_cache, overflow="truncate" if args.truncate else "error",
+                compile=args.compile_backend if args.compile else False)
 
 
 def _load(args):

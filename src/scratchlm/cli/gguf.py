@@ -28,7 +28,7 @@ def export_gguf(args) -> int:
     try:
         from ..load import load_any  # where load_any is moving
     except ImportError:
-        from ..hf import load_any
+        from ..load import load_any
     model, tokenizer = load_any(args.model_dir)
     path = save_gguf(model, tokenizer, args.out_dir, dtype=getattr(args, "quant", "f16"))
     size = path.stat().st_size / 1e6

@@ -27,7 +27,7 @@ def load_model(ref, device: str = "cpu", dtype=None):
 
     The one place ``eval/`` opens a model (the loader is moving to ``scratchlm.load``).
     """
-    from ..hf import load_any
+    from ..load import load_any
 
     model, tokenizer = load_any(ref, device=device, dtype=dtype)
     return model.requires_grad_(False).eval(), tokenizer
