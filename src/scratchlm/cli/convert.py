@@ -7,12 +7,14 @@ line, before anything is read or written.
 
 from __future__ import annotations
 
+from .gguf import add_export_options, export_gguf
+
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("convert", help="Hugging Face directory or hub id -> scratchlm model directory",
                               description="Read GPT-2 or Llama weights (and tokenizer) from a Hugging Face "
                                           "directory or hub id and write a scratchlm model directory.")
-    p.add_argument("source", help="Hugging Face model directory or hub id (owner/name)")
+    p.add_argument("source", help="Hugging Face model directory, hub id (owner/name), .gguf file or named model")
     p.add_argument("out_dir", help="scratchlm model directory to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="store the weights in this dtype")
     p.set_defaults(func=convert_command)
@@ -21,7 +23,9 @@ def add_commands(subparsers) -> None:
                               description="Write a model directory in a format other tools load.")
     p.add_argument("model_dir", help="scratchlm model directory")
     p.add_argument("out_dir", help="directory to write")
-    p.add_argument("--format", default="hf", choices=["hf"], help="hf: a directory transformers loads")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: a directory transformers loads; gguf: one file llama.cpp and Ollama load")
+    add_export_options(p)
     p.set_defaults(func=export_command)
 
 
@@ -30,11 +34,11 @@ def convert_command(args) -> int:
 
     from ..atomic import MODEL_FILES, check_output
     from ..checkpoint import save_model
-    from ..hf import load_hf
+    from ..load import load_any
 
     check_output(args.out_dir, MODEL_FILES, inputs=[args.source])  # refuse before a long load
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_hf(args.source, dtype=dtype)
+    model, tokenizer = load_any(args.source, dtype=dtype)
     save_model(args.out_dir, model, tokenizer, inputs=[args.source])
     n = model.num_parameters()
     print(f"wrote {args.out_dir} ({n:,} parameters, {model.config.dtype}"
@@ -43,6 +47,8 @@ def convert_command(args) -> int:
 
 
 def export_command(args) -> int:
+    if args.format == "gguf":
+        return export_gguf(args)
     from ..atomic import MODEL_FILES, check_output
     from ..hf import hf_config_dict, save_hf
     from ..load import load_any

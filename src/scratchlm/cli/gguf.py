@@ -25,10 +25,7 @@ def add_export_options(p) -> None:
 def export_gguf(args) -> int:
     from ..gguf_io import save_gguf
 
-    try:
-        from ..load import load_any  # where load_any is moving
-    except ImportError:
-        from ..load import load_any
+    from ..load import load_any
     model, tokenizer = load_any(args.model_dir)
     path = save_gguf(model, tokenizer, args.out_dir, dtype=getattr(args, "quant", "f16"))
     size = path.stat().st_size / 1e6
