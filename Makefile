@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
 
 # ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and the layers contract

@@ -424,8 +424,8 @@ def main() -> None:
     # llama.cpp file of the same bits per weight (fp32 and bf16 against F16).
     same_bits = {"ours fp32": "llama.cpp F16", "ours bf16": "llama.cpp F16", "ours int8": "llama.cpp Q8_0",
                  "ours int4": "llama.cpp Q4_0"}
-    print(f"\nbatch 1             tok/s best / median   x hf    x llama.cpp   bytes/token   limit tok/s"
-          f"   best of limit   greedy vs hf fp32")
+    print("\nbatch 1             tok/s best / median   x hf    x llama.cpp   bytes/token   limit tok/s"
+          "   best of limit   greedy vs hf fp32")
     for name in peers:
         best, median = min(times[name]), statistics.median(times[name])
         ratio = statistics.median(h / t for h, t in zip(times["hf fp32"], times[name]))

@@ -20,7 +20,7 @@ model means answering many clients at once, each with its own prompt and its own
 """ * 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model_and_tokenizer():
     """A 2-layer GPT with a 300-token byte-level BPE tokenizer, trained for a few seconds on
     TEXT so that different prompts get different, text-like greedy continuations.

@@ -9,9 +9,20 @@ import pytest
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("jinja2")
 
-from scratchlm.chat import (FORMATS, PROMPT_FORMAT_FILE, TEMPLATES, PromptFormatError, chat_stops,  # noqa: E402
-                            format_prompt, read_prompt_format, render_chat, render_example, render_segments,
-                            resolve_template, write_prompt_format)
+from scratchlm.chat import (  # noqa: E402
+    FORMATS,
+    PROMPT_FORMAT_FILE,
+    TEMPLATES,
+    PromptFormatError,
+    chat_stops,
+    format_prompt,
+    read_prompt_format,
+    render_chat,
+    render_example,
+    render_segments,
+    resolve_template,
+    write_prompt_format,
+)
 from scratchlm.errors import ScratchLMError  # noqa: E402
 from scratchlm.finetune.instruct_data import tokenize_example  # noqa: E402
 from scratchlm.tokenizer import CharTokenizer  # noqa: E402

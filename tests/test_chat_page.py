@@ -16,11 +16,10 @@ pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_fixtures import ServerThread, slowed_down, tiny_model_and_tokenizer  # noqa: E402
-
 from scratchlm.chat import chat_stops, render_chat  # noqa: E402
 from scratchlm.generate import generate  # noqa: E402
 from scratchlm.serve import create_app  # noqa: E402
+from serve_fixtures import ServerThread, slowed_down, tiny_model_and_tokenizer  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)

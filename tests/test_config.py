@@ -93,14 +93,13 @@ def test_missing_config_file(tmp_path):
 # ---- the training configs (train/config.py) --------------------------------------------------
 def test_optional_fields_take_none_or_their_type():
     from dataclasses import dataclass
-    from typing import Optional
 
-    from scratchlm.train.config import Config, option
     from scratchlm.train import TrainConfig
+    from scratchlm.train.config import Config, option
 
     @dataclass
     class Old(Config):
-        steps: Optional[int] = option(None, "old spelling")
+        steps: int | None = option(None, "old spelling")
         rate: float | None = option(None, "new spelling")
 
     assert Old.from_dict({"steps": None, "rate": 1}).rate == 1.0  # an int where a float goes becomes a float

@@ -12,12 +12,11 @@ lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 
-from test_hf import hf_tokenizer, make_hf
-
 from scratchlm.eval import load_model
 from scratchlm.eval.bpb import bits_per_byte, rolling_windows
 from scratchlm.eval.multiple_choice import evaluate_choices
 from scratchlm.eval.tasks import load_task_file
+from test_hf import hf_tokenizer, make_hf
 
 MC = [
     {"context": "The quick brown fox", "choices": ["jumps over", "sleeps", "Hello world!"], "label": 0},

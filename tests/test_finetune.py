@@ -3,20 +3,33 @@ classification to >= 95%, LoRA variants, exact resume, and clear errors for bad 
 
 import csv
 import json
+import random
 import subprocess
 import sys
-import random
 
 import pytest
 import torch
 
 from scratchlm import ModelConfig, Transformer
+from scratchlm.chat import alpaca_prompt, format_prompt
 from scratchlm.checkpoint import load_model, load_train_state, save_model
 from scratchlm.cli import main
-from scratchlm.finetune import (IGNORE_INDEX, DataError, Example, answer, collate, finetune_classify,
-                                finetune_instruct, load_classifier, classify, load_records, pack,
-                                read_prompt_format, render_example, tokenize_example)
-from scratchlm.chat import alpaca_prompt, format_prompt
+from scratchlm.finetune import (
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    answer,
+    classify,
+    collate,
+    finetune_classify,
+    finetune_instruct,
+    load_classifier,
+    load_records,
+    pack,
+    read_prompt_format,
+    render_example,
+    tokenize_example,
+)
 from scratchlm.tokenizer import CharTokenizer
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

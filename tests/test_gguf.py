@@ -10,7 +10,6 @@ which has its own dequantizer). The real model is SmolLM2-135M-Instruct (Q4_1) f
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
@@ -23,8 +22,15 @@ transformers = pytest.importorskip("transformers")
 
 from scratchlm import ModelConfig, Transformer  # noqa: E402
 from scratchlm.errors import ScratchLMError  # noqa: E402
-from scratchlm.gguf_io import (GGUFError, GGUFFile, load_gguf, permute_rows, resolve_named_model,  # noqa: E402
-                               save_gguf, unpermute_rows)
+from scratchlm.gguf_io import (  # noqa: E402
+    GGUFError,
+    GGUFFile,
+    load_gguf,
+    permute_rows,
+    resolve_named_model,
+    save_gguf,
+    unpermute_rows,
+)
 from scratchlm.gguf_io.arch import rope_factors  # noqa: E402
 from scratchlm.tokenizer import BPETokenizer  # noqa: E402
 
@@ -254,7 +260,7 @@ def small_file(tmp_path_factory):
 
 def test_truncated_file(small_file, tmp_path):
     data = small_file.read_bytes()
-    for cut, what in ((len(data) - 100, "tensor"), (200, "header"), (2, "magic")):
+    for cut, _what in ((len(data) - 100, "tensor"), (200, "header"), (2, "magic")):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
         with pytest.raises(GGUFError, match="truncated|shorter") as e:
@@ -470,9 +476,8 @@ def trained_bpe():
 @pytest.fixture(scope="module")
 def sentencepiece_model(tmp_path_factory):
     spm = pytest.importorskip("sentencepiece")
-    from test_tokenizer import corpus
-
     from scratchlm.tokenizer import SentencePieceTokenizer
+    from test_tokenizer import corpus
 
     directory = tmp_path_factory.mktemp("sp")
     (directory / "corpus.txt").write_text("\n".join(t for t in corpus() if t))

@@ -11,8 +11,18 @@ import torch.nn as nn
 from scratchlm import ModelConfig, Transformer
 from scratchlm.checkpoint import load_model, save_model
 from scratchlm.cli import main
-from scratchlm.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAError, LoRALinear, apply_lora, load_adapter,
-                            lora_layers, lora_state_dict, merge_lora, save_adapter)
+from scratchlm.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoRAError,
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
 
 ALL_GPT = ["qkv_proj", "out_proj", "up_proj", "down_proj", "lm_head"]
 ALL_LLAMA = ALL_GPT + ["gate_proj"]

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from rag_testdata import CORPUS, QUESTIONS, encrypt_pdf, make_pdf, write_corpus
-from scratchlm.rag import RagError, RagIndex, Retriever, ToyEmbedder, index_documents
+from scratchlm.rag import RagError, RagIndex, Retriever, ToyEmbedder, index_documents, ingest, retrieve
 from scratchlm.rag import index as index_module
-from scratchlm.rag import ingest, retrieve
 from scratchlm.rag.loaders import load_document
 from scratchlm.rag.retrieve import reciprocal_rank_fusion
 
@@ -44,7 +43,7 @@ def check_consistent(index_dir: Path, folder: Path) -> RagIndex:
     for hit in index.hits(ids, np.zeros(len(ids))):
         assert load_document(hit.source).text[hit.start:hit.end] == hit.text
     # Each stored vector is found as its own nearest neighbour: FAISS ids match the rows.
-    for i, v in zip(ids[:20], vectors[:20]):
+    for _i, v in zip(ids[:20], vectors[:20]):
         found, scores = index.search_ids(v, 1)
         assert scores[0] == pytest.approx(1.0, abs=1e-5)
         assert np.allclose(index.embeddings()[1][list(ids).index(found[0])], v)

@@ -15,7 +15,7 @@ from scratchlm.chat import render_chat
 from scratchlm.checkpoint import save_model
 from scratchlm.cli import main
 from scratchlm.rag import RagError, Retriever, ToyEmbedder, ask, index_documents, ingest, pipeline
-from scratchlm.rag.pipeline import Answer, build_messages, fit_prompt, parse_citations, sources_block
+from scratchlm.rag.pipeline import build_messages, fit_prompt, parse_citations, sources_block
 from scratchlm.tokenizer.bpe import BPETokenizer
 
 

@@ -19,11 +19,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_fixtures import ServerThread, slowed_down, tiny_model_and_tokenizer  # noqa: E402
-
 from scratchlm.chat import chat_stops, render_chat  # noqa: E402
 from scratchlm.generate import generate  # noqa: E402
 from scratchlm.serve import create_app  # noqa: E402
+from serve_fixtures import ServerThread, slowed_down, tiny_model_and_tokenizer  # noqa: E402
 
 NAME = "tiny"
 KEY = "sk-test-key"

@@ -14,13 +14,20 @@ import torch
 
 from scratchlm.checkpoint import load_model, load_train_state
 from scratchlm.cli import main
-from scratchlm.config import ConfigError
+from scratchlm.config import ConfigError, ModelConfig
 from scratchlm.data import prepare
-from scratchlm.plots import read_metrics
-from scratchlm.train import (DEMO_CONFIG, TrainConfig, autocast_dtype, cpu_has_fast_bf16, lr_at, make_trainer,
-                             param_groups, train)
 from scratchlm.model import Transformer
-from scratchlm.config import ModelConfig
+from scratchlm.plots import read_metrics
+from scratchlm.train import (
+    DEMO_CONFIG,
+    TrainConfig,
+    autocast_dtype,
+    cpu_has_fast_bf16,
+    lr_at,
+    make_trainer,
+    param_groups,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

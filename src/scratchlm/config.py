@@ -16,7 +16,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .errors import ConfigError
 
@@ -35,15 +35,15 @@ class ModelConfig:
     d_model: int = 768
     n_layers: int = 12
     n_heads: int = 12
-    n_kv_heads: Optional[int] = None  # None -> n_heads (MHA); 1 -> MQA; in between -> GQA
-    d_ff: Optional[int] = None  # None -> 4 * d_model
+    n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA; in between -> GQA
+    d_ff: int | None = None  # None -> 4 * d_model
     norm: str = "layernorm"
     mlp: str = "gelu"
     positions: str = "learned"
     rope_theta: float = 10000.0
     # Llama 3.1 frequency scaling, e.g. {"factor": 8.0, "low_freq_factor": 1.0,
     # "high_freq_factor": 4.0, "original_context_length": 8192}
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     bias: bool = True  # biases on the linear layers and on LayerNorm
     tie_embeddings: bool = True  # output head shares the token-embedding matrix
     dropout: float = 0.0
@@ -95,7 +95,7 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -107,7 +107,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -115,14 +115,14 @@ class ModelConfig:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             return cls.from_json(path.read_text())
@@ -133,7 +133,7 @@ class ModelConfig:
 
     # ---- presets ------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         """A named configuration, e.g. ``ModelConfig.preset("llama3-8b")``."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")

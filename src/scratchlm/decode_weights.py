@@ -69,7 +69,7 @@ class TransposedLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "TransposedLinear":
+    def from_linear(cls, linear: nn.Linear) -> TransposedLinear:
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(linear.weight.detach().t().contiguous(), bias)
 

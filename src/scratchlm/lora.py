@@ -35,15 +35,16 @@ import fnmatch
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
 from .errors import ScratchLMError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,7 +73,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    base_model: Optional[str] = None
+    base_model: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -223,8 +224,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------
 # Saving and loading an adapter on its own
 # ----------------------------------------------------------------------------------------
-def save_adapter(path: str | os.PathLike, model: nn.Module, base_model: Optional[str] = None,
-                 extra: Optional[Callable[[Path], None]] = None) -> Path:
+def save_adapter(path: str | os.PathLike, model: nn.Module, base_model: str | None = None,
+                 extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter.safetensors`` into directory ``path``,
     atomically (a temporary sibling renamed into place), plus whatever ``extra(tmp)`` writes."""
     from .atomic import MODEL_FILES, atomic_directory  # the same atomic swap as model directories

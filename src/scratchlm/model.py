@@ -21,7 +21,6 @@ torch.Size([1, 3, 512])
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -157,7 +156,7 @@ class KVCache:
     needed for batches of left-padded prompts: padding positions must never be attended.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_length: Optional[int] = None,
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
                  device=None, dtype=None):
         max_length = max_length or config.context_length
         if max_length > config.context_length:
@@ -169,11 +168,11 @@ class KVCache:
         self.max_length = max_length
         self.batch_size = batch_size
         self.length = 0
-        self.key_mask: Optional[torch.Tensor] = None
+        self.key_mask: torch.Tensor | None = None
 
     @classmethod
     def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor], *, length: int = 0,
-                     key_mask: Optional[torch.Tensor] = None) -> KVCache:
+                     key_mask: torch.Tensor | None = None) -> KVCache:
         """A cache over tensors that already exist (per layer (B, n_kv_heads, max_length,
         head_dim)), without copying them: what the model writes through it lands in them."""
         cache = cls.__new__(cls)
@@ -187,7 +186,7 @@ class KVCache:
         cache.length, cache.key_mask = length, key_mask
         return cache
 
-    def view(self, rows: slice = slice(None), *, length: Optional[int] = None) -> KVCache:
+    def view(self, rows: slice = slice(None), *, length: int | None = None) -> KVCache:
         """A cache over ``rows`` of this one (a slice: views, not copies), holding ``length``
         positions (default: this cache's). Its key_mask is this one's rows, if it has one.
 
@@ -240,8 +239,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = True  # False: the reference path written out below
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
-                mask: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
@@ -422,13 +421,13 @@ class Transformer(nn.Module):
                 n -= self.pos_emb.weight.numel()
         return n
 
-    def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         p = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_length, device=p.device, dtype=p.dtype)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, cache: Optional[KVCache] = None,
-                positions: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab_size). ids must lie in [0, vocab_size): check
         ids from outside with check_token_ids before (forward does not, to stay sync-free).
 

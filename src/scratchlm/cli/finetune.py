@@ -80,8 +80,8 @@ def _predict_command(args) -> int:
 def _merge_command(args) -> int:
     from pathlib import Path
 
-    from ..checkpoint import load_model, save_model
     from ..chat import PROMPT_FORMAT_FILE
+    from ..checkpoint import load_model, save_model
     from ..lora import load_adapter, merge_lora
 
     model, tokenizer = load_model(args.base)

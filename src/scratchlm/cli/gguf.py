@@ -11,7 +11,6 @@ arguments, "gguf" among ``--format``'s choices, and ``return export_gguf(args)``
 
 from __future__ import annotations
 
-
 # gguf_io.save.WEIGHT_TYPES, written out so that building the parser imports no torch
 # (tests/test_gguf.py checks the two agree).
 QUANT_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -24,7 +23,6 @@ def add_export_options(p) -> None:
 
 def export_gguf(args) -> int:
     from ..gguf_io import save_gguf
-
     from ..load import load_any
     model, tokenizer = load_any(args.model_dir)
     path = save_gguf(model, tokenizer, args.out_dir, dtype=getattr(args, "quant", "f16"))

@@ -12,11 +12,11 @@
 Guides: docs/instruction-tuning.md, docs/classification.md, docs/lora.md.
 """
 
+from ..chat import PROMPT_FORMAT_FILE, TEMPLATES, format_prompt, read_prompt_format, render_example
 from .classify import Classifier, ClassifyTask, classify, classify_finetune, finetune_classify, load_classifier
 from .config import ClassifyConfig, FinetuneConfig, InstructConfig
 from .instruct import InstructTask, answer, finetune_instruct, instruct, masked_loss
 from .instruct_data import IGNORE_INDEX, DataError, Example, collate, load_records, pack, tokenize_example
-from ..chat import PROMPT_FORMAT_FILE, TEMPLATES, format_prompt, read_prompt_format, render_example
 
 __all__ = ["finetune_instruct", "instruct", "InstructTask", "InstructConfig", "finetune_classify",
            "classify_finetune", "ClassifyTask", "ClassifyConfig", "FinetuneConfig", "Classifier", "classify",

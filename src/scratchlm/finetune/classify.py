@@ -27,8 +27,8 @@ import csv
 import json
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,15 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import load_model, save_model
 from ..errors import ConfigError, NotFound, ScratchLMError
-from ..lora import LoRAConfig, apply_lora, count_parameters, is_adapter_dir, load_adapter, read_adapter_config, save_adapter
+from ..lora import (
+    LoRAConfig,
+    apply_lora,
+    count_parameters,
+    is_adapter_dir,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from ..train.core import Task, Trainer
 from ..train.distributed import is_main_process, process_group
 from .config import ClassifyConfig

@@ -18,19 +18,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 import torch
 import torch.nn.functional as F
 
+from ..chat import chat_stops, format_prompt, resolve_template, write_prompt_format
 from ..checkpoint import load_model, save_model
 from ..errors import ConfigError, ScratchLMError
 from ..lora import LoRAConfig, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
 from ..train.core import Task, Trainer, TrainResult
 from ..train.distributed import is_main_process, process_group
 from .config import InstructConfig
-from .instruct_data import (IGNORE_INDEX, Example, batches, collate, count_target_tokens, load_records,
-                            make_examples, pack, split_records)
-from ..chat import chat_stops, format_prompt, resolve_template, write_prompt_format
+from .instruct_data import (
+    IGNORE_INDEX,
+    Example,
+    batches,
+    collate,
+    count_target_tokens,
+    load_records,
+    make_examples,
+    pack,
+    split_records,
+)
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

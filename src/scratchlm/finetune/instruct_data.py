@@ -26,9 +26,9 @@ import json
 import os
 import random
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -45,7 +45,7 @@ class DataError(ScratchLMError):
 # ----------------------------------------------------------------------------------------
 # Reading and checking records
 # ----------------------------------------------------------------------------------------
-def load_records(path: Union[str, os.PathLike]) -> list[dict]:
+def load_records(path: str | os.PathLike) -> list[dict]:
     """Read alpaca records ({instruction, input?, output}) or chats ({messages: [...]}).
 
     ``.json``: one JSON array of records. ``.jsonl`` (or anything else): one record per line;

@@ -269,7 +269,7 @@ class GGUFFile:
         if not self.file.closed:
             self.file.close()
 
-    def __enter__(self) -> "GGUFFile":
+    def __enter__(self) -> GGUFFile:
         return self
 
     def __exit__(self, *exc) -> None:

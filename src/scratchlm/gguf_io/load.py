@@ -22,8 +22,15 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ScratchLMError
-from .arch import (Slot, architecture_of, config_from_metadata, layer_names, part_rows,
-                   rope_scaling_from_factors, unpermute_rows)
+from .arch import (
+    Slot,
+    architecture_of,
+    config_from_metadata,
+    layer_names,
+    part_rows,
+    rope_scaling_from_factors,
+    unpermute_rows,
+)
 from .container import NATIVE, GGUFError, GGUFFile
 from .vocab import tokenizer_from_metadata
 

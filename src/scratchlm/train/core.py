@@ -82,8 +82,13 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_directory  # noqa: F401 (the docstring example uses it)
-from ..checkpoint import CheckpointError, load_train_state, resolve_dir, save_train_state
+from ..checkpoint import (
+    CheckpointError,
+    atomic_directory,  # noqa: F401 (the docstring example uses it)
+    load_train_state,
+    resolve_dir,
+    save_train_state,
+)
 from ..errors import ConfigError, ScratchLMError
 from ..plots import read_metrics
 from .config import LoopConfig

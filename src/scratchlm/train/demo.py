@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .core import Trainer, TrainResult
-from .pretrain import TrainConfig, make_trainer
 from .precision import autocast
+from .pretrain import TrainConfig, make_trainer
 
 DEMO_MINUTES = 3.0
 DEMO_TOKENIZER = {"tokenizer": "bpe", "vocab_size": 2048}

@@ -7,9 +7,10 @@ core.py's docstring shows one end to end. ``Run`` is the run as the task sees it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
