@@ -47,7 +47,7 @@ class Toy(Task):
         return {"val_mse": mse, "val_score": -mse}
 
     def save(self, directory, weights, extra):
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, marker=("toy.pt",)) as tmp:  # a folder with toy.pt is ours to replace
             torch.save(weights or self.net.state_dict(), tmp / "toy.pt")
             extra(tmp)
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ScratchLMError
+from .errors import NotFound, ScratchLMError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -251,7 +251,7 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
     file = Path(path) / ADAPTER_CONFIG
     if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+        raise NotFound(f"{path} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     try:
         record = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -270,7 +270,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, freeze: bool = True)
     try:
         state = load_file(str(weights))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS}") from None
+        raise NotFound(f"{path} has no {ADAPTER_WEIGHTS}") from None
     except (SafetensorError, OSError, RuntimeError) as e:
         raise LoRAError(f"{weights} is corrupt or truncated ({str(e).splitlines()[0]})") from None
     apply_lora(model, config.rank, config.alpha, config.dropout, config.targets, freeze=freeze)

@@ -72,10 +72,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean the user asked for something that cannot be done."""
     from ..errors import ScratchLMError
 
-    # Transitional: plain ValueError and OSError still count as user mistakes until every
-    # library module raises ScratchLMError for them.
-    return (UsageError, ScratchLMError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError, ValueError)
+    # An OSError (permission denied, no space left, a path that vanished) is the file
+    # system's answer about the user's files, not a bug: one line too. A plain ValueError,
+    # TypeError, ... is a bug and shows its traceback.
+    return (UsageError, ScratchLMError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ A task plugs in by subclassing ``Task``. A toy regression task, trained to the e
 ...         x, y = batch
 ...         return torch.nn.functional.mse_loss(model(x), y), {}, len(x)
 ...     def save(self, directory, weights, extra):
-...         with atomic_directory(directory) as tmp:  # extra(tmp) adds train_state.pt to the same swap
+...         with atomic_directory(directory, marker=("net.pt",)) as tmp:  # extra(tmp): train_state.pt
 ...             torch.save(weights or self.net.state_dict(), tmp / "net.pt")
 ...             extra(tmp)
 >>> cfg = LoopConfig(out_dir=tempfile.mkdtemp(), max_steps=200, lr=0.1, min_lr=0.01, warmup_steps=5,
