@@ -55,7 +55,9 @@ class ScratchLMHarness(TemplateLM):
                 raise ScratchLMError("model_args needs pretrained=DIR (a model directory, HF directory or preset)")
             torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                            "float16": torch.float16}.get(str(dtype)) if dtype not in (None, "auto") else None
-            model, tokenizer = load_model(pretrained, device=device, dtype=torch_dtype)
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"  # lm-eval's command line asks for cuda by default; its hf backend falls back too
+            model, tokenizer = load_model(pretrained, device=device or "cpu", dtype=torch_dtype)
         if tokenizer is None:
             raise ScratchLMError("the model has no tokenizer: lm-eval tasks are text")
         self.model, self.tokenizer = model.eval(), tokenizer
