@@ -585,7 +585,11 @@ def test_llama_cpp_runs_our_export_of_smollm(smollm, tmp_path, dtype):
             row = logits(ours_again, torch.tensor([ids + expected[:n]]))[0, -1]
             gap = float(row[expected[n]] - row[got[n]])
             print(f"{dtype}: llama.cpp differs at new token {n}: {got} vs {expected} (our logit gap {gap:.4f})")
-            assert gap < 0.05, f"{dtype}: llama.cpp differs at new token {n} (our logit gap {gap:.3f})"
+            # f16: both sides multiply the same f16 weights, so only a true tie may flip. q8_0:
+            # llama.cpp also rounds the activations to 8 bits (a q8_0 x q8_0 dot product) where we
+            # multiply in fp32, an error of ~1% of a logit (~0.1-0.2 on this model's scale).
+            assert gap < {"f16": 0.05, "q8_0": 0.25}[dtype], \
+                f"{dtype}: llama.cpp differs at new token {n} (our logit gap {gap:.3f})"
 
 
 def test_cli_export_hook_writes_a_gguf(tmp_path):

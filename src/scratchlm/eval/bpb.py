@@ -167,7 +167,7 @@ def read_texts(source: str) -> tuple[str, list[str]]:
                        f"({', '.join(CORPORA)})")
     if path.is_dir() and (path / "meta.json").exists():
         return path.name, _prepared_split(path, "val")
-    from ..data import find_text_files, read_documents
+    from ..corpus import find_text_files, read_documents
 
     docs = [d for f in find_text_files([str(path)]) for d in read_documents(f)]
     if not docs:

@@ -26,9 +26,9 @@ run followed by a digit ends as it would at the end of a piece.
 from __future__ import annotations
 
 import struct
-from functools import lru_cache
 
 from ..tokenizer import PATTERNS, BPETokenizer, SentencePieceTokenizer, TokenizerError
+from ..tokenizer.bytes_map import byte_to_unicode, unicode_to_byte
 from .container import GGUFError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -59,23 +59,6 @@ PRE_TOKENIZER_NAMES: dict[str, str] = {
 }
 
 
-@lru_cache(maxsize=1)
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte: visible Latin-1 bytes stand for themselves,
-    the other 68 (space, control bytes, ...) become U+0100 onwards, in order."""
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in visible}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-@lru_cache(maxsize=1)
-def unicode_to_byte() -> dict[str, int]:
-    return {c: b for b, c in byte_to_unicode().items()}
 
 
 # ---- reading ------------------------------------------------------------------------------------
