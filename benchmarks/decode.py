@@ -21,6 +21,7 @@ row, and a tied output head is the embedding matrix).
     python benchmarks/decode.py                      # smollm2-135m, 2 threads, 5 rounds
     python benchmarks/decode.py --model gpt2
     python benchmarks/decode.py --quick              # fewer tokens and rounds
+    python benchmarks/decode.py --compile fp32 bf16  # also the torch.compile'd decode step
     python benchmarks/decode.py --attention          # only the per-call attention timings
     python benchmarks/decode.py --profile            # only a profile of one decode step
 
@@ -349,6 +350,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="batch size of the throughput run (0: skip)")
     ap.add_argument("--draft-k", type=int, default=4, help="draft tokens per round of speculative decoding (0: skip)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peers")
+    ap.add_argument("--compile", nargs="*", default=[], metavar="LAYOUT",
+                    help="also time these layouts through the torch.compile'd decode step (e.g. fp32 bf16); "
+                         "the compilation happens in the warm-up and is not timed")
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 3 rounds")
     ap.add_argument("--attention", action="store_true", help="only time the decode attention per call")
     ap.add_argument("--profile", action="store_true", help="only profile decode steps (fp32 and bf16)")
@@ -382,6 +386,9 @@ def main() -> None:
         except ImportError:
             print("llms-from-scratch not installed: pip install --no-deps llms-from-scratch")
     peers |= {name: ours_peer(m, n) for name, m in models.items() if name.startswith("ours")}
+    for layout in args.compile:  # the same weights as "ours LAYOUT", through the compiled step
+        models[f"ours {layout} compiled"] = models[f"ours {layout}"]
+        peers[f"ours {layout} compiled"] = ours_peer(models[f"ours {layout}"], n, compile=True)
     gguf_bytes: dict[str, int] = {}
     if args.model != "gpt2" and not args.no_llama_cpp:
         try:
@@ -424,6 +431,7 @@ def main() -> None:
     # llama.cpp file of the same bits per weight (fp32 and bf16 against F16).
     same_bits = {"ours fp32": "llama.cpp F16", "ours bf16": "llama.cpp F16", "ours int8": "llama.cpp Q8_0",
                  "ours int4": "llama.cpp Q4_0"}
+    same_bits |= {f"{name} compiled": peer for name, peer in same_bits.items()}
     print("\nbatch 1             tok/s best / median   x hf    x llama.cpp   bytes/token   limit tok/s"
           "   best of limit   greedy vs hf fp32")
     for name in peers:
@@ -442,7 +450,8 @@ def main() -> None:
         long = torch.randint(0, vocab, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(3))
         first = {name: (hf_peer(hf, 1) if name == "hf fp32" else
                         llama_cpp_peer_first(peers, name) if name.startswith("llama.cpp") else
-                        ours_peer(models[name], 1) if name.startswith("ours") else None) for name in peers}
+                        ours_peer(models[name], 1) if name.startswith("ours") and not name.endswith("compiled")
+                        else None) for name in peers}  # (compiling changes only the one-token steps)
         first = {k: v for k, v in first.items() if v is not None}
         ptimes: dict[str, list[float]] = {name: [] for name in first}
         for _ in range(max(2, args.rounds // 2)):
@@ -455,7 +464,8 @@ def main() -> None:
 
     if args.batch:
         batch = torch.randint(0, vocab, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
-        batched = {name: run for name, run in peers.items() if not name.startswith("llama.cpp")}
+        batched = {name: run for name, run in peers.items()  # (a compiled step is shaped for batch 1)
+                   if not name.startswith("llama.cpp") and not name.endswith("compiled")}
         btimes: dict[str, list[float]] = {name: [] for name in batched}
         for _ in range(max(2, args.rounds // 2)):
             for name, run in batched.items():
