@@ -61,7 +61,7 @@ def bench_dpo(args) -> dict:
     from scratchlm.checkpoint import save_model
     from scratchlm.hf import from_hf_model
     from scratchlm.posttrain import DPOConfig, DPOTask
-    from scratchlm.posttrain.preference_data import pair_order
+    from scratchlm.posttrain.preference_data import pair_order, split_pairs
     from scratchlm.tokenizer import CharTokenizer
     from scratchlm.train.core import Trainer
     from scratchlm.train.metrics import Window
@@ -91,9 +91,9 @@ def bench_dpo(args) -> dict:
                                    weight_decay=0.0, val_fraction=0.0, beta=0.1, progress=False, plot=False,
                                    eval_every=10**6, save_every=10**6, threads=args.threads, device="cpu"))
     ours = Trainer(cfg, DPOTask(cfg, quiet=True), quiet=True)
-    # TRL sees the pairs in the order our core draws them (epoch 0's shuffle).
-    order = pair_order(len(rows), cfg.seed, 0)
-    trl_rows = [rows[i] for i in order]
+    # TRL sees the pairs in the order our core draws them: the split's shuffle, then epoch 0's.
+    train, _ = split_pairs(rows, 0.0, cfg.seed)
+    trl_rows = [train[i] for i in pair_order(len(train), cfg.seed, 0)]
     trl_args = TRLConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch, learning_rate=lr,
                          lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
                          max_length=None, gradient_checkpointing=False, report_to="none", use_cpu=True, bf16=False,
@@ -101,6 +101,7 @@ def bench_dpo(args) -> dict:
     trl = DPOTrainer(model=policy, ref_model=reference, args=trl_args, train_dataset=Dataset.from_list(trl_rows),
                      processing_class=hf_char_tokenizer(tok))
     trl.create_optimizer_and_scheduler(num_training_steps=n_steps)
+    trl.current_gradient_accumulation_steps = 1  # what its train loop sets before each step
     trl.model.train()
     torch.set_num_threads(args.threads)
 
@@ -149,10 +150,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these (default: all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8, help="DPO: pairs per step")
-    ap.add_argument("--length", type=int, default=48, help="DPO: prompt and response lengths, in characters")
+    ap.add_argument("--length", type=int, default=32, help="DPO: prompt and response lengths, in characters")
     ap.add_argument("--dpo-steps", type=int, default=6, help="DPO: timed steps per trainer (after one warm-up)")
     args = ap.parse_args()
     import os

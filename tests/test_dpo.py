@@ -8,12 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scratchlm import ModelConfig, Transformer
 from scratchlm.checkpoint import load_model, save_model
 from scratchlm.cli import main
 from scratchlm.posttrain import DataError, DPOConfig, DPOTask, collate_pairs, dpo_loss, load_pairs, make_pairs
-from scratchlm.posttrain.dpo import preference_loss, sequence_logps, train_dpo
+from scratchlm.posttrain.dpo import preference_loss, sequence_logps, token_kl, train_dpo
 from scratchlm.posttrain.preference_data import response_segments
 from scratchlm.tokenizer import CharTokenizer
 from scratchlm.train.core import Trainer
@@ -177,6 +178,19 @@ def test_sequence_logps_equal_a_transformers_model():
     torch.testing.assert_close(logps, reference, atol=1e-5, rtol=0)
     assert tokens.tolist() == [sum(p.chosen.trainable[1:]) for p in pairs] + [sum(p.rejected.trainable[1:])
                                                                              for p in pairs]
+
+
+def test_kl_metric_is_the_token_level_kl_on_response_positions():
+    g = torch.Generator().manual_seed(0)
+    logits, ref_logits = torch.randn(4, 7, 11, generator=g), torch.randn(4, 7, 11, generator=g)
+    y = torch.randint(0, 11, (4, 7), generator=g)
+    y[:, :3] = -100  # prompt
+    y[1, 5:] = -100  # padding
+    per_position = F.kl_div(ref_logits.log_softmax(-1), logits.log_softmax(-1), log_target=True,
+                            reduction="none").sum(-1)  # KL(pi || pi_ref) at each position
+    expected = per_position[y != -100].mean()
+    torch.testing.assert_close(token_kl(logits, ref_logits, y), expected, atol=1e-6, rtol=0)
+    assert token_kl(logits, logits, y).abs().item() < 1e-6
 
 
 # ----------------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ def adapters_disabled(model: nn.Module):
     >>> _ = apply_lora(model, rank=2)
     >>> with torch.no_grad():
     ...     for layer in lora_layers(model).values():
-    ...         layer.lora_B.fill_(0.5)                    # a trained adapter: the output moves
+    ...         _ = layer.lora_B.fill_(0.5)                # a trained adapter: the output moves
     >>> torch.equal(model(ids), base)
     False
     >>> with adapters_disabled(model):

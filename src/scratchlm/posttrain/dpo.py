@@ -103,36 +103,46 @@ def preference_loss(loss_type: str, chosen_logps: torch.Tensor, rejected_logps: 
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, logps: torch.Tensor,
-                 ref_logps: torch.Tensor | None, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) of the next-token distributions, averaged over the response positions
+    (targets != -100): at each position the exact sum over the vocabulary, no sampling.
+    logits, ref_logits (N, T, V); detached, in float32; no host sync (a masked mean)."""
+    logp, logq = logits.detach().float().log_softmax(-1), ref_logits.float().log_softmax(-1)
+    per_position = (logp.exp() * (logp - logq)).sum(-1)  # (N, T)
+    mask = (targets != IGNORE_INDEX).float()
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, logps: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
     """What a step logs (tensors: the core syncs them only when it writes a row):
     reward_accuracy (the share of pairs whose chosen response has the higher reward), the
-    mean rewards and their margin, the mean log-probs, and ``kl``: the mean over the response
-    tokens of log pi - log pi_ref (the k1 estimate of KL(pi || pi_ref), here on the data's
-    responses rather than samples of the policy: it shows how far the policy has moved)."""
+    mean rewards and their margin, and the mean log-probs of the responses."""
     B = chosen_rewards.shape[0]
-    metrics = {"reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-               "chosen_reward": chosen_rewards.mean(), "rejected_reward": rejected_rewards.mean(),
-               "reward_margin": (chosen_rewards - rejected_rewards).mean(),
-               "chosen_logp": logps[:B].detach().mean(), "rejected_logp": logps[B:].detach().mean()}
-    if ref_logps is not None:
-        metrics["kl"] = (logps.detach() - ref_logps).sum() / tokens.sum().clamp(min=1)
-    return metrics
+    return {"reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "chosen_reward": chosen_rewards.mean(), "rejected_reward": rejected_rewards.mean(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+            "chosen_logp": logps[:B].detach().mean(), "rejected_logp": logps[B:].detach().mean()}
 
 
 def dpo_loss(model, x: torch.Tensor, y: torch.Tensor, ref_logps: torch.Tensor | None, loss_type: str = "sigmoid",
-             beta: float = 0.1, label_smoothing: float = 0.0, simpo_gamma: float = 0.5
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             beta: float = 0.1, label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
+             ref_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss, metrics) of one batch of pairs: one forward of ``model`` over its 2B rows
     (x, y from collate_pairs: the B chosen rows, then the B rejected), ``ref_logps`` (2B,) the
-    reference model's log-probs of the same rows (None for SimPO)."""
-    logps, tokens = sequence_logps(model(x), y)
+    reference model's log-probs of the same rows (None for SimPO). With the reference's
+    ``ref_logits`` the metrics include ``kl``, the token-level KL(pi || pi_ref) (token_kl)."""
+    logits = model(x)
+    logps, tokens = sequence_logps(logits, y)
     B = x.shape[0] // 2
     refs = (ref_logps[:B], ref_logps[B:]) if ref_logps is not None else (None, None)
     losses, chosen_r, rejected_r = preference_loss(loss_type, logps[:B], logps[B:], *refs, tokens[:B], tokens[B:],
                                                    beta=beta, label_smoothing=label_smoothing,
                                                    simpo_gamma=simpo_gamma)
-    return losses.mean(), pair_metrics(chosen_r, rejected_r, logps, ref_logps, tokens)
+    metrics = pair_metrics(chosen_r, rejected_r, logps)
+    if ref_logits is not None:
+        metrics["kl"] = token_kl(logits, ref_logits, y)
+    return losses.mean(), metrics
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,14 +224,18 @@ class DPOTask(Task):
         return self.net
 
     @torch.no_grad()
-    def reference_logps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """log pi_ref of each row's response, (2B,): the frozen copy, or with LoRA the model
-        itself with its adapters switched off, in eval mode (no dropout)."""
+    def reference_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference model's logits (2B, T, V): the frozen copy, or with LoRA the model
+        itself with its adapters switched off; in eval mode (no dropout), without gradients."""
         if self.reference is not None:
             with eval_mode(self.reference):
-                return sequence_logps(self.reference(x), y)[0]
+                return self.reference(x)
         with adapters_disabled(self.net), eval_mode(self.net):
-            return sequence_logps(self.net(x), y)[0]
+            return self.net(x)
+
+    def reference_logps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log pi_ref of each row's response, (2B,)."""
+        return sequence_logps(self.reference_logits(x), y)[0]
 
     def _reference_table(self, pairs) -> torch.Tensor:
         """(n, 2) reference log-probs of every pair, chosen and rejected, computed once."""
@@ -248,13 +262,14 @@ class DPOTask(Task):
         return x, y, ref
 
     def pair_loss(self, model, x, y, ref):
-        """(mean loss, metrics) of a batch of pairs; the reference's log-probs computed here
-        unless they were precomputed."""
-        cfg = self.cfg
+        """(mean loss, metrics) of a batch of pairs; the reference runs here (and gives the
+        KL metric) unless its log-probs were precomputed."""
+        cfg, ref_logits = self.cfg, None
         if cfg.needs_reference and ref is None:
-            ref = self.reference_logps(x, y)
+            ref_logits = self.reference_logits(x)
+            ref = sequence_logps(ref_logits, y)[0]
         return dpo_loss(model, x, y, ref if cfg.needs_reference else None, cfg.loss, cfg.beta, cfg.label_smoothing,
-                        cfg.simpo_gamma)
+                        cfg.simpo_gamma, ref_logits=ref_logits)
 
     def loss(self, model, batch):
         x, y, ref = batch
@@ -302,4 +317,4 @@ def train_dpo(model: str | os.PathLike, data: str | os.PathLike, out_dir: str = 
     return dpo(cfg, quiet=quiet)
 
 
-__all__ = ["sequence_logps", "preference_loss", "pair_metrics", "dpo_loss", "DPOTask", "dpo", "train_dpo"]
+__all__ = ["sequence_logps", "preference_loss", "pair_metrics", "token_kl", "dpo_loss", "DPOTask", "dpo", "train_dpo"]
