@@ -375,6 +375,18 @@ def test_bad_rows_name_the_file_and_row(tmp_path, row, message, capsys):
     assert code == 2 and err.count("\n") == 1 and err.startswith("scratchlm: error:") and "pairs.jsonl row 3" in err
 
 
+def test_a_pair_the_template_cannot_lay_out_names_its_row(tmp_path):
+    """Alpaca holds one exchange: a multi-turn prompt is an error that names the file's row,
+    also after the held-out split has shuffled the pairs."""
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 5 + [{"prompt": turns, "chosen": "d", "rejected": "e"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    base = model_dir(tmp_path / "base", char_tokenizer(), context_length=32)
+    cfg = DPOConfig(model=str(base), data=str(path), template="alpaca", val_fraction=0.5, max_steps=1)
+    with pytest.raises(DataError, match=r"pairs\.jsonl row 6: .*one instruction"):
+        DPOTask(cfg, quiet=True)
+
+
 def test_cli_other_bad_input_is_one_line(tmp_path, capsys):
     base = model_dir(tmp_path / "base", char_tokenizer(), context_length=32)
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_pairs(4, seed=0))

@@ -98,7 +98,8 @@ def _response(value, where: str, name: str) -> str:
 
 
 def check_pair(row, path, number: int) -> dict:
-    """{"prompt": str | messages, "chosen": str, "rejected": str}, or DataError naming file and row."""
+    """{"prompt": str | messages, "chosen": str, "rejected": str, "row": number}, or DataError
+    naming file and row."""
     where = f"{path} row {number}"
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -112,7 +113,7 @@ def check_pair(row, path, number: int) -> dict:
             raise DataError(f"{where}: the prompt ends with an assistant message; it must end where the "
                             "response begins")
     return {"prompt": prompt, "chosen": _response(row["chosen"], where, "chosen"),
-            "rejected": _response(row["rejected"], where, "rejected")}
+            "rejected": _response(row["rejected"], where, "rejected"), "row": number}
 
 
 def is_chat(pair: dict) -> bool:
@@ -166,10 +167,11 @@ def make_pairs(pairs: list[dict], tokenizer, template: str, max_length: int, sou
     compare and is left out, with a warning (DataError if none is left)."""
     out, cut, dropped = [], 0, []
     for number, pair in enumerate(pairs, start=1):
+        number = pair.get("row", number)  # the row in the file, when the pair was read from one
         try:
             tokens = tokenize_pair(pair, tokenizer, template)
         except ScratchLMError as e:
-            raise DataError(f"{source} pair {number}: {str(e).splitlines()[0]}") from None
+            raise DataError(f"{source} row {number}: {str(e).splitlines()[0]}") from None
         if max(len(tokens.chosen), len(tokens.rejected)) > max_length:
             cut += 1
             tokens = Pair(*(Example(e.ids[:max_length], e.trainable[:max_length])
@@ -179,7 +181,7 @@ def make_pairs(pairs: list[dict], tokenizer, template: str, max_length: int, sou
             continue
         out.append(tokens)
     if dropped:
-        message = (f"{source}: {len(dropped)} of {len(pairs)} pairs (the first: pair {dropped[0]}) have a prompt "
+        message = (f"{source}: {len(dropped)} of {len(pairs)} pairs (the first: row {dropped[0]}) have a prompt "
                    f"that fills the context of {max_length - 1} tokens, leaving no response to compare")
         if not out:
             raise DataError(message)
