@@ -350,6 +350,32 @@ def test_resume_continues_exactly(tmp_path, variant):
         assert torch.equal(p, q), name
 
 
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    import os
+    import signal
+
+    from scratchlm.checkpoint import load_train_state
+
+    class Interrupted(DPOTask):
+        def micro_batch(self, step, micro, rank, world, model):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+            return super().micro_batch(step, micro, rank, world, model)
+
+    tok = char_tokenizer()
+    base = model_dir(tmp_path / "base", tok, context_length=32)
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32, seed=0))
+    cfg = DPOConfig(model=str(base), data=str(data), out_dir=str(tmp_path / "run"), template="raw", max_steps=5,
+                    batch_size=4, lr=1e-3, progress=False, plot=False, device="cpu")
+    result = Trainer(cfg, Interrupted(cfg, quiet=True), quiet=True).run()
+    assert result.interrupted and result.step == 3
+    assert load_train_state(tmp_path / "run" / "latest")["step"] == 3
+    load_model(tmp_path / "run" / "latest")  # a whole model directory
+    resumed = train_dpo(base, data, tmp_path / "run", template="raw", max_steps=5, batch_size=4, lr=1e-3,
+                        resume=True, progress=False, plot=False, quiet=True)
+    assert resumed.step == 5 and len(resumed.losses) == 2
+
+
 # ----------------------------------------------------------------------------------------
 # Data errors and the command line
 # ----------------------------------------------------------------------------------------
