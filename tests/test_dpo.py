@@ -3,6 +3,7 @@ the same models and batch, log-probs equal a transformers model's, masks, the Lo
 a tiny model that learns a preference, exact resume, and clear errors for bad data."""
 
 import json
+import math
 import random
 from types import SimpleNamespace
 
@@ -288,6 +289,20 @@ def lora_setup(tmp_path, **options):
     return tok, base, cfg
 
 
+def test_dropout_is_off_by_default_so_step_0_rewards_are_ties(tmp_path):
+    """With dropout in the model, the policy's first loss is exactly log 2 (every reward 0)
+    only because training turns dropout off, as the reference runs."""
+    tok = char_tokenizer()
+    base = model_dir(tmp_path / "base", tok, context_length=32, dropout=0.3)
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(16, seed=0))
+    common = dict(template="raw", max_steps=1, batch_size=8, val_fraction=0.0, progress=False, plot=False, quiet=True)
+    off = train_dpo(base, data, tmp_path / "off", **common)
+    on = train_dpo(base, data, tmp_path / "on", disable_dropout=False, **common)
+    assert off.losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert on.losses[0] != pytest.approx(math.log(2), abs=1e-4)
+    assert load_model(tmp_path / "off" / "latest")[0].config.dropout == 0.3  # the saved config keeps it
+
+
 def test_lora_reference_is_the_base_model_and_only_adapters_train(tmp_path):
     tok, base, cfg = lora_setup(tmp_path)
     task = DPOTask(cfg, quiet=True)
@@ -326,13 +341,13 @@ def test_precomputed_reference_gives_the_same_run(tmp_path):
 
 @pytest.mark.parametrize("variant", ["full", "lora", "precompute"])
 def test_resume_continues_exactly(tmp_path, variant):
-    """6 steps straight == 3 steps, then --resume to 6, with dropout on: the same loss at
-    every step and the same weights, bit for bit."""
+    """6 steps straight == 3 steps, then --resume to 6, with dropout on (--no-disable-dropout):
+    the same loss at every step and the same weights, bit for bit."""
     tok = char_tokenizer()
     base = model_dir(tmp_path / "base", tok, context_length=32, dropout=0.2)
     data = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(40, seed=0))
     common = dict(template="raw", batch_size=4, lr=1e-3, min_lr=1e-3, warmup_steps=0, val_fraction=0.0,
-                  progress=False, plot=False, quiet=True, lora=variant == "lora", lora_dropout=0.3,
+                  progress=False, plot=False, quiet=True, lora=variant == "lora", lora_dropout=0.3, disable_dropout=False,
                   precompute_ref=variant == "precompute")
     once = train_dpo(base, data, tmp_path / "once", max_steps=6, **common)
     first = train_dpo(base, data, tmp_path / "twice", max_steps=6, stop_at_step=3, **common)

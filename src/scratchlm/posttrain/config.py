@@ -50,6 +50,7 @@ class DPOConfig(FinetuneConfig):
     label_smoothing: float = option(0.0, "probability that a pair's labels are flipped (conservative DPO for "
                                     "sigmoid and simpo; robust DPO for robust)")
     simpo_gamma: float = option(0.5, "SimPO's target margin, in units of beta")
+    disable_dropout: bool = option(True, "train without dropout (the reference runs without it; as TRL)")
     precompute_ref: bool = option(False, "compute the reference log-probabilities once, up front (a full "
                                   "model then trains without a second copy in memory)")
 

@@ -145,6 +145,19 @@ def dpo_loss(model, x: torch.Tensor, y: torch.Tensor, ref_logps: torch.Tensor | 
     return losses.mean(), metrics
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of ``model`` (its nn.Dropout modules, the adapters' included, and the
+    attention's dropout rate) set to 0, in place; the saved config keeps its value. DPO
+    compares the policy's log-probs with the reference's, which runs without dropout: with
+    it on, the rewards would be noise even at step 0 (TRL's ``disable_dropout``, on by default)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0
+    return model
+
+
 # ----------------------------------------------------------------------------------------
 # The task
 # ----------------------------------------------------------------------------------------
@@ -207,6 +220,8 @@ class DPOTask(Task):
             if cfg.needs_reference:  # the starting weights, frozen (precomputed: used once, before training)
                 self.reference = self.base if cfg.precompute_ref else copy.deepcopy(self.base).requires_grad_(False)
                 self.reference.to(device)
+        if cfg.disable_dropout:
+            disable_dropout(self.net)
         if cfg.needs_reference and cfg.precompute_ref:
             self.net.to(device)
             self.ref_train = self._reference_table(self.train_pairs)
@@ -317,4 +332,4 @@ def train_dpo(model: str | os.PathLike, data: str | os.PathLike, out_dir: str = 
     return dpo(cfg, quiet=quiet)
 
 
-__all__ = ["sequence_logps", "preference_loss", "pair_metrics", "token_kl", "dpo_loss", "DPOTask", "dpo", "train_dpo"]
+__all__ = ["sequence_logps", "preference_loss", "pair_metrics", "token_kl", "dpo_loss", "disable_dropout", "DPOTask", "dpo", "train_dpo"]
