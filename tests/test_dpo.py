@@ -460,3 +460,7 @@ def test_cli_dpo_end_to_end(tmp_path, capsys):
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [2, 3] and all("val_reward_accuracy" in r for r in evals)
     assert (tmp_path / "run" / "latest" / "prompt_format.json").exists()
+    # MODEL is anything load_any opens: a preset too (random weights, its own tokenizer).
+    code = main(["posttrain", "dpo", "gpt-tiny", "--data", str(data), "--out", str(tmp_path / "preset"),
+                 "--max-steps", "1", "--batch-size", "4", "--no-progress", "--template", "chatml", "--lora"])
+    assert code == 0 and (tmp_path / "preset" / "latest" / "adapter_config.json").exists()

@@ -181,7 +181,7 @@ def make_pairs(pairs: list[dict], tokenizer, template: str, max_length: int, sou
             continue
         out.append(tokens)
     if dropped:
-        message = (f"{source}: {len(dropped)} of {len(pairs)} pairs (the first: row {dropped[0]}) have a prompt "
+        message = (f"{source}: {len(dropped)} of {len(pairs)} pairs (the first: row {min(dropped)}) have a prompt "
                    f"that fills the context of {max_length - 1} tokens, leaving no response to compare")
         if not out:
             raise DataError(message)
