@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/posttrain.py                 # DPO: 8 pairs per step, 6 timed rounds
     .venv/bin/python benchmarks/posttrain.py --dpo-steps 10 --hidden 512
+    .venv/bin/python benchmarks/posttrain.py --precompute   # both: reference log-probs once, up front
 
 DPO (``bench_dpo``): a transformers Llama with random weights is the policy; its weights
 are imported into scratchlm (hf.from_hf_model) so both trainers start from the same
-numbers, and the reference is a frozen copy on both sides. The same pairs, in the same
+numbers, and the reference is a frozen copy on both sides (or, with --precompute, its
+log-probs are computed once before training, on both sides). The same pairs, in the same
 order, go to scratchlm's training core (DPOTask, one ``Trainer.train_step`` per step) and to
 TRL's DPOTrainer (``training_step``, gradient clipping and the AdamW step, as its train loop
 does them). Same settings: AdamW (no weight decay, constant learning rate), clip 1.0, fp32.
@@ -89,7 +91,8 @@ def bench_dpo(args) -> dict:
     cfg = DPOConfig.from_dict(dict(model=str(base), data=str(data), out_dir=str(work / "ours"), template="raw",
                                    batch_size=args.batch, max_steps=n_steps, lr=lr, min_lr=lr, warmup_steps=0,
                                    weight_decay=0.0, val_fraction=0.0, beta=0.1, progress=False, plot=False,
-                                   eval_every=10**6, save_every=10**6, threads=args.threads, device="cpu"))
+                                   eval_every=10**6, save_every=10**6, threads=args.threads, device="cpu",
+                                   precompute_ref=args.precompute))
     ours = Trainer(cfg, DPOTask(cfg, quiet=True), quiet=True)
     # TRL sees the pairs in the order our core draws them: the split's shuffle, then epoch 0's.
     train, _ = split_pairs(rows, 0.0, cfg.seed)
@@ -97,7 +100,8 @@ def bench_dpo(args) -> dict:
     trl_args = TRLConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch, learning_rate=lr,
                          lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
                          max_length=None, gradient_checkpointing=False, report_to="none", use_cpu=True, bf16=False,
-                         max_steps=n_steps, logging_steps=1, adam_beta2=0.999)
+                         max_steps=n_steps, logging_steps=1, adam_beta2=0.999,
+                         precompute_ref_log_probs=args.precompute)
     trl = DPOTrainer(model=policy, ref_model=reference, args=trl_args, train_dataset=Dataset.from_list(trl_rows),
                      processing_class=hf_char_tokenizer(tok))
     trl.create_optimizer_and_scheduler(num_training_steps=n_steps)
@@ -132,7 +136,8 @@ def bench_dpo(args) -> dict:
     params = sum(p.numel() for p in policy.parameters())
     print(f"DPO: Llama {args.layers} x {args.hidden} ({params / 1e6:.1f}M parameters, random weights), "
           f"{args.batch} pairs per step (~{args.length}-{2 * args.length} tokens per row), CPU {args.threads} "
-          f"threads, fp32, frozen reference copy; median of {args.dpo_steps} alternating steps")
+          f"threads, fp32, reference {'precomputed' if args.precompute else 'a frozen copy'}; median of "
+          f"{args.dpo_steps} alternating steps")
     print(f"{'':10} {'steps/s':>8} {'s/step':>7}   first losses")
     for k in ("scratchlm", "trl"):
         print(f"{k:10} {steps_per_s[k]:>8.2f} {1 / steps_per_s[k]:>7.3f}   "
@@ -155,6 +160,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="DPO: pairs per step")
     ap.add_argument("--length", type=int, default=32, help="DPO: prompt and response lengths, in characters")
     ap.add_argument("--dpo-steps", type=int, default=6, help="DPO: timed steps per trainer (after one warm-up)")
+    ap.add_argument("--precompute", action="store_true", help="DPO: reference log-probs computed once, up front "
+                    "(ours: --precompute-ref; TRL: precompute_ref_log_probs), not timed")
     args = ap.parse_args()
     import os
 
