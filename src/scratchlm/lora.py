@@ -31,6 +31,7 @@ instead of 1,769,472 (1.4%). Nothing else changes, so:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -113,6 +114,7 @@ class LoRALinear(nn.Module):
         # base layer, yet the gradient of B (which depends on A) is not zero and learning starts.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialisation
         self.dropout = nn.Dropout(dropout)
+        self.disabled = False  # adapters_disabled(model): the base layer alone (DPO's reference model)
 
     @property
     def in_features(self) -> int:
@@ -128,6 +130,8 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         # Two thin matmuls, (..., in) -> (..., rank) -> (..., out); never the full B A matrix.
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         return self.base(x) + self.scaling * update
@@ -221,6 +225,37 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block the model computes exactly what its base model does (every adapter
+    switched off), without a second copy of the weights: DPO's reference model with LoRA.
+
+    >>> import torch
+    >>> from scratchlm import ModelConfig, Transformer
+    >>> model = Transformer(ModelConfig.preset("gpt-tiny"))
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> base = model(ids)
+    >>> _ = apply_lora(model, rank=2)
+    >>> with torch.no_grad():
+    ...     for layer in lora_layers(model).values():
+    ...         _ = layer.lora_B.fill_(0.5)                # a trained adapter: the output moves
+    >>> torch.equal(model(ids), base)
+    False
+    >>> with adapters_disabled(model):
+    ...     torch.equal(model(ids), base)
+    True
+    """
+    layers = list(lora_layers(model).values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
+
+
 # ----------------------------------------------------------------------------------------
 # Saving and loading an adapter on its own
 # ----------------------------------------------------------------------------------------
@@ -297,6 +332,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["LoRAConfig", "LoRALinear", "LoRAError", "apply_lora", "merge_lora", "lora_layers",
+__all__ = ["LoRAConfig", "LoRALinear", "LoRAError", "apply_lora", "merge_lora", "lora_layers", "adapters_disabled",
            "lora_state_dict", "save_adapter", "load_adapter", "read_adapter_config", "is_adapter_dir",
            "count_parameters", "LINEAR_NAMES", "DEFAULT_TARGETS", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
