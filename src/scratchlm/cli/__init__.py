@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "scratchlm.cli.serve",  # serve
     "scratchlm.cli.rag",  # rag index|ask
     "scratchlm.cli.eval",  # eval
+    "scratchlm.cli.posttrain",  # posttrain grpo
 ]
 
 

@@ -1,0 +1,1 @@
+"""Post-training: reinforcement learning with verifiable rewards (grpo.py, rewards.py)."""
