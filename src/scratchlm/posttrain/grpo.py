@@ -83,13 +83,15 @@ def token_logprobs(model: torch.nn.Module, ids: torch.Tensor, temperature: float
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
-              beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
-              num_items: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              beta: float = 0.0, kl_correction: bool = True, loss_type: str = "dapo",
+              max_completion_length: int | None = None, num_items: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy-ratio objective; see the module docstring.
 
     logps, old_logps, ref_logps, mask: (N, T), mask 1 on completion tokens (0 on prompt and
     padding: they never count); advantages (N,). old_logps None: the samples are fresh from
     this very policy (one update per batch), the ratio is 1 and only its gradient matters.
+    ``kl_correction``: the KL term times the ratio, so that its gradient is the unbiased
+    reverse-KL gradient (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default there).
     ``max_completion_length``: dr_grpo's constant. ``num_items``: dapo's token count (the
     completion tokens of the whole step, divided by the micro-batches the core averages).
     Returns (loss, metrics): kl, clip fractions (low, high, region), all token means."""
@@ -103,6 +105,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     if beta != 0.0:
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1  # (N, T)
+        if kl_correction:  # the samples came from the old policy: weigh by the ratio (unbiased gradient)
+            kl = kl * ratio
         per_token = per_token + beta * kl
     tokens = mask.sum().clamp(min=1.0)
     if loss_type == "grpo":
@@ -334,7 +338,8 @@ class GRPOTask(Task):
         logps = token_logprobs(model, batch["ids"], cfg.temperature)
         loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
                                   batch["mask"], epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                  beta=cfg.beta, loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens,
+                                  beta=cfg.beta, kl_correction=cfg.kl_correction, loss_type=cfg.loss_type,
+                                  max_completion_length=cfg.max_new_tokens,
                                   num_items=batch["num_items"])
         return loss, {**metrics, **batch["stats"]}, batch["tokens"]
 

@@ -56,6 +56,8 @@ class GRPOConfig(LoopConfig):
     epsilon: float = option(0.2, "clip the policy ratio below at 1 - epsilon")
     epsilon_high: float | None = option(None, "clip above at 1 + epsilon_high (default epsilon; DAPO: 0.28)")
     beta: float = option(0.0, "weight of the KL term to the reference model (0: no reference needed)")
+    kl_correction: bool = option(True, "multiply the KL term by the policy ratio: its gradient is then the unbiased "
+                                 "reverse-KL gradient (TRL's use_bias_correction_kl)")
     num_iterations: int = option(1, "policy updates per batch of samples (mu); old log-probs are recorded "
                                  "when it is above 1")
     mask_truncated: bool = option(False, "leave completions cut at max_new_tokens out of the loss")
