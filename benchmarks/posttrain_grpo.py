@@ -11,7 +11,8 @@ completion length and sampling temperature, one update per batch of samples, no 
 
 - sampling: scratchlm's ``sample_time_s`` (generate, score, record); TRL's time inside
   ``_generate_and_score_completions`` (transformers' generate, score, advantages);
-- updating: the rest of the step (forward, loss, backward, AdamW).
+- updating: the rest of the step (forward, loss, backward, AdamW); for TRL the time inside
+  ``training_step`` less the sampling in it (so neither side counts its set-up).
 
 Rounds alternate (scratchlm, TRL, scratchlm, TRL, ...) in one process, so other load on
 the machine hits both alike; the medians are reported, and their ratios.
@@ -20,7 +21,6 @@ the machine hits both alike; the medians are reported, and their ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -48,7 +48,7 @@ def build_models(root: Path, preset: str):
     save_hf(root / "hf", model)
     vocab = {c: i for c, i in tok.char_to_id.items()} | tok.special_tokens
     hf_tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    hf_tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")  # one token per character
+    hf_tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     hf_tok.decoder = decoders.Fuse()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=hf_tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     hf_tok.padding_side = "left"
@@ -58,28 +58,42 @@ def build_models(root: Path, preset: str):
     return root / "scratch", root / "hf", hf_tok
 
 
-def scratchlm_round(model_dir: Path, args, out: Path) -> tuple[float, float, int]:
-    """(sampling seconds, update seconds, completions) of one run of args.steps steps."""
-    from scratchlm.posttrain.grpo import GRPOConfig, grpo
+def scratchlm_round(model_dir: Path, args, out: Path) -> tuple[float, float, int, float]:
+    """(sampling seconds, update seconds, completions, wall seconds) of one run of args.steps steps."""
+    from scratchlm.posttrain.grpo import GRPOConfig, GRPOTask
+    from scratchlm.train.core import Trainer
 
     cfg = GRPOConfig(model=str(model_dir), task="arithmetic", template="raw", batch_size=args.prompts,
                      group_size=args.group, max_new_tokens=args.tokens, temperature=1.0, max_steps=args.steps,
                      lr=1e-5, loss_type="grpo", eval_every=10_000, eval_prompts=1, n_samples=0, progress=False,
                      plot=False, device="cpu", threads=args.threads, out_dir=str(out), format_weight=0.0)
+    task = GRPOTask(cfg, quiet=True)
     start = time.perf_counter()
-    grpo(cfg, quiet=True)
+    Trainer(cfg, task, quiet=True).run()
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if r["kind"] == "train"][-1]
-    sampling = last["sample_time_s"]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    del evals  # the one final evaluation (1 prompt) is part of neither
-    return sampling, last["update_time_s"], args.steps * args.prompts * args.group, wall
+    # the task's running totals, complete once the run is over (the last update included)
+    return task.times["sample_time_s"], task.times["update_time_s"], args.steps * args.prompts * args.group, wall
+
+
+def dataset_of(rows: list[dict]):
+    """A datasets.Dataset of ``rows``. Some datasets / pyarrow pairs cannot hash a table for
+    its fingerprint (a PicklingError): then the fingerprint is a random one, as datasets
+    itself does for what it cannot hash."""
+    import pickle
+
+    import datasets.arrow_dataset
+    from datasets import Dataset
+    from datasets.fingerprint import generate_random_fingerprint
+
+    try:
+        return Dataset.from_list(rows)
+    except pickle.PicklingError:
+        datasets.arrow_dataset.generate_fingerprint = lambda dataset: generate_random_fingerprint()
+        return Dataset.from_list(rows)
 
 
 def trl_round(hf_dir: Path, hf_tok, prompts: list[dict], args, out: Path):
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
@@ -95,22 +109,25 @@ def trl_round(hf_dir: Path, hf_tok, prompts: list[dict], args, out: Path):
                        report_to="none", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
                        dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=correct_reward, args=config,
-                          train_dataset=Dataset.from_list(prompts), processing_class=hf_tok)
-    sampling = [0.0]
-    inner = trainer._generate_and_score_completions
+                          train_dataset=dataset_of(prompts), processing_class=hf_tok)
+    timers = {"sampling": 0.0, "step": 0.0}
 
-    def timed(*a, **k):
-        t = time.perf_counter()
-        try:
-            return inner(*a, **k)
-        finally:
-            sampling[0] += time.perf_counter() - t
+    def timed(name, inner):
+        def run(*a, **k):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                timers[name] += time.perf_counter() - t
+        return run
 
-    trainer._generate_and_score_completions = timed
+    # A training step samples (inside _prepare_inputs, once per generation batch) and updates.
+    trainer._generate_and_score_completions = timed("sampling", trainer._generate_and_score_completions)
+    trainer.training_step = timed("step", trainer.training_step)
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
-    return sampling[0], total - sampling[0], args.steps * n, total
+    return timers["sampling"], timers["step"] - timers["sampling"], args.steps * n, total
 
 
 def main():

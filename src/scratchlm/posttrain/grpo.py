@@ -316,10 +316,15 @@ class GRPOTask(Task):
         return buffer
 
     # ---- the core's interface ---------------------------------------------------------------------
+    def _count_update_time(self) -> None:
+        """Time since the last batch went out: the core's loss, backward and optimizer step
+        (counted at the next batch, evaluation or checkpoint, whichever comes first)."""
+        if self._returned_at is not None:
+            self.times["update_time_s"] += time.perf_counter() - self._returned_at
+            self._returned_at = None
+
     def micro_batch(self, step, micro, rank, world, model):
-        now = time.perf_counter()
-        if self._returned_at is not None:  # the core's loss, backward and optimizer step since the last batch
-            self.times["update_time_s"] += now - self._returned_at
+        self._count_update_time()
         generation = step // self.cfg.num_iterations
         if self.buffer is None or self.buffer["generation"] != generation:
             self.buffer = self.rollout(model, generation, rank)
@@ -345,6 +350,7 @@ class GRPOTask(Task):
 
     def evaluate(self, model) -> dict[str, float]:
         """Greedy answers to the held-out problems: accuracy, mean reward, length."""
+        self._count_update_time()
         questions = [p.question for p in self.heldout]
         answers = [p.answer for p in self.heldout]
         texts, lengths = [], []
@@ -372,6 +378,7 @@ class GRPOTask(Task):
             save_model(directory, self.net, self.tokenizer, extra=write, state=weights)
 
     def state_dict(self) -> dict:
+        self._count_update_time()
         return {"buffer": self.buffer, "times": dict(self.times)}
 
     def load_state_dict(self, state: dict) -> None:
