@@ -248,7 +248,9 @@ def test_lora_run_trains_only_adapters_and_its_kl_is_to_the_base(tmp_path):
 # ----------------------------------------------------------------------------------------
 def test_grpo_raises_held_out_accuracy_of_a_tiny_model(tmp_path):
     """A random tiny model almost never writes the sum after "Answer:" (one token of ~80);
-    12 GRPO steps teach it to answer held-out problems (questions it never trained on)."""
+    12 GRPO steps raise its accuracy on held-out problems (questions it never trained on).
+    What such a model learns first is to answer with a digit, the likeliest sums first
+    (docs/reinforcement-learning.md shows a longer run)."""
     cfg = GRPOConfig(model=str(model_dir(tmp_path / "base")), max_steps=12,
                      **run_options(tmp_path, "run", batch_size=8, group_size=8, max_new_tokens=1, lr=1e-2,
                                    eval_prompts=48, format_weight=0.0))
