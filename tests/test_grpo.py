@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from scratchlm import ModelConfig, Transformer
 from scratchlm.checkpoint import load_model, save_model
@@ -264,22 +265,27 @@ def test_grpo_raises_held_out_accuracy_of_a_tiny_model(tmp_path):
     assert {"question", "answer", "completion", "reward"} <= set(samples[0])
 
 
-@pytest.mark.parametrize("num_iterations", [1, 2])
-def test_resume_continues_exactly(tmp_path, num_iterations):
-    """4 steps straight == 2 steps, then --resume to 4 (the rollout buffer of a generation in
-    the middle of its num_iterations updates is part of the checkpoint)."""
+@pytest.mark.parametrize("num_iterations, lora", [(1, False), (2, False), (2, True)])
+def test_resume_continues_exactly(tmp_path, num_iterations, lora):
+    """4 steps straight == 2 (or 3) steps, then --resume to 4, dropout on: the same losses and
+    weights bit for bit (the rollouts of a generation in the middle of its num_iterations
+    updates are part of the checkpoint; sampling draws from a generator seeded by the step)."""
     base = model_dir(tmp_path / "base", dropout=0.1)
-    common = dict(max_steps=4, num_iterations=num_iterations, beta=0.04, **run_options(tmp_path, "x"))
+    common = dict(max_steps=4, num_iterations=num_iterations, beta=0.04, lora=lora, lora_rank=2,
+                  **run_options(tmp_path, "x"))
     once = grpo(GRPOConfig(model=str(base), **{**common, "out_dir": str(tmp_path / "once")}), quiet=True)
     first = grpo(GRPOConfig(model=str(base), stop_at_step=(3 if num_iterations == 2 else 2),
                             **{**common, "out_dir": str(tmp_path / "twice")}), quiet=True)
     second = grpo(GRPOConfig(model=str(base), resume=True, **{**common, "out_dir": str(tmp_path / "twice")}),
                   quiet=True)
     assert first.losses + second.losses == once.losses
-    a, _ = load_model(tmp_path / "once" / "latest")
-    b, _ = load_model(tmp_path / "twice" / "latest")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
+    if lora:
+        a, b = (load_file(str(tmp_path / run / "latest" / "adapter.safetensors")) for run in ("once", "twice"))
+    else:
+        a, b = (load_model(tmp_path / run / "latest")[0].state_dict() for run in ("once", "twice"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_first_update_has_ratio_one_old_logps_from_sampling(tmp_path):
@@ -389,6 +395,40 @@ def test_cli_runs_on_every_family(tmp_path, preset, capsys):
         assert key in train[-1], key
     assert "val_accuracy" in [r for r in rows if r["kind"] == "eval"][-1]
     assert load_model(tmp_path / "out" / "latest")[0].config.vocab_size == load_model(base)[0].config.vocab_size
+
+
+def test_cli_gsm8k_file_user_reward_and_chat_template(tmp_path):
+    """A local GSM8K file, a reward function by path, a chat model's format (chatml: the
+    answer ends with <|im_end|>, which is the completion's last token and trained)."""
+    tok = CharTokenizer.train(LETTERS, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    torch.manual_seed(0)
+    save_model(tmp_path / "chat", Transformer(ModelConfig.preset("llama-tiny", vocab_size=tok.vocab_size,
+                                                                 context_length=160)), tok)
+    rows = [{"question": f"What is {i} plus 1?", "answer": f"{i} + 1 = {i + 1}. #### {i + 1}"} for i in range(30)]
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mine.py").write_text("def short(prompts, completions, **kw):\n"
+                                      "    return [-len(c) / 10 for c in completions]\n")
+    cfg = GRPOConfig(model=str(tmp_path / "chat"), data=str(data), template="chatml",
+                     reward=f"{tmp_path / 'mine.py'}:short", max_steps=1,
+                     **run_options(tmp_path, "g", max_new_tokens=6, task="gsm8k"))
+    task = GRPOTask(cfg, quiet=True)
+    task.setup(local_run(cfg, tmp_path))
+    assert task.prompt_text("Q?").startswith("<|im_start|>user\nQ?")
+    assert task.stop_ids[0] == tok.special_tokens["<|im_end|>"]
+    model = task.model(None)
+    batch = task.micro_batch(0, 0, 0, 1, model)
+    ids, mask = batch["ids"], batch["mask"]
+    for row in range(len(ids)):
+        targets = ids[row, 1:][mask[row] == 1].tolist()
+        if tok.special_tokens["<|im_end|>"] in targets:  # a completion that ended on the end of turn
+            assert targets[-1] == tok.special_tokens["<|im_end|>"]
+    code = main(["posttrain", "grpo", str(tmp_path / "chat"), "--task", "gsm8k", "--data", str(data), "--template",
+                 "chatml", "--reward", f"{tmp_path / 'mine.py'}:short", "--out", str(tmp_path / "out"),
+                 "--max-steps", "1", "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "4",
+                 "--eval-prompts", "2", "--no-progress", "--no-plot"])
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "latest" / "prompt_format.json").read_text())["template"] == "chatml"
 
 
 @pytest.mark.parametrize("argv, message", [
