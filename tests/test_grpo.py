@@ -442,3 +442,23 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     code = main(["posttrain", "grpo", str(base), "--out", str(tmp_path / "out"), "--max-steps", "1", *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ctrl_c_saves_and_the_run_resumes_exactly(tmp_path):
+    import os
+    import signal
+
+    class Interrupted(GRPOTask):
+        def micro_batch(self, step, micro, rank, world, model):
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
+            return super().micro_batch(step, micro, rank, world, model)
+
+    base = model_dir(tmp_path / "base")
+    common = dict(max_steps=3, **run_options(tmp_path, "x"))
+    straight = grpo(GRPOConfig(model=str(base), **{**common, "out_dir": str(tmp_path / "straight")}), quiet=True)
+    cfg = GRPOConfig(model=str(base), **{**common, "out_dir": str(tmp_path / "cut")})
+    first = Trainer(cfg, Interrupted(cfg, quiet=True), quiet=True).run()
+    assert first.interrupted and first.step == 2
+    second = grpo(cfg.replace(resume=True), quiet=True)
+    assert first.losses + second.losses == straight.losses
