@@ -22,7 +22,7 @@ completion token of the optimizer step.
 
 >>> rewards = torch.tensor([1.0, 0.0, 0.0, 0.0,   1.0, 1.0, 1.0, 1.0])   # two groups of 4
 >>> group_advantages(rewards, 4)            # the lone right answer stands out; a uniform group teaches nothing
-tensor([ 1.4996, -0.4999, -0.4999, -0.4999,  0.0000,  0.0000,  0.0000,  0.0000])
+tensor([ 1.4997, -0.4999, -0.4999, -0.4999,  0.0000,  0.0000,  0.0000,  0.0000])
 """
 
 from __future__ import annotations
