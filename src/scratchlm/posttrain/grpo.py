@@ -260,7 +260,10 @@ class GRPOTask(Task):
         completions = []
         for c in out:
             ids = list(c.token_ids)
-            if c.completion_tokens > len(ids) and self.stop_ids:  # ended by a stop id: it is part of the answer
+            # A row that ended on a stop id: the id is part of the answer (the policy learns to stop).
+            # generate() does not say which stop id it was; with several (a chat format's end of turn
+            # and end of text) the first, the format's end of turn, stands for it.
+            if c.completion_tokens > len(ids) and self.stop_ids:
                 ids.append(self.stop_ids[0])
             completions.append(ids)
         return prompts, completions, [c.text for c in out], [c.finish_reason for c in out]
