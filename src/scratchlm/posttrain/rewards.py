@@ -91,10 +91,11 @@ def call_reward(fn: RewardFn, prompts: list[str], completions: list[str], answer
     """Call one reward function; its answer must be one finite number per completion."""
     name = getattr(fn, "__name__", repr(fn))
     try:
-        accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        accepts_kwargs = True
-    kwargs = {"answer": answers} if accepts_kwargs or "answer" in inspect.signature(fn).parameters else {}
+        params = inspect.signature(fn).parameters
+        takes_answer = "answer" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):  # a builtin or a C function: no signature to read
+        takes_answer = True
+    kwargs = {"answer": answers} if takes_answer else {}  # TRL passes dataset columns as keywords
     values = fn(prompts=prompts, completions=completions, **kwargs)
     try:
         values = [float(v) for v in values]
