@@ -27,7 +27,7 @@ COMMAND_MODULES = [
     "scratchlm.cli.generate",  # generate, chat
     "scratchlm.cli.convert",  # convert, export
     "scratchlm.cli.finetune",  # finetune instruct|classify, classify, merge-lora
-    "scratchlm.cli.posttrain",  # posttrain dpo
+    "scratchlm.cli.posttrain",  # posttrain dpo | grpo
     "scratchlm.cli.serve",  # serve
     "scratchlm.cli.rag",  # rag index|ask
     "scratchlm.cli.eval",  # eval

@@ -1,19 +1,21 @@
-"""`scratchlm posttrain dpo` (and, beside it, the other post-training commands).
+"""`scratchlm posttrain dpo | grpo`: the post-training commands.
 
 Each subcommand is one ``add_*`` function: its options come from its config class
-(posttrain/config.py: DPOConfig), like `scratchlm train`'s and `finetune`'s.
+(posttrain/config.py: DPOConfig; posttrain/grpo_config.py: GRPOConfig), like `scratchlm train`'s and `finetune`'s.
 """
 
 from __future__ import annotations
 
 from .options import add_config_file_option, add_config_options, config_from_args
+from .posttrain_grpo import add_grpo
 
 
 def add_commands(subparsers) -> None:
-    pt = subparsers.add_parser("posttrain", help="post-training: preference tuning (DPO, IPO, SimPO)",
-                               description="Post-train a model: on preference pairs (dpo).")
+    pt = subparsers.add_parser("posttrain", help="post-training: preference tuning (DPO, IPO, SimPO) and RL with verifiable rewards (GRPO)",
+                               description="Post-train a model: on preference pairs (dpo), or by reinforcement learning on a task whose answers a verifier checks (grpo).")
     sub = pt.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
     add_dpo(sub)
+    add_grpo(sub)
 
 
 def add_dpo(sub) -> None:

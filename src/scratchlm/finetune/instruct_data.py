@@ -33,13 +33,9 @@ from pathlib import Path
 import torch
 
 from ..chat import END_OF_TEXT, ROLES, PromptFormatError, Segment, render_example
-from ..errors import ConfigError, NotFound, ScratchLMError
+from ..errors import ConfigError, DataError, NotFound, ScratchLMError
 
 IGNORE_INDEX = -100  # F.cross_entropy(ignore_index=-100): these targets add nothing to the loss
-
-
-class DataError(ScratchLMError):
-    """A data file that cannot be used; the message names the file and the row."""
 
 
 # ----------------------------------------------------------------------------------------

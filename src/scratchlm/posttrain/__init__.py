@@ -5,10 +5,13 @@ learning with verifiable rewards (GRPO).
     preference_data.py  pairs (prompt, chosen, rejected) -> masked rows -> batches of 2B rows
     dpo.py              the objectives (DPO, robust DPO, hinge, IPO, SimPO) and DPOTask
     ../train/core.py    the loop they plug into (schedule, optimizer, DDP, checkpoints, resume)
+    grpo_config.py      GRPOConfig: the loop's options + sampling, clipping, KL, loss type
+    rewards.py          verifiable tasks (arithmetic, GSM8K files, a user function) and rewards
+    grpo.py             group-relative advantages, the clipped objective and GRPOTask
     ../cli/posttrain.py the `scratchlm posttrain` commands
     ../lora.py          the adapters; adapters_disabled(model) is DPO's reference with --lora
 
-Guide: docs/preference-tuning.md.
+Guides: docs/preference-tuning.md, docs/reinforcement-learning.md.
 """
 
 from .config import DPOConfig
