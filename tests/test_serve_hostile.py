@@ -107,7 +107,8 @@ TEMPLATES = {
     "one huge string": "{{ 'x' * 10**9 }}",
     "doubles a string": "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
                         "{% endfor %}{{ ns.s }}",
-    "a huge power": "{{ 10 ** 10 ** 10 }}",
+    "a huge power": "{{ 7 ** 10000000 }}",
+    "powers of powers": "{{ ((10 ** 50) ** 50) ** 50 }}",
     "divides by zero": "{{ 1 / 0 }}",
     "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "raises on purpose": "{{ raise_exception('roles must alternate') }}",
@@ -150,10 +151,11 @@ def test_the_template_bounds_leave_real_templates_alone():
 
 
 # ---- one bad row must not fail its neighbours ---------------------------------------------------------
-def rigged(model, rules: dict[int, int]):
+def rigged(model, rules: dict[int, int], known: int):
     """A copy of ``model`` that, in a row whose last input token is a key of ``rules``, makes
     the value by far the most likely next token: a model that writes a chosen token at a
-    chosen moment, for one row only."""
+    chosen moment, for one row only. Otherwise it never writes an id from ``known`` on (as
+    a model with a padded vocabulary never writes the padding ids it was not trained on)."""
     model = copy.deepcopy(model)
     last = {}
 
@@ -161,9 +163,10 @@ def rigged(model, rules: dict[int, int]):
         last["ids"] = args[0][:, -1]  # (B,) the last input token of each row
 
     def force(module, args, logits):  # logits (B, V) or (B, T, V)
+        top = logits.abs().amax() * 10 + 100
+        logits[..., known:] = -top
         for after, token in rules.items():
-            rows = last["ids"] == after
-            logits[rows, ..., token] = logits.abs().amax() * 10 + 100
+            logits[last["ids"] == after, ..., token] = top
         return logits
 
     model.register_forward_pre_hook(remember)
@@ -198,7 +201,8 @@ def bad_rows_model():
     that token (fails at its first decode step). And any input holding '|' breaks the
     forward pass itself (fails the batched step)."""
     model, _ = tiny_model_and_tokenizer()
-    return breaks_on(rigged(model, {BACKTICK: BEYOND, CARET: TILDE, TILDE: BEYOND, ord("{"): ord("|")}), ord("|"))
+    rules = {BACKTICK: BEYOND, CARET: TILDE, TILDE: BEYOND, ord("{"): ord("|")}
+    return breaks_on(rigged(model, rules, known=280), ord("|"))
 
 
 BAD = {"fails to start": "The quick`", "fails at a step": "A model^", "breaks the batched step": "Hello{"}

@@ -135,7 +135,7 @@ def test_cli_api_key_from_the_environment_and_empty_keys(monkeypatch, capsys):
     for argv, env, says in ((["--api-key", ""], None, "--api-key is empty"),
                             (["--api-key", "  "], None, "--api-key is empty"),
                             ([], "", "SCRATCHLM_API_KEY is set but empty"),
-                            (["--api-key", "a b"], None, "printable ASCII")):
+                            (["--api-key", "a\tb"], None, "printable ASCII")):
         if env is not None:
             monkeypatch.setenv("SCRATCHLM_API_KEY", env)
         assert main(["serve", "gpt-tiny", "--port", "0", *argv]) == 2
