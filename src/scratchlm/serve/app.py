@@ -27,12 +27,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ScratchLMError
+from . import READ_TIMEOUT_S, security
 from .engine import Engine, QueueFull, SamplingParams
 from .prompts import chat_prompt_ids, prompt_ids, token_budget
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body, validation_error
 from .replies import Choices, Mailbox, Reply, event_stream
-from . import security
-from . import READ_TIMEOUT_S
 from .security import RequestGuard, authorize, check_api_key, read_body
 
 if TYPE_CHECKING:
