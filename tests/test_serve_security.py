@@ -245,3 +245,27 @@ def test_cli_serve_answers_with_its_security_defaults(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_read_timeout_never_cuts_a_reply_in_progress():
+    """Two pipelined requests on one connection, the second a generation that takes longer
+    than the read timeout: both answers arrive whole (the timer only watches for headers)."""
+    from serve_fixtures import slowed_down
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    with ServerThread(create_app(slowed_down(model, 0.04), tokenizer, NAME, read_timeout=0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({**BODY, "max_tokens": 40}).encode()
+        requests = (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        t0 = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(requests)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert time.monotonic() - t0 > 1.0  # the generation outlasted the timeout...
+        assert reply.count(b"HTTP/1.1 200 OK") == 2, reply[:300]  # ...and was answered in full
+        answer = json.loads(reply.rsplit(b"\r\n\r\n", 1)[1])
+        assert answer["usage"]["completion_tokens"] == 40

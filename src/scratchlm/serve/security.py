@@ -168,8 +168,10 @@ def uvicorn_config(app, *, read_timeout: float = READ_TIMEOUT_S, **options):
             self._arm_header_timer()
 
         def on_response_complete(self):
-            super().on_response_complete()
+            # Armed first, with the finished cycle: super() may start a pipelined request
+            # at once (a new cycle), which the timer must then leave alone.
             self._arm_header_timer()
+            super().on_response_complete()
 
         def connection_lost(self, exc):
             if self._header_timer is not None:
