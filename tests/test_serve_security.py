@@ -269,3 +269,34 @@ def test_the_read_timeout_never_cuts_a_reply_in_progress():
         assert reply.count(b"HTTP/1.1 200 OK") == 2, reply[:300]  # ...and was answered in full
         answer = json.loads(reply.rsplit(b"\r\n\r\n", 1)[1])
         assert answer["usage"]["completion_tokens"] == 40
+
+
+def test_cli_serve_option_mistakes_are_one_line(monkeypatch, capsys, tmp_path):
+    """Each of `serve`'s options at 0, negative, NaN, inf, huge or the wrong type: one line
+    on stderr, exit 2, and no server started."""
+    import scratchlm.serve
+    from scratchlm.cli import main
+
+    started = []
+    monkeypatch.setattr(scratchlm.serve, "serve", lambda *a, **kw: started.append(kw))
+    monkeypatch.delenv("SCRATCHLM_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cases = [["--port", v] for v in ("-1", "70000", "abc", "nan")]
+    cases += [[flag, v] for flag in ("--max-batch", "--max-queue", "--max-body-bytes", "--rag-k")
+              for v in ("0", "-3", "nan", "inf", "1e30", "x")]
+    cases += [["--read-timeout", v] for v in ("0", "-1", "nan", "inf", "-inf", "x")]
+    cases += [["--allowed-host", ""], ["--allowed-host", " "], ["--host", "no such host .invalid"],
+              ["--rag-index", str(tmp_path / "missing")], ["--log-level", "loud"],
+              ["--rag-mode", "psychic"]]
+    models = ["run2/latest", str(tmp_path), "", "owner/name/extra"]
+    tried = 0
+    for argv in [["gpt-tiny", "--port", "0", *c] for c in cases] + [[m, "--port", "0"] for m in models]:
+        tried += 1
+        try:
+            code = main(["serve", *argv])
+        except SystemExit as e:  # argparse's own refusals exit from inside main
+            code = e.code
+        assert code == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("scratchlm") and "error" in err and "\n" not in err and "Traceback" not in err, (argv, err)
+    assert not started and tried == len(cases) + len(models)
