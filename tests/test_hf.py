@@ -323,3 +323,46 @@ def test_export_and_convert_never_write_over_their_input_a_users_folder_or_a_fil
     # A model folder of ours is still replaced (the round trip above writes "back" twice).
     assert main(["export", str(tmp_path / "m"), str(tmp_path / "back")]) == 0
     assert main(["export", str(tmp_path / "m"), str(tmp_path / "back")]) == 0
+
+
+def test_a_name_that_can_be_a_local_path_never_goes_to_the_hub(tmp_path, monkeypatch):
+    """A missing `run2/latest` (no `run2/` here either) is a missing directory, said at once:
+    the name is never sent to the hub. Only `owner/name` that cannot be a path is a hub id."""
+    import scratchlm.hub as hub
+    import scratchlm.load as load
+    from scratchlm.errors import NotFound
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "download", lambda *a, **k: pytest.fail(f"asked the hub for {a}"))
+    for ref in ("run2/latest", "run2/best", "runs/x/latest", "./owner/name", "owner/name/extra", "owner/",
+                "/owner/name", "~/owner", "owner/model.safetensors", "owner/config.json", "-owner/name",
+                "owner/na me", "own..er/name", "owner/name.", "owner\\name"):
+        with pytest.raises(NotFound) as e:
+            load.load_any(ref)
+        assert ref in str(e.value) and "\n" not in str(e.value)
+        assert not hub.is_hub_id(ref), ref
+    with pytest.raises(NotFound, match="model directory not found: run2/latest"):
+        load.load_any("run2/latest")
+    for ref in ("openai-community/gpt2", "meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M-Instruct", "a/b"):
+        assert hub.is_hub_id(ref), ref
+    (tmp_path / "meta-llama").mkdir()  # a folder of that name here: then it is a (missing) local path
+    assert not hub.is_hub_id("meta-llama/Llama-3.2-1B")
+
+
+def test_offline_the_hub_is_never_asked(tmp_path, monkeypatch, capsys):
+    """HF_HUB_OFFLINE=1 (or `serve --offline`): a hub id is looked up in the local cache only,
+    and a miss is one line that says it is offline."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from scratchlm.cli import main
+    from scratchlm.errors import NotFound
+    from scratchlm.hub import download
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-cache"))  # an empty cache
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NotFound, match="offline"):
+        download("owner/some-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["serve", "owner/some-model", "--offline", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "owner/some-model" in err and "offline" in err and "\n" not in err, err

@@ -317,7 +317,7 @@ def test_bad_completion_requests(server, body, status, param, code):
 
 @pytest.mark.parametrize("body,status,param,code", BAD_CHAT, ids=[b[30:70].decode() for b, *_ in BAD_CHAT])
 def test_bad_chat_requests(server, body, status, param, code):
-    r = httpx.post(server[0] + "/v1/chat/completions", content=body)
+    r = httpx.post(server[0] + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
     assert_openai_error(r, status, param, code)
 
 
@@ -353,7 +353,7 @@ def test_api_key(guarded):
 
 def test_body_too_large_is_413(guarded):
     url, _ = guarded
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     big = json.dumps({"model": NAME, "prompt": "x" * 5000}).encode()
     assert_openai_error(httpx.post(url + "/v1/completions", content=big, headers=headers), 413, None,
                         "request_too_large")

@@ -292,11 +292,19 @@ def render_chat(messages: Sequence[dict], template: str | None, tokenizer, add_g
     return _render_jinja(template, messages, tokenizer, add_generation_prompt)
 
 
+# A Jinja chat template is code from a model's files (or --chat-template): it renders in a
+# sandbox, and within bounds, so a template that loops for ever, builds a huge string or
+# recurses fails one request with a PromptFormatError instead of holding the process.
+TEMPLATE_TIME_LIMIT_S = 1.0  # rendering time (real templates take about a millisecond)
+TEMPLATE_MAX_CHARS = 4_000_000  # rendered text: far more than any context holds
+
+
 def _render_jinja(source: str, messages, tokenizer, add_generation_prompt: bool) -> str:
-    """Render a Hugging Face style Jinja chat template in a sandbox."""
+    """Render a Hugging Face style Jinja chat template in a sandbox, within the bounds above."""
+    import sys
+    import time
+
     import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise PromptFormatError(f"chat template: {message}")
@@ -306,18 +314,80 @@ def _render_jinja(source: str, messages, tokenizer, add_generation_prompt: bool)
 
         return datetime.datetime.now().strftime(fmt)
 
-    # The settings transformers renders with ({% break %} / {% continue %} included).
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _bounded_sandbox()
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
         compiled = env.from_string(source)
     except jinja2.TemplateError as e:
         raise PromptFormatError(f"chat template does not parse: {e}") from None
+    # The time bound: a trace function on this thread sees every line the template's compiled
+    # code runs (its frames are named "<template>"), so even a loop that writes nothing stops.
+    deadline = time.monotonic() + TEMPLATE_TIME_LIMIT_S
+
+    def trace(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise PromptFormatError(f"chat template: rendering took more than {TEMPLATE_TIME_LIMIT_S:g} s")
+        return trace if frame.f_code.co_filename == "<template>" else None
+
+    pieces, size = [], 0
+    previous = sys.gettrace()
+    sys.settrace(trace)
     try:
-        return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos"))
+        for piece in compiled.generate(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                       bos_token=_token_text(tokenizer, "bos"), eos_token=_token_text(tokenizer, "eos")):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise PromptFormatError(f"chat template: the prompt grew past {TEMPLATE_MAX_CHARS} characters")
+            pieces.append(piece)
+    except PromptFormatError:
+        raise
     except jinja2.TemplateError as e:  # e.g. an undefined variable, or the sandbox refusing
         raise PromptFormatError(f"chat template failed: {e}") from None
+    except (RecursionError, MemoryError, ArithmeticError, LookupError, TypeError, ValueError) as e:
+        # The template's own mistake (1/0, a recursive macro, "a" + 1), not scratchlm's.
+        raise PromptFormatError(f"chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
+
+
+def _bounded_sandbox():
+    """Jinja's immutable sandbox with the settings transformers renders with ({% break %} /
+    {% continue %} included), where ``*`` and ``**`` cannot build huge values."""
+    import jinja2.ext
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+"})
+
+        def call_binop(self, context, operator, left, right):
+            if _too_large(operator, left, right):
+                raise SecurityError(f"chat template: {operator} would build a value that is too large")
+            return super().call_binop(context, operator, left, right)
+
+    return Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+
+
+def _too_large(operator: str, left, right) -> bool:
+    """Whether ``left operator right`` would make a string or list longer than
+    TEMPLATE_MAX_CHARS, or an integer of more than 4096 bits: one such operation can take
+    more memory or time than the template's bounds can stop (it runs as one C call)."""
+    def size(x):
+        return len(x) if isinstance(x, (str, list, tuple)) else None
+
+    if operator == "+":
+        return size(left) is not None and size(right) is not None and size(left) + size(right) > TEMPLATE_MAX_CHARS
+    ints = [isinstance(x, int) for x in (left, right)]
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            if size(seq) is not None and isinstance(times, int) and size(seq) * times > TEMPLATE_MAX_CHARS:
+                return True
+        return all(ints) and left.bit_length() + right.bit_length() > 4096
+    if operator == "**":
+        return isinstance(right, (int, float)) and (abs(right) > 4096 or (
+            ints[0] and left.bit_length() * abs(right) > 4096))
+    return False
 
 
 def _token_text(tokenizer, which: str) -> str:

@@ -12,6 +12,8 @@
 A new kind of model is one more (test, loader) row, placed before the rows that would
 claim it. A local path that exists goes to the directory loaders, which
 explain what is wrong with it; a name no row claims is a NotFound saying what was tried.
+Only a name that cannot be a local path reaches the hub (hub.is_hub_id): a missing
+``run2/latest`` is "model directory not found", never a network request.
 
 >>> model, tokenizer = load_any("gpt-tiny")
 >>> model.config.n_layers, model.training, tokenizer.decode(tokenizer.encode("héllo"))
@@ -32,7 +34,7 @@ from .config import ModelConfig
 from .errors import NotFound
 from .gguf_io import NAMED_MODELS, is_gguf_file, load_gguf
 from .hf import is_hf_dir, load_hf
-from .hub import is_hub_id
+from .hub import FILE_SUFFIXES, is_hub_id
 from .model import Transformer
 
 
@@ -43,9 +45,9 @@ def load_any(model_ref: str | os.PathLike, device: str | torch.device = "cpu", d
     for claims, load in LOADERS:
         if claims(model_ref):
             return load(model_ref, device=device, dtype=dtype, seed=seed)
-    path = Path(model_ref)
-    if path.parent != Path(".") and path.parent.is_dir():
-        raise NotFound(f"model directory not found: {model_ref}")
+    text = str(model_ref)
+    if "/" in text or os.sep in text or text.startswith((".", "~")) or text.lower().endswith(FILE_SUFFIXES):
+        raise NotFound(f"model directory not found: {model_ref}")  # a path: never asked of the hub
     raise NotFound(f"{model_ref}: not a model directory, a preset ({', '.join(ModelConfig.presets())}) "
                    f"or a Hugging Face id (owner/name)")
 

@@ -89,6 +89,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of all more likely tokens
     drop_sorted = mass_before >= p  # the set was already complete before this token
+    drop_sorted[..., 0] = False  # the most likely token stays, even when p underflows float32 to 0
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, NEG_INF)
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ScratchLMError
-from ..serve import DEFAULT_PORT  # serve/__init__ imports FastAPI only when used
+from ..serve import DEFAULT_PORT, READ_TIMEOUT_S  # serve/__init__ imports FastAPI only when used
 from . import UsageError
 
 
@@ -30,8 +30,18 @@ def add_commands(subparsers) -> None:
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--model-name", help="the model id clients use (default: MODEL's last path part)")
-    p.add_argument("--api-key", default=os.environ.get("SCRATCHLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $SCRATCHLM_API_KEY, else open)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $SCRATCHLM_API_KEY, which keeps "
+                        "the key out of `ps`; else open)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; e.g. the machine's name "
+                        "behind a proxy). Always answered: localhost, 127.0.0.1, ::1 and --host. '*' answers "
+                        "any Host: use it only with an API key")
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S, metavar="SECONDS",
+                   help=f"a request's headers, and then its body, must arrive within SECONDS, else the "
+                        f"connection is closed (default {READ_TIMEOUT_S:g})")
+    p.add_argument("--offline", action="store_true",
+                   help="never ask the Hugging Face hub (as HF_HUB_OFFLINE=1): only local models and snapshots")
     p.add_argument("--chat-template", default=None,
                    help="llama3, chatml, plain, or the tokenizer's own (default: the tokenizer's, else plain)")
     p.add_argument("--max-batch", type=_positive, default=16,
@@ -71,6 +81,15 @@ def _serve_command(args) -> int:
                              "pip install 'scratchlm[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    api_key = api_key_from(args.api_key, os.environ)
+    from ..serve.security import allowed_hosts, check_api_key
+
+    check_api_key(api_key)  # before the model loads: a mistake here is said at once
+    allowed_hosts(args.host, args.allowed_host)
+    if not (0 < args.read_timeout < float("inf")):
+        raise UsageError(f"--read-timeout must be a positive number of seconds, got {args.read_timeout}")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by scratchlm.hub, and huggingface_hub if imported later
     _check_port_free(args.host, args.port)
     from ..serve import load_for_serving, serve
 
@@ -86,11 +105,28 @@ def _serve_command(args) -> int:
         args.chat_template = read_prompt_format(args.model)  # a fine-tuned model's own format
     name = args.model_name or Path(str(args.model).rstrip("/")).name or "scratchlm"
     print(f"serving {name} at http://{args.host}:{args.port}/ (OpenAI API under /v1)", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this "
               "machine can use the model (set --api-key or SCRATCHLM_API_KEY)", file=sys.stderr, flush=True)
+    if args.host in ("0.0.0.0", "::", "") and not args.allowed_host:
+        print("note: only requests with Host localhost, 127.0.0.1 or ::1 are answered; add "
+              "--allowed-host NAME for each name or address clients use", file=sys.stderr, flush=True)
     serve(model, tokenizer, host=args.host, port=args.port, model_name=name, log_level=args.log_level,
-          api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+          api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
           max_body_bytes=args.max_body_bytes, chat_template=args.chat_template,
-          retriever=retriever, rag_k=args.rag_k, rag_mode=args.rag_mode)
+          retriever=retriever, rag_k=args.rag_k, rag_mode=args.rag_mode,
+          allowed_hosts=args.allowed_host, read_timeout=args.read_timeout)
     return 0
+
+
+def api_key_from(flag: str | None, environ) -> str | None:
+    """--api-key, else $SCRATCHLM_API_KEY, else None. An empty key is refused, never taken as
+    "no key": it would look set and protect nothing."""
+    if flag is not None:
+        if not flag.strip():
+            raise UsageError("--api-key is empty: give a real key, or leave it out to serve without one")
+        return flag
+    key = environ.get("SCRATCHLM_API_KEY")
+    if key is not None and not key.strip():
+        raise UsageError("SCRATCHLM_API_KEY is set but empty: give a real key, or unset it to serve without one")
+    return key

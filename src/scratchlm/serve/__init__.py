@@ -2,11 +2,16 @@
 
     scratchlm serve runs/my-model --port 8000          # then: http://127.0.0.1:8000/
 
-Three parts, one file each:
+One concept per file, in the order a request meets them:
 
+    security.py   the door: Host / Origin check, JSON content type, API key, body size and
+                  read timeouts (defaults: docs/serving.md, "Security defaults")
     protocol.py   the OpenAI request bodies (pydantic) and the JSON error shape
+    prompts.py    a request's prompt as token ids (text, ids, chat template, retrieval)
     app.py        FastAPI routes: /v1/models, /v1/completions, /v1/chat/completions, /health, /
     engine.py     the one worker thread that runs the model, batching requests step by step
+    batch.py      the running batch's shared KV cache
+    replies.py    the worker's events back as OpenAI responses, whole or streamed
 
 From Python, ``create_app`` gives an ASGI app to run with any server; ``serve`` runs it
 with uvicorn until interrupted, ``run_in_background`` in a thread while a ``with`` block
@@ -26,12 +31,14 @@ if TYPE_CHECKING:
     from ..tokenizer.base import Tokenizer
 
 DEFAULT_PORT = 8000  # `scratchlm serve --port`'s default
+READ_TIMEOUT_S = 20.0  # `scratchlm serve --read-timeout`'s default: headers, then body (security.py)
 
 
 def create_app(model: Transformer, tokenizer: Tokenizer | None, model_name: str = "scratchlm",
                **settings) -> FastAPI:
     """The FastAPI app for ``model``. settings: api_key, max_batch, max_queue,
-    max_body_bytes, chat_template (see ``scratchlm serve --help``)."""
+    max_body_bytes, chat_template, host (the bound address: a Host it answers to),
+    allowed_hosts, read_timeout (see ``scratchlm serve --help``)."""
     from .app import ServerSettings
     from .app import create_app as _create_app
 
@@ -43,9 +50,16 @@ def serve(model: Transformer, tokenizer: Tokenizer | None, *, host: str = "127.0
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
-    app = create_app(model, tokenizer, model_name, **settings)
+    from .security import uvicorn_config
+
+    app = create_app(model, tokenizer, model_name, host=host, **settings)
     # One process, one event loop: the model lives in this process's worker thread.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, read_timeout=app.state.settings.read_timeout, host=host, port=port,
+                            log_level=log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn shut down gracefully and re-raised the signal
+        pass
 
 
 class run_in_background:
@@ -64,11 +78,16 @@ class run_in_background:
 
         import uvicorn
 
+        from .security import uvicorn_config
+
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        settings = getattr(getattr(app, "state", None), "settings", None)
+        timeout = getattr(settings, "read_timeout", READ_TIMEOUT_S)
+        self.server = uvicorn.Server(uvicorn_config(app, read_timeout=timeout, log_level=log_level,
+                                                    timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:
@@ -97,4 +116,4 @@ def load_for_serving(model_ref: str) -> tuple[Transformer, Tokenizer | None]:
     return model.eval(), tokenizer
 
 
-__all__ = ["create_app", "serve", "run_in_background", "load_for_serving", "DEFAULT_PORT"]
+__all__ = ["create_app", "serve", "run_in_background", "load_for_serving", "DEFAULT_PORT", "READ_TIMEOUT_S"]

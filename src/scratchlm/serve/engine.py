@@ -8,7 +8,7 @@ handlers put requests in a queue and one worker thread serves them all:
                                                                                      |
     each step: prefill the newly admitted rows (together), then ONE forward pass of
     one token for every running row; sample each row's next token with its own options;
-    send each row its new text; drop rows that finished or were cancelled.
+    send each row its new text; drop rows that finished, failed or were cancelled.
                                                                                      |
     HTTP handlers <--events (thread-safe callbacks)--------------------------------- +
 
@@ -23,13 +23,10 @@ The rows end by generate()'s rule (``StopRule``: a stop id, a stop string, max_t
 or here also the end of the context) and newly admitted prompts are padded by its
 ``left_pad``, so the server answers what ``generate`` would.
 
-How rows of different lengths share one KV cache: every row's keys sit *right-aligned*
-in the cache, ending at the column the next step writes (``cache.length``). A row with u
-tokens so far owns columns [length - u, length); ``cache.key_mask`` hides the columns to
-the left of it, and each row passes its own position ids, so a row computes what it
-would compute alone. When a row joins, its prompt's keys (from its own prefill) are
-copied in; when the cache's columns run out, it grows, or at the context length all rows
-slide left together over the columns none of them uses any more.
+One bad row never fails its neighbours: each row's own work (its options, sampling,
+decoding its token) runs on its own, and when a batched forward pass fails (a prompt that
+breaks the model, out of memory) each of its rows runs again alone, so only the rows that
+fail alone end with an error. How the rows share one KV cache is batch.py's docstring.
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer
@@ -60,12 +57,16 @@ from ..errors import ScratchLMError
 from ..generate import StopRule, left_pad
 from ..model import KVCache, check_token_ids
 from ..sampling import SamplingOptions, sample_next
+from .batch import RunningBatch
 
 if TYPE_CHECKING:
     from ..model import Transformer
     from ..tokenizer.base import Tokenizer
 
 log = logging.getLogger("scratchlm.serve")
+
+
+FAILED = object()  # what Engine._row returns when a row's work raised (the row has ended)
 
 
 class QueueFull(Exception):
@@ -220,14 +221,17 @@ class Engine:
                 admitted = self._wait_for_work()
                 if admitted is None:
                     break
-                if admitted and not self._guard(admitted, self._start, admitted, quiet=len(admitted) > 1):
-                    for seq in admitted:  # find the one that failed: the others still start
-                        if seq.generated:  # it already sent its first token: it cannot restart
-                            self._fail(seq, "generation failed while starting")
-                        else:
-                            self._guard([seq], self._start, [seq])
-                if self.batch.rows:
-                    self._guard(list(self.batch.rows), self._step)
+                try:
+                    if admitted:
+                        self._start(admitted)
+                    if self.batch.rows:
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - a bug outside any one row: end the rows in
+                    # flight, start again from an empty batch, and keep serving the queue
+                    log.exception("the decode loop failed")
+                    for seq in list(self.batch.rows) + admitted:
+                        self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
+                    self.batch = RunningBatch(self.model, self.max_batch)
         for seq in list(self.batch.rows) + list(self._waiting):  # shutting down: end everyone
             self._fail(seq, "the server is shutting down")
 
@@ -246,21 +250,20 @@ class Engine:
             free = self.max_batch - len(self.batch.rows)
             return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
 
-    def _guard(self, sequences: list[Sequence], fn, *args, quiet: bool = False) -> bool:
-        """Run one unit of work; if it fails, end the sequences involved with an error instead
-        of killing the worker (the server keeps serving everyone else). ``quiet``: on failure
-        only undo, and let the caller retry the sequences one by one."""
+    def _row(self, seq: Sequence, fn, *args):
+        """Run one row's own work (its options, its prefill alone, sampling and decoding its
+        token); if that fails, only this row ends with an error and FAILED is returned: the
+        rows beside it in the batch carry on."""
         try:
-            fn(*args)
-            return True
+            return fn(*args)
         except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-            self.batch.remove([s for s in sequences if s in self.batch.rows])
-            if quiet:
-                return False
-            log.exception("generation failed")
-            for seq in sequences:
-                self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
-            return False
+            self._fail_with(seq, e)
+            return FAILED
+
+    def _fail_with(self, seq: Sequence, e: Exception) -> None:
+        log.error("generation failed for one sequence", exc_info=e)
+        self.batch.remove([seq])
+        self._fail(seq, f"generation failed: {type(e).__name__}: {e}")
 
     def _fail(self, seq: Sequence, message: str) -> None:
         if not seq.done.is_set():
@@ -271,40 +274,71 @@ class Engine:
         """Prefill newly admitted sequences together, sample each one's first token, and let
         them join the running batch.
 
-        The prompts are left-padded to one length T by generate()'s left_pad: padding keys
-        are masked out and each row's positions start at 0 at its first real token.
+        Each row is isolated: its options are set up, its token sampled and decoded, on its
+        own, so one bad row fails alone. If the batched prefill itself fails, each prompt is
+        prefilled again alone, and only the ones that fail alone fail.
         """
         for seq in [s for s in sequences if s.cancelled]:
             seq.done.set()
-        sequences = [s for s in sequences if not s.cancelled]
-        if not sequences:
+        ready = [s for s in sequences if not s.cancelled and self._row(s, self._prepare, s) is not FAILED]
+        if not ready:
             return
-        model = self.model
+        try:
+            logits, cache = self._prefill(ready)
+        except Exception as e:  # noqa: BLE001 - find the prompt that broke it: the others still start
+            if len(ready) == 1:
+                self._fail_with(ready[0], e)
+                return
+            log.warning("a batched prefill failed (%s): prefilling its %d prompts one by one", e, len(ready))
+            for seq in ready:
+                alone = self._row(seq, self._prefill, [seq])
+                if alone is not FAILED:
+                    self._join(seq, *alone, 0)
+            return
+        for row, seq in enumerate(ready):
+            self._join(seq, logits, cache, row)
+
+    def _prepare(self, seq: Sequence) -> None:
+        """One row's generator, stop rule and repetition-penalty mask."""
+        p, model = seq.params, self.model
         device = model.tok_emb.weight.device
-        context = model.config.context_length
-        for seq in sequences:
-            p = seq.params
-            if p.seed is not None:
-                seq._generator = torch.Generator(device=device).manual_seed(int(p.seed))
-            # A row also ends when the context is full: at most context - P tokens after a P-token prompt.
-            seq._rule = StopRule(self.tokenizer, min(p.max_tokens, context - len(seq.prompt_ids)),
-                                 stop_token_ids=p.stop_token_ids, stop=p.stop)
-            if p.repetition_penalty != 1.0:
-                seq._seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
-                seq._seen[0, seq.prompt_ids] = True
-        batch = left_pad([s.prompt_ids for s in sequences], device=device)  # ids (B, T)
+        if p.seed is not None:
+            seq._generator = torch.Generator(device=device).manual_seed(int(p.seed))
+        # A row also ends when the context is full: at most context - P tokens after a P-token prompt.
+        seq._rule = StopRule(self.tokenizer, min(p.max_tokens, model.config.context_length - len(seq.prompt_ids)),
+                             stop_token_ids=p.stop_token_ids, stop=p.stop)
+        if p.repetition_penalty != 1.0:
+            seq._seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+            seq._seen[0, seq.prompt_ids] = True
+
+    def _prefill(self, sequences: list[Sequence]) -> tuple[torch.Tensor, KVCache]:
+        """One forward pass over the prompts, left-padded to one length T by generate()'s
+        left_pad (padding keys are masked out and each row's positions start at 0 at its
+        first real token). Returns the last position's logits (B, V) and the cache."""
+        model = self.model
+        batch = left_pad([s.prompt_ids for s in sequences], device=model.tok_emb.weight.device)  # ids (B, T)
         cache = model.new_cache(len(sequences), batch.prompt_length)
         positions = None
         if batch.padded:
             cache.key_mask, positions = batch.key_mask, batch.positions
         hidden = model(batch.ids, cache=cache, positions=positions, return_hidden=True)
-        logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position matters
-        for row, (seq, token) in enumerate(zip(sequences, self._sample(sequences, logits), strict=True)):
-            if self._accept(seq, token):
+        return model.lm_head(hidden[:, -1]), cache  # (B, V): only the last position matters
+
+    def _join(self, seq: Sequence, logits: torch.Tensor, cache: KVCache, row: int) -> None:
+        """Sample row ``row``'s first token from the prefill; unless that ended it, the row
+        joins the running batch."""
+        def first_token():
+            if self._accept(seq, self._sample(seq, logits[row:row + 1])):
                 self.batch.add(seq, cache, row)
 
+        self._row(seq, first_token)
+
     def _step(self) -> None:
-        """One decode step for every running row."""
+        """One decode step for every running row.
+
+        The forward pass is batched; if it fails, each row runs the same step alone, so only
+        a row that fails alone ends. Then each row samples and decodes its token on its own.
+        """
         batch = self.batch
         cancelled = [s for s in batch.rows if s.cancelled]
         batch.remove(cancelled)
@@ -312,20 +346,50 @@ class Engine:
             seq.done.set()
         if not batch.rows:
             return
-        logits = batch.step()  # (B, V)
+        rows = list(batch.rows)
+        try:
+            batch.make_room()
+        except Exception as e:  # noqa: BLE001 - no column for anyone (out of memory): all end
+            for seq in rows:
+                self._fail_with(seq, e)
+            return
+        try:
+            logits = batch.forward(slice(0, len(rows)))  # (B, V)
+            per_row = [logits[i:i + 1] for i in range(len(rows))]
+            greedy = logits.float().argmax(dim=-1).tolist()  # one sync for every greedy row
+        except Exception as e:  # noqa: BLE001 - find the row that broke it
+            log.warning("a batched decode step failed (%s): running its %d rows one by one", e, len(rows))
+            per_row, broken = [], []
+            for i, seq in enumerate(rows):
+                try:
+                    per_row.append(batch.forward(slice(i, i + 1)))
+                except Exception as row_error:  # noqa: BLE001 - this row alone breaks the model
+                    per_row.append(FAILED)
+                    broken.append((seq, row_error))
+            greedy = [None] * len(rows)
+            batch.advance()
+            for seq, row_error in broken:  # out of the batch only now: rows keep their places above
+                self._fail_with(seq, row_error)
+        else:
+            batch.advance()
         self.steps += 1
-        tokens = self._sample(batch.rows, logits)
-        finished = [seq for seq, token in zip(list(batch.rows), tokens, strict=True) if not self._accept(seq, token)]
+        finished = []
+        for seq, row_logits, token in zip(rows, per_row, greedy, strict=True):
+            if row_logits is FAILED:
+                continue  # ended above, and out of the batch
+            if self._row(seq, self._next, seq, row_logits, token) in (False, FAILED):
+                finished.append(seq)
         batch.remove(finished)
 
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Each row's next token with its own options. Greedy rows (the common case) are
-        decided together with one argmax; sampled rows each draw from their own generator."""
-        tokens = logits.float().argmax(dim=-1).tolist()
-        for i, seq in enumerate(rows):
-            if not seq._options.greedy or seq._seen is not None:
-                tokens[i] = int(sample_next(logits[i:i + 1], seq._options, seq._generator, seq._seen)[0])
-        return tokens
+    def _next(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> bool:
+        return self._accept(seq, self._sample(seq, logits, greedy))
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> int:
+        """One row's next token from its logits (1, V) with its own options and generator.
+        Greedy rows (the common case) take ``greedy``, the batch's argmax, when given."""
+        if seq._options.greedy and seq._seen is None:
+            return greedy if greedy is not None else int(logits.float().argmax())
+        return int(sample_next(logits, seq._options, seq._generator, seq._seen)[0])
 
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Record a sampled token, send the text it completes; False when the row is done.
@@ -348,102 +412,3 @@ class Engine:
         seq.emit(Event(text, len(seq.generated), reason))
         seq.done.set()
         return False
-
-
-class RunningBatch:
-    """The KV cache of every row in flight, side by side and right-aligned (see the module
-    docstring). Row i of the cache belongs to ``rows[i]``.
-
-    ``cache`` holds ``allocated`` rows and ``columns`` positions, both grown by doubling
-    (up to max_batch and the context length) and never shrunk, so a model with a 128k
-    context does not reserve 128k positions per row for short chats. Its ``key_mask``
-    (allocated, columns) is True at each row's keys. The model sees ``cache.view`` of the
-    first B rows, so its writes land in the buffers. A row that leaves is replaced by the
-    last row (one row copied): the rows in use are always the first B and nothing else moves.
-    """
-
-    def __init__(self, model: Transformer, max_batch: int, columns: int = 256):
-        self.model, self.max_batch = model, max_batch
-        self.context = model.config.context_length
-        self.initial_columns = min(columns, self.context)
-        self.rows: list[Sequence] = []
-        self.length = 0  # the column the next step writes; every row's keys end just before it
-        self.allocated, self.columns = 0, 0
-        self.cache: KVCache | None = None  # the buffers, made by the first _reserve
-
-    def add(self, seq: Sequence, prefill: KVCache, row: int = 0) -> None:
-        """Append a row whose prompt is row ``row`` of ``prefill`` (a cache of left-padded
-        prompts: this one's P positions are its last P columns)."""
-        P, B, T = len(seq.prompt_ids), len(self.rows), prefill.length
-        self._reserve(B + 1, max(P, self.length))
-        if not self.rows:
-            self.length = P
-        elif self.length < P:  # not enough columns to the left of the others: shift them right
-            self._shift(P - self.length)
-        end, cache = self.length, self.cache
-        for layer in range(len(prefill.k)):
-            cache.k[layer][B, :, end - P:end] = prefill.k[layer][row, :, T - P:T]
-            cache.v[layer][B, :, end - P:end] = prefill.v[layer][row, :, T - P:T]
-        cache.key_mask[B] = False
-        cache.key_mask[B, end - P:end] = True
-        self.rows.append(seq)
-
-    def remove(self, leaving: list[Sequence]) -> None:
-        for seq in leaving:
-            if seq not in self.rows:
-                continue
-            i, last = self.rows.index(seq), len(self.rows) - 1
-            if i != last:  # move the last row into the hole
-                for t in self.cache.k + self.cache.v + [self.cache.key_mask]:
-                    t[i] = t[last]
-                self.rows[i] = self.rows[last]
-            self.rows.pop()
-        if not self.rows:
-            self.length = 0
-
-    def step(self) -> torch.Tensor:
-        """Feed every row its last sampled token; return the next logits (B, V)."""
-        if self.length == self.columns:  # no column left for this step
-            unused = self.length - max(s.cached_tokens for s in self.rows)  # on the left, by every row
-            if self.columns < self.context and unused < self.columns // 4:
-                self._reserve(len(self.rows), self.columns + 1)  # room is cheap: grow
-            else:
-                self._shift(-unused)  # at the context limit (or plenty unused): slide left
-        B, device = len(self.rows), self.cache.key_mask.device
-        ids = torch.tensor([[s.generated[-1]] for s in self.rows], dtype=torch.long, device=device)
-        positions = torch.tensor([[s.cached_tokens] for s in self.rows], dtype=torch.long, device=device)
-        self.cache.key_mask[:B, self.length] = True  # the column this step writes
-        view = self.cache.view(slice(0, B), length=self.length)  # the first B rows, written in place
-        hidden = self.model(ids, cache=view, positions=positions, return_hidden=True)
-        self.length = view.length
-        return self.model.lm_head(hidden[:, -1])
-
-    # ---- buffers ---------------------------------------------------------------------------
-    def _reserve(self, rows: int, columns: int) -> None:
-        """Make room for at least ``rows`` rows and ``columns`` columns (doubling what is there)."""
-        if rows <= self.allocated and columns <= self.columns:
-            return
-        new_rows = self.allocated if rows <= self.allocated else min(self.max_batch, max(rows, 2 * self.allocated))
-        new_columns = self.columns if columns <= self.columns else min(
-            self.context, max(columns, 2 * self.columns, self.initial_columns))
-        fresh = self.model.new_cache(new_rows, new_columns)  # zeros in the model's dtype and device
-        fresh.key_mask = torch.zeros(new_rows, new_columns, dtype=torch.bool, device=fresh.k[0].device)
-        if self.cache is not None:  # keys stay in the same rows and columns: the first r, c
-            r, c = self.allocated, self.columns
-            for old, new in zip(self.cache.k + self.cache.v, fresh.k + fresh.v, strict=True):
-                new[:r, :, :c] = old  # (rows, n_kv_heads, columns, head_dim)
-            fresh.key_mask[:r, :c] = self.cache.key_mask
-        self.cache = fresh
-        self.allocated, self.columns = new_rows, new_columns
-
-    def _shift(self, by: int) -> None:
-        """Move every row's columns ``by`` to the right (by > 0) or left (by < 0)."""
-        B, L = len(self.rows), self.length
-        lo = max(0, -by)  # columns [lo, L) survive a left shift; all of them a right one
-        for t in self.cache.k + self.cache.v:
-            t[:B, :, lo + by:L + by] = t[:B, :, lo:L].clone()
-        mask = self.cache.key_mask
-        moved = mask[:B, lo:L].clone()
-        mask[:B] = False
-        mask[:B, lo + by:L + by] = moved
-        self.length = L + by

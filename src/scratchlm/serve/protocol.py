@@ -23,6 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request, as the OpenAI API allows
+# Below this, logits / temperature overflows float32 (inf - inf = NaN in the softmax); vLLM
+# raises smaller temperatures to the same 0.01. 0 itself means greedy.
+MIN_TEMPERATURE = 0.01
+# The repetition penalty divides (or multiplies) logits: outside [0.01, 100], with a small
+# temperature on top, they overflow the same way. 1.0 means no penalty; 1.1-1.5 is usual.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# Seeds seed a torch.Generator (64-bit); choice i of a request draws with seed + i.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class APIError(Exception):
@@ -42,7 +50,8 @@ class _Request(BaseModel):
     """Fields common to both endpoints. Parsed in strict mode: "5" is not a number, true is
     not 1. Unknown fields are ignored, as clients send many optional ones."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # allow_inf_nan=False: NaN and Infinity (which Python's and pydantic's JSON accept) are refused.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -50,18 +59,26 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Not part of the OpenAI API; common extensions (vLLM, llama.cpp use the same names).
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     # OpenAI options this server does not implement: refused unless left at their defaults.
     logprobs: bool | int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {v}: smaller "
+                             f"temperatures overflow the logits")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -81,7 +98,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
     include_usage: bool = False
 
 
@@ -106,13 +123,13 @@ class CompletionRequest(_Request):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
