@@ -76,7 +76,7 @@ class ModelConfig:
                                   f"set head_dim to use heads of another size")
             self.head_dim = self.d_model // self.n_heads
         if self.layer_types is None:
-            self.layer_types = ["local" if self.sliding_window else "global"] * self.n_layers
+            self.layer_types = ["local" if self.sliding_window is not None else "global"] * self.n_layers
         self.layer_types = list(self.layer_types)  # a tuple from Python, a list from JSON: one form
         self.validate()
 
