@@ -290,7 +290,9 @@ def test_prompt_formats_of_the_families():
         def __init__(self, specials, template=None):
             self.special_tokens, self.chat_template = specials, template
 
-    qwen25 = "{{ 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}<|im_start|>"
-    assert resolve_template(None, Tok({"<|im_start|>": 1, "<|im_end|>": 2}, qwen25), training=True) == "qwen"
-    assert resolve_template(None, Tok({"<|im_start|>": 1, "<|im_end|>": 2}), training=True) == "chatml"  # Qwen3
+    # A Hugging Face directory's own Jinja template wins for inference (Qwen 2.5's writes its
+    # default system message); training takes the built-in its special tokens point to.
+    qwen25 = "{{ 'You are Qwen, created by Alibaba Cloud.' }}<|im_start|>"
+    assert resolve_template(None, Tok({"<|im_start|>": 1, "<|im_end|>": 2}, qwen25)) == qwen25
+    assert resolve_template(None, Tok({"<|im_start|>": 1, "<|im_end|>": 2}), training=True) == "chatml"  # Qwen
     assert resolve_template(None, Tok({"<start_of_turn>": 1, "<end_of_turn>": 2}), training=True) == "gemma"

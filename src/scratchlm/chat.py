@@ -128,10 +128,8 @@ FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
                  end_of_turn="<|eot_id|>", generation_header="<|start_header_id|>assistant<|end_header_id|>\n\n",
                  stops=("<|eot_id|>",), signature=("<|start_header_id|>", "<|eot_id|>"),
                  special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-    # Qwen 2.5's Jinja template writes its default system message; Qwen3's does not (chatml).
-    PromptFormat("qwen", **_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-                 signature=("You are Qwen, created by Alibaba Cloud",)),
     PromptFormat("chatml", **_CHATML, signature=("<|im_start|>",)),
+    PromptFormat("qwen", **_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
     PromptFormat("gemma", begin="<bos>", header=_headers("<start_of_turn>{role}\n", assistant="model"),
                  end_of_turn="<end_of_turn>", after_turn="\n", generation_header="<start_of_turn>model\n",
                  stops=("<end_of_turn>",), special_tokens=("<bos>", "<start_of_turn>", "<end_of_turn>"),
