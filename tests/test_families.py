@@ -296,3 +296,31 @@ def test_prompt_formats_of_the_families():
     assert resolve_template(None, Tok({"<|im_start|>": 1, "<|im_end|>": 2}, qwen25)) == qwen25
     assert resolve_template(None, Tok({"<|im_start|>": 1, "<|im_end|>": 2}), training=True) == "chatml"  # Qwen
     assert resolve_template(None, Tok({"<start_of_turn>": 1, "<end_of_turn>": 2}), training=True) == "gemma"
+
+
+@pytest.mark.parametrize("preset", ["qwen3-tiny", "gemma3-tiny", "olmo2-tiny"])
+def test_each_tiny_preset_trains_and_takes_lora(preset):
+    """A few AdamW steps on one batch lower the loss (every new weight gets a gradient), and
+    LoRA wraps the attention projections without changing the function (B starts at 0)."""
+    from scratchlm.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset))
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))  # longer than gemma3-tiny's window of 16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        if not losses:
+            assert all(p.grad is not None for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.5
+    model.eval()
+    with torch.no_grad():
+        before = model(ids)
+        assert len(apply_lora(model, rank=4, alpha=8)) == 2 * model.config.n_layers
+        assert torch.equal(model(ids), before)
