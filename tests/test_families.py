@@ -317,7 +317,7 @@ def test_each_tiny_preset_trains_and_takes_lora(preset):
             assert all(p.grad is not None for p in model.parameters())
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
     model.eval()
     with torch.no_grad():
