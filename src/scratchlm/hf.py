@@ -28,6 +28,11 @@ The key maps are written out so a reader can see which tensor goes where:
     model.norm                               final_norm
     lm_head.weight                           lm_head.weight (absent when tied)
 
+Qwen2, Qwen3, Gemma 3 (text) and OLMo 2 are Llama-shaped: ``FAMILIES`` lists the config
+fields each fixes, ``_LAYER_NAMES`` / ``_NORM_NAMES`` their extra tensors (q_norm, k_norm and
+the norms of each norm placement: OLMo 2's post_attention_layernorm is a norm *after*
+attention, Llama's the one before the MLP).
+
 GPT-2 stores its linear layers as ``Conv1D`` with weight (in, out), the transpose of
 ``nn.Linear``'s (out, in). The Hugging Face Llama q/k weights are already permuted for the
 half-split rotary layout that model.apply_rope uses, so they load as they are.
