@@ -116,7 +116,7 @@ class RunningBatch:
         new_rows = self.allocated if rows <= self.allocated else min(self.max_batch, max(rows, 2 * self.allocated))
         new_columns = self.columns if columns <= self.columns else min(
             self.context, max(columns, 2 * self.columns, self.initial_columns))
-        fresh = self.model.new_cache(new_rows, new_columns)  # zeros in the model's dtype and device
+        fresh = self.model.new_cache(new_rows, new_columns, ring=False)  # zeros in the model's dtype and device
         fresh.key_mask = torch.zeros(new_rows, new_columns, dtype=torch.bool, device=fresh.k[0].device)
         if self.cache is not None:  # keys stay in the same rows and columns: the first r, c
             r, c = self.allocated, self.columns

@@ -317,7 +317,7 @@ class Engine:
         first real token). Returns the last position's logits (B, V) and the cache."""
         model = self.model
         batch = left_pad([s.prompt_ids for s in sequences], device=model.tok_emb.weight.device)  # ids (B, T)
-        cache = model.new_cache(len(sequences), batch.prompt_length)
+        cache = model.new_cache(len(sequences), batch.prompt_length, ring=False)  # copied by column
         positions = None
         if batch.padded:
             cache.key_mask, positions = batch.key_mask, batch.positions
