@@ -28,6 +28,12 @@ The key maps are written out so a reader can see which tensor goes where:
     model.norm                               final_norm
     lm_head.weight                           lm_head.weight (absent when tied)
 
+    MixtralForCausalLM: Llama's keys, with the MLP a mixture of experts (moe.py)
+    model.layers.{i}.block_sparse_moe.gate   blocks.{i}.mlp.router
+    ...block_sparse_moe.experts.{j}.w1, w3   blocks.{i}.mlp.gate_up_proj[j] (stacked gate; up)
+    ...block_sparse_moe.experts.{j}.w2       blocks.{i}.mlp.down_proj[j]
+    (transformers >= 5 holds them stacked in memory: mlp.experts.gate_up_proj, mlp.experts.down_proj)
+
 GPT-2 stores its linear layers as ``Conv1D`` with weight (in, out), the transpose of
 ``nn.Linear``'s (out, in). The Hugging Face Llama q/k weights are already permuted for the
 half-split rotary layout that model.apply_rope uses, so they load as they are.
@@ -61,7 +67,7 @@ def config_from_hf(hf_config) -> ModelConfig:
             norm="layernorm", mlp="gelu", positions="learned", bias=True,
             tie_embeddings=c.get("tie_word_embeddings", True), norm_eps=c.get("layer_norm_epsilon", 1e-5),
             dtype="float32")
-    if model_type == "llama":
+    if model_type in ("llama", "mixtral"):
         scaling = c.get("rope_scaling")
         rope_theta = c.get("rope_theta")
         params = c.get("rope_parameters")  # transformers >= 5 moves theta and scaling here
@@ -82,6 +88,13 @@ def config_from_hf(hf_config) -> ModelConfig:
         if bool(c.get("mlp_bias", False)) != bool(c.get("attention_bias", False)):
             raise ConfigError("attention_bias and mlp_bias differ; scratchlm has one bias switch for both")
         dtype = str(c.get("torch_dtype") or c.get("dtype") or "float32").replace("torch.", "")
+        moe = {}
+        if model_type == "mixtral":
+            if c.get("sliding_window") is not None:
+                raise ConfigError(f"Mixtral with sliding_window={c['sliding_window']}: sliding-window attention "
+                                  "is not supported (Mixtral 8x7B has none)")
+            moe = dict(n_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
+                       norm_topk_prob=True, router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.0)))
         return ModelConfig(
             vocab_size=c["vocab_size"], context_length=c["max_position_embeddings"], d_model=c["hidden_size"],
             n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
@@ -89,15 +102,15 @@ def config_from_hf(hf_config) -> ModelConfig:
             norm="rmsnorm", mlp="swiglu", positions="rope", rope_theta=float(rope_theta or 10000.0),
             rope_scaling=scaling, bias=bool(c.get("attention_bias", False)),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)), norm_eps=c.get("rms_norm_eps", 1e-6),
-            dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32")
-    raise ConfigError(f"unsupported model_type {model_type!r}: scratchlm loads 'gpt2' and 'llama'")
+            dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32", **moe)
+    raise ConfigError(f"unsupported model_type {model_type!r}: scratchlm loads 'gpt2', 'llama' and 'mixtral'")
 
 
 def convert_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig, model_type: str) -> dict[str, torch.Tensor]:
     """Rename (and transpose / stack) a Hugging Face state dict into scratchlm's keys."""
     if model_type == "gpt2":
         return _from_gpt2(state, config)
-    if model_type == "llama":
+    if model_type in ("llama", "mixtral"):
         return _from_llama(state, config)
     raise ConfigError(f"unsupported model_type {model_type!r}")
 
@@ -157,6 +170,9 @@ def _from_llama(state, config):
         out[f"blocks.{i}.attn.out_proj.weight"] = get(f"{a}.o_proj.weight")
         out[f"blocks.{i}.attn_norm.weight"] = get(f"layers.{i}.input_layernorm.weight")
         out[f"blocks.{i}.mlp_norm.weight"] = get(f"layers.{i}.post_attention_layernorm.weight")
+        if config.n_experts:
+            out.update(_experts_from_hf(state, get, i, config))
+            continue
         for proj in ("gate_proj", "up_proj", "down_proj"):
             out[f"blocks.{i}.mlp.{proj}.weight"] = get(f"layers.{i}.mlp.{proj}.weight")
     tied = config.tie_embeddings or "lm_head.weight" not in state
@@ -164,8 +180,46 @@ def _from_llama(state, config):
     return out
 
 
+# The experts' names in the checkpoints: (gate, up, down) of expert j, under the MoE block.
+EXPERT_NAMES = {"block_sparse_moe": ("w1", "w3", "w2"),  # Mixtral
+                "mlp": ("gate_proj", "up_proj", "down_proj")}  # Qwen3-MoE (and Mixtral in transformers >= 5)
+
+
+def _experts_from_hf(state, get, i: int, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """One MoE layer's router and experts, stacked as moe.MoE holds them, from a checkpoint
+    with one tensor per expert (the hub files) or the stacked tensors (transformers >= 5)."""
+    def has(key):
+        return key in state or "model." + key in state
+
+    block = next((b for b in EXPERT_NAMES if has(f"layers.{i}.{b}.gate.weight")), "block_sparse_moe")
+    m, ours = f"layers.{i}.{block}", f"blocks.{i}.mlp"
+    out = {f"{ours}.router.weight": get(f"{m}.gate.weight")}
+    if has(f"{m}.experts.gate_up_proj"):
+        out[f"{ours}.gate_up_proj"] = get(f"{m}.experts.gate_up_proj")  # (E, 2f, d)
+        out[f"{ours}.down_proj"] = get(f"{m}.experts.down_proj")  # (E, d, f)
+        return out
+    names = next((n for n in EXPERT_NAMES.values() if has(f"{m}.experts.0.{n[0]}.weight")), EXPERT_NAMES[block])
+    gate, up, down = ([get(f"{m}.experts.{j}.{name}.weight") for j in range(config.n_experts)] for name in names)
+    out[f"{ours}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])  # (E, 2f, d)
+    out[f"{ours}.down_proj"] = torch.stack(down)  # (E, d, f)
+    return out
+
+
+def _experts_to_hf(state, i: int, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of _experts_from_hf, in the hub's Mixtral layout (one tensor per expert)."""
+    m, ours, f = f"model.layers.{i}.block_sparse_moe", f"blocks.{i}.mlp", config.d_ff_expert
+    out = {f"{m}.gate.weight": state[f"{ours}.router.weight"]}
+    for j in range(config.n_experts):
+        gate_up = state[f"{ours}.gate_up_proj"][j]
+        out[f"{m}.experts.{j}.w1.weight"] = gate_up[:f].contiguous()
+        out[f"{m}.experts.{j}.w3.weight"] = gate_up[f:].contiguous()
+        out[f"{m}.experts.{j}.w2.weight"] = state[f"{ours}.down_proj"][j].contiguous()
+    return out
+
+
 def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of convert_hf_state_dict: scratchlm keys -> GPT2LMHeadModel / LlamaForCausalLM keys."""
+    """The inverse of convert_hf_state_dict: scratchlm keys -> GPT2LMHeadModel / LlamaForCausalLM /
+    MixtralForCausalLM keys."""
     if config.positions == "learned" and config.norm == "layernorm" and config.mlp == "gelu" and config.bias:
         out = {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"],
                "transformer.ln_f.weight": state["final_norm.weight"], "transformer.ln_f.bias": state["final_norm.bias"]}
@@ -198,6 +252,9 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> 
             out[f"{a}.o_proj.weight"] = state[f"blocks.{i}.attn.out_proj.weight"]
             out[f"model.layers.{i}.input_layernorm.weight"] = state[f"blocks.{i}.attn_norm.weight"]
             out[f"model.layers.{i}.post_attention_layernorm.weight"] = state[f"blocks.{i}.mlp_norm.weight"]
+            if config.n_experts:
+                out.update(_experts_to_hf(state, i, config))
+                continue
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 out[f"model.layers.{i}.mlp.{proj}.weight"] = state[f"blocks.{i}.mlp.{proj}.weight"]
         if not config.tie_embeddings:
@@ -288,12 +345,23 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
             scaling = {"rope_type": "llama3", "factor": s["factor"], "low_freq_factor": s["low_freq_factor"],
                        "high_freq_factor": s["high_freq_factor"],
                        "original_max_position_embeddings": s["original_context_length"]}
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": config.d_model,
-                "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layers,
+        arch = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "mlp_bias": config.bias}
+        if config.n_experts:
+            if scaling is not None:
+                raise ConfigError("Mixtral has no rope_scaling: a mixture of experts with rope_scaling cannot be exported")
+            arch = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                    "num_local_experts": config.n_experts, "num_experts_per_tok": config.experts_per_token,
+                    "router_aux_loss_coef": config.router_aux_loss_coef, "sliding_window": None}
+            if not config.norm_topk_prob:
+                raise ConfigError("Mixtral renormalises the top-k router weights: a mixture of experts with "
+                                  "norm_topk_prob=False cannot be exported")
+        return {**arch, "hidden_size": config.d_model,  # Mixtral's intermediate_size is its experts'
+                "intermediate_size": config.d_ff_expert if config.n_experts else config.d_ff,
+                "num_hidden_layers": config.n_layers,
                 "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
                 "head_dim": config.head_dim, "max_position_embeddings": config.context_length,
                 "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "rope_scaling": scaling,
-                "attention_bias": config.bias, "mlp_bias": config.bias, "hidden_act": "silu", **common}
+                "attention_bias": config.bias, "hidden_act": "silu", **common}
     raise ConfigError("only GPT-2-shaped (learned positions, layernorm, gelu/relu, biases, MHA) and "
                       "Llama-shaped (rope, rmsnorm, swiglu) models can be exported to Hugging Face")
 

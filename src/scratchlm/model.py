@@ -1,6 +1,7 @@
 """The whole Transformer in one file: norms, positions, attention, MLPs, block, model, KV cache.
 
-One configurable model covers GPT-2 and Llama 2 / 3 / 3.1 / 3.2. Follow a token:
+One configurable model covers GPT-2, Llama 2 / 3 / 3.1 / 3.2 and, with a mixture-of-experts
+MLP (moe.py), Mixtral. Follow a token:
 
     ids (B, T) -> tok_emb -> (+ learned/sinusoidal positions) -> x (B, T, d_model)
     for each Block:   x = x + attn(norm(x))      # RoPE is applied to q, k inside attn
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import ScratchLMError
+from .moe import MoE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -349,7 +351,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_experts else MLP(config)  # mixture of experts: moe.py
 
     def forward(self, x, rope, mask, cache):
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)
@@ -378,7 +380,7 @@ class Transformer(nn.Module):
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers),
         # so the variance of the residual stream does not grow with depth.
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out_proj.weight", "mlp.down_proj.weight")):
+            if name.endswith(("attn.out_proj.weight", "mlp.down_proj.weight", "mlp.down_proj")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
         self.to(DTYPES[config.dtype])
         self.reset_tables()
@@ -420,6 +422,18 @@ class Transformer(nn.Module):
             if hasattr(self, "pos_emb"):
                 n -= self.pos_emb.weight.numel()
         return n
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token computes with: with a mixture of experts, all of them less
+        the n_experts - experts_per_token experts of each layer it is not routed to."""
+        c = self.config
+        unused = c.n_layers * (c.n_experts - c.experts_per_token) * 3 * c.d_model * c.d_ff_expert
+        return self.num_parameters() - (unused if c.n_experts else 0)
+
+    def router_logits(self) -> list[torch.Tensor]:
+        """Each MoE layer's router logits (B * T, n_experts) of the last forward in training
+        mode, for moe.load_balancing_loss; [] for a dense model."""
+        return [b.mlp.router_logits for b in self.blocks if getattr(b.mlp, "router_logits", None) is not None]
 
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         p = self.tok_emb.weight

@@ -4,6 +4,10 @@
     logits = model(x)                               (B, T, vocab)
     loss = cross_entropy(logits, y)                 mean over B*T positions of -log p(y_t | x_<=t)
 
+A mixture-of-experts model adds ``router_aux_loss_coef * load_balancing_loss`` to the
+training loss, and logs it (``moe_aux_loss``) with the routers' balance (moe.router_stats)
+and the cross-entropy alone (``ce_loss``).
+
 Evaluation: the mean loss over fixed validation windows, perplexity exp(loss), and bits per
 byte = loss / ln 2 * tokens per byte (comparable across tokenizers); a sampled
 continuation. A run directory (``out_dir``) holds ``metrics.jsonl``, ``loss.png``,
@@ -29,6 +33,7 @@ from ..checkpoint import load_config, load_model, save_model
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import Transformer
+from ..moe import load_balancing_loss, router_stats
 from .config import LoopConfig, need, option, positive_ints
 from .core import Task, Trainer, TrainResult
 from .distributed import all_reduce_values, process_group
@@ -150,7 +155,14 @@ class PretrainTask(Task):
         x, y = batch
         logits = model(x)  # (B, T, vocab)
         # The loss in fp32 whatever the autocast: log-softmax over a large vocabulary needs it.
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), {}, x.numel()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        metrics = {}
+        if self.model_config.n_experts:  # mixture of experts: keep the routers balanced (moe.py)
+            router_logits, k = self.net.router_logits(), self.model_config.experts_per_token
+            aux = load_balancing_loss(router_logits, k)
+            metrics = {"ce_loss": loss.detach(), "moe_aux_loss": aux.detach(), **router_stats(router_logits, k)}
+            loss = loss + self.model_config.router_aux_loss_coef * aux
+        return loss, metrics, x.numel()
 
     def evaluate(self, model) -> dict[str, float]:
         """Mean loss over the fixed validation windows (this rank's share, summed over ranks)."""
