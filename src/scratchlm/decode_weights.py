@@ -232,16 +232,24 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     """Store ``model``'s weights the fast way for decoding (one of WEIGHTS), in
     place. Only the Transformer's own Linear layers are swapped (merge LoRA adapters first).
 
+    A mixture-of-experts model (moe.py) takes "fp32" and "bf16": its router and attention
+    are swapped as above, its stacked experts are kept as they are, in the layout's dtype.
+
     group_size: inputs per scale for "int4" (one of INT4_GROUP_SIZES); a layer whose input
     size it does not divide, or whose output size is not a multiple of 16 (the packing
     kernel's tile), keeps int8 weights.
     """
     from .model import MLP, Attention, Transformer
+    from .moe import MoE
 
     if weights not in WEIGHTS:
         raise ScratchLMError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if group_size not in INT4_GROUP_SIZES:
         raise ScratchLMError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    config = getattr(model, "config", None)
+    if getattr(config, "n_experts", 0) and weights not in ("fp32", "bf16"):
+        raise ScratchLMError(f"{weights!r} weights do not quantize mixture-of-experts layers yet: "
+                             "use 'fp32' or 'bf16' for this model")
     on_cpu = next(model.parameters()).device.type == "cpu"
     packed_bf16 = weights == "bf16" and on_cpu and cpu_has_native_bf16()
     if weights == "bf16" and on_cpu and not packed_bf16:
@@ -258,7 +266,7 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
         model.tok_emb = TransposedEmbedding(table_t)
     model.to(dtype)
     for module in list(model.modules()):
-        if not isinstance(module, (Attention, MLP, Transformer)):
+        if not isinstance(module, (Attention, MLP, MoE, Transformer)):
             continue
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:

@@ -72,7 +72,7 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
         idx = tokens[start:start + n]  # (n,) the tokens routed to expert e
         gate, up = F.linear(x[idx], gate_up_proj[e]).chunk(2, dim=-1)  # (n, f) each
         y = F.linear(F.silu(gate) * up, down_proj[e])  # (n, d)
-        out.index_add_(0, idx, y * scale[start:start + n, None])
+        out.index_put_((idx,), y * scale[start:start + n, None], accumulate=True)  # out[idx] += ...
         start += n
     return out
 

@@ -36,6 +36,8 @@ def check_exportable(config) -> None:
     if not (config.positions == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"):
         raise GGUFError("only Llama-shaped models (rope positions, rmsnorm, swiglu) can be written to GGUF; "
                         f"this one has {config.positions} positions, {config.norm} and {config.mlp}")
+    if getattr(config, "n_experts", 0):
+        raise GGUFError("mixture-of-experts models cannot be written to GGUF yet; export to Hugging Face instead")
 
 
 def save_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", name: str | None = None) -> Path:
