@@ -103,6 +103,10 @@ class MoE(nn.Module):
         y = experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj)
         return self.dropout(y.view(B, T, d))
 
+    def extra_repr(self) -> str:
+        E, two_f, d = self.gate_up_proj.shape
+        return f"experts={E}, experts_per_token={self.k}, d_model={d}, d_ff_expert={two_f // 2}"
+
 
 def load_balancing_loss(router_logits: list[torch.Tensor], k: int) -> torch.Tensor:
     """Switch Transformer's auxiliary loss, as transformers' ``load_balancing_loss_func``:
