@@ -9,12 +9,14 @@ preallocated buffer every time and takes the position as data:
     positions (B, L), key_mask (B, L): each row's position and real-token mask per column
     per layer: q, k, v of the one token; k, v written at ``column`` (index_copy_, in place)
                attention over all L columns, masked to key_mask & (column index <= column)
+               (& column index > column - sliding_window in a local layer)
     -> logits (B, vocab_size) of the one token
 
 Every tensor keeps its shape from one step to the next, so the compiled graph is reused
 for the whole decode (and for the next call with the same batch size and cache length).
 The extra masked columns cost a little attention work; the weights, read once per token
-either way, dominate. The numbers are those of the uncompiled cached step (the same
+either way, dominate. The buffers hold every position (``new_cache(..., ring=False)``): a
+local layer's window is a mask here, not a ring buffer. The numbers are those of the uncompiled cached step (the same
 modules run); only the order of some additions inside attention may differ.
 
 >>> import torch
@@ -41,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ScratchLMError
-from .model import apply_rope
 
 if TYPE_CHECKING:
     from .model import Attention, Transformer
@@ -57,18 +58,12 @@ def _attend(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Te
     k_cache, v_cache: (B, n_kv_heads, L, head_dim), written at ``column``."""
     B = x.shape[0]
     H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q, k, v = attn.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-    q = q.view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
-    k = k.view(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
-    v = v.view(B, 1, Hkv, D).transpose(1, 2)
-    if rope is not None:
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.project(x, rope)  # q (B, H, 1, D); k, v (B, Hkv, 1, D): QK-normed and rotated
     k_cache.index_copy_(2, column, k.to(k_cache.dtype))  # column is a tensor: no new shape per step
     v_cache.index_copy_(2, column, v.to(v_cache.dtype))
     if Hkv != H:  # the query heads of one kv head become that head's queries (see Attention._decode_gqa)
         q = q.reshape(B, Hkv, H // Hkv, D)
-    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # (B, Hkv, group, D) or (B, H, 1, D)
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=attn.scale)  # (B, Hkv, group, D) or (B, H, 1, D)
     return attn.out_proj(y.reshape(B, 1, H * D))  # one position: heads side by side is a plain reshape
 
 
@@ -83,23 +78,35 @@ def decode_step(model: Transformer, ids: torch.Tensor, column: torch.Tensor, pos
     holding columns < column and written at column. Returns logits (B, vocab_size).
     """
     config = model.config
+    if any(t.shape[2] != key_mask.shape[1] for t in k_cache):  # shapes: no host sync
+        raise ScratchLMError("decode_step needs every layer's cache to hold every column "
+                             "(make it with new_cache(..., ring=False))")
     position = positions.index_select(1, column)  # (B, 1)
     x = model.tok_emb(ids)  # (B, 1, d_model)
-    rope = None
+    if config.scale_embeddings:
+        x = x * torch.tensor(config.d_model ** 0.5, dtype=x.dtype)
+    rope = {False: None, True: None}  # by layer kind: local?
     if config.positions == "learned":
         x = x + model.pos_emb(position)
     elif config.positions == "sinusoidal":
         x = x + model.pos_table[position].to(x.dtype)
     else:
-        rope = (model.rope_cos[position].unsqueeze(1).to(x.dtype),  # (B, 1, 1, head_dim)
-                model.rope_sin[position].unsqueeze(1).to(x.dtype))
+        for local in rope:
+            cos, sin = model.rope_tables(local)
+            rope[local] = (cos[position].unsqueeze(1).to(x.dtype),  # (B, 1, 1, head_dim)
+                           sin[position].unsqueeze(1).to(x.dtype))
     # Keys this token may see: real tokens up to and including its own column. (Its own
     # column is always a real token: generated tokens are never padding.)
     columns = torch.arange(key_mask.shape[1], device=key_mask.device)
     mask = (key_mask & (columns <= column))[:, None, None, :]  # (B, 1, 1, L)
+    masks = {False: mask}
+    if config.sliding_window:  # a local layer's query sees only its last sliding_window columns
+        masks[True] = mask & (columns > column - config.sliding_window)[None, None, None, :]
     for i, block in enumerate(model.blocks):
-        x = x + _attend(block.attn, block.attn_norm(x), rope, mask, k_cache[i], v_cache[i], column)
-        x = x + block.mlp(block.mlp_norm(x))
+        local = block.attn.local
+        h = _attend(block.attn, block.attn_norm(x), rope[local], masks[local], k_cache[i], v_cache[i], column)
+        x = x + block.attn_post_norm(h)
+        x = x + block.mlp_post_norm(block.mlp(block.mlp_norm(x)))
     return model.lm_head(model.final_norm(x)[:, -1])  # (B, vocab_size)
 
 

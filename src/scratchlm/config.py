@@ -1,7 +1,8 @@
 """ModelConfig: every number that decides the shape of a Transformer, plus named presets.
 
-One dataclass describes GPT-2 and every Llama: the differences between the families
-are a handful of switches (norm, mlp, positions, n_kv_heads, bias, tie_embeddings).
+One dataclass describes GPT-2, every Llama, Qwen2.5 / Qwen3, Gemma 3 and OLMo 2: the
+differences between the families are a handful of switches (norm and where it sits, mlp,
+positions, n_kv_heads, head_dim, qk_norm, biases, sliding windows, tie_embeddings).
 
 >>> cfg = ModelConfig.preset("gpt2")
 >>> cfg.d_model, cfg.n_heads, cfg.head_dim
@@ -21,7 +22,10 @@ from typing import Any
 from .errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu", "swiglu")
+MLPS = ("gelu", "relu", "swiglu", "geglu")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")  # x + f(norm(x)), x + norm(f(x)), x + norm(f(norm(x)))
+QK_NORMS = (None, "head", "projection")  # RMSNorm of q and k: per head (Qwen3, Gemma 3), whole (OLMo 2)
+LAYER_TYPES = ("global", "local")  # local: sliding-window attention
 POSITIONS = ("learned", "sinusoidal", "rope")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,6 +53,17 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     dtype: str = "float32"  # dtype the weights are created and stored in
+    # ---- the newer families (Qwen, Gemma, OLMo) ------------------------------------------
+    head_dim: int | None = None  # None -> d_model // n_heads; Qwen3 and Gemma 3 set it apart
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2.5), whatever `bias` says
+    qk_norm: str | None = None  # None, "head" (Qwen3, Gemma 3) or "projection" (OLMo 2)
+    norm_placement: str = "pre"  # "pre" (GPT-2, Llama), "post" (OLMo 2), "sandwich" (Gemma 3)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), weight stored around 0 (Gemma)
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (Gemma)
+    query_pre_attn_scalar: float | None = None  # scores / sqrt(this); None -> head_dim (Gemma 3: set)
+    sliding_window: int | None = None  # a local layer's query sees its last `sliding_window` keys
+    layer_types: list[str] | None = None  # per layer "global" / "local"; None: all local if a window
+    rope_local_theta: float | None = None  # rope base of local layers; None -> rope_theta (Gemma 3: 1e4)
     # Mixture of experts (moe.py): n_experts > 0 replaces every block's MLP by n_experts
     # SwiGLU experts of hidden size d_ff_expert, of which a router picks experts_per_token
     # for each token. norm_topk_prob: rescale the chosen experts' router probabilities to
@@ -64,6 +79,14 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
+        if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0:
+            if isinstance(self.d_model, int) and self.d_model % self.n_heads:
+                raise ConfigError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}; "
+                                  f"set head_dim to use heads of another size")
+            self.head_dim = self.d_model // self.n_heads
+        if self.layer_types is None:
+            self.layer_types = ["local" if self.sliding_window is not None else "global"] * self.n_layers
+        self.layer_types = list(self.layer_types)  # a tuple from Python, a list from JSON: one form
         if self.d_ff_expert is None:
             self.d_ff_expert = self.d_ff
         self.validate()
@@ -74,12 +97,11 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                     "head_dim"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                  f"{name} must be a positive integer, got {value!r}")
-        need(self.d_model % self.n_heads == 0,
-             f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         need(self.n_heads % self.n_kv_heads == 0,
              f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
@@ -89,6 +111,24 @@ class ModelConfig:
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        need(self.norm_placement in NORM_PLACEMENTS,
+             f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        need(self.qk_norm in QK_NORMS, f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        need(not self.norm_plus_one or self.norm == "rmsnorm", "norm_plus_one needs norm='rmsnorm'")
+        need(self.query_pre_attn_scalar is None or self.query_pre_attn_scalar > 0,
+             f"query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar}")
+        need(len(self.layer_types) == self.n_layers and all(t in LAYER_TYPES for t in self.layer_types),
+             f"layer_types must list {self.n_layers} of {LAYER_TYPES} (one per layer), got {self.layer_types!r}")
+        if "local" in self.layer_types:
+            w = self.sliding_window
+            need(isinstance(w, int) and not isinstance(w, bool) and 0 < w <= self.context_length,
+                 f"sliding_window must be an integer in [1, context_length={self.context_length}] "
+                 f"for the local layers, got {w!r}")
+        else:
+            need(self.sliding_window is None, f"sliding_window={self.sliding_window} is set but no layer is local")
+        if self.rope_local_theta is not None:
+            need(self.positions == "rope" and self.rope_local_theta > 0,
+                 "rope_local_theta needs positions='rope' and a value > 0")
         if self.positions == "rope":
             need(self.head_dim % 2 == 0, f"rotary positions need an even head_dim, got {self.head_dim}")
         if self.positions == "sinusoidal":
@@ -112,13 +152,15 @@ class ModelConfig:
             need(self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
                  "rope_scaling: high_freq_factor must exceed low_freq_factor")
 
-    # ---- derived ------------------------------------------------------------------------
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def replace(self, **changes) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). Fields derived from the changed
+        ones follow them: a head_dim that was d_model // n_heads, layer_types for n_layers
+        (the old pattern repeated)."""
+        if "head_dim" not in changes and ("d_model" in changes or "n_heads" in changes) \
+                and self.head_dim == self.d_model // self.n_heads:
+            changes["head_dim"] = None
+        if "layer_types" not in changes and changes.get("n_layers", self.n_layers) != self.n_layers:
+            changes["layer_types"] = [self.layer_types[i % self.n_layers] for i in range(changes["n_layers"])]
         return dataclasses.replace(self, **changes)
 
     # ---- JSON ---------------------------------------------------------------------------
@@ -186,7 +228,32 @@ def _llama31_scaling(factor: float) -> dict:
             "original_context_length": 8192}
 
 
-# Published figures (parameter counts are checked in tests/test_config.py).
+def _qwen3(d_model, n_layers, n_heads, d_ff, tie_embeddings) -> dict:
+    """Qwen3 dense: Llama plus per-head RMSNorm on q and k, head_dim 128 apart from d_model."""
+    return _llama(151936, 40960, d_model, n_layers, n_heads, 8, d_ff, 1_000_000.0, norm_eps=1e-6,
+                  tie_embeddings=tie_embeddings) | {"head_dim": 128, "qk_norm": "head"}
+
+
+def _gemma3(d_model, n_layers, d_ff, context_length=32768, vocab_size=262144, n_heads=4, n_kv_heads=1,
+            head_dim=256, window=512) -> dict:
+    """Gemma 3 text: GeGLU, sandwich (1 + weight) RMSNorms, sqrt(d_model)-scaled embeddings,
+    per-head QK-norm, and five sliding-window layers (rope base 1e4) per global one (1e6)."""
+    return _llama(vocab_size, context_length, d_model, n_layers, n_heads, n_kv_heads, d_ff, 1_000_000.0,
+                  norm_eps=1e-6, tie_embeddings=True) | {
+        "mlp": "geglu", "head_dim": head_dim, "qk_norm": "head", "norm_placement": "sandwich",
+        "norm_plus_one": True, "scale_embeddings": True, "query_pre_attn_scalar": float(head_dim),
+        "sliding_window": window, "rope_local_theta": 10000.0,
+        "layer_types": ["global" if (i + 1) % 6 == 0 else "local" for i in range(n_layers)]}
+
+
+def _olmo2(vocab_size, context_length, d_model, n_layers, n_heads, d_ff) -> dict:
+    """OLMo 2: Llama with the norms after attention and MLP, QK-norm over the whole projection."""
+    return _llama(vocab_size, context_length, d_model, n_layers, n_heads, n_heads, d_ff, 500000.0,
+                  norm_eps=1e-6) | {"norm_placement": "post", "qk_norm": "projection"}
+
+
+# Published figures (parameter counts are checked in tests/test_config.py and, for the
+# Qwen / Gemma / OLMo presets, against transformers' own models in tests/test_families.py).
 PRESETS: dict[str, dict] = {
     "gpt2": _gpt2(768, 12, 12),  # 124,439,808
     "gpt2-medium": _gpt2(1024, 24, 16),  # 354,823,168
@@ -206,6 +273,18 @@ PRESETS: dict[str, dict] = {
     "smollm2-135m": _llama(49152, 8192, 576, 30, 9, 3, 1536, 100000.0, tie_embeddings=True),  # 134,515,008
     "smollm2-360m": _llama(49152, 8192, 960, 32, 15, 5, 2560, 100000.0, tie_embeddings=True),  # 361,821,120
     "smollm2-1.7b": _llama(49152, 8192, 2048, 24, 32, 32, 8192, 130000.0, tie_embeddings=True),  # 1,711,376,384
+    # Qwen (model cards: 0.6B / 1.7B / 4.0B / 8.2B, of which non-embedding 0.44B / 1.4B / 3.6B / 6.95B).
+    "qwen2.5-0.5b": _llama(151936, 32768, 896, 24, 14, 2, 4864, 1_000_000.0, norm_eps=1e-6,
+                           tie_embeddings=True) | {"qkv_bias": True},  # 494,032,768
+    "qwen3-0.6b": _qwen3(1024, 28, 16, 3072, tie_embeddings=True),  # 596,049,920
+    "qwen3-1.7b": _qwen3(2048, 28, 16, 6144, tie_embeddings=True),  # 1,720,574,976
+    "qwen3-4b": _qwen3(2560, 36, 32, 9728, tie_embeddings=True),  # 4,022,468,096
+    "qwen3-8b": _qwen3(4096, 36, 32, 12288, tie_embeddings=False),  # 8,190,735,360
+    # Gemma 3 text-only (Gemma3ForCausalLM): 270M and 1B.
+    "gemma3-270m": _gemma3(640, 18, 2048),  # 268,098,176
+    "gemma3-1b": _gemma3(1152, 26, 6912),  # 999,885,952
+    # OLMo-2-0425-1B (model card: 1.48B with its untied head).
+    "olmo2-1b": _olmo2(100352, 4096, 2048, 16, 16, 8192),  # 1,484,916,736
     # Mixtral 8x7B: Llama 2 attention (GQA 32/8) with 8 SwiGLU experts per layer, 2 per token.
     "mixtral-8x7b": _llama(32000, 32768, 4096, 32, 32, 8, 14336, 1e6)
     | dict(n_experts=8, experts_per_token=2, router_aux_loss_coef=0.02),  # 46,702,792,704; 12,879,925,248 active
@@ -219,4 +298,11 @@ PRESETS: dict[str, dict] = {
     | dict(n_experts=4, experts_per_token=2, d_ff_expert=96, router_aux_loss_coef=0.01, dtype="float32"),
     "llama-small-cpu": _llama(4096, 256, 256, 6, 8, 2, 704, 10000.0, tie_embeddings=True)
     | {"dtype": "float32"},
+    # One tiny model per newer family: head_dim (32) is not d_model / n_heads (16), and the
+    # Gemma one has a window of 16 in two local layers before a global one.
+    "qwen3-tiny": _qwen3(64, 2, 4, 192, tie_embeddings=True)
+    | {"vocab_size": 512, "context_length": 128, "head_dim": 32, "n_kv_heads": 2, "dtype": "float32"},
+    "gemma3-tiny": _gemma3(64, 3, 192, context_length=128, vocab_size=512, head_dim=32, window=16)
+    | {"layer_types": ["local", "local", "global"], "dtype": "float32"},
+    "olmo2-tiny": _olmo2(512, 128, 64, 2, 4, 192) | {"dtype": "float32"},
 }

@@ -262,7 +262,8 @@ class _Decoder:
             self.seen.scatter_(1, self.ids[:, :T], self.key_mask[:, :T])
         self.cache = None
         if use_cache:
-            self.cache = model.new_cache(B, self.ids.shape[1])
+            # The compiled step indexes the buffers by column: no ring buffers for local layers there.
+            self.cache = model.new_cache(B, self.ids.shape[1], ring=not compile)
             if self.padded:
                 self.cache.key_mask = self.key_mask
         # compile: the one-token steps run through a compiled static-shape step (compiled_decode.py);

@@ -1,12 +1,16 @@
 """The whole Transformer in one file: norms, positions, attention, MLPs, block, model, KV cache.
 
-One configurable model covers GPT-2, Llama 2 / 3 / 3.1 / 3.2 and, with a mixture-of-experts
-MLP (moe.py), Mixtral. Follow a token:
+One configurable model covers GPT-2, Llama 2 / 3 / 3.1 / 3.2, Qwen2.5 / Qwen3, Gemma 3 and
+OLMo 2 (docs/families.md lists what differs and where), and with a mixture-of-experts MLP
+(moe.py) Mixtral and Qwen3-MoE. Follow a token:
 
-    ids (B, T) -> tok_emb -> (+ learned/sinusoidal positions) -> x (B, T, d_model)
-    for each Block:   x = x + attn(norm(x))      # RoPE is applied to q, k inside attn
-                      x = x + mlp(norm(x))
+    ids (B, T) -> tok_emb (* sqrt(d_model) in Gemma) -> (+ learned/sinusoidal positions) -> x (B, T, d_model)
+    for each Block:   x = x + attn(norm(x))      # RoPE (and QK-norm) applied to q, k inside attn
+                      x = x + mlp(norm(x))       # OLMo 2 norms the branch's output, Gemma 3 both
     final_norm -> lm_head -> logits (B, T, vocab_size)
+
+A layer is global (every earlier key) or local (the last ``sliding_window`` keys); a local
+layer's KV cache keeps only its window.
 
 Parameter names say what they are and map one-to-one onto the Hugging Face weights
 (see hf.py): ``blocks.0.attn.qkv_proj`` is GPT-2's ``h.0.attn.c_attn`` and Llama's
@@ -41,42 +45,50 @@ class RMSNorm(nn.Module):
     """x / rms(x) * weight. Llama's norm: no mean subtraction and no bias.
 
     Computed in float32 whatever the input dtype, as Llama does, because the mean of
-    squares overflows/underflows easily in half precision.
+    squares overflows/underflows easily in half precision. Gemma's (``plus_one``) scales by
+    (1 + weight), its weight stored around 0, and multiplies before the cast back.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one fused kernel (five ops written out);
         # the weight multiplies after the cast back, in the input dtype, as Llama does.
         x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.plus_one:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over the last ``dim`` (default d_model) features."""
+    dim = dim or config.d_model
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim, eps=config.norm_eps, plus_one=config.norm_plus_one)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 # ----------------------------------------------------------------------------------------
 # Positions. Each table is built once per model and shared by every layer.
 # ----------------------------------------------------------------------------------------
-def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+def rope_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/head_dim), i = 0..head_dim/2-1, shape (head_dim/2,).
 
     With Llama 3.1 ``rope_scaling``, low frequencies (wavelength longer than
     original_context / low_freq_factor) are divided by ``factor``, high frequencies
     (wavelength shorter than original_context / high_freq_factor) are kept, and the band
     in between is blended smoothly. This lets a model trained on 8k positions read 128k.
+    ``local``: the frequencies of the sliding-window layers, base ``rope_local_theta`` (Gemma 3:
+    1e4 against the global layers' 1e6), never scaled (they never see far-apart positions).
     """
     head_dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     s = config.rope_scaling
-    if s is None:
+    if s is None or local:
         return inv_freq
     factor, low, high, original = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_context_length"]
     wavelen = 2 * math.pi / inv_freq
@@ -88,13 +100,13 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_mid, blended, scaled)
 
 
-def rope_table(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(config: ModelConfig, length: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * frequency, each (length, head_dim).
 
     The half-split layout (frequencies repeated as [f0..f_{d/2-1}, f0..f_{d/2-1}]) pairs
     dimension i with i + head_dim/2, the convention of the Hugging Face Llama weights.
     """
-    inv_freq = rope_frequencies(config)
+    inv_freq = rope_frequencies(config, local)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
     return angles.cos(), angles.sin()
@@ -150,36 +162,53 @@ def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
 class KVCache:
     """Keys and values of every layer, preallocated once and written in place.
 
-    k[layer], v[layer]: (batch, n_kv_heads, max_length, head_dim). ``length`` counts the
+    k[layer], v[layer]: (batch, n_kv_heads, columns, head_dim). ``length`` counts the
     positions filled so far; a forward pass with a cache writes its T new keys/values at
-    [length, length + T) and then advances ``length`` by T.
+    positions [length, length + T) and then advances ``length`` by T. A global layer has
+    ``max_length`` columns and keeps position p in column p.
+
+    A local (sliding-window) layer needs only the last ``sliding_window`` keys, so it has
+    ``window + slack`` columns (``ring=True``, the default) and keeps position p in column
+    p % columns: a ring buffer, its memory bounded by the window however long the text.
+    ``slack`` columns let a caller move ``length`` back by up to ``slack`` positions
+    (speculative decoding drops rejected drafts) without losing keys still in the window.
+    ``ring=False`` gives every layer ``max_length`` columns (for callers that index the
+    buffers by position: the compiled step, the server).
 
     ``key_mask`` (batch, max_length), True where a position holds a real token, is only
     needed for batches of left-padded prompts: padding positions must never be attended.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, ring: bool = True, slack: int = 0):
         max_length = max_length or config.context_length
         if max_length > config.context_length:
             raise ScratchLMError(f"cache length {max_length} exceeds context_length {config.context_length}")
         dtype = dtype or DTYPES[config.dtype]
-        shape = (batch_size, config.n_kv_heads, max_length, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.max_length = max_length
-        self.batch_size = batch_size
+        window = config.sliding_window
+        local_columns = min(max_length, window + slack) if ring and window else max_length
+        self.k, self.v = [], []
+        for kind in config.layer_types:
+            shape = (batch_size, config.n_kv_heads, local_columns if kind == "local" else max_length, config.head_dim)
+            self.k.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.v.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.max_length, self.batch_size, self.window = max_length, batch_size, window
         self.length = 0
         self.key_mask: torch.Tensor | None = None
 
     @classmethod
     def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor], *, length: int = 0,
-                     key_mask: torch.Tensor | None = None) -> KVCache:
-        """A cache over tensors that already exist (per layer (B, n_kv_heads, max_length,
-        head_dim)), without copying them: what the model writes through it lands in them."""
+                     key_mask: torch.Tensor | None = None, max_length: int | None = None,
+                     window: int | None = None) -> KVCache:
+        """A cache over tensors that already exist (per layer (B, n_kv_heads, columns,
+        head_dim)), without copying them: what the model writes through it lands in them.
+        max_length defaults to the most columns of any layer; window: the sliding window of
+        the layers that have fewer (their ring buffers)."""
         cache = cls.__new__(cls)
         cache.k, cache.v = list(k), list(v)
-        cache.batch_size, _, cache.max_length, _ = k[0].shape
+        cache.batch_size = k[0].shape[0]
+        cache.max_length = max_length or max(t.shape[2] for t in k)
+        cache.window = window
         if not 0 <= length <= cache.max_length:
             raise ValueError(f"length {length} is outside the cache's {cache.max_length} positions")
         if key_mask is not None and key_mask.shape != (cache.batch_size, cache.max_length):
@@ -203,15 +232,53 @@ class KVCache:
         """
         key_mask = self.key_mask[rows] if self.key_mask is not None else None
         return KVCache.from_tensors([t[rows] for t in self.k], [t[rows] for t in self.v],
-                                    length=self.length if length is None else length, key_mask=key_mask)
+                                    length=self.length if length is None else length, key_mask=key_mask,
+                                    max_length=self.max_length, window=self.window)
+
+    def _layout(self, layer: int, T: int) -> str:
+        """How T new positions go into this layer: "linear" (column = position: the buffer
+        has not wrapped), "ring" (written first, then the whole buffer is attended: the
+        columns written over hold keys out of every new query's window) or "chunk" (too many
+        new keys for that: attend to the old buffer and the new keys side by side)."""
+        columns, end = self.k[layer].shape[2], self.length + T
+        if end <= columns:
+            return "linear"
+        return "ring" if T <= columns - self.window + 1 else "chunk"
+
+    def key_positions(self, layer: int, T: int) -> torch.Tensor | None:
+        """The position of each key ``update(layer, ...)`` will return for T new ones, (S,)
+        long, negative for an empty column; None when they are 0 .. length + T - 1 in order.
+        Call it before update. Column j of a ring of C holds the last position p < end
+        with p % C == j, that is end - 1 - (end - 1 - j) mod C."""
+        layout = self._layout(layer, T)
+        if layout == "linear":
+            return None
+        columns, start, end = self.k[layer].shape[2], self.length, self.length + T
+        j = torch.arange(columns, device=self.k[layer].device)
+        if layout == "ring":
+            return end - 1 - (end - 1 - j) % columns
+        old = start - 1 - (start - 1 - j) % columns
+        return torch.cat([old, torch.arange(start, end, device=j.device)])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at the current position; return all keys and
-        values so far, (B, n_kv_heads, length + T, head_dim), as views (no copy)."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Write k, v (B, n_kv_heads, T, head_dim) at the current position; return the keys and
+        values to attend to, (B, n_kv_heads, S, head_dim): views of the buffer when they fit in
+        it (S = length + T, or the whole ring), else the old ring and the T new ones side by side
+        (see key_positions for their positions)."""
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        start, T = self.length, k.shape[2]
+        layout = self._layout(layer, T)
+        if layout == "linear":
+            buf_k[:, :, start:start + T] = k
+            buf_v[:, :, start:start + T] = v
+            return buf_k[:, :, :start + T], buf_v[:, :, :start + T]
+        columns = buf_k.shape[2]
+        keys, values = (buf_k, buf_v) if layout == "ring" else (torch.cat([buf_k, k], 2), torch.cat([buf_v, v], 2))
+        keep = min(T, columns)  # a chunk longer than the ring leaves only its last `columns` keys
+        at = torch.arange(start + T - keep, start + T, device=buf_k.device) % columns
+        buf_k.index_copy_(2, at, k[:, :, T - keep:].to(buf_k.dtype))
+        buf_v.index_copy_(2, at, v[:, :, T - keep:].to(buf_v.dtype))
+        return keys, values
 
     def reset(self) -> None:
         self.length = 0
@@ -228,30 +295,52 @@ class Attention(nn.Module):
     multi-query attention, anything in between is grouped-query attention (Llama 3): each
     group of n_heads / n_kv_heads query heads reads the same key/value head, which makes
     the KV cache that many times smaller.
+
+    head_dim need not be d_model / n_heads (Qwen3, Gemma 3). QK-norm (Qwen3, Gemma 3, OLMo 2)
+    RMS-normalizes q and k before RoPE, which keeps the attention logits from growing
+    without bound in training. A local layer (``sliding_window``) is masked to its window.
     """
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.layer = layer
+        self.layer, self.local = layer, config.layer_types[layer] == "local"
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        # One matrix for q, k and v: one matmul instead of three.
-        self.qkv_proj = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=config.bias)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        # One matrix for q, k and v: one matmul instead of three. Qwen2.5 has biases on these only.
+        self.qkv_proj = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
+        self.out_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm is not None:  # "head": over each head's head_dim; "projection": over all heads
+            self.q_norm = make_norm(config, self.head_dim if self.qk_norm == "head" else q_dim)
+            self.k_norm = make_norm(config, self.head_dim if self.qk_norm == "head" else kv_dim)
+        # Scores are q.k / sqrt(head_dim), or / sqrt(query_pre_attn_scalar) (Gemma). None: the kernels' default.
+        self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = True  # False: the reference path written out below
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """x (B, T, d_model) -> q (B, n_heads, T, head_dim), k and v (B, n_kv_heads, T, head_dim),
+        QK-normed and rotated."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        if self.qk_norm == "projection":  # OLMo 2: one norm over all the heads of q, one over k's
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head's vector normed on its own
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim), S = past + T
 
@@ -269,7 +358,8 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(group, dim=1)  # (B, H, S, D): each kv head serves `group` query heads
         v = v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+        scale = self.scale or 1 / math.sqrt(q.shape[-1])
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
         T, S = scores.shape[-2:]
         if mask is None:  # plain causal: query i (at absolute position S - T + i) sees keys <= it
             mask = causal_mask(T, S, device=q.device)
@@ -285,12 +375,14 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
         if mask is None and T == S:  # no cache: the kernel's own causal mask is cheapest
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa,
+                                                  scale=self.scale)
         if mask is None and T == 1:  # one new token attends to everything before it
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=gqa, scale=self.scale)
         if mask is None:
             mask = causal_mask(T, S, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa,
+                                              scale=self.scale)
 
 
     def _decode_gqa(self, q, k, v, mask):
@@ -305,7 +397,8 @@ class Attention(nn.Module):
         B, H, _, D = q.shape
         q = q.reshape(B, self.n_kv_heads, H // self.n_kv_heads, D)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, Hkv, group, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           scale=self.scale)  # (B, Hkv, group, D)
         return y.reshape(B, H, 1, D)
 
 
@@ -319,12 +412,13 @@ def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
 # MLP
 # ----------------------------------------------------------------------------------------
 class MLP(nn.Module):
-    """GPT-2: down(gelu(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x))."""
+    """GPT-2: down(gelu(up(x))). Llama (SwiGLU): down(silu(gate(x)) * up(x)).
+    Gemma (GeGLU): down(gelu(gate(x)) * up(x)), the tanh-approximated gelu."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.kind = config.mlp
-        if self.kind == "swiglu":
+        if self.kind in ("swiglu", "geglu"):
             self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
@@ -333,6 +427,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "geglu":
+            h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
         elif self.kind == "gelu":
             h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's "gelu_new"
         else:
@@ -344,18 +440,25 @@ class MLP(nn.Module):
 # Block and model
 # ----------------------------------------------------------------------------------------
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """A residual block: x + attn(norm(x)), then x + mlp(norm(x)) ("pre", GPT-2, Llama).
+
+    ``norm_placement`` "post" (OLMo 2) norms each branch's output instead,
+    x + norm(attn(x)); "sandwich" (Gemma 3) does both, x + norm(attn(norm(x))). A norm a
+    placement does not have is an Identity (no weights)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = make_norm(config)
+        pre, post = config.norm_placement != "post", config.norm_placement != "pre"
+        self.attn_norm = make_norm(config) if pre else nn.Identity()
         self.attn = Attention(config, layer)
-        self.mlp_norm = make_norm(config)
+        self.attn_post_norm = make_norm(config) if post else nn.Identity()
+        self.mlp_norm = make_norm(config) if pre else nn.Identity()
         self.mlp = MoE(config) if config.n_experts else MLP(config)  # mixture of experts: moe.py
+        self.mlp_post_norm = make_norm(config) if post else nn.Identity()
 
     def forward(self, x, rope, mask, cache):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn_post_norm(self.attn(self.attn_norm(x), rope, mask, cache))
+        return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -367,9 +470,12 @@ class Transformer(nn.Module):
             self.pos_emb = nn.Embedding(config.context_length, config.d_model)
         elif config.positions == "sinusoidal":
             self.register_buffer("pos_table", None, persistent=False)  # filled by reset_tables()
-        else:  # rope: one cos/sin table for all layers
+        else:  # rope: one cos/sin table for all layers (and one for the local ones, with their own base)
             self.register_buffer("rope_cos", None, persistent=False)
             self.register_buffer("rope_sin", None, persistent=False)
+            if config.rope_local_theta is not None:
+                self.register_buffer("rope_local_cos", None, persistent=False)
+                self.register_buffer("rope_local_sin", None, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config)
@@ -394,6 +500,15 @@ class Transformer(nn.Module):
         elif self.config.positions == "rope":
             cos, sin = rope_table(self.config, self.config.context_length)
             self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+            if self.config.rope_local_theta is not None:
+                cos, sin = rope_table(self.config, self.config.context_length, local=True)
+                self.rope_local_cos, self.rope_local_sin = cos.to(device), sin.to(device)
+
+    def rope_tables(self, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (context_length, head_dim) cos and sin tables of a global or a local layer."""
+        if local and self.config.rope_local_theta is not None:
+            return self.rope_local_cos, self.rope_local_sin
+        return self.rope_cos, self.rope_sin
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -435,9 +550,11 @@ class Transformer(nn.Module):
         mode, for moe.load_balancing_loss; [] for a dense model."""
         return [b.mlp.router_logits for b in self.blocks if getattr(b.mlp, "router_logits", None) is not None]
 
-    def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int | None = None, *, ring: bool = True,
+                  slack: int = 0) -> KVCache:
+        """An empty KVCache on the weights' device and dtype (see KVCache for ring and slack)."""
         p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_length, device=p.device, dtype=p.dtype)
+        return KVCache(self.config, batch_size, max_length, device=p.device, dtype=p.dtype, ring=ring, slack=slack)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
@@ -461,19 +578,17 @@ class Transformer(nn.Module):
             positions = torch.arange(past, past + T, device=ids.device).unsqueeze(0)  # (1, T)
 
         x = self.tok_emb(ids)  # (B, T, d_model)
-        rope = None
+        if self.config.scale_embeddings:  # Gemma: times sqrt(d_model), rounded to the weights' dtype as HF does
+            x = x * torch.tensor(self.config.d_model ** 0.5, dtype=x.dtype)
+        rope = rope_local = None
         if self.config.positions == "learned":
             x = x + self.pos_emb(positions)
         elif self.config.positions == "sinusoidal":
             x = x + self.pos_table[positions].to(x.dtype)
-        elif default_positions:  # a slice of the table: a view, no gather
-            cos = self.rope_cos[past:past + T][None, None].to(x.dtype)  # (1, 1, T, head_dim)
-            sin = self.rope_sin[past:past + T][None, None].to(x.dtype)
-            rope = (cos, sin)
         else:
-            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # (B or 1, 1, T, head_dim)
-            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
-            rope = (cos, sin)
+            rope = rope_local = self._rope(self.rope_tables(False), past, T, positions, x.dtype)
+            if self.config.rope_local_theta is not None:
+                rope_local = self._rope(self.rope_tables(True), past, T, positions, x.dtype)
         x = self.drop(x)
 
         # One mask for all layers, and only when the kernels' built-in causal masking does not
@@ -487,14 +602,47 @@ class Transformer(nn.Module):
         elif cache is not None and T > 1 and past > 0:
             mask = causal_mask(T, past + T, device=ids.device)
 
+        local_mask = self._local_mask(T, past, cache, mask, ids.device) if self.config.sliding_window else None
+
         for block in self.blocks:
-            x = block(x, rope, mask, cache)
+            local = block.attn.local
+            x = block(x, rope_local if local else rope, local_mask if local else mask, cache)
         if cache is not None:
             cache.length = past + T
         x = self.final_norm(x)
         if return_hidden:
             return x
         return self.lm_head(x)
+
+
+    @staticmethod
+    def _rope(tables, past: int, T: int, positions: torch.Tensor | None, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1 or B, 1, T, head_dim) of the T positions: a slice of the tables (a view,
+        no gather) for past .. past + T - 1, else the rows of ``positions`` (B, T)."""
+        cos, sin = tables
+        if positions is None:
+            return cos[past:past + T][None, None].to(dtype), sin[past:past + T][None, None].to(dtype)
+        return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+
+    def _local_mask(self, T: int, past: int, cache: KVCache | None, mask: torch.Tensor | None,
+                    device) -> torch.Tensor | None:
+        """The mask of the local layers: the global layers' (``mask``) while no key can be out of
+        the window, else query q (position past + i) sees key k where q - window < k <= q, k is
+        a real token and its column is filled. (T, S), or (B, 1, T, S) with a key_mask."""
+        W = self.config.sliding_window
+        first_local = self.config.layer_types.index("local")
+        keys = cache.key_positions(first_local, T) if cache is not None else None  # (S,) or None: 0..S-1
+        if keys is None:
+            if past + T <= W:
+                return mask
+            keys = torch.arange(past + T, device=device)
+        q = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+        k = keys[None, :]  # (1, S)
+        local = (k >= 0) & (k <= q) & (k > q - W)  # (T, S)
+        if cache is not None and cache.key_mask is not None:
+            real = cache.key_mask[:, keys.clamp(min=0)]  # (B, S): is the token at that position real?
+            local = (local[None, None] & real[:, None, None, :]) | (k == q)[None, None]  # a padding query sees itself
+        return local
 
 
 def _diagonal(T: int, S: int, device) -> torch.Tensor:

@@ -65,9 +65,10 @@ def _probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
 class _Cached:
     """A model with its KV cache, fed the sequence from wherever its cache stops."""
 
-    def __init__(self, model, max_length: int):
+    def __init__(self, model, max_length: int, slack: int):
         self.model = model
-        self.cache = model.new_cache(1, max_length)
+        # slack: a local layer's ring keeps that many columns past its window, for the rollback.
+        self.cache = model.new_cache(1, max_length, slack=slack)
 
     def logits(self, seq: list[int], extra: list[int] = ()) -> torch.Tensor:
         """Feed seq[cache.length:] + extra; logits (T, V) of the tokens fed."""
@@ -96,7 +97,7 @@ def speculative_generate(target, draft, prompt: list[int], *, max_new_tokens: in
         if max_length > model.config.context_length:
             raise ScratchLMError(f"prompt + max_new_tokens + k + 1 = {max_length} tokens exceed the {name}'s "
                                  f"context length {model.config.context_length}")
-    big, small = _Cached(target, max_length), _Cached(draft, max_length)
+    big, small = _Cached(target, max_length, k + 1), _Cached(draft, max_length, k + 1)
     seq = list(prompt)
     n_prompt = len(seq)
     # Invariant between rounds: both caches hold at most seq[:-1]; each model's next forward

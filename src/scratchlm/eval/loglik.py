@@ -187,12 +187,12 @@ def _score_batch(model, inputs: list[list[int]], continuations: list[list[int]],
         cols = torch.arange(P + T, device=device)
         key_mask = cols[None, :] >= pad[:, None]  # (G, P + T)
         all_positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # (G, P + T)
-        read = model.new_cache(G, P)
+        read = model.new_cache(G, P, ring=False)  # copied by column below
         read.key_mask = key_mask[:, :P] if padded else None
         model(prefix_ids.to(device), cache=read, positions=all_positions[:, :P] if padded else None,
               return_hidden=True)
         index = torch.tensor(owners, device=device)  # (B,) the prefix of each row
-        cache = model.new_cache(B, P + T)
+        cache = model.new_cache(B, P + T, ring=False)
         for layer in range(len(cache.k)):  # every row starts from its prefix's keys and values
             cache.k[layer][:, :, :P] = read.k[layer][index]
             cache.v[layer][:, :, :P] = read.v[layer][index]

@@ -293,7 +293,7 @@ class Engine:
                 seq._seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
                 seq._seen[0, seq.prompt_ids] = True
         batch = left_pad([s.prompt_ids for s in sequences], device=device)  # ids (B, T)
-        cache = model.new_cache(len(sequences), batch.prompt_length)
+        cache = model.new_cache(len(sequences), batch.prompt_length, ring=False)  # copied by column
         positions = None
         if batch.padded:
             cache.key_mask, positions = batch.key_mask, batch.positions
@@ -426,7 +426,7 @@ class RunningBatch:
         new_rows = self.allocated if rows <= self.allocated else min(self.max_batch, max(rows, 2 * self.allocated))
         new_columns = self.columns if columns <= self.columns else min(
             self.context, max(columns, 2 * self.columns, self.initial_columns))
-        fresh = self.model.new_cache(new_rows, new_columns)  # zeros in the model's dtype and device
+        fresh = self.model.new_cache(new_rows, new_columns, ring=False)  # zeros in the model's dtype and device
         fresh.key_mask = torch.zeros(new_rows, new_columns, dtype=torch.bool, device=fresh.k[0].device)
         if self.cache is not None:  # keys stay in the same rows and columns: the first r, c
             r, c = self.allocated, self.columns
