@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from scratchlm.config import ConfigError, ModelConfig
 from scratchlm.model import Transformer
-from scratchlm.moe import MoE, experts_forward, load_balancing_loss, route, router_stats
+from scratchlm.moe import MoE, load_balancing_loss, route, router_stats
 
 IDS = torch.tensor([[5, 17, 42, 8, 3, 99, 7, 61, 23, 11, 250, 4]])
 
@@ -150,14 +150,24 @@ def _transformers():
     return pytest.importorskip("transformers")
 
 
-def hf_mixtral(n_experts=4, k=2, vocab=300):
+FAMILIES = ["mixtral", "qwen3_moe"]
+
+
+def hf_moe(kind="mixtral", vocab=300):
+    """A tiny random MixtralForCausalLM (4 experts, top-2) or Qwen3MoeForCausalLM (8 experts,
+    top-2 without renormalising, QK-norm, head_dim 16 apart from d_model / n_heads = 8)."""
     transformers = _transformers()
     torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     num_local_experts=n_experts, num_experts_per_tok=k, sliding_window=None,
-                                     router_aux_loss_coef=0.02, tie_word_embeddings=False)
-    model = transformers.MixtralForCausalLM(cfg)
+    shape = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=128, tie_word_embeddings=False, num_experts_per_tok=2)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(**shape, intermediate_size=48, num_local_experts=4, sliding_window=None,
+                                         router_aux_loss_coef=0.02)
+        model = transformers.MixtralForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3MoeConfig(**shape, intermediate_size=64, moe_intermediate_size=24, num_experts=8,
+                                          head_dim=16, norm_topk_prob=False, router_aux_loss_coef=0.001)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
     with torch.no_grad():  # sharper logits: greedy choices are then not near-ties
         for p in model.parameters():
             if p.dim() >= 2:
@@ -225,7 +235,7 @@ def test_load_balancing_loss_equals_transformers():
         want = load_balancing_loss_func(tuple(logits), E, k)
         assert torch.allclose(load_balancing_loss(logits, k), want, atol=1e-6)
     # And in the model: our training forward keeps the router logits transformers returns.
-    hf = hf_mixtral()
+    hf = hf_moe("mixtral")
     ours = from_hf(hf).train()
     out = hf(IDS, output_router_logits=True)
     ours(IDS)
@@ -240,12 +250,14 @@ def from_hf(hf):
     return from_hf_model(hf)
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("use_sdpa", [True, False])
-def test_mixtral_logits_equal_transformers(use_sdpa):
-    hf = hf_mixtral()
+def test_logits_equal_transformers(kind, use_sdpa):
+    hf = hf_moe(kind)
     ours = from_hf(hf).eval()
-    assert ours.config.n_experts == 4 and ours.config.experts_per_token == 2
-    assert ours.config.router_aux_loss_coef == 0.02
+    c = ours.config
+    assert (c.n_experts, c.experts_per_token, c.router_aux_loss_coef, c.norm_topk_prob) == (
+        (4, 2, 0.02, True) if kind == "mixtral" else (8, 2, 0.001, False))
     ours.use_sdpa = use_sdpa
     with torch.no_grad():
         assert torch.allclose(ours(IDS), hf(IDS).logits, atol=1e-4)
@@ -255,11 +267,12 @@ def test_mixtral_logits_equal_transformers(use_sdpa):
         assert torch.allclose(torch.cat(steps, dim=1), hf(IDS).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_mixtral_greedy_generation_equals_transformers(use_cache):
+def test_greedy_generation_equals_transformers(kind, use_cache):
     from scratchlm.generate import generate
 
-    hf = hf_mixtral()
+    hf = hf_moe(kind)
     ours = from_hf(hf).eval()
     prompt = IDS[:, :5]
     want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=16,
@@ -268,10 +281,11 @@ def test_mixtral_greedy_generation_equals_transformers(use_cache):
     assert c.token_ids == want
 
 
-def test_mixtral_left_padded_batch_equals_transformers():
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_left_padded_batch_equals_transformers(kind):
     from scratchlm.generate import generate
 
-    hf = hf_mixtral()
+    hf = hf_moe(kind)
     ours = from_hf(hf).eval()
     prompts = [[5, 17, 42, 8, 3, 99], [7, 61]]
     [a, b] = generate(ours, None, prompts, max_new_tokens=10, ignore_eos=True)
@@ -282,11 +296,12 @@ def test_mixtral_left_padded_batch_equals_transformers():
         assert got.token_ids == want
 
 
-def test_mixtral_directory_round_trip(tmp_path):
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_directory_round_trip(kind, tmp_path):
     transformers = _transformers()
     from scratchlm.hf import load_hf, save_hf
 
-    hf = hf_mixtral()
+    hf = hf_moe(kind)
     hf.save_pretrained(tmp_path / "hf")
     ours, _ = load_hf(tmp_path / "hf", with_tokenizer=False)
     with torch.no_grad():
@@ -294,9 +309,9 @@ def test_mixtral_directory_round_trip(tmp_path):
         assert torch.allclose(ours(IDS), want, atol=1e-4)
     save_hf(tmp_path / "back", ours)
     saved = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert saved["model_type"] == "mixtral" and saved["num_local_experts"] == 4
+    assert saved["model_type"] == kind
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
-    assert type(again).__name__ == "MixtralForCausalLM"
+    assert type(again) is type(hf)
     with torch.no_grad():
         assert torch.equal(again(IDS).logits, want)  # same weights, same code: bit for bit
     # scratchlm's own directory format keeps the experts too.
@@ -309,27 +324,46 @@ def test_mixtral_directory_round_trip(tmp_path):
         assert torch.equal(reloaded(IDS), ours(IDS))
 
 
-def test_mixtral_preset_parameter_count_equals_transformers():
+# Model cards: Mixtral 8x7B "46.7B total, 12.9B active"; Qwen3-30B-A3B "30.5B total, 3.3B activated".
+PUBLISHED = {"mixtral-8x7b": (46_702_792_704, 12.9), "qwen3-30b-a3b": (30_532_122_624, 3.3)}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_preset_parameter_counts_equal_transformers(name):
     transformers = _transformers()
     from scratchlm.hf import hf_config_dict
 
-    config = ModelConfig.preset("mixtral-8x7b")
+    config = ModelConfig.preset(name)
+    c = hf_config_dict(config)
+    cls = {"mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+           "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}[c["model_type"]]
     with torch.device("meta"):
         ours = Transformer(config)
-        c = hf_config_dict(config)
-        theirs = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-            **{k: v for k, v in c.items() if k not in ("model_type", "architectures")}))
-    n = sum(p.numel() for p in theirs.parameters())
-    assert ours.num_parameters() == n == 46_702_792_704  # "46.7B" (the model card)
-    assert round(ours.num_active_parameters() / 1e9, 1) == 12.9  # "12.9B active"
+        theirs = cls[1](cls[0](**{k: v for k, v in c.items() if k not in ("model_type", "architectures")}))
+    total, active = PUBLISHED[name]
+    assert ours.num_parameters() == sum(p.numel() for p in theirs.parameters()) == total
+    # Mixtral's 12.88B is rounded to 12.9, Qwen's 3.35B cut to 3.3: both within 0.06B.
+    assert abs(ours.num_active_parameters() / 1e9 - active) < 0.06
 
 
-def test_a_mixtral_config_with_a_sliding_window_is_refused():
+def test_unsupported_hf_moe_configs_are_refused():
     from scratchlm.hf import config_from_hf
 
-    c = hf_mixtral().config.to_dict() | {"sliding_window": 64}
     with pytest.raises(ConfigError, match="sliding_window=64"):
-        config_from_hf(c)
+        config_from_hf(hf_moe("mixtral").config.to_dict() | {"sliding_window": 64})
+    with pytest.raises(ConfigError, match="every layer must be a mixture of experts"):
+        config_from_hf(hf_moe("qwen3_moe").config.to_dict() | {"mlp_only_layers": [0]})
+
+
+def test_a_checkpoint_of_one_family_loaded_as_another_is_an_error(tmp_path):
+    from scratchlm.hf import load_hf
+    from scratchlm.state_dict import CheckpointError
+
+    hf_moe("mixtral").save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="does not match config.json"):
+        load_hf(tmp_path / "m", with_tokenizer=False)
 
 
 # ---- decode layouts and LoRA -----------------------------------------------------------------------

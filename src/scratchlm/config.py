@@ -288,6 +288,10 @@ PRESETS: dict[str, dict] = {
     # Mixtral 8x7B: Llama 2 attention (GQA 32/8) with 8 SwiGLU experts per layer, 2 per token.
     "mixtral-8x7b": _llama(32000, 32768, 4096, 32, 32, 8, 14336, 1e6)
     | dict(n_experts=8, experts_per_token=2, router_aux_loss_coef=0.02),  # 46,702,792,704; 12,879,925,248 active
+    # Qwen3-30B-A3B: Qwen3 attention (QK-norm, head_dim 128, GQA 32/4), 128 experts of 768, 8 per token.
+    "qwen3-30b-a3b": _llama(151936, 40960, 2048, 48, 32, 4, 6144, 1_000_000.0, norm_eps=1e-6)
+    | dict(head_dim=128, qk_norm="head", n_experts=128, experts_per_token=8, d_ff_expert=768,
+           router_aux_loss_coef=0.001),  # 30,532,122,624; 3,353,032,704 active
     # Small models for CPU work and tests.
     "gpt-tiny": dict(vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
                      d_ff=256, bias=True, tie_embeddings=True),
@@ -296,6 +300,9 @@ PRESETS: dict[str, dict] = {
     "llama-tiny": _llama(512, 128, 64, 2, 4, 2, 192, 10000.0) | {"dtype": "float32"},
     "moe-tiny": _llama(512, 128, 64, 2, 4, 2, 192, 10000.0)
     | dict(n_experts=4, experts_per_token=2, d_ff_expert=96, router_aux_loss_coef=0.01, dtype="float32"),
+    "qwen3-moe-tiny": _llama(512, 128, 64, 2, 4, 2, 192, 1_000_000.0, norm_eps=1e-6)
+    | dict(head_dim=32, qk_norm="head", n_experts=8, experts_per_token=2, d_ff_expert=48,
+           router_aux_loss_coef=0.001, dtype="float32"),
     "llama-small-cpu": _llama(4096, 256, 256, 6, 8, 2, 704, 10000.0, tie_embeddings=True)
     | {"dtype": "float32"},
     # One tiny model per newer family: head_dim (32) is not d_model / n_heads (16), and the

@@ -190,7 +190,8 @@ def _moe_config_from_hf(c: Mapping, model_type: str) -> dict:
     if c.get("decoder_sparse_step", 1) != 1 or c.get("mlp_only_layers"):
         raise ConfigError("qwen3_moe with dense layers (decoder_sparse_step != 1 or mlp_only_layers) is not "
                           "supported: every layer must be a mixture of experts")
-    return dict(n_experts=c["num_experts"], experts_per_token=c["num_experts_per_tok"],
+    n_experts = c["num_experts"] if "num_experts" in c else c["num_local_experts"]  # transformers >= 5 renames it
+    return dict(n_experts=n_experts, experts_per_token=c["num_experts_per_tok"],
                 d_ff_expert=c["moe_intermediate_size"], norm_topk_prob=bool(c.get("norm_topk_prob", True)),
                 router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.0)))
 
