@@ -39,26 +39,16 @@ def build(args):
 
 
 def hf_mixtral(moe):
+    """transformers' MixtralForCausalLM holding the MoE's weights (exported and read back)."""
+    import tempfile
+
     import transformers
 
-    from scratchlm.hf import hf_config_dict, to_hf_state_dict
+    from scratchlm.hf import save_hf
 
-    c = hf_config_dict(moe.config)
-    config = transformers.MixtralConfig(**{k: v for k, v in c.items() if k not in ("model_type", "architectures")})
-    hf = transformers.MixtralForCausalLM(config).eval()
-    state = to_hf_state_dict({k: v.detach() for k, v in moe.state_dict().items()}, moe.config)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    if missing or unexpected:  # transformers >= 5 keeps the experts stacked: let it convert
-        hf = transformers.MixtralForCausalLM(config).eval()
-        hf_state = hf.state_dict()
-        for i in range(moe.config.n_layers):
-            for ours, theirs in (("gate_up_proj", "gate_up_proj"), ("down_proj", "down_proj")):
-                key = next(k for k in hf_state if k.endswith(f"layers.{i}.mlp.experts.{theirs}"))
-                state[key] = moe.state_dict()[f"blocks.{i}.mlp.{ours}"]
-            gate = next(k for k in hf_state if k.endswith(f"layers.{i}.mlp.gate.weight"))
-            state[gate] = state.pop(f"model.layers.{i}.block_sparse_moe.gate.weight")
-        hf.load_state_dict({k: v for k, v in state.items() if k in hf_state}, strict=True)
-    return hf
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(f"{tmp}/mixtral", moe)
+        return transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/mixtral").eval()
 
 
 def main():

@@ -142,4 +142,17 @@ def router_stats(router_logits: list[torch.Tensor], k: int) -> dict[str, torch.T
     return {"moe_load_max": torch.stack(maxes).mean(), "moe_load_entropy": torch.stack(entropies).mean()}
 
 
-__all__ = ["MoE", "route", "experts_forward", "load_balancing_loss", "router_stats"]
+def add_balancing_loss(model, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss + router_aux_loss_coef * load_balancing_loss, metrics) after a training forward
+    of ``model`` (a Transformer, unwrapped); (loss, {}) for a dense model. The metrics:
+    ce_loss (the loss given), moe_aux_loss, and router_stats'."""
+    config = model.config
+    if not config.n_experts:
+        return loss, {}
+    router_logits, k = model.router_logits(), config.experts_per_token
+    aux = load_balancing_loss(router_logits, k)
+    metrics = {"ce_loss": loss.detach(), "moe_aux_loss": aux.detach(), **router_stats(router_logits, k)}
+    return loss + config.router_aux_loss_coef * aux, metrics
+
+
+__all__ = ["MoE", "route", "experts_forward", "load_balancing_loss", "router_stats", "add_balancing_loss"]

@@ -33,7 +33,7 @@ from ..checkpoint import load_config, load_model, save_model
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import Transformer
-from ..moe import load_balancing_loss, router_stats
+from ..moe import add_balancing_loss
 from .config import LoopConfig, need, option, positive_ints
 from .core import Task, Trainer, TrainResult
 from .distributed import all_reduce_values, process_group
@@ -156,12 +156,8 @@ class PretrainTask(Task):
         logits = model(x)  # (B, T, vocab)
         # The loss in fp32 whatever the autocast: log-softmax over a large vocabulary needs it.
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        metrics = {}
-        if self.model_config.n_experts:  # mixture of experts: keep the routers balanced (moe.py)
-            router_logits, k = self.net.router_logits(), self.model_config.experts_per_token
-            aux = load_balancing_loss(router_logits, k)
-            metrics = {"ce_loss": loss.detach(), "moe_aux_loss": aux.detach(), **router_stats(router_logits, k)}
-            loss = loss + self.model_config.router_aux_loss_coef * aux
+        # A mixture of experts: + the load-balancing loss of its routers (moe.py); dense: as is.
+        loss, metrics = add_balancing_loss(self.net, loss)
         return loss, metrics, x.numel()
 
     def evaluate(self, model) -> dict[str, float]:
