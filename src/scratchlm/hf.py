@@ -207,8 +207,8 @@ def hf_family(config: ModelConfig) -> str:
             continue
         if all(getattr(config, k) == v for k, v in wanted.items()):
             return model_type
-    raise ConfigError("no Hugging Face family has this model's shape (scratchlm exports GPT-2, "
-                      + ", ".join(arch for arch, _ in FAMILIES.values()) + ")")
+    raise ConfigError("no Hugging Face family has this model's shape, so it cannot be exported (scratchlm "
+                      "exports GPT-2, " + ", ".join(arch for arch, _ in FAMILIES.values()) + ")")
 
 
 def _layer_names(config: ModelConfig) -> dict[str, str]:

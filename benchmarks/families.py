@@ -1,0 +1,142 @@
+"""Each model family against transformers: batch-1 decode tokens/s and training tokens/s.
+
+One row of ``MODELS`` per family: (name, scratchlm preset, the transformers class that
+runs the same weights). The transformers model is built from the config scratchlm exports
+(hf.hf_config_dict) and given the same random weights (hf.to_hf_state_dict), so both sides
+compute the same function. They run interleaved, round by round, in one process, so that
+a busy machine slows them alike; each figure is the median over the rounds.
+
+    decode   greedy, batch 1: a 32-token prompt, then --new tokens; tokens/s of the new ones
+             (scratchlm.generate with its KV cache vs transformers .generate(use_cache=True))
+    train    forward + backward + AdamW step on (--batch, --seq) random tokens; tokens/s
+
+    python benchmarks/families.py                    # the smallest preset of each family, 2 threads
+    python benchmarks/families.py --quick            # the tiny CPU presets, few tokens: a smoke run
+    python benchmarks/families.py --models qwen3-0.6b --rounds 5
+
+A new family (the mixture-of-experts models, say) is one more row of MODELS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from scratchlm import ModelConfig, Transformer
+from scratchlm.generate import generate
+from scratchlm.hf import hf_config_dict, to_hf_state_dict
+
+# (name, scratchlm preset, transformers class): the smallest published model of each family,
+# then the tiny CPU presets for --quick.
+MODELS: list[tuple[str, str, str]] = [
+    ("qwen3-0.6b", "qwen3-0.6b", "Qwen3ForCausalLM"),
+    ("gemma3-270m", "gemma3-270m", "Gemma3ForCausalLM"),
+    ("olmo2-1b", "olmo2-1b", "Olmo2ForCausalLM"),
+    ("qwen3-tiny", "qwen3-tiny", "Qwen3ForCausalLM"),
+    ("gemma3-tiny", "gemma3-tiny", "Gemma3ForCausalLM"),
+    ("olmo2-tiny", "olmo2-tiny", "Olmo2ForCausalLM"),
+]
+QUICK = ["qwen3-tiny", "gemma3-tiny", "olmo2-tiny"]
+DEFAULT = ["qwen3-0.6b", "gemma3-270m"]
+
+
+def build_pair(preset: str, hf_class: str, context: int):
+    """(scratchlm model, transformers model) in fp32 with the same random weights."""
+    import transformers
+
+    config = ModelConfig.preset(preset, dtype="float32")
+    config = config.replace(context_length=min(config.context_length, context))
+    torch.manual_seed(0)
+    ours = Transformer(config).eval()
+    hf_config = transformers.AutoConfig.for_model(**hf_config_dict(config))
+    theirs = getattr(transformers, hf_class)(hf_config).eval()
+    state = {k: v.detach() for k, v in ours.state_dict().items()}
+    missing, unexpected = theirs.load_state_dict(to_hf_state_dict(state, config), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    theirs.tie_weights()
+    return ours, theirs
+
+
+def decode_ours(model, prompt, new):
+    generate(model, None, [prompt], max_new_tokens=new, ignore_eos=True)
+
+
+def decode_hf(model, prompt, new):
+    ids = torch.tensor([prompt])
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                   min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+
+
+def train_step(model, optimizer, ids, hf: bool):
+    logits = model(ids).logits if hf else model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench(name, preset, hf_class, args) -> dict:
+    ours, theirs = build_pair(preset, hf_class, context=args.prompt + args.new + args.seq + 8)
+    vocab = ours.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (args.prompt,), generator=g).tolist()
+    batch = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+    with torch.inference_mode():  # warm-up
+        decode_ours(ours, prompt, 2)
+        decode_hf(theirs, prompt, 2)
+    times = {"decode ours": [], "decode hf": [], "train ours": [], "train hf": []}
+    for _ in range(args.rounds):  # interleaved
+        with torch.inference_mode():
+            times["decode ours"].append(timed(lambda: decode_ours(ours, prompt, args.new)))
+            times["decode hf"].append(timed(lambda: decode_hf(theirs, prompt, args.new)))
+    opts = {}
+    for side, model in (("ours", ours), ("hf", theirs)):
+        model.train()
+        opts[side] = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        train_step(model, opts[side], batch, side == "hf")  # warm-up (and the optimizer's state)
+    for _ in range(args.rounds):
+        times["train ours"].append(timed(lambda: train_step(ours, opts["ours"], batch, False)))
+        times["train hf"].append(timed(lambda: train_step(theirs, opts["hf"], batch, True)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "params": ours.num_parameters(),
+            "decode ours": args.new / med["decode ours"], "decode hf": args.new / med["decode hf"],
+            "train ours": batch.numel() / med["train ours"], "train hf": batch.numel() / med["train hf"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=None, help=f"rows of MODELS (default {DEFAULT})")
+    parser.add_argument("--quick", action="store_true", help="the tiny presets, few tokens and rounds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    if args.quick:
+        args.models = args.models or QUICK
+        args.new, args.seq, args.rounds = 32, 64, 3
+    torch.set_num_threads(args.threads)
+    rows = {name: (preset, cls) for name, preset, cls in MODELS}
+    print(f"{args.threads} threads, {args.rounds} rounds (median), fp32, random weights")
+    print(f"{'model':14s} {'params':>13s} | {'decode tok/s ours':>17s} {'hf':>8s} {'ratio':>6s} | "
+          f"{'train tok/s ours':>16s} {'hf':>8s} {'ratio':>6s}")
+    for name in args.models or DEFAULT:
+        r = bench(name, *rows[name], args)
+        print(f"{name:14s} {r['params']:>13,} | {r['decode ours']:>17.1f} {r['decode hf']:>8.1f} "
+              f"{r['decode ours'] / r['decode hf']:>5.2f}x | {r['train ours']:>16.1f} {r['train hf']:>8.1f} "
+              f"{r['train ours'] / r['train hf']:>5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
