@@ -23,7 +23,7 @@ def one_thread():
 
 
 def tiny_moe(**changes) -> ModelConfig:
-    return ModelConfig.preset("moe-tiny", vocab_size=300, **changes)
+    return ModelConfig.preset("moe-tiny", **{"vocab_size": 300, **changes})
 
 
 # ---- the layer on its own ------------------------------------------------------------------------
@@ -367,20 +367,54 @@ def test_a_checkpoint_of_one_family_loaded_as_another_is_an_error(tmp_path):
 
 
 # ---- decode layouts and LoRA -----------------------------------------------------------------------
-def test_decode_layouts_on_a_moe_model():
-    from scratchlm.decode_weights import prepare_for_decode
-    from scratchlm.errors import ScratchLMError
+@pytest.fixture(scope="module")
+def trained_moe():
+    """moe-tiny on bytes, trained for a few seconds on the Python language reference (random
+    weights would say nothing about quantization: every layout is near-uniform on them)."""
+    from scratchlm.corpus import python_reference
 
     torch.manual_seed(0)
-    model = Transformer(tiny_moe()).eval()
-    with torch.no_grad():
-        want = model(IDS)
-        fast = prepare_for_decode(model, "fp32")
-        assert type(fast.blocks[0].mlp.router).__name__ == "TransposedLinear"
-        assert torch.allclose(fast(IDS), want, atol=1e-5)
-    for weights in ("int8", "int4"):
-        with pytest.raises(ScratchLMError, match="do not quantize mixture-of-experts"):
-            prepare_for_decode(Transformer(tiny_moe()).eval(), weights)
+    data = torch.tensor(list("\n".join(python_reference()[:40]).encode()), dtype=torch.long)
+    train, held_out = data[:-4096], data[-4096:]
+    model = Transformer(tiny_moe(vocab_size=256))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        starts = torch.randint(0, len(train) - 65, (8,), generator=g).tolist()
+        batch = torch.stack([train[s:s + 65] for s in starts])
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), held_out.view(-1, 128)
+
+
+@torch.no_grad()
+def perplexity(model, chunks):
+    return F.cross_entropy(model(chunks[:, :-1]).float().flatten(0, 1), chunks[:, 1:].flatten()).exp().item()
+
+
+@pytest.mark.parametrize("weights, max_ratio", [("fp32", 1.0001), ("int8", 1.02), ("int4", 1.06)])
+def test_decode_layouts_on_a_moe_model(trained_moe, weights, max_ratio):
+    import copy
+
+    from scratchlm.decode_weights import Int4Linear, Int8Linear, TransposedLinear, prepare_for_decode
+    from scratchlm.generate import generate
+
+    model, held_out = trained_moe
+    ppl = perplexity(model, held_out)
+    assert ppl < 20, f"the model did not learn (perplexity {ppl:.1f} of 256 bytes): the check would be void"
+    fast = prepare_for_decode(copy.deepcopy(model), weights, group_size=32)
+    layer = {"fp32": TransposedLinear, "int8": Int8Linear, "int4": Int4Linear}[weights]
+    moe = fast.blocks[0].mlp
+    assert type(moe.router) is (Int8Linear if weights == "int4" else layer)  # 4 outputs: not int4's tile
+    assert all(type(m) is layer for pair in moe.expert_layers for m in pair)
+    assert not hasattr(moe, "gate_up_proj")  # the stacked copy is gone
+    assert perplexity(fast, held_out) / ppl < max_ratio
+    prompt = list(b"The ")
+    [a] = generate(fast, None, [prompt], max_new_tokens=8)
+    [b] = generate(model, None, [prompt], max_new_tokens=8)
+    assert a.token_ids[:2] == b.token_ids[:2]
 
 
 def test_lora_on_the_attention_of_a_moe_model():

@@ -33,6 +33,7 @@ torch.Size([2, 3, 64])
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -52,10 +53,11 @@ def route(logits: torch.Tensor, k: int, norm_topk_prob: bool = True) -> tuple[to
 
 
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[n, j] * SwiGLU_{experts[n, j]}(x[n]), grouped by expert.
+                    expert: Callable[[int, torch.Tensor], torch.Tensor], n_experts: int) -> torch.Tensor:
+    """sum_j weights[n, j] * expert(experts[n, j], x[n]), grouped by expert.
 
-    x (N, d); weights, experts (N, k); gate_up_proj (E, 2f, d); down_proj (E, d, f) -> (N, d).
+    x (N, d); weights, experts (N, k); expert(e, x_e) runs expert e on its tokens x_e (n, d)
+    and returns (n, d) -> (N, d).
     """
     N, k = experts.shape
     flat = experts.flatten()  # (N * k,) the expert of each (token, slot) assignment
@@ -63,15 +65,14 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     tokens = order // k  # the token of each sorted assignment
     scale = weights.flatten()[order].to(x.dtype)  # (N * k,) its router weight
     # The group sizes are needed on the host to slice the groups (one sync per layer).
-    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
     out = torch.zeros_like(x)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         idx = tokens[start:start + n]  # (n,) the tokens routed to expert e
-        gate, up = F.linear(x[idx], gate_up_proj[e]).chunk(2, dim=-1)  # (n, f) each
-        y = F.linear(F.silu(gate) * up, down_proj[e])  # (n, d)
+        y = expert(e, x[idx])  # (n, d): one matmul pair for all of expert e's tokens
         out.index_put_((idx,), y * scale[start:start + n, None], accumulate=True)  # out[idx] += ...
         start += n
     return out
@@ -92,6 +93,30 @@ class MoE(nn.Module):
         nn.init.normal_(self.down_proj, std=0.02)
         self.dropout = nn.Dropout(config.dropout)
         self.router_logits: torch.Tensor | None = None  # (N, E) of the last training forward
+        self.n_experts, self.d_ff_expert = E, f
+        self.expert_layers: nn.ModuleList | None = None  # set by decode_weights.prepare_for_decode
+
+    def __getstate__(self):
+        """Copies and pickles leave out the last forward's router logits (a part of that
+        forward's autograd graph, which cannot be copied), as they do the graph itself."""
+        state = self.__dict__.copy()
+        state["router_logits"] = None
+        return state
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU, down(silu(gate(x)) * up(x)), on its tokens x (n, d) -> (n, d)."""
+        if self.expert_layers is not None:  # a decode layout: two layers per expert
+            gate_up, down = self.expert_layers[e]
+            gate, up = gate_up(x).chunk(2, dim=-1)
+            return down(F.silu(gate) * up)
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, f) each
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def set_expert_layers(self, layers: list[list[nn.Module]]) -> None:
+        """Replace the stacked expert weights by per-expert layers [gate_up, down] (any
+        Linear-like module: decode_weights' int8, int4, transposed ...); inference only."""
+        self.expert_layers = nn.ModuleList(nn.ModuleList(pair) for pair in layers)
+        del self.gate_up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
@@ -100,12 +125,11 @@ class MoE(nn.Module):
         if self.training:  # kept for the load-balancing loss (Transformer.router_logits)
             self.router_logits = logits
         weights, experts = route(logits, self.k, self.norm_topk_prob)
-        y = experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj)
+        y = experts_forward(x, weights, experts, self.expert, self.n_experts)
         return self.dropout(y.view(B, T, d))
 
     def extra_repr(self) -> str:
-        E, two_f, d = self.gate_up_proj.shape
-        return f"experts={E}, experts_per_token={self.k}, d_model={d}, d_ff_expert={two_f // 2}"
+        return f"experts={self.n_experts}, experts_per_token={self.k}, d_ff_expert={self.d_ff_expert}"
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], k: int) -> torch.Tensor:
