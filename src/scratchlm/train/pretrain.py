@@ -96,8 +96,9 @@ def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
         ratio = base["n_heads"] // base["n_kv_heads"]  # 1 for multi-head attention
         changes["n_kv_heads"] = changes["n_heads"] // ratio if changes["n_heads"] % ratio == 0 else changes["n_heads"]
     # Training keeps fp32 master weights (autocast does the bf16 math); vocab from the data.
-    return ModelConfig.from_dict({**base, **changes, "vocab_size": vocab_size, "dropout": cfg.dropout,
-                                  "dtype": "float32"})
+    # replace() re-derives what follows the changed fields (head_dim, layer_types per layer).
+    return ModelConfig.preset(cfg.model).replace(**{**changes, "vocab_size": vocab_size, "dropout": cfg.dropout,
+                                                    "dtype": "float32"})
 
 
 def _describe_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
