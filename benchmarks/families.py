@@ -48,7 +48,8 @@ def build_pair(preset: str, hf_class: str, context: int):
     import transformers
 
     config = ModelConfig.preset(preset, dtype="float32")
-    config = config.replace(context_length=min(config.context_length, context))
+    # A short context keeps the rope tables small; never shorter than the sliding window.
+    config = config.replace(context_length=min(config.context_length, max(context, config.sliding_window or 0)))
     torch.manual_seed(0)
     ours = Transformer(config).eval()
     hf_config = transformers.AutoConfig.for_model(**hf_config_dict(config))

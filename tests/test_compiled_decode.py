@@ -37,7 +37,7 @@ def graphs():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])  # learned positions + MHA; RoPE + GQA
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "gemma3-tiny"])  # + a sliding window of 16
 def test_one_compilation_for_twenty_steps_and_the_same_greedy_tokens(graphs, preset):
     model = tiny(preset)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]  # left-padded: the key mask is in play

@@ -89,10 +89,10 @@ def test_language_modelling_needs_greedy_to_reproduce_every_token():
     assert [d["greedy"] for d in result.details] == [True, False] and result.metrics["acc"] == 0.5
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture(scope="module", params=["llama-tiny", "gemma3-tiny"])  # gemma3: a window of 16 < the contexts
+def tiny(request):
     torch.manual_seed(0)
-    return Transformer(ModelConfig.preset("llama-tiny")).eval()
+    return Transformer(ModelConfig.preset(request.param)).eval()
 
 
 def test_shared_prefix_and_batching_change_no_number(tiny):

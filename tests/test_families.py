@@ -283,16 +283,67 @@ def test_replace_keeps_derived_fields_in_step():
     assert ModelConfig.preset("qwen3-tiny").replace(d_model=128).head_dim == 32  # explicit: kept
 
 
-def test_prompt_formats_of_the_families():
-    from scratchlm.chat import resolve_template
+FAMILY_TOKENS = {  # the chat markers each family's tokenizer has as special tokens, and its template's gist
+    "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "chatml",
+              "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"),
+    "gemma3_text": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "gemma",
+                    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}"
+                    "<end_of_turn>\n{% endfor %}"),
+}
 
-    class Tok:
-        def __init__(self, specials, template=None):
-            self.special_tokens, self.chat_template = specials, template
 
-    # A Hugging Face directory's own Jinja template wins for inference (Qwen 2.5's writes its
-    # default system message); training takes the built-in its special tokens point to.
-    qwen25 = "{{ 'You are Qwen, created by Alibaba Cloud.' }}<|im_start|>"
-    assert resolve_template(None, Tok({"<|im_start|>": 1, "<|im_end|>": 2}, qwen25)) == qwen25
-    assert resolve_template(None, Tok({"<|im_start|>": 1, "<|im_end|>": 2}), training=True) == "chatml"  # Qwen
-    assert resolve_template(None, Tok({"<start_of_turn>": 1, "<end_of_turn>": 2}), training=True) == "gemma"
+@pytest.mark.parametrize("family", FAMILY_TOKENS)
+def test_a_family_tokenizer_directory_picks_its_prompt_format(family, tmp_path):
+    """A Hugging Face tokenizer directory of the family: inference uses its own Jinja
+    template, training the built-in format its special tokens point to."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from scratchlm.chat import render_chat, resolve_template
+    from scratchlm.tokenizer.load import load_tokenizer
+
+    specials, builtin, template = FAMILY_TOKENS[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the model answers"] * 4, trainer)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[1 if family != "qwen3" else 2],
+                                                  bos_token=specials[0])
+    hf_tok.chat_template = template
+    hf_tok.save_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    assert resolve_template(None, ours) == template  # inference: the directory's own template
+    assert resolve_template(None, ours, training=True) == builtin  # training: the built-in it matches
+    messages = [{"role": "user", "content": "hi"}]
+    if family == "gemma3_text":  # the built-in renders what the family's template renders
+        assert render_chat(messages, builtin, ours, add_generation_prompt=False).startswith(
+            hf_tok.apply_chat_template(messages, tokenize=False).strip())
+
+
+@pytest.mark.parametrize("preset", ["qwen3-tiny", "gemma3-tiny", "olmo2-tiny"])
+def test_each_tiny_preset_trains_and_takes_lora(preset):
+    """A few AdamW steps on one batch lower the loss (every new weight gets a gradient), and
+    LoRA wraps the attention projections without changing the function (B starts at 0)."""
+    from scratchlm.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset))
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))  # longer than gemma3-tiny's window of 16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        if not losses:
+            assert all(p.grad is not None for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    model.eval()
+    with torch.no_grad():
+        before = model(ids)
+        assert len(apply_lora(model, rank=4, alpha=8)) == 2 * model.config.n_layers
+        assert torch.equal(model(ids), before)

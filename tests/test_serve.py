@@ -193,7 +193,7 @@ def test_streamed_choices_and_extensions(client, model_and_tokenizer):
 
 
 # ---- concurrency ------------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "gemma3-tiny"])  # gemma3: a window of 16
 def test_engine_rows_joining_and_leaving_decode_like_generate(preset):
     """Continuous batching: 12 prompts of different lengths arrive while others run, each
     with its own max_tokens, in a 48-token context. The shared cache starts with 8 columns,

@@ -70,6 +70,8 @@ class KVCache:
         cache.batch_size = k[0].shape[0]
         cache.max_length = max_length or max(t.shape[2] for t in k)
         cache.window = window
+        if window is None and any(t.shape[2] != cache.max_length for t in k):
+            raise ValueError("layers with fewer columns than max_length are ring buffers: give their window")
         if not 0 <= length <= cache.max_length:
             raise ValueError(f"length {length} is outside the cache's {cache.max_length} positions")
         if key_mask is not None and key_mask.shape != (cache.batch_size, cache.max_length):

@@ -36,6 +36,14 @@ def check_exportable(config) -> None:
     if not (config.positions == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"):
         raise GGUFError("only Llama-shaped models (rope positions, rmsnorm, swiglu) can be written to GGUF; "
                         f"this one has {config.positions} positions, {config.norm} and {config.mlp}")
+    # The newer families' switches (Qwen3's QK-norm, OLMo 2's post-norms, Gemma 3's windows...)
+    # have no place in the llama GGUF architecture written here.
+    others = {"qk_norm": None, "norm_placement": "pre", "qkv_bias": False, "sliding_window": None,
+              "norm_plus_one": False, "scale_embeddings": False, "query_pre_attn_scalar": None,
+              "head_dim": config.d_model // config.n_heads}
+    different = [f"{k}={getattr(config, k)!r}" for k, v in others.items() if getattr(config, k) != v]
+    if different:
+        raise GGUFError(f"only Llama-shaped models can be written to GGUF; this one has {', '.join(different)}")
     if getattr(config, "n_experts", 0):
         raise GGUFError("mixture-of-experts models cannot be written to GGUF yet; export to Hugging Face instead")
 
