@@ -435,3 +435,21 @@ def test_lora_on_the_attention_of_a_moe_model():
     assert not torch.allclose(after, before)
     merge_lora(model)
     assert torch.allclose(model(IDS), after, atol=1e-5)
+
+
+def test_gguf_export_refuses_a_moe_model():
+    from scratchlm.errors import ScratchLMError
+    from scratchlm.gguf_io.save import check_exportable
+
+    with pytest.raises(ScratchLMError, match="mixture-of-experts models cannot be written to GGUF"):
+        check_exportable(tiny_moe())
+
+
+def test_tiny_presets_export_as_their_families():
+    from scratchlm.hf import hf_config_dict
+
+    assert hf_config_dict(ModelConfig.preset("moe-tiny"))["architectures"] == ["MixtralForCausalLM"]
+    c = hf_config_dict(ModelConfig.preset("qwen3-moe-tiny"))
+    assert c["architectures"] == ["Qwen3MoeForCausalLM"] and c["head_dim"] == 32 and c["num_experts"] == 8
+    with pytest.raises(ConfigError, match="no Hugging Face family"):  # Mixtral always renormalises
+        hf_config_dict(ModelConfig.preset("moe-tiny", norm_topk_prob=False))
