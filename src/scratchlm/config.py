@@ -64,6 +64,15 @@ class ModelConfig:
     sliding_window: int | None = None  # a local layer's query sees its last `sliding_window` keys
     layer_types: list[str] | None = None  # per layer "global" / "local"; None: all local if a window
     rope_local_theta: float | None = None  # rope base of local layers; None -> rope_theta (Gemma 3: 1e4)
+    # Mixture of experts (moe.py): n_experts > 0 replaces every block's MLP by n_experts
+    # SwiGLU experts of hidden size d_ff_expert, of which a router picks experts_per_token
+    # for each token. norm_topk_prob: rescale the chosen experts' router probabilities to
+    # sum to 1 (Mixtral, Qwen3-MoE) instead of using them as they are.
+    n_experts: int = 0  # 0: a dense MLP
+    experts_per_token: int = 2  # top-k
+    d_ff_expert: int | None = None  # None -> d_ff
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -78,6 +87,8 @@ class ModelConfig:
         if self.layer_types is None:
             self.layer_types = ["local" if self.sliding_window is not None else "global"] * self.n_layers
         self.layer_types = list(self.layer_types)  # a tuple from Python, a list from JSON: one form
+        if self.d_ff_expert is None:
+            self.d_ff_expert = self.d_ff
         self.validate()
 
     # ---- validation -------------------------------------------------------------------
@@ -122,6 +133,17 @@ class ModelConfig:
             need(self.head_dim % 2 == 0, f"rotary positions need an even head_dim, got {self.head_dim}")
         if self.positions == "sinusoidal":
             need(self.d_model % 2 == 0, f"sinusoidal positions need an even d_model, got {self.d_model}")
+        need(isinstance(self.n_experts, int) and not isinstance(self.n_experts, bool) and self.n_experts >= 0,
+             f"n_experts must be an integer >= 0 (0: dense MLP), got {self.n_experts!r}")
+        if self.n_experts:
+            need(self.mlp == "swiglu", f"experts are SwiGLU MLPs: mixture of experts needs mlp='swiglu', got {self.mlp!r}")
+            k = self.experts_per_token
+            need(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.n_experts,
+                 f"experts_per_token must be between 1 and n_experts={self.n_experts}, got {k!r}")
+            need(isinstance(self.d_ff_expert, int) and self.d_ff_expert > 0,
+                 f"d_ff_expert must be a positive integer, got {self.d_ff_expert!r}")
+            need(not self.bias, "mixture-of-experts layers have no biases: set bias=False")
+        need(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.rope_scaling is not None:
             need(self.positions == "rope", "rope_scaling is set but positions is not 'rope'")
             keys = {"factor", "low_freq_factor", "high_freq_factor", "original_context_length"}
@@ -263,12 +285,24 @@ PRESETS: dict[str, dict] = {
     "gemma3-1b": _gemma3(1152, 26, 6912),  # 999,885,952
     # OLMo-2-0425-1B (model card: 1.48B with its untied head).
     "olmo2-1b": _olmo2(100352, 4096, 2048, 16, 16, 8192),  # 1,484,916,736
+    # Mixtral 8x7B: Llama 2 attention (GQA 32/8) with 8 SwiGLU experts per layer, 2 per token.
+    "mixtral-8x7b": _llama(32000, 32768, 4096, 32, 32, 8, 14336, 1e6)
+    | dict(n_experts=8, experts_per_token=2, router_aux_loss_coef=0.02),  # 46,702,792,704; 12,879,925,248 active
+    # Qwen3-30B-A3B: Qwen3 attention (QK-norm, head_dim 128, GQA 32/4), 128 experts of 768, 8 per token.
+    "qwen3-30b-a3b": _llama(151936, 40960, 2048, 48, 32, 4, 6144, 1_000_000.0, norm_eps=1e-6)
+    | dict(head_dim=128, qk_norm="head", n_experts=128, experts_per_token=8, d_ff_expert=768,
+           router_aux_loss_coef=0.001),  # 30,532,122,624; 3,353,032,704 active
     # Small models for CPU work and tests.
     "gpt-tiny": dict(vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
                      d_ff=256, bias=True, tie_embeddings=True),
     "gpt-small-cpu": dict(vocab_size=4096, context_length=256, d_model=256, n_layers=6,
                           n_heads=8, d_ff=1024, bias=False, tie_embeddings=True),
     "llama-tiny": _llama(512, 128, 64, 2, 4, 2, 192, 10000.0) | {"dtype": "float32"},
+    "moe-tiny": _llama(512, 128, 64, 2, 4, 2, 192, 10000.0)
+    | dict(n_experts=4, experts_per_token=2, d_ff_expert=96, router_aux_loss_coef=0.01, dtype="float32"),
+    "qwen3-moe-tiny": _llama(512, 128, 64, 2, 4, 2, 192, 1_000_000.0, norm_eps=1e-6)
+    | dict(head_dim=32, qk_norm="head", n_experts=8, experts_per_token=2, d_ff_expert=48,
+           router_aux_loss_coef=0.001, dtype="float32"),
     "llama-small-cpu": _llama(4096, 256, 256, 6, 8, 2, 704, 10000.0, tie_embeddings=True)
     | {"dtype": "float32"},
     # One tiny model per newer family: head_dim (32) is not d_model / n_heads (16), and the

@@ -223,6 +223,13 @@ class DynamicInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear (no bias) holding ``weight`` (out, in), e.g. one expert's slice."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
 def _int4_fits(linear: nn.Linear, group_size: int) -> bool:
     """The int4 CPU packing needs whole groups along each row and outputs in tiles of 16."""
     return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
@@ -232,11 +239,15 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     """Store ``model``'s weights the fast way for decoding (one of WEIGHTS), in
     place. Only the Transformer's own Linear layers are swapped (merge LoRA adapters first).
 
+    A mixture-of-experts layer (moe.py) has its router swapped like any Linear, and each
+    expert's stacked matrices (gate_up_proj[e], down_proj[e]) become two layers of the layout.
+
     group_size: inputs per scale for "int4" (one of INT4_GROUP_SIZES); a layer whose input
     size it does not divide, or whose output size is not a multiple of 16 (the packing
     kernel's tile), keeps int8 weights.
     """
     from .model import MLP, Attention, Transformer
+    from .moe import MoE
 
     if weights not in WEIGHTS:
         raise ScratchLMError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -257,21 +268,29 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
         model.lm_head = TransposedLinear(table_t, None)
         model.tok_emb = TransposedEmbedding(table_t)
     model.to(dtype)
+
+    def swap(linear: nn.Linear) -> nn.Module:
+        if weights == "fp32":
+            return TransposedLinear.from_linear(linear)
+        if weights == "bf16" and packed_bf16:
+            return PackedBF16Linear(linear)
+        if weights == "int8" or (weights == "int4" and not _int4_fits(linear, group_size)):
+            return Int8Linear(linear, dtype)
+        if weights == "int4":
+            return Int4Linear(linear, group_size)
+        if weights == "int8-dynamic":
+            return DynamicInt8Linear(linear)
+        return linear
+
     for module in list(model.modules()):
-        if not isinstance(module, (Attention, MLP, Transformer)):
+        if not isinstance(module, (Attention, MLP, MoE, Transformer)):
             continue
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                if weights == "fp32":
-                    setattr(module, name, TransposedLinear.from_linear(child))
-                elif weights == "bf16" and packed_bf16:
-                    setattr(module, name, PackedBF16Linear(child))
-                elif weights == "int8" or (weights == "int4" and not _int4_fits(child, group_size)):
-                    setattr(module, name, Int8Linear(child, dtype))
-                elif weights == "int4":
-                    setattr(module, name, Int4Linear(child, group_size))
-                elif weights == "int8-dynamic":
-                    setattr(module, name, DynamicInt8Linear(child))
+                setattr(module, name, swap(child))
+        if isinstance(module, MoE):  # each expert's two matrices become layers of the layout
+            module.set_expert_layers([[swap(_linear(w)) for w in pair]
+                                      for pair in zip(module.gate_up_proj.detach(), module.down_proj.detach())])
     model.requires_grad_(False)
     if hasattr(model, "config"):
         model.config = model.config.replace(dtype="float32" if dtype == torch.float32 else "bfloat16")

@@ -28,6 +28,13 @@ The key maps are written out so a reader can see which tensor goes where:
     model.norm                               final_norm
     lm_head.weight                           lm_head.weight (absent when tied)
 
+    MixtralForCausalLM, Qwen3MoeForCausalLM: the MLP is a mixture of experts (moe.py)
+    model.layers.{i}.block_sparse_moe.gate   blocks.{i}.mlp.router        (Qwen3-MoE: mlp.gate)
+    ...experts.{j}.w1, w3                    blocks.{i}.mlp.gate_up_proj[j] (stacked gate; up)
+    ...experts.{j}.w2                        blocks.{i}.mlp.down_proj[j]
+    (Qwen3-MoE names them gate_proj, up_proj, down_proj; transformers >= 5 holds them
+    stacked in memory: mlp.experts.gate_up_proj, mlp.experts.down_proj)
+
 Qwen2, Qwen3, Gemma 3 (text) and OLMo 2 are Llama-shaped: ``FAMILIES`` lists the config
 fields each fixes, ``_LAYER_NAMES`` / ``_NORM_NAMES`` their extra tensors (q_norm, k_norm and
 the norms of each norm placement: OLMo 2's post_attention_layernorm is a norm *after*
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -92,7 +100,13 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                               bias=False)),
     "olmo2": ("Olmo2ForCausalLM", dict(mlp="swiglu", norm_placement="post", qk_norm="projection",
                                        qkv_bias=False, bias=False)),
+    # Mixtures of experts (n_experts > 0): Llama / Qwen3 attention, SwiGLU experts.
+    "mixtral": ("MixtralForCausalLM", dict(mlp="swiglu", norm_placement="pre", qk_norm=None, qkv_bias=False,
+                                           bias=False, norm_topk_prob=True)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", dict(mlp="swiglu", norm_placement="pre", qk_norm="head",
+                                              qkv_bias=False, bias=False)),
 }
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 _PLAIN = dict(norm="rmsnorm", positions="rope", norm_plus_one=False, scale_embeddings=False,
               query_pre_attn_scalar=None, sliding_window=None, rope_local_theta=None)  # unless the family says
 
@@ -157,6 +171,8 @@ def _config_from_llama_like(c: Mapping, model_type: str) -> ModelConfig:
         fields.update(query_pre_attn_scalar=float(c["query_pre_attn_scalar"]), layer_types=layer_types,
                       sliding_window=c["sliding_window"] if "local" in layer_types else None,
                       rope_local_theta=float(c.get("rope_local_base_freq") or local_theta))
+    if model_type in MOE_FAMILIES:
+        fields.update(_moe_config_from_hf(c, model_type))
     dtype = str(c.get("torch_dtype") or c.get("dtype") or "float32").replace("torch.", "")
     return ModelConfig(
         vocab_size=c["vocab_size"], context_length=c["max_position_embeddings"], d_model=c["hidden_size"],
@@ -168,6 +184,23 @@ def _config_from_llama_like(c: Mapping, model_type: str) -> ModelConfig:
         **fields)
 
 
+def _moe_config_from_hf(c: Mapping, model_type: str) -> dict:
+    """The mixture-of-experts fields of a Mixtral / Qwen3-MoE config.json."""
+    if model_type == "mixtral":
+        if c.get("sliding_window") is not None:
+            raise ConfigError(f"mixtral with sliding_window={c['sliding_window']} is not supported "
+                              "(Mixtral 8x7B has none)")
+        return dict(n_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
+                    d_ff_expert=c["intermediate_size"], router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.0)))
+    if c.get("decoder_sparse_step", 1) != 1 or c.get("mlp_only_layers"):
+        raise ConfigError("qwen3_moe with dense layers (decoder_sparse_step != 1 or mlp_only_layers) is not "
+                          "supported: every layer must be a mixture of experts")
+    n_experts = c["num_experts"] if "num_experts" in c else c["num_local_experts"]  # transformers >= 5 renames it
+    return dict(n_experts=n_experts, experts_per_token=c["num_experts_per_tok"],
+                d_ff_expert=c["moe_intermediate_size"], norm_topk_prob=bool(c.get("norm_topk_prob", True)),
+                router_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.0)))
+
+
 def hf_family(config: ModelConfig) -> str:
     """The model_type of the Llama-shaped transformers family that has ``config``'s shape."""
     for model_type, (_, fixed) in FAMILIES.items():
@@ -175,6 +208,8 @@ def hf_family(config: ModelConfig) -> str:
         if model_type == "gemma3_text":  # the window, its layers and the scalar are free
             for free in ("query_pre_attn_scalar", "sliding_window", "rope_local_theta"):
                 wanted.pop(free)
+        if (model_type in MOE_FAMILIES) != bool(config.n_experts):
+            continue
         if all(getattr(config, k) == v for k, v in wanted.items()):
             return model_type
     raise ConfigError("no Hugging Face family has this model's shape, so it cannot be exported (scratchlm "
@@ -187,6 +222,9 @@ def _layer_names(config: ModelConfig) -> dict[str, str]:
     names.update({k: v for k, v in _LAYER_NAMES.items() if config.qk_norm or "_norm" not in k})
     if config.mlp not in ("swiglu", "geglu"):
         names.pop("mlp.gate_proj")
+    if config.n_experts:  # the experts' names: _experts_from_hf
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names.pop(f"mlp.{proj}")
     out = {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in names.items()}
     if config.bias:
         out.update({f"{ours}.bias": f"{theirs}.bias" for ours, theirs in names.items() if "norm" not in ours})
@@ -254,6 +292,8 @@ def _from_llama_like(state, config):
                 [get(f"{a}.q_proj.bias"), get(f"{a}.k_proj.bias"), get(f"{a}.v_proj.bias")], dim=0)
         for ours, theirs in names.items():
             out[f"blocks.{i}.{ours}"] = get(f"layers.{i}.{theirs}")
+        if config.n_experts:
+            out.update(_experts_from_hf(state, get, i, config))
     tied = config.tie_embeddings or "lm_head.weight" not in state
     out["lm_head.weight"] = out["tok_emb.weight"] if tied else state["lm_head.weight"]
     _check_family(state, out, config)
@@ -266,10 +306,50 @@ def _check_family(state, out, config) -> None:
     taken = {"model.embed_tokens.weight", "embed_tokens.weight", "lm_head.weight", "model.norm.weight", "norm.weight"}
     names = set(_layer_names(config).values()) | {f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")}
     left = sorted(k for k in state if k not in taken and k.split(".", 3)[-1] not in names
-                  and not k.endswith("rotary_emb.inv_freq"))
+                  and not k.endswith("rotary_emb.inv_freq") and not (config.n_experts and _EXPERT_KEY.search(k)))
     if left:
         raise CheckpointError(f"the checkpoint has weights this {hf_family_name(config)} config has no place for "
                               f"({', '.join(left[:3])}{' ...' if len(left) > 3 else ''}): it is another family's")
+
+
+# The experts' names in the checkpoints: (gate, up, down) of expert j, under the MoE block.
+EXPERT_NAMES = {"block_sparse_moe": ("w1", "w3", "w2"),  # Mixtral's hub files
+                "mlp": ("gate_proj", "up_proj", "down_proj")}  # Qwen3-MoE (and Mixtral in transformers >= 5)
+_EXPERT_KEY = re.compile(r"layers\.\d+\.(block_sparse_moe|mlp)\.(gate\.weight|experts\.)")
+
+
+def _experts_from_hf(state, get, i: int, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """One MoE layer's router and experts, stacked as moe.MoE holds them, from a checkpoint
+    with one tensor per expert (the hub files) or the stacked tensors (transformers >= 5)."""
+    def has(key):
+        return key in state or "model." + key in state
+
+    block = next((b for b in EXPERT_NAMES if has(f"layers.{i}.{b}.gate.weight")), "mlp")
+    m, ours = f"layers.{i}.{block}", f"blocks.{i}.mlp"
+    out = {f"{ours}.router.weight": get(f"{m}.gate.weight")}
+    if has(f"{m}.experts.gate_up_proj"):
+        out[f"{ours}.gate_up_proj"] = get(f"{m}.experts.gate_up_proj")  # (E, 2f, d)
+        out[f"{ours}.down_proj"] = get(f"{m}.experts.down_proj")  # (E, d, f)
+        return out
+    names = next((n for n in EXPERT_NAMES.values() if has(f"{m}.experts.0.{n[0]}.weight")), EXPERT_NAMES[block])
+    gate, up, down = ([get(f"{m}.experts.{j}.{name}.weight") for j in range(config.n_experts)] for name in names)
+    out[f"{ours}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])  # (E, 2f, d)
+    out[f"{ours}.down_proj"] = torch.stack(down)  # (E, d, f)
+    return out
+
+
+def _experts_to_hf(state, i: int, config: ModelConfig, model_type: str) -> dict[str, torch.Tensor]:
+    """The inverse of _experts_from_hf, in the hub's layout (one tensor per expert)."""
+    block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    m, ours, f = f"model.layers.{i}.{block}", f"blocks.{i}.mlp", config.d_ff_expert
+    gate, up, down = EXPERT_NAMES[block]
+    out = {f"{m}.gate.weight": state[f"{ours}.router.weight"]}
+    for j in range(config.n_experts):
+        gate_up = state[f"{ours}.gate_up_proj"][j]
+        out[f"{m}.experts.{j}.{gate}.weight"] = gate_up[:f].contiguous()
+        out[f"{m}.experts.{j}.{up}.weight"] = gate_up[f:].contiguous()
+        out[f"{m}.experts.{j}.{down}.weight"] = state[f"{ours}.down_proj"][j].contiguous()
+    return out
 
 
 def hf_family_name(config: ModelConfig) -> str:
@@ -296,7 +376,7 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> 
         if not config.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"]
         return out
-    hf_family(config)  # raises for a shape no family has
+    model_type = hf_family(config)  # raises for a shape no family has
     out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["final_norm.weight"]}
     q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     names = _layer_names(config)
@@ -310,6 +390,8 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> 
             out[f"{a}.q_proj.bias"], out[f"{a}.k_proj.bias"], out[f"{a}.v_proj.bias"] = bq, bk, bv
         for ours, theirs in names.items():
             out[f"model.layers.{i}.{theirs}"] = state[f"blocks.{i}.{ours}"]
+        if config.n_experts:
+            out.update(_experts_to_hf(state, i, config, model_type))
     if not config.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     return out
@@ -410,6 +492,15 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
                    layer_types=[{v: k for k, v in _LAYER_TYPES.items()}[t] for t in config.layer_types],
                    final_logit_softcapping=None, attn_logit_softcapping=None)
         del out["hidden_act"]
+    if model_type == "mixtral":  # Mixtral's intermediate_size is its experts'
+        out.update(intermediate_size=config.d_ff_expert, num_local_experts=config.n_experts,
+                   num_experts_per_tok=config.experts_per_token, router_aux_loss_coef=config.router_aux_loss_coef,
+                   sliding_window=None)
+    if model_type == "qwen3_moe":
+        out.update(moe_intermediate_size=config.d_ff_expert, num_experts=config.n_experts,
+                   num_experts_per_tok=config.experts_per_token, norm_topk_prob=config.norm_topk_prob,
+                   router_aux_loss_coef=config.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
+                   use_sliding_window=False)
     return out
 
 

@@ -1,7 +1,8 @@
 """The whole Transformer in one file: norms, positions, attention, MLPs, block, model, KV cache.
 
 One configurable model covers GPT-2, Llama 2 / 3 / 3.1 / 3.2, Qwen2.5 / Qwen3, Gemma 3 and
-OLMo 2 (docs/families.md lists what differs and where). Follow a token:
+OLMo 2 (docs/families.md lists what differs and where), and with a mixture-of-experts MLP
+(moe.py) Mixtral and Qwen3-MoE. Follow a token:
 
     ids (B, T) -> tok_emb (* sqrt(d_model) in Gemma) -> (+ learned/sinusoidal positions) -> x (B, T, d_model)
     for each Block:   x = x + attn(norm(x))      # RoPE (and QK-norm) applied to q, k inside attn
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import ScratchLMError
 from .kv_cache import KVCache
+from .moe import MoE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -323,7 +325,7 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.attn_post_norm = make_norm(config) if post else nn.Identity()
         self.mlp_norm = make_norm(config) if pre else nn.Identity()
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_experts else MLP(config)  # mixture of experts: moe.py
         self.mlp_post_norm = make_norm(config) if post else nn.Identity()
 
     def forward(self, x, rope, mask, cache):
@@ -356,7 +358,7 @@ class Transformer(nn.Module):
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers),
         # so the variance of the residual stream does not grow with depth.
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out_proj.weight", "mlp.down_proj.weight")):
+            if name.endswith(("attn.out_proj.weight", "mlp.down_proj.weight", "mlp.down_proj")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
         self.to(DTYPES[config.dtype])
         self.reset_tables()
@@ -407,6 +409,18 @@ class Transformer(nn.Module):
             if hasattr(self, "pos_emb"):
                 n -= self.pos_emb.weight.numel()
         return n
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token computes with: with a mixture of experts, all of them less
+        the n_experts - experts_per_token experts of each layer it is not routed to."""
+        c = self.config
+        unused = c.n_layers * (c.n_experts - c.experts_per_token) * 3 * c.d_model * c.d_ff_expert
+        return self.num_parameters() - (unused if c.n_experts else 0)
+
+    def router_logits(self) -> list[torch.Tensor]:
+        """Each MoE layer's router logits (B * T, n_experts) of the last forward in training
+        mode, for moe.load_balancing_loss; [] for a dense model."""
+        return [b.mlp.router_logits for b in self.blocks if getattr(b.mlp, "router_logits", None) is not None]
 
     def new_cache(self, batch_size: int, max_length: int | None = None, *, ring: bool = True,
                   slack: int = 0) -> KVCache:

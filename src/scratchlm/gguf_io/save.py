@@ -44,6 +44,8 @@ def check_exportable(config) -> None:
     different = [f"{k}={getattr(config, k)!r}" for k, v in others.items() if getattr(config, k) != v]
     if different:
         raise GGUFError(f"only Llama-shaped models can be written to GGUF; this one has {', '.join(different)}")
+    if getattr(config, "n_experts", 0):
+        raise GGUFError("mixture-of-experts models cannot be written to GGUF yet; export to Hugging Face instead")
 
 
 def save_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", name: str | None = None) -> Path:

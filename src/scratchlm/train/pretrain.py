@@ -4,6 +4,10 @@
     logits = model(x)                               (B, T, vocab)
     loss = cross_entropy(logits, y)                 mean over B*T positions of -log p(y_t | x_<=t)
 
+A mixture-of-experts model adds ``router_aux_loss_coef * load_balancing_loss`` to the
+training loss, and logs it (``moe_aux_loss``) with the routers' balance (moe.router_stats)
+and the cross-entropy alone (``ce_loss``).
+
 Evaluation: the mean loss over fixed validation windows, perplexity exp(loss), and bits per
 byte = loss / ln 2 * tokens per byte (comparable across tokenizers); a sampled
 continuation. A run directory (``out_dir``) holds ``metrics.jsonl``, ``loss.png``,
@@ -29,6 +33,7 @@ from ..checkpoint import load_config, load_model, save_model
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import Transformer
+from ..moe import add_balancing_loss
 from .config import LoopConfig, need, option, positive_ints
 from .core import Task, Trainer, TrainResult
 from .distributed import all_reduce_values, process_group
@@ -91,8 +96,9 @@ def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
         ratio = base["n_heads"] // base["n_kv_heads"]  # 1 for multi-head attention
         changes["n_kv_heads"] = changes["n_heads"] // ratio if changes["n_heads"] % ratio == 0 else changes["n_heads"]
     # Training keeps fp32 master weights (autocast does the bf16 math); vocab from the data.
-    return ModelConfig.from_dict({**base, **changes, "vocab_size": vocab_size, "dropout": cfg.dropout,
-                                  "dtype": "float32"})
+    # replace() re-derives what follows the changed fields (head_dim, layer_types per layer).
+    return ModelConfig.preset(cfg.model).replace(**{**changes, "vocab_size": vocab_size, "dropout": cfg.dropout,
+                                                    "dtype": "float32"})
 
 
 def _describe_difference(saved: ModelConfig, wanted: ModelConfig) -> str:
@@ -150,7 +156,10 @@ class PretrainTask(Task):
         x, y = batch
         logits = model(x)  # (B, T, vocab)
         # The loss in fp32 whatever the autocast: log-softmax over a large vocabulary needs it.
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), {}, x.numel()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        # A mixture of experts: + the load-balancing loss of its routers (moe.py); dense: as is.
+        loss, metrics = add_balancing_loss(self.net, loss)
+        return loss, metrics, x.numel()
 
     def evaluate(self, model) -> dict[str, float]:
         """Mean loss over the fixed validation windows (this rank's share, summed over ranks)."""
