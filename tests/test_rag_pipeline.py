@@ -194,7 +194,7 @@ def test_cli_bad_input_is_one_clear_line(cli_index, tmp_path, capsys):
     fails(["rag", "index", str(folder), "--index", str(folder)], "not a scratchlm index")
     fails(["rag", "index", str(folder), "--index", str(tmp_path / "new"), "--chunk-tokens", "400"], "--chunk-tokens")
     fails(["rag", "ask", "   ", "--index", str(index_dir)], "empty")
-    fails(["rag", "ask", "q", "--index", str(index_dir), "-k", "0"], "-k")
+    fails(["rag", "ask", "q", "--index", str(index_dir), "-k", "0"], "k must be between 1 and 100")
     assert snapshot(index_dir) == before  # nothing already indexed was lost
 
 
