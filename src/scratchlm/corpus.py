@@ -101,7 +101,7 @@ def load_corpus(name: str) -> list[str]:
     return list(_read_corpus(name, CORPORA[name]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_corpus(name: str, reader: Callable[[], list[str]]) -> tuple[str, ...]:
     return tuple(reader())  # a tuple: every caller gets its own list of the same strings
 
