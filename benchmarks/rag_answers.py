@@ -35,6 +35,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+# This folder holds benchmarks/gguf.py, which would shadow the gguf package the loader imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -42,7 +44,7 @@ from scratchlm.load import load_any  # noqa: E402
 from scratchlm.rag.config import AskConfig  # noqa: E402
 from scratchlm.rag.ingest import default_index_dir, index_documents  # noqa: E402
 from scratchlm.rag.loaders import python_reference_documents  # noqa: E402
-from scratchlm.rag.pipeline import answer  # noqa: E402
+from scratchlm.rag.pipeline import answer_batch  # noqa: E402
 from scratchlm.rag.retrieve import open_retriever  # noqa: E402
 
 QUESTIONS = Path(__file__).with_name("rag_questions.jsonl")
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--full-index", action="store_true", help="use the whole Python reference (the default index)")
     ap.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VALUE,...")
     ap.add_argument("--show", action="store_true", help="print every answer")
+    ap.add_argument("--batch", type=int, default=10, help="questions answered in one batched decode loop")
     args = ap.parse_args()
 
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines()]
@@ -108,25 +111,32 @@ def main() -> None:
         name, values = parse_setting(text)
         settings[name] = AskConfig.from_dict({"max_new_tokens": args.max_new_tokens, **values})
     stats = {name: Counter() for name in settings}
-    for q, question in enumerate(questions, start=1):
-        hits = retriever.search(question, k=4)
-        for name, cfg in settings.items():  # interleaved: each question under every setting
-            start = time.perf_counter()
-            result = answer(question, hits, model, tokenizer, **cfg.generate_options())
+    pairs = [(q, retriever.search(q, k=4)) for q in questions]
+    shown = {}
+    for start in range(0, len(pairs), args.batch):  # interleaved rounds: each batch under every setting
+        batch = pairs[start:start + args.batch]
+        for name, cfg in settings.items():
+            t0 = time.perf_counter()
+            results = answer_batch(batch, model, tokenizer, **cfg.generate_options())
             s = stats[name]
-            s["seconds"] += time.perf_counter() - start
-            s["tokens"] += len(result.token_ids)
-            s["loops"] += loops(result.token_ids)
-            s["sentence"] += repeats_a_sentence(result.text)
-            s["limit"] += result.finish_reason == "length"
-            s["cites"] += bool(result.citations)
-            s["invalid"] += len(result.invalid_citations)
-            if args.show:
-                print(f"--- [{q}] {name}: {question}\n{result.text.strip()}\n", file=sys.stderr)
-        print(f"  {q}/{len(questions)} done", file=sys.stderr)
+            s["seconds"] += time.perf_counter() - t0
+            for q, result in enumerate(results, start=start + 1):
+                s["tokens"] += len(result.token_ids)
+                s["loops"] += loops(result.token_ids)
+                s["sentence"] += repeats_a_sentence(result.text)
+                s["limit"] += result.finish_reason == "length"
+                s["cites"] += bool(result.citations)
+                s["invalid"] += len(result.invalid_citations)
+                shown.setdefault(q, []).append((name, result))
+        print(f"  {min(start + args.batch, len(pairs))}/{len(pairs)} done", file=sys.stderr)
+    if args.show:
+        for q, runs in shown.items():
+            for name, result in runs:
+                print(f"--- [{q}] {name}: {result.question}\n{result.text.strip()}\n", file=sys.stderr)
 
     n = len(questions)
-    print(f"\n{n} questions, k=4 dense, max_new_tokens {args.max_new_tokens}, model {args.model}")
+    print(f"\n{n} questions, k=4 dense, max_new_tokens {args.max_new_tokens}, batches of {args.batch}, "
+          f"model {args.model}")
     print(f"{'setting':8s} {'loops(10x3)':>11s} {'rep.sentence':>12s} {'hit limit':>9s} {'cite>=1':>8s} "
           f"{'bad cites':>9s} {'tokens':>7s} {'s/answer':>8s}")
     for name, s in stats.items():

@@ -209,3 +209,27 @@ def test_answer_defaults_and_sampling_options_reach_generate(monkeypatch):
     answer("Why?", hits, model, tokenizer, max_new_tokens=5, temperature=0.7, top_p=0.9, seed=3, no_repeat_ngram=0)
     assert (seen[-1]["top_p"], seen[-1]["seed"], seen[-1]["no_repeat_ngram"]) == (0.9, 3, 0)
     assert result.finish_reason in ("stop", "length")
+
+
+def test_generate_takes_no_repeat_ngram(capsys):
+    assert main(["generate", "gpt-tiny", "Hello", "--max-new-tokens", "30", "--no-repeat-ngram", "2"]) == 0
+    one_line_error(capsys, ["generate", "gpt-tiny", "Hello", "--no-repeat-ngram", "-1"], "no_repeat_ngram")
+
+
+def test_answer_batch_equals_one_answer_at_a_time():
+    """Batched answers (left-padded rows, one decode loop) are the answers answer() gives alone."""
+    from scratchlm.rag.index import Hit
+    from scratchlm.rag.pipeline import answer_batch
+    from scratchlm.tokenizer.bpe import BPETokenizer
+
+    tokenizer = BPETokenizer.train(" ".join(CORPUS.values()), vocab_size=300)
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=1024, d_model=32,
+                                    n_layers=2, n_heads=2, d_ff=64)).eval()
+    hits = [Hit(i, f"{name}", name, text, 0, len(text), None, None, 1.0 - i / 10)
+            for i, (name, text) in enumerate(CORPUS.items())]
+    pairs = [("Why do cats purr?", hits[:1]), ("What is lava made of, and where does it go?", hits[1:3])]
+    batched = answer_batch(pairs, model, tokenizer, max_new_tokens=24)
+    for (question, chosen), got in zip(pairs, batched, strict=True):
+        alone = answer(question, chosen, model, tokenizer, max_new_tokens=24)
+        assert (got.token_ids, got.text, got.prompt) == (alone.token_ids, alone.text, alone.prompt)

@@ -184,6 +184,15 @@ def answer(question: str, hits: Sequence[Hit], model, tokenizer, *, max_new_toke
     small model out of repetition loops. The answer ends at the template's end of turn;
     citation numbers that name no passage are removed from its text (and listed in
     ``invalid_citations``)."""
+    return answer_batch([(question, hits)], model, tokenizer, max_new_tokens=max_new_tokens, template=template,
+                        **generate_options)[0]
+
+
+def answer_batch(questions: Sequence[tuple[str, Sequence[Hit]]], model, tokenizer, *, max_new_tokens: int = 256,
+                 template: str | None = None, **generate_options) -> list[Answer]:
+    """``answer`` for several (question, hits) pairs at once: one batched decode loop (the
+    rows are left-padded; each stops on its own), so a batch costs little more than its
+    longest answer."""
     from ..chat import chat_stops, resolve_template
     from ..generate import generate
 
@@ -194,15 +203,19 @@ def answer(question: str, hits: Sequence[Hit], model, tokenizer, *, max_new_toke
     if budget < 16:
         raise RagError(f"max_new_tokens={max_new_tokens} leaves no room for sources in the model's "
                        f"context of {model.config.context_length} tokens")
-    prompt, kept = fit_prompt(question, hits, tokenizer, budget, template)
+    fitted = [fit_prompt(question, hits, tokenizer, budget, template) for question, hits in questions]
     stop_strings, stop_ids = chat_stops(template, tokenizer)
     stop = list(stop_strings) + list(generate_options.pop("stop", None) or [])
     defaults = {k: v for k, v in AskConfig().generate_options().items() if k != "max_new_tokens"}
-    completion = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, stop=stop,
-                          stop_token_ids=stop_ids, **{**defaults, **generate_options})[0]
-    valid, invalid = parse_citations(completion.text, len(kept))
-    text = drop_invalid_citations(completion.text, len(kept)) if invalid else completion.text
-    return Answer(question, kept, text, valid, invalid, prompt, completion.finish_reason, completion.token_ids)
+    completions = generate(model, tokenizer, [prompt for prompt, _ in fitted], max_new_tokens=max_new_tokens,
+                           stop=stop, stop_token_ids=stop_ids, **{**defaults, **generate_options})
+    answers = []
+    for (question, _), (prompt, kept), completion in zip(questions, fitted, completions, strict=True):
+        valid, invalid = parse_citations(completion.text, len(kept))
+        text = drop_invalid_citations(completion.text, len(kept)) if invalid else completion.text
+        answers.append(Answer(question, kept, text, valid, invalid, prompt, completion.finish_reason,
+                              completion.token_ids))
+    return answers
 
 
 def ask(question: str, index=None, model=None, tokenizer=None, *, k: int = 4, mode: str = "dense",
@@ -235,6 +248,6 @@ def ask(question: str, index=None, model=None, tokenizer=None, *, k: int = 4, mo
                   **generate_options)
 
 
-__all__ = ["ask", "answer", "Answer", "build_messages", "sources_block", "parse_citations", "fit_prompt",
+__all__ = ["ask", "answer", "answer_batch", "Answer", "build_messages", "sources_block", "parse_citations", "fit_prompt",
            "drop_invalid_citations",
            "INSTRUCTIONS"]
