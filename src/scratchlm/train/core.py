@@ -172,6 +172,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.procs, self.device = init_processes(cfg.device)
         self.sharded = self.procs.distributed and cfg.distributed == "fsdp"
+        if cfg.eval_tasks and self.sharded:
+            raise ConfigError("eval_tasks under FSDP: no process holds the whole model to score; run "
+                              "`scratchlm eval RUN_DIR/latest --tasks ...` after training")
         self.run_dir = Path(cfg.out_dir)
         self.latest, self.best_dir = self.run_dir / "latest", self.run_dir / "best"
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
@@ -279,8 +282,8 @@ class Trainer:
 
     def run_eval_hook(self, final: bool) -> dict:
         """The eval hook's scores for the current model ({} when none is due): on the main
-        process, with every RNG as it was afterwards. A sharded model has no whole copy to
-        score, so under FSDP the hook runs only on a saved checkpoint (by the caller)."""
+        process (the others wait at their next collective), with every RNG as it was
+        afterwards. (Under FSDP no process has the whole model: refused in __init__.)"""
         every = self.cfg.eval_tasks_every
         due = final or (every is not None and self.step % every == 0)
         if self.eval_hook is None or not due or not self.procs.is_main or self.sharded:
