@@ -5,13 +5,13 @@ one-line error, and ``--temperature``, ``--top-p``... mean what they mean in ``g
 The decoding defaults are not ``generate``'s. A small instruct model answering from four
 passages falls into a loop: greedy decoding finds a sentence it likes, writes it again, and
 then every repetition makes the next more likely, until ``max_new_tokens`` runs out
-(SmolLM2-135M-Instruct did this on 9 of 20 Python-reference questions; see
-benchmarks/rag_answers.py). Two defaults stop it:
+(benchmarks/rag_answers.py counts it for SmolLM2-135M-Instruct on 20 questions about
+the Python reference). Two defaults stop it:
 
 - ``no_repeat_ngram``: a token that would complete an n-gram already written in the
   answer is forbidden (only in the answer: copying a phrase from a source is fine).
-- ``repetition_penalty``, mild, over the answer so far, which lowers the logits of tokens
-  the answer already used (CTRL's penalty).
+- ``repetition_penalty``, mild, which lowers the logits of tokens already in the prompt
+  or the answer (CTRL's penalty, as ``generate`` applies it).
 
 >>> cfg = AskConfig.from_dict({"top_p": 0.9, "temperature": 0.7})
 >>> sorted(cfg.generate_options())[:4]
@@ -47,7 +47,7 @@ class AskConfig(Config):
     top_k: int | None = option(None, "sample among the k most likely tokens")
     top_p: float | None = option(None, "sample in the smallest set with this mass, in (0, 1]")
     min_p: float | None = option(None, "drop tokens below min_p x the top probability")
-    repetition_penalty: float = option(1.1, ">1 discourages tokens the answer already used (1: off)")
+    repetition_penalty: float = option(1.1, ">1 discourages tokens already in the prompt or answer (1: off)")
     no_repeat_ngram: int = option(6, "never write the same n tokens twice in an answer (0: off)")
     seed: int | None = option(None, "seed for sampling (repeatable output)")
     template: str | None = option(None, "chat template: llama3, chatml, plain... (default: the model's)")
