@@ -81,7 +81,7 @@ def test_citations_point_at_real_sources(toy_index, tiny_model, monkeypatch):
 
     monkeypatch.setattr(generate_module, "generate", scripted)
     result = ask(question, toy_index, model=model, tokenizer=tokenizer, k=3, max_new_tokens=5)
-    assert result.prompt == seen["prompt"]
+    assert [result.prompt] == seen["prompt"]  # answers are generated in one batched call
     assert [h.id for h in result.sources] == [h.id for h in hits]
     assert result.citations == [1, 3] and result.invalid_citations == [7]
     assert [h.id for h in result.cited()] == [hits[0].id, hits[2].id]
@@ -194,7 +194,7 @@ def test_cli_bad_input_is_one_clear_line(cli_index, tmp_path, capsys):
     fails(["rag", "index", str(folder), "--index", str(folder)], "not a scratchlm index")
     fails(["rag", "index", str(folder), "--index", str(tmp_path / "new"), "--chunk-tokens", "400"], "--chunk-tokens")
     fails(["rag", "ask", "   ", "--index", str(index_dir)], "empty")
-    fails(["rag", "ask", "q", "--index", str(index_dir), "-k", "0"], "-k")
+    fails(["rag", "ask", "q", "--index", str(index_dir), "-k", "0"], "k must be between 1 and 100")
     assert snapshot(index_dir) == before  # nothing already indexed was lost
 
 

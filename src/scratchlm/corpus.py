@@ -35,6 +35,7 @@ scratchlm.errors.DataError: .../notes.jsonl:2: no string field 'text'
 from __future__ import annotations
 
 import ast
+import functools
 import glob as globlib
 import json
 import os
@@ -91,10 +92,18 @@ CORPORA: dict[str, Callable[[], list[str]]] = {
 
 
 def load_corpus(name: str) -> list[str]:
-    """The documents of a built-in corpus by name (``python-docs`` or ``python-reference``)."""
+    """The documents of a built-in corpus by name (``python-docs`` or ``python-reference``).
+
+    Read once per process: parsing the whole standard library takes seconds, and ``make
+    demo`` reads it three times (prepare, then its report's two tasks)."""
     if name not in CORPORA:
         raise DataError(f"unknown corpus {name!r}; choose from: {', '.join(CORPORA)}")
-    return CORPORA[name]()
+    return list(_read_corpus(name, CORPORA[name]))
+
+
+@functools.cache
+def _read_corpus(name: str, reader: Callable[[], list[str]]) -> tuple[str, ...]:
+    return tuple(reader())  # a tuple: every caller gets its own list of the same strings
 
 
 # ---- the user's files ----------------------------------------------------------------------

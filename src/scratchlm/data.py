@@ -140,15 +140,34 @@ class ShardWriter:
         self.pending, self.filled = [], 0
 
 
-def _split_of(index: int, val_fraction: float, seed: int) -> str:
-    """Deterministic, well-mixed choice of split for document ``index``: a hash, not the
-    order, so a corpus sorted by topic still gets a validation set from every topic."""
+VAL_FRACTION = 0.05  # prepare's default share of documents held out for validation
+
+
+def split_of(index: int, val_fraction: float = VAL_FRACTION, seed: int = 0) -> str:
+    """"train" or "val": the split ``prepare`` puts document number ``index`` in.
+
+    A deterministic, well-mixed choice (a hash of (seed, index), not the order), so a
+    corpus sorted by topic still gets a validation set from every topic, and anyone can
+    find a prepared corpus's held-out documents again without its shards (eval/bpb.py).
+
+    >>> [split_of(i) for i in range(3)], split_of(0, val_fraction=1.0)
+    (['train', 'train', 'train'], 'val')
+    """
     rng = np.random.default_rng([seed, index])
     return "val" if rng.random() < val_fraction else "train"
 
 
+def split_documents(documents: Iterable[str], split: str, val_fraction: float = VAL_FRACTION,
+                    seed: int = 0) -> list[str]:
+    """The non-empty documents that ``prepare`` (with the same val_fraction and seed) puts in
+    ``split``; documents are numbered in order, empty ones included, as ``prepare`` does."""
+    if split not in ("train", "val"):
+        raise DataError(f"the split must be train or val, got {split!r}")
+    return [d for i, d in enumerate(documents) if d and split_of(i, val_fraction, seed) == split]
+
+
 def write_token_shards(documents: Iterable[str], tokenizer, out_dir: str | os.PathLike,
-                       val_fraction: float = 0.05, shard_tokens: int = 100_000_000, seed: int = 0,
+                       val_fraction: float = VAL_FRACTION, shard_tokens: int = 100_000_000, seed: int = 0,
                        progress: bool = True, total: int | None = None) -> dict:
     """Tokenize ``documents`` into train/val shards under ``out_dir``; write and return
     ``meta.json`` (token counts, bytes, dtype, end-of-text id).
@@ -169,7 +188,7 @@ def write_token_shards(documents: Iterable[str], tokenizer, out_dir: str | os.Pa
     for i, doc in enumerate(tqdm(documents, total=total, desc="tokenizing", unit="doc", disable=not progress)):
         if not doc:
             continue
-        split = _split_of(i, val_fraction, seed)
+        split = split_of(i, val_fraction, seed)
         writers[split].add([eot] + _encode_plain(tokenizer, doc), len(doc.encode("utf-8")))
     for w in writers.values():
         w.flush()
@@ -302,7 +321,7 @@ def check_prepare_options(vocab_size: int, tokenizer_sample_mb: float, val_fract
 
 def prepare(inputs: Sequence[str] = (), corpus: str | None = None, out_dir: str | os.PathLike = "data/prepared",
             tokenizer: str = "bpe", vocab_size: int = 2048, tokenizer_sample_mb: float = 4.0,
-            val_fraction: float = 0.05, shard_tokens: int = 100_000_000, text_field: str = "text",
+            val_fraction: float = VAL_FRACTION, shard_tokens: int = 100_000_000, text_field: str = "text",
             encoding_errors: str = "strict", seed: int = 0, progress: bool = True) -> PrepareResult:
     """Read the input (files/folders/globs, or a built-in corpus), get or train the
     tokenizer, and write shards + meta.json + the tokenizer files into ``out_dir``.

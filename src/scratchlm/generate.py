@@ -37,6 +37,7 @@ from .compiled_decode import compile_decode_step
 from .errors import ScratchLMError
 from .model import check_token_ids
 from .sampling import (  # noqa: F401 - sampling's names, re-exported for older imports
+    NGramBlocker,
     SamplingOptions,
     apply_repetition_penalty,
     filter_logits,
@@ -247,7 +248,7 @@ class _Decoder:
 
     def __init__(self, model: Transformer, rows: list[list[int]], max_new_tokens: int,
                  options: SamplingOptions, generator: torch.Generator | None, use_cache: bool,
-                 compile: bool | str = False):
+                 compile: bool | str = False, no_repeat_ngram: int | None = None):
         self.model, self.options, self.generator, self.use_cache = model, options, generator, use_cache
         device = model.tok_emb.weight.device
         B = len(rows)
@@ -260,6 +261,8 @@ class _Decoder:
         if options.repetition_penalty != 1.0:  # (B, V): tokens of prompt and output so far
             self.seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
             self.seen.scatter_(1, self.ids[:, :T], self.key_mask[:, :T])
+        # no_repeat_ngram: the output's n-grams, kept on the host (one small sync per step).
+        self.blocker = NGramBlocker(no_repeat_ngram, B) if no_repeat_ngram else None
         self.cache = None
         if use_cache:
             # The compiled step indexes the buffers by column: no ring buffers for local layers there.
@@ -285,6 +288,8 @@ class _Decoder:
         self.length += 1
         if self.seen is not None:
             self.seen.scatter_(1, previous[:, None], True)
+        if self.blocker is not None:
+            self.blocker.add(previous)
         if self.step is not None:
             return self._sample(self._compiled_step(previous))
         start = self.length - 1 if self.use_cache else 0
@@ -311,6 +316,8 @@ class _Decoder:
         return logits
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.blocker is not None:
+            logits = self.blocker.apply(logits)
         return sample_next(logits, self.options, self.generator, self.seen)
 
 
@@ -383,7 +390,7 @@ def _check_length(rows: list[list[int]], max_new_tokens: int, context: int, over
 
 def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
             min_p=None, repetition_penalty=1.0, seed=None, stop_token_ids=None, stop=None, use_cache=True,
-            ignore_eos=False, generator=None, overflow="error", compile=False):
+            ignore_eos=False, generator=None, overflow="error", compile=False, no_repeat_ngram=None):
     """The one decode loop. First yields the prompt lengths (list[int]), then (row, Delta)
     events, each row's last one carrying its finish_reason."""
     options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -393,6 +400,8 @@ def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, to
         raise ScratchLMError(f"overflow must be 'error' or 'truncate', got {overflow!r}")
     if compile is not False and not (compile is True or (isinstance(compile, str) and compile)):
         raise ScratchLMError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+    if no_repeat_ngram:
+        NGramBlocker(no_repeat_ngram, 0)  # validates it
     if compile and not use_cache:
         raise ScratchLMError("compile needs the KV cache: the compiled step is the cached one-token step")
     if isinstance(stop, str):
@@ -411,7 +420,7 @@ def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, to
         return
 
     done = [False] * len(rows)
-    decoder = _Decoder(model, rows, max_new_tokens, options, generator, use_cache, compile)
+    decoder = _Decoder(model, rows, max_new_tokens, options, generator, use_cache, compile, no_repeat_ngram)
     ids = decoder.first()
     while True:
         for i, token in enumerate(ids.tolist()):  # one sync per step for the whole batch
@@ -430,7 +439,8 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Prompts, 
              min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
              stop_token_ids: Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
              use_cache: bool = True, ignore_eos: bool = False, generator: torch.Generator | None = None,
-             overflow: str = "error", compile: bool | str = False) -> list[Completion]:
+             overflow: str = "error", compile: bool | str = False,
+             no_repeat_ngram: int | None = None) -> list[Completion]:
     """Continue each prompt; one Completion per prompt, always a list.
 
     prompts: a string, a list of strings, or token ids (a list of ints, or a list of lists;
@@ -442,6 +452,8 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Prompts, 
     stop_token_ids, stop: ids and strings that end a row; the tokenizer's EOT id always
         does unless ignore_eos. A stop string is cut from the text (see StopRule).
     use_cache: False recomputes the whole sequence each step (slow; for comparison).
+    no_repeat_ngram: n > 0 never lets a row write the same n tokens twice in its output
+        (sampling.NGramBlocker); None or 0: off.
     overflow: when prompt + max_new_tokens exceeds the context: "error" (default) raises
         ScratchLMError, "truncate" cuts the prompt from the left and warns.
     compile: True runs each one-token step through torch.compile (inductor) with a static
@@ -451,7 +463,8 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Prompts, 
     events = _events(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                      seed=seed, stop_token_ids=stop_token_ids, stop=stop, use_cache=use_cache,
-                     ignore_eos=ignore_eos, generator=generator, overflow=overflow, compile=compile)
+                     ignore_eos=ignore_eos, generator=generator, overflow=overflow, compile=compile,
+                     no_repeat_ngram=no_repeat_ngram)
     prompt_lengths = next(events)
     texts = [[] for _ in prompt_lengths]
     ids: list[list[int]] = [[] for _ in prompt_lengths]

@@ -1,9 +1,12 @@
-"""Choosing the next token from the logits: greedy, temperature, top-k, top-p, min-p, and
-the repetition penalty. Each filter maps logits (..., V) to logits with the dropped tokens
+"""Choosing the next token from the logits: greedy, temperature, top-k, top-p, min-p,
+the repetition penalty, and no repeated n-grams. Each filter maps logits (..., V) to logits with the dropped tokens
 at -inf; ``sample_next`` applies them in order and draws one token per row.
 
     logits (B, V) -> repetition penalty -> / temperature -> top-k -> top-p -> min-p
                   -> softmax -> sample          (temperature 0: argmax, "greedy")
+
+``NGramBlocker`` is the decode loop's other guard against loops (no_repeat_ngram): it
+forbids, before any of the above, the tokens that would write an n-gram a second time.
 
 >>> import torch
 >>> logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
@@ -124,6 +127,61 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+class NGramBlocker:
+    """Forbids each row the tokens that would repeat an n-gram of its own output
+    (``no_repeat_ngram_size`` in Hugging Face's generate, here over the output only, so an
+    answer may still quote its prompt).
+
+    Per row it keeps {the last n-1 tokens: the tokens that followed them}; after each new
+    token, the tokens banned next are the followers of the row's current n-1 last tokens.
+    Host-side and O(1) per token: a few ids per row, not a (B, V) scan.
+
+    >>> b = NGramBlocker(n=3, rows=1)
+    >>> for t in [5, 6, 7, 5, 6]:
+    ...     b.add([t])
+    >>> b.banned(0)          # "5 6" was followed by 7: writing 7 now would repeat "5 6 7"
+    [7]
+    >>> logits = b.apply(torch.zeros(1, 9))
+    >>> logits[0, 7].item(), logits[0, 8].item()
+    (-inf, 0.0)
+    """
+
+    def __init__(self, n: int, rows: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ScratchLMError(f"no_repeat_ngram must be an integer >= 1 (or 0/None: off), got {n}")
+        self.n = n
+        self.history: list[list[int]] = [[] for _ in range(rows)]
+        self.followers: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(rows)]
+
+    def add(self, tokens) -> None:
+        """Append one new token per row (a list, or a (B,) tensor)."""
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        for row, token in enumerate(tokens):
+            history = self.history[row]
+            history.append(int(token))
+            if len(history) >= self.n:
+                key = tuple(history[len(history) - self.n:-1])
+                self.followers[row].setdefault(key, set()).add(history[-1])
+
+    def banned(self, row: int) -> list[int]:
+        history = self.history[row]
+        if self.n == 1:
+            return sorted(set(history))
+        if len(history) < self.n - 1:
+            return []
+        return sorted(self.followers[row].get(tuple(history[len(history) - self.n + 1:]), ()))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) with every row's banned tokens at -inf (a new tensor)."""
+        rows = [(row, token) for row in range(len(self.history)) for token in self.banned(row)]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        index = torch.tensor(rows, device=logits.device)
+        logits[index[:, 0], index[:, 1]] = NEG_INF
+        return logits
 
 
 def filter_logits(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:

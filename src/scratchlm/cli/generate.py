@@ -16,6 +16,8 @@ def _add_sampling_options(p) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sample in the smallest set with this mass, in (0, 1]")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default 1)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="never write the same N tokens twice in the output (default 0: off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (repeatable output)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when this text appears (repeatable); it is not printed")
@@ -56,14 +58,17 @@ def add_commands(subparsers) -> None:
 
 
 def _check_sampling(args) -> None:
-    from ..sampling import SamplingOptions
+    from ..sampling import NGramBlocker, SamplingOptions
 
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    if args.no_repeat_ngram:
+        NGramBlocker(args.no_repeat_ngram, 0)
 
 
 def _options(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                no_repeat_ngram=args.no_repeat_ngram,
                 use_cache=not args.no_cache, overflow="truncate" if args.truncate else "error",
                 compile=args.compile_backend if args.compile else False)
 

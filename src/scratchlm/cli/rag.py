@@ -13,8 +13,12 @@ import argparse
 import json
 import sys
 
+from .options import add_config_file_option, add_config_options, config_from_args
+
 
 def add_commands(subparsers) -> None:
+    from ..rag.config import AskConfig
+
     rag = subparsers.add_parser("rag", help="retrieval-augmented answers over your documents",
                                 description="Index documents (.txt .md .html .pdf), then ask questions "
                                             "answered from them with numbered citations.")
@@ -41,22 +45,24 @@ def add_commands(subparsers) -> None:
 
     p = sub.add_parser("ask", help="answer a question from an index, with citations",
                        description="Retrieve the K best chunks for QUESTION; with --model, generate an "
-                                   "answer citing them as [1], [2]...; without, print the passages.")
+                                   "answer citing them as [1], [2]...; without, print the passages. "
+                                   "The sampling options are generate's; the defaults (a mild "
+                                   "repetition penalty, no repeated 6-grams) keep small models out of loops.")
     p.add_argument("question", help="the question ('-' reads it from stdin)")
     p.add_argument("--index", default=None, metavar="DIR",
                    help="index directory (default: the Python reference index, built on first use)")
     p.add_argument("--model", default=None,
-                   help="model to write the answer: scratchlm or Hugging Face directory, hub id or preset")
-    p.add_argument("-k", type=int, default=4, help="how many chunks to retrieve (default 4)")
-    p.add_argument("--mode", choices=["dense", "keyword", "hybrid"], default="dense",
-                   help="dense embeddings (default), keyword BM25, or hybrid (both fused by RRF)")
-    p.add_argument("--hybrid", action="store_const", const="hybrid", dest="mode", help="same as --mode hybrid")
+                   help="model to write the answer: scratchlm or Hugging Face directory, hub id, .gguf file, "
+                        "named model (smollm2-135m-instruct) or preset")
+    p.add_argument("-k", dest="k", type=int, default=argparse.SUPPRESS, help="same as --k")
+    p.add_argument("--hybrid", action="store_const", const="hybrid", dest="mode", default=argparse.SUPPRESS,
+                   help="same as --mode hybrid")
     p.add_argument("--retrieve-only", action="store_true", help="print the ranked chunks and scores, no answer")
     p.add_argument("--json", action="store_true", help="print JSON: the answer (or null) and one object per chunk")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; >0: sample")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--template", default=None, help="chat template: llama3, chatml, plain (default: the model's)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="also stop the answer at this text (repeatable)")
+    add_config_file_option(p)
+    add_config_options(p, AskConfig)
     p.set_defaults(func=_ask_command)
 
 
@@ -74,22 +80,22 @@ def _index_command(args: argparse.Namespace) -> int:
 
 
 def _ask_command(args: argparse.Namespace) -> int:
+    from ..rag.config import AskConfig
     from ..rag.pipeline import Answer, answer
     from ..rag.retrieve import open_retriever
     from . import UsageError
 
+    cfg = config_from_args(AskConfig, args)  # every option checked before the index or model is opened
     question = sys.stdin.read().strip() if args.question == "-" else args.question
     if not question.strip():
         raise UsageError("the question is empty")
-    if args.k < 1:
-        raise UsageError(f"-k must be at least 1, got {args.k}")
-    hits = open_retriever(args.index).search(question, k=args.k, mode=args.mode)
+    hits = open_retriever(args.index).search(question, k=cfg.k, mode=cfg.mode)
     if args.model and not args.retrieve_only:
         from ..load import load_any
 
         model, tokenizer = load_any(args.model)
-        result = answer(question, hits, model, tokenizer, max_new_tokens=args.max_new_tokens,
-                        template=args.template, temperature=args.temperature, seed=args.seed)
+        result = answer(question, hits, model, tokenizer, template=cfg.template, stop=args.stop,
+                        **cfg.generate_options())
     else:
         result = Answer(question, hits)
     if args.json:

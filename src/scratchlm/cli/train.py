@@ -37,10 +37,16 @@ def add_commands(subparsers) -> None:
 
 
 def _train_command(args) -> int:
+    from ..train.config import task_list
     from ..train.pretrain import TrainConfig, train
 
     cfg = config_from_args(TrainConfig, args)
-    result = train(cfg)
+    eval_hook = None
+    if cfg.eval_tasks:  # eval sits above train: the hook is built here and handed down
+        from ..eval.train_hook import training_eval_hook
+
+        eval_hook = training_eval_hook(task_list(cfg.eval_tasks), cfg.out_dir)
+    result = train(cfg, eval_hook=eval_hook)
     if int(os.environ.get("RANK", "0")) == 0:
         where = Path(cfg.out_dir)
         if result.val_loss is not None:
@@ -53,9 +59,12 @@ def _train_command(args) -> int:
 
 
 def _demo_command(args) -> int:
-    from ..train.config import read_config_file
-    from ..train.demo import demo
+    from ..eval.train_hook import training_eval_hook
+    from ..train.config import read_config_file, task_list
+    from ..train.demo import DEMO_EVAL_TASKS, demo
 
     overrides = read_config_file(args.config) if args.config else None
-    result = demo(args.minutes, args.out, args.data, args.threads, overrides=overrides)
+    tasks = task_list((overrides or {}).get("eval_tasks") or DEMO_EVAL_TASKS)
+    result = demo(args.minutes, args.out, args.data, args.threads, overrides=overrides,
+                  eval_hook=training_eval_hook(tasks, args.out, model_name="the demo model"))
     return 130 if result.interrupted else 0

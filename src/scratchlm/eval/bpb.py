@@ -177,11 +177,11 @@ def read_texts(source: str) -> tuple[str, list[str]]:
 
 def _corpus_split(name: str, split: str) -> tuple[str, list[str]]:
     from ..corpus import load_corpus
-    from ..data import _split_of
+    from ..data import split_documents
 
     if split not in ("train", "val"):
         raise ScratchLMError(f"{name}:{split}: the split must be train or val")
-    docs = [d for i, d in enumerate(load_corpus(name)) if d and _split_of(i, 0.05, 0) == split]
+    docs = split_documents(load_corpus(name), split)  # the documents `prepare` holds out (or trains on)
     return f"{name}-{split}", docs
 
 

@@ -8,6 +8,7 @@ A task spec is one of:
   file of the same layout);
 - text to measure in bits per byte: a file, a folder, a prepared data folder, or a built-in
   corpus (``python-docs``, ``python-reference``; ``:train`` / ``:val``, default val);
+- ``python-docs-choice``: a built-in multiple-choice task from held-out docstrings (tasks.py);
 - a hub task name (``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``mmlu``,
   ``lambada``, ``gsm8k``): loaded through ``datasets`` when online.
 
@@ -47,22 +48,32 @@ class EvalOptions:
     progress: bool = False
 
 
-def run_tasks(model, tokenizer, specs: list[str], options: EvalOptions | None = None) -> list[TaskResult]:
-    """Run every task spec in order; the first bad spec raises before anything is scored."""
+def run_tasks(model, tokenizer, specs: list[str] | list, options: EvalOptions | None = None) -> list[TaskResult]:
+    """Run every task spec in order; the first bad spec raises before anything is scored.
+
+    ``specs`` may also be what ``plan_tasks`` returned (read once, run many times)."""
     options = options or EvalOptions()
     if tokenizer is None:
         raise ScratchLMError("evaluation needs the model's tokenizer (this model has none)")
+    planned = specs if specs and all(callable(s) for s in specs) else plan_tasks(specs)
+    return [run(model, tokenizer, options) for run in planned]
+
+
+def plan_tasks(specs: list[str]) -> list:
+    """Every task spec read and checked (files parsed, corpora split), ready to run on any
+    model: a bad spec is a one-line error before anything is scored."""
     if not specs:
         raise ScratchLMError("no tasks given")
-    planned = [_plan(spec) for spec in specs]  # every spec is checked before the first is run
-    return [run(model, tokenizer, options) for run in planned]
+    return [_plan(spec) for spec in specs]
 
 
 def _plan(spec: str):
     from ..corpus import CORPORA
     from .tasks import (
+        BUILTIN_TASKS,
         HUB_TASKS,
         detect_layout,
+        docstring_choice_task,
         load_hub_task,
         load_task_file,
         read_jsonl,
@@ -86,12 +97,16 @@ def _plan(spec: str):
 
         name, texts = read_texts(spec)
         return lambda m, t, o: _bits_per_byte(m, t, o, name, texts)
+    if spec in BUILTIN_TASKS:
+        task = docstring_choice_task()
+        return lambda m, t, o: _scored(m, t, o, task)
     if spec in HUB_TASKS:
         return lambda m, t, o: _scored(m, t, o, load_hub_task(spec))
     if path.suffix == ".jsonl":
         raise NotFound(f"task file not found: {spec}")
     raise NotFound(f"unknown task {spec!r}: give a .jsonl file, a text file or folder, a prepared data "
-                   f"folder, humaneval, a corpus ({', '.join(CORPORA)}) or one of {', '.join(HUB_TASKS)}")
+                   f"folder, humaneval, a corpus ({', '.join(CORPORA)}) or one of "
+                   f"{', '.join(BUILTIN_TASKS + tuple(HUB_TASKS))}")
 
 
 def _scored(model, tokenizer, o: EvalOptions, task) -> TaskResult:

@@ -306,6 +306,40 @@ _ITEM_READERS = {"simple": _simple, "schema": _schema, "language_modeling": _lan
 # ----------------------------------------------------------------------------------------
 # The same tasks from the Hugging Face hub (needs `datasets` and a network)
 # ----------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------
+# Built in: a multiple-choice task that needs no download
+# ----------------------------------------------------------------------------------------
+BUILTIN_TASKS = ("python-docs-choice",)
+
+
+def docstring_choice_task(n_items: int = 200, seed: int = 0) -> Task:
+    """``python-docs-choice``: which ending completes a docstring's first line? Four choices.
+
+    Made from the held-out split of the built-in docstring corpus (the documents that
+    ``prepare --corpus python-docs`` puts in val, so a model trained on the train split
+    has never seen them): the context is the first half of a summary line, the right
+    choice its second half, the three wrong ones the second halves of other summaries.
+    In-domain and offline: ``make demo``'s model takes it (random baseline 0.25).
+    """
+    from ..corpus import load_corpus
+    from ..data import split_documents
+
+    summaries = []
+    for doc in split_documents(load_corpus("python-docs"), "val"):
+        words = doc.strip().split("\n", 1)[0].split()
+        if 6 <= len(words) <= 24:
+            summaries.append(words)
+    rng = random.Random(seed)
+    endings = [" ".join(w[len(w) // 2:]) for w in summaries]
+    items = []
+    for i, words in enumerate(summaries[:n_items]):
+        wrong = rng.sample([e for j, e in enumerate(endings) if j != i and e != endings[i]], 3)
+        choices = [endings[i], *wrong]
+        rng.shuffle(choices)
+        items.append(Item([" ".join(words[:len(words) // 2])], choices, choices.index(endings[i]), i + 1))
+    return Task("python-docs-choice", "multiple_choice", items, "python-docs:val")
+
+
 HUB_TASKS: dict[str, tuple[str, str | None, str, str]] = {
     # name: (dataset, config, split, layout)
     "hellaswag": ("Rowan/hellaswag", None, "validation", "hellaswag"),

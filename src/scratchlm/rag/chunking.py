@@ -139,7 +139,10 @@ def chunk_text(text: str, max_tokens: int = 128, overlap: int = 16, *, source: s
 
 # Headings: Markdown "# Title" lines, and reStructuredText/setext titles underlined with a
 # row of = - * ~ ^ (the Python reference topics use these).
-_ATX_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
+# The title runs to the end of the line and its closing " ##" is stripped in Python: a lazy
+# "(.+?)[ \t#]*$" retries the tail at every character, quadratic on a line that ends in a
+# long run of spaces or hashes followed by anything else (issue 11: 1 MB lines).
+_ATX_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(\S[^\n]*)$", re.M)
 # The title ends at its last non-space character: "[^\n]*\S[^\n]*" would let the two
 # runs trade characters, which is quadratic in the length of a line with no underline.
 _UNDERLINED_HEADING = re.compile(r"^([^\n]*\S)[^\S\n]*\n([=\-*~^])\2{2,}[ \t]*$", re.M)
@@ -151,7 +154,8 @@ def find_headings(text: str) -> list[tuple[int, str]]:
     >>> find_headings("# Intro\\nhi\\n\\nUsage\\n=====\\nrun it")
     [(0, 'Intro'), (12, 'Usage')]
     """
-    found = [(m.start(), m.group(1).strip()) for m in _ATX_HEADING.finditer(text)]
+    found = [(m.start(), title) for m in _ATX_HEADING.finditer(text)
+             if (title := m.group(1).rstrip(" \t#").strip())]
     found += [(m.start(), m.group(1).strip()) for m in _UNDERLINED_HEADING.finditer(text)
               if not set(m.group(1).strip()) <= set("=-*~^ ")]
     return sorted(found)

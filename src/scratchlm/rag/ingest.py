@@ -39,6 +39,9 @@ from .errors import RagError
 from .index import PROBE_TEXT, RagIndex, find_index_dir
 from .loaders import find_documents, load_document, python_reference_documents
 
+DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP = 128, 16
+MAX_CHUNK_TOKENS = 1 << 16
+
 
 def default_index_dir() -> Path:
     """Where the built-in Python-reference index lives: $SCRATCHLM_RAG_INDEX, else the user cache."""
@@ -98,13 +101,17 @@ def index_documents(paths: Iterable[str | os.PathLike] | None, index_dir: str | 
         _check_same_settings(index, index_dir, name, kind, max_tokens, overlap)
         name = index.meta["embedder"]
         kind, max_tokens, overlap = index.meta["kind"], index.meta["max_tokens"], index.meta["overlap"]
+    else:
+        max_tokens = max_tokens or DEFAULT_CHUNK_TOKENS
+        overlap = DEFAULT_OVERLAP if overlap is None else overlap
+    _check_chunk_sizes(max_tokens, overlap, defaults=index is None)  # the sizes in force, still before any model
     if embedder is None:
         from .embed import DEFAULT_EMBEDDER, load_embedder
 
         embedder = load_embedder(name or DEFAULT_EMBEDDER)
     if index is None:
         index = RagIndex.create(embedder.name, embedder.dim, kind=kind or "flat",
-                                max_tokens=max_tokens or 128, overlap=16 if overlap is None else overlap,
+                                max_tokens=max_tokens, overlap=overlap,
                                 probe=embedder.encode([PROBE_TEXT])[0])
     else:
         index.check_embedder(embedder)
@@ -148,13 +155,17 @@ def index_documents(paths: Iterable[str | os.PathLike] | None, index_dir: str | 
     return report
 
 
-def _check_chunk_sizes(max_tokens, overlap) -> None:
+def _check_chunk_sizes(max_tokens, overlap, defaults: bool = False) -> None:
     """Refuse chunk sizes that cannot work before any model is loaded (None: the default)."""
     for flag, value, low in (("--chunk-tokens", max_tokens, 1), ("--overlap", overlap, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise RagError(f"{flag} must be a whole number of at least {low}, got {value!r}")
+    if max_tokens is not None and max_tokens > MAX_CHUNK_TOKENS:
+        raise RagError(f"--chunk-tokens must be at most {MAX_CHUNK_TOKENS} (an embedder reads a few hundred), "
+                       f"got {max_tokens}")
     if max_tokens is not None and overlap is not None and not overlap < max_tokens / 2:
-        raise RagError(f"--overlap must be less than half of --chunk-tokens ({max_tokens}), got {overlap}")
+        given = f"{max_tokens}, the default" if defaults and max_tokens == DEFAULT_CHUNK_TOKENS else max_tokens
+        raise RagError(f"--overlap must be less than half of --chunk-tokens ({given}), got {overlap}")
 
 
 def _check_same_settings(index: RagIndex, index_dir: Path, name, kind, max_tokens, overlap) -> None:
@@ -172,7 +183,7 @@ def _documents_to_index(paths, report: IndexReport, skip_errors: bool):
     if not paths:
         return python_reference_documents(), ["python-reference:"]
     documents = []
-    for file in find_documents(paths):
+    for file in find_documents(paths, report.skipped):
         try:
             doc = load_document(file)
         except (RagError, OSError) as e:

@@ -56,19 +56,25 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def find_documents(paths: Iterable[str | os.PathLike]) -> list[Path]:
+def find_documents(paths: Iterable[str | os.PathLike], skipped: list[str] | None = None) -> list[Path]:
     """The supported files under ``paths`` (files or folders, searched recursively), sorted.
 
     Hidden files and folders (a name starting with ".") are skipped. A symlink is judged
     by its own name (``notes.txt`` -> ``notes``, no suffix, is a .txt) and read once
-    however many links lead to one file. Raises NotFound for a missing path and RagError
-    when nothing indexable is found.
+    however many links lead to one file. Under a folder, a supported name that is not a
+    regular file (a FIFO, a socket, a device, a broken link) is passed over, never opened
+    (reading a FIFO blocks forever), with a line in ``skipped`` saying so. Raises NotFound
+    for a missing path, RagError for a named path that is not a regular file or folder,
+    and RagError when nothing indexable is found.
     """
     found: dict[Path, Path] = {}  # the real file -> the path it was found by
     paths = [Path(p) for p in paths]
     for path in paths:
         if not path.exists():
-            raise NotFound(f"no such file or folder: {path}")
+            kind = "a broken symlink" if path.is_symlink() else "no such file or folder"
+            raise NotFound(f"{kind}: {path}")
+        if not (path.is_file() or path.is_dir()):
+            raise RagError(f"{path}: not a regular file or folder ({_file_kind(path)}); give files or folders")
         if path.is_file():
             if path.suffix.lower() not in SUFFIXES:
                 raise RagError(f"{path}: unsupported file type {path.suffix or '(none)'}; "
@@ -77,12 +83,27 @@ def find_documents(paths: Iterable[str | os.PathLike]) -> list[Path]:
             continue
         for file in path.rglob("*"):
             hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
-            if file.is_file() and not hidden and file.suffix.lower() in SUFFIXES:
+            if hidden or file.suffix.lower() not in SUFFIXES:
+                continue
+            if file.is_file():
                 found.setdefault(file.resolve(), file.absolute())
+            elif not file.is_dir() and skipped is not None:
+                skipped.append(f"{file}: not a regular file ({_file_kind(file)})")
     if not found:
         where = ", ".join(str(p) for p in paths)
         raise RagError(f"no {', '.join(SUFFIXES)} files found in {where}")
     return [found[real] for real in sorted(found)]
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    if path.is_symlink() and not path.exists():
+        return "a broken symlink"
+    for test, kind in ((path.is_fifo, "a FIFO"), (path.is_socket, "a socket"),
+                       (path.is_block_device, "a block device"), (path.is_char_device, "a character device")):
+        if test():
+            return kind
+    return "a special file"
 
 
 def load_document(path: str | os.PathLike) -> Document:

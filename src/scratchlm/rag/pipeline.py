@@ -35,6 +35,8 @@ Cats purr.
 Dogs bark.
 >>> parse_citations("Cats purr [1]; dogs bark [2, 7].", n_sources=2)
 ([1, 2], [7])
+>>> drop_invalid_citations("Cats purr [1]; dogs bark [2, 7]. Fish swim [9].", n_sources=2)
+'Cats purr [1]; dogs bark [2]. Fish swim.'
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from .config import AskConfig
 from .errors import RagError
 from .index import Hit
 
@@ -53,6 +56,9 @@ INSTRUCTIONS = (
     "sources do not contain the answer, say that you do not know.")
 
 _CITATION = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
+# A citation with the spaces before it (the lookbehind starts the match at the run's start:
+# linear, however long a run of spaces).
+_SPACED_CITATION = re.compile(r"(?<![ \t])([ \t]*)\[(\d+(?:\s*[,;]\s*\d+)*)\]")
 
 
 def sources_block(hits: Sequence[Hit]) -> str:
@@ -80,6 +86,17 @@ def parse_citations(answer: str, n_sources: int) -> tuple[list[int], list[int]]:
     return valid, invalid
 
 
+def drop_invalid_citations(answer: str, n_sources: int) -> str:
+    """``answer`` with every cited number that names no source removed: ``[2, 7]`` -> ``[2]``
+    and a lone ``[9]`` (with the space before it) -> nothing, when there are 2 sources."""
+
+    def keep(match: re.Match) -> str:
+        numbers = [n for n in re.split(r"\s*[,;]\s*", match.group(2)) if 1 <= int(n) <= n_sources]
+        return f"{match.group(1)}[{', '.join(numbers)}]" if numbers else ""
+
+    return _SPACED_CITATION.sub(keep, answer)
+
+
 @dataclass
 class Answer:
     """A question, the passages retrieved for it and, when a model was given, its answer."""
@@ -90,6 +107,8 @@ class Answer:
     citations: list[int] = field(default_factory=list)  # valid source numbers cited
     invalid_citations: list[int] = field(default_factory=list)  # cited numbers that name no source
     prompt: str | None = None
+    finish_reason: str | None = None  # "stop": the model ended its turn; "length": max_new_tokens ran out
+    token_ids: list[int] = field(default_factory=list, repr=False)  # the answer's tokens
 
     def cited(self) -> list[Hit]:
         """The sources the answer cites, in order of first citation."""
@@ -97,7 +116,7 @@ class Answer:
 
     def to_dict(self) -> dict:
         return {"question": self.question, "answer": self.text, "citations": self.citations,
-                "invalid_citations": self.invalid_citations,
+                "invalid_citations": self.invalid_citations, "finish_reason": self.finish_reason,
                 "sources": [{"n": n, **h.to_dict()} for n, h in enumerate(self.sources, start=1)]}
 
     def format(self) -> str:
@@ -107,9 +126,11 @@ class Answer:
         for n, h in enumerate(self.sources, start=1):
             mark = "*" if n in self.citations else " "
             lines.append(f"{mark}[{n}] {h.label()}  (score {h.score:.3f})")
+        if self.finish_reason == "length":
+            lines.append("(the answer was cut at max_new_tokens)")
         if self.invalid_citations:
-            lines.append(f"(the answer cites {', '.join(f'[{n}]' for n in self.invalid_citations)}, "
-                         "which name no source)")
+            lines.append(f"(the model also cited {', '.join(f'[{n}]' for n in self.invalid_citations)}, "
+                         "which name no source: removed from the answer)")
         return "\n".join(lines)
 
 
@@ -156,7 +177,22 @@ def _capped(hits: Sequence[Hit], cap: int) -> list[Hit]:
 
 def answer(question: str, hits: Sequence[Hit], model, tokenizer, *, max_new_tokens: int = 256,
            template: str | None = None, **generate_options) -> Answer:
-    """Generate an answer to ``question`` from the retrieved ``hits`` with a scratchlm model."""
+    """Generate an answer to ``question`` from the retrieved ``hits`` with a scratchlm model.
+
+    ``generate_options`` are ``generate.generate``'s (temperature, top_p, stop, ...); the
+    ones not given take ``rag ask``'s defaults (rag/config.py: AskConfig), which keep a
+    small model out of repetition loops. The answer ends at the template's end of turn;
+    citation numbers that name no passage are removed from its text (and listed in
+    ``invalid_citations``)."""
+    return answer_batch([(question, hits)], model, tokenizer, max_new_tokens=max_new_tokens, template=template,
+                        **generate_options)[0]
+
+
+def answer_batch(questions: Sequence[tuple[str, Sequence[Hit]]], model, tokenizer, *, max_new_tokens: int = 256,
+                 template: str | None = None, **generate_options) -> list[Answer]:
+    """``answer`` for several (question, hits) pairs at once: one batched decode loop (the
+    rows are left-padded; each stops on its own), so a batch costs little more than its
+    longest answer."""
     from ..chat import chat_stops, resolve_template
     from ..generate import generate
 
@@ -167,13 +203,19 @@ def answer(question: str, hits: Sequence[Hit], model, tokenizer, *, max_new_toke
     if budget < 16:
         raise RagError(f"max_new_tokens={max_new_tokens} leaves no room for sources in the model's "
                        f"context of {model.config.context_length} tokens")
-    prompt, kept = fit_prompt(question, hits, tokenizer, budget, template)
+    fitted = [fit_prompt(question, hits, tokenizer, budget, template) for question, hits in questions]
     stop_strings, stop_ids = chat_stops(template, tokenizer)
     stop = list(stop_strings) + list(generate_options.pop("stop", None) or [])
-    completion = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, stop=stop,
-                          stop_token_ids=stop_ids, **generate_options)[0]
-    valid, invalid = parse_citations(completion.text, len(kept))
-    return Answer(question, kept, completion.text, valid, invalid, prompt)
+    defaults = {k: v for k, v in AskConfig().generate_options().items() if k != "max_new_tokens"}
+    completions = generate(model, tokenizer, [prompt for prompt, _ in fitted], max_new_tokens=max_new_tokens,
+                           stop=stop, stop_token_ids=stop_ids, **{**defaults, **generate_options})
+    answers = []
+    for (question, _), (prompt, kept), completion in zip(questions, fitted, completions, strict=True):
+        valid, invalid = parse_citations(completion.text, len(kept))
+        text = drop_invalid_citations(completion.text, len(kept)) if invalid else completion.text
+        answers.append(Answer(question, kept, text, valid, invalid, prompt, completion.finish_reason,
+                              completion.token_ids))
+    return answers
 
 
 def ask(question: str, index=None, model=None, tokenizer=None, *, k: int = 4, mode: str = "dense",
@@ -206,5 +248,6 @@ def ask(question: str, index=None, model=None, tokenizer=None, *, k: int = 4, mo
                   **generate_options)
 
 
-__all__ = ["ask", "answer", "Answer", "build_messages", "sources_block", "parse_citations", "fit_prompt",
+__all__ = ["ask", "answer", "answer_batch", "Answer", "build_messages", "sources_block", "parse_citations", "fit_prompt",
+           "drop_invalid_citations",
            "INSTRUCTIONS"]

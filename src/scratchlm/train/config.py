@@ -196,6 +196,15 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def task_list(text: str | None) -> list[str]:
+    """The task specs of an ``eval_tasks`` option: comma-separated, blanks dropped.
+
+    >>> task_list("python-docs:val, tasks/yesno.jsonl,")
+    ['python-docs:val', 'tasks/yesno.jsonl']
+    """
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
 def need(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -243,6 +252,11 @@ class LoopConfig(Config):
                                                  "'fsdp' (shard it, FSDP2)")
     # evaluation, logging, checkpoints
     eval_every: int = option(100, "evaluate every N steps (and at the end)")
+    eval_tasks: str | None = option(None, "comma-separated `scratchlm eval` tasks (files, corpora, humaneval...) "
+                                    "to score the model on at the end of training; the report goes to "
+                                    "out_dir/eval, the scores to metrics.jsonl")
+    eval_tasks_every: int | None = option(None, "also score eval_tasks every N steps (out_dir/eval/step-N); "
+                                          "default: only at the end")
     log_every: int = option(10, "write the train loss and tokens/s every N steps (the only host sync)")
     save_every: int = option(500, "write latest/ every N steps (and always at the end)")
     seed: int = option(1337, "seed of the initial weights, the batches and dropout")
@@ -252,7 +266,10 @@ class LoopConfig(Config):
 
     def validate(self) -> None:
         positive_ints(self, "batch_size", "grad_accum", "eval_every", "log_every", "save_every", "max_steps",
-                      "threads")
+                      "threads", "eval_tasks_every")
+        need(self.eval_tasks is None or bool(task_list(self.eval_tasks)),
+             f"eval_tasks names no task: {self.eval_tasks!r}")
+        need(self.eval_tasks_every is None or self.eval_tasks is not None, "eval_tasks_every needs eval_tasks")
         need(self.max_steps is not None or self.epochs is not None, "set max_steps or epochs")
         need(self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -265,5 +282,5 @@ class LoopConfig(Config):
         need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
 
 
-__all__ = ["Config", "LoopConfig", "option", "check_value", "field_types", "field_help", "field_aliases", "describe_type",
+__all__ = ["Config", "LoopConfig", "option", "check_value", "task_list", "field_types", "field_help", "field_aliases", "describe_type",
            "read_config_file", "need", "positive_ints", "ConfigError"]

@@ -97,7 +97,7 @@ from .metrics import Window
 from .optim import decay_progress, lr_at, make_optimizer
 from .precision import autocast, autocast_dtype
 from .rng import rng_state, seed_everything, set_rng_state
-from .task import Run, Task, TrainResult
+from .task import EvalHook, Run, Task, TrainResult
 
 
 class TrainingDiverged(ScratchLMError):
@@ -163,12 +163,18 @@ class StopFlag:
 class Trainer:
     """Runs ``task`` as ``cfg`` says; ``run()`` trains and returns a TrainResult."""
 
-    def __init__(self, cfg: LoopConfig, task: Task, quiet: bool = False):
-        self.cfg, self.task, self.quiet = cfg, task, quiet
+    def __init__(self, cfg: LoopConfig, task: Task, quiet: bool = False, eval_hook: EvalHook | None = None):
+        self.cfg, self.task, self.quiet, self.eval_hook = cfg, task, quiet, eval_hook
+        if cfg.eval_tasks and eval_hook is None:
+            raise ConfigError("eval_tasks needs an evaluation hook: run `scratchlm train`, or pass "
+                              "eval_hook=scratchlm.eval.training_eval_hook(...) to the trainer")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.procs, self.device = init_processes(cfg.device)
         self.sharded = self.procs.distributed and cfg.distributed == "fsdp"
+        if cfg.eval_tasks and self.sharded:
+            raise ConfigError("eval_tasks under FSDP: no process holds the whole model to score; run "
+                              "`scratchlm eval RUN_DIR/latest --tasks ...` after training")
         self.run_dir = Path(cfg.out_dir)
         self.latest, self.best_dir = self.run_dir / "latest", self.run_dir / "best"
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
@@ -274,6 +280,23 @@ class Trainer:
             set_rng_state(saved, self.device)
         return metrics, sample
 
+    def run_eval_hook(self, final: bool) -> dict:
+        """The eval hook's scores for the current model ({} when none is due): on the main
+        process (the others wait at their next collective), with every RNG as it was
+        afterwards. (Under FSDP no process has the whole model: refused in __init__.)"""
+        every = self.cfg.eval_tasks_every
+        due = final or (every is not None and self.step % every == 0)
+        if self.eval_hook is None or not due or not self.procs.is_main or self.sharded:
+            return {}
+        if self.task.tokenizer is None:
+            raise ConfigError("eval_tasks: this task's model has no tokenizer to score text with")
+        saved = rng_state(self.device)
+        try:
+            with eval_mode(self.raw_model), autocast(self.device, self.autocast_dtype):
+                return dict(self.eval_hook(self.raw_model, self.task.tokenizer, self.step, final))
+        finally:
+            set_rng_state(saved, self.device)
+
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: Path, with_state: bool = True) -> None:
         # Under FSDP a collective: every rank gathers, rank 0 writes.
@@ -340,9 +363,10 @@ class Trainer:
             bar.set_postfix(loss=f"{values['losses'][-1]:.3f}", tok_s=f"{tps:,.0f}")
             window = Window(self.tokens)
 
-        def evaluate_and_log():
+        def evaluate_and_log(final: bool = False):
             self.check_finite(window)
             metrics, sample = self.evaluate()
+            scores = self.run_eval_hook(final)
             record = {"kind": "eval", "step": self.step, "tokens": self.tokens, **metrics,
                       "elapsed_s": round(self.elapsed, 2)}
             if sample:
@@ -352,10 +376,20 @@ class Trainer:
             result.val = metrics
             if main and not self.quiet and (metrics or sample):
                 bar.write(self.task.describe(self.step, metrics, sample))
+            log_scores(scores)
             value = metrics.get(self.task.best_metric)
             if value is not None and (value < self.best if self.task.best_mode == "min" else value > self.best):
                 self.best = value
                 self.save(self.best_dir, with_state=False)
+
+        def log_scores(scores: dict):
+            """The eval hook's scores, e.g. {"python-docs-val/bits_per_byte": 2.31}: a row of their own."""
+            if scores:
+                result.eval_scores = scores
+                write({"kind": "eval_tasks", "step": self.step, "tokens": self.tokens, **scores,
+                       "elapsed_s": round(self.elapsed, 2)})
+                if main and not self.quiet:
+                    bar.write("  eval tasks: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
         def save_latest():
             self.check_finite(window)
@@ -381,15 +415,18 @@ class Trainer:
                     bar.update(min(bar.total, int(time.perf_counter() - start)) - bar.n if timed else 1)
                     if self.step % cfg.log_every == 0:
                         log_window()
-                    if self.step % cfg.eval_every == 0:
+                    every = cfg.eval_tasks_every
+                    if self.step % cfg.eval_every == 0 or (every and self.step % every == 0):
                         evaluate_and_log()
                         last_eval = self.step
                     if self.step % cfg.save_every == 0:
                         save_latest()
             if window.losses:
                 log_window()
-            if last_eval != self.step and not result.interrupted:
-                evaluate_and_log()
+            if not result.interrupted and last_eval != self.step:
+                evaluate_and_log(final=True)
+            elif not result.interrupted:  # evaluated at this very step: only the final eval hook is left
+                log_scores(self.run_eval_hook(final=True))
             self.elapsed = time.perf_counter() - start
             save_latest()  # also on Ctrl-C: no work is lost
         finally:

@@ -23,6 +23,9 @@ from .precision import autocast
 from .pretrain import TrainConfig, make_trainer
 
 DEMO_MINUTES = 3.0
+# The report card at the end (scored by the eval hook the CLI passes in: eval sits above train):
+# bits per byte on the held-out docstrings, and a 4-way choice of docstring endings.
+DEMO_EVAL_TASKS = "python-docs:val,python-docs-choice"
 DEMO_TOKENIZER = {"tokenizer": "bpe", "vocab_size": 2048}
 DEMO_CONFIG = dict(
     model="gpt-small-cpu", context_length=128, d_model=256, n_layers=4, n_heads=8,
@@ -56,7 +59,9 @@ def pick_threads(trainer: Trainer) -> int:
 
 
 def demo(minutes: float = DEMO_MINUTES, out: str = "runs/demo", data: str = "data/python-docs",
-         threads: int | None = None, overrides: dict | None = None) -> TrainResult:
+         threads: int | None = None, overrides: dict | None = None, eval_hook=None) -> TrainResult:
+    """Prepare, train, sample; with ``eval_hook`` (eval/train_hook.py) also score
+    DEMO_EVAL_TASKS at the end and write the report to ``out/eval``."""
     from ..data import load_meta, prepare
     from ..errors import ScratchLMError
 
@@ -75,9 +80,10 @@ def demo(minutes: float = DEMO_MINUTES, out: str = "runs/demo", data: str = "dat
     meta = load_meta(data_dir)
     print(f"corpus: {meta['splits']['train']['tokens']:,} train tokens, {meta['splits']['val']['tokens']:,} "
           f"val tokens, vocabulary {meta['vocab_size']:,}")
+    evals = {"eval_tasks": DEMO_EVAL_TASKS} if eval_hook is not None else {}
     cfg = TrainConfig.from_dict({**DEMO_CONFIG, "data": str(data_dir), "out_dir": out, "max_minutes": minutes,
-                                 "threads": threads, **(overrides or {})})
-    trainer = make_trainer(cfg)
+                                 "threads": threads, **evals, **(overrides or {})})
+    trainer = make_trainer(cfg, eval_hook=eval_hook)
     if threads is None:
         pick_threads(trainer)
     n = trainer.raw_model.num_parameters()
@@ -95,8 +101,12 @@ def demo(minutes: float = DEMO_MINUTES, out: str = "runs/demo", data: str = "dat
     if result.val_loss is not None:
         print(f"final validation loss: {result.val_loss:.4f} nats/token = {result.val_bpb:.3f} bits/byte "
               f"(perplexity {math.exp(result.val_loss):.1f})")
-    print(f"wrote {Path(out)}/: latest/ (checkpoint), best/, metrics.jsonl, loss.png")
+    if result.eval_scores:
+        print("report card: " + ", ".join(f"{k} {v:.3f}" for k, v in result.eval_scores.items())
+              + f" (random choice: 0.25); {Path(out) / 'eval' / 'report.md'}")
+    print(f"wrote {Path(out)}/: latest/ (checkpoint), best/, metrics.jsonl, loss.png"
+          + (", eval/ (report.md, report.json, scores.png)" if result.eval_scores else ""))
     return result
 
 
-__all__ = ["DEMO_MINUTES", "DEMO_TOKENIZER", "DEMO_CONFIG", "pick_threads", "demo"]
+__all__ = ["DEMO_EVAL_TASKS", "DEMO_MINUTES", "DEMO_TOKENIZER", "DEMO_CONFIG", "pick_threads", "demo"]

@@ -37,6 +37,7 @@ from ..moe import add_balancing_loss
 from .config import LoopConfig, need, option, positive_ints
 from .core import Task, Trainer, TrainResult
 from .distributed import all_reduce_values, process_group
+from .task import EvalHook
 
 
 @dataclass
@@ -212,15 +213,16 @@ class PretrainTask(Task):
         save_model(directory, self.net, self.tokenizer, extra=extra, state=weights)
 
 
-def make_trainer(cfg: PretrainConfig, quiet: bool = False) -> Trainer:
-    """The core's Trainer with the pretraining task (``trainer.task``)."""
-    return Trainer(cfg, PretrainTask(cfg), quiet=quiet)
+def make_trainer(cfg: PretrainConfig, quiet: bool = False, eval_hook: EvalHook | None = None) -> Trainer:
+    """The core's Trainer with the pretraining task (``trainer.task``); ``eval_hook`` scores
+    ``cfg.eval_tasks`` (eval/train_hook.py builds one)."""
+    return Trainer(cfg, PretrainTask(cfg), quiet=quiet, eval_hook=eval_hook)
 
 
-def train(cfg: PretrainConfig, quiet: bool = False) -> TrainResult:
+def train(cfg: PretrainConfig, quiet: bool = False, eval_hook: EvalHook | None = None) -> TrainResult:
     """Train as ``cfg`` says; under torchrun every process calls this."""
     with process_group():
-        return make_trainer(cfg, quiet=quiet).run()
+        return make_trainer(cfg, quiet=quiet, eval_hook=eval_hook).run()
 
 
 __all__ = ["PretrainConfig", "TrainConfig", "PretrainTask", "model_config_for", "make_trainer", "train"]

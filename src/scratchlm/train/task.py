@@ -41,6 +41,7 @@ class Task:
     best_metric: str = "val_loss"
     best_mode: Literal["min", "max"] = "min"
     title: str = "training"  # of loss.png
+    tokenizer: Any = None  # the model's tokenizer, when it has one: what an eval hook scores with
 
     def setup(self, run: Run) -> None:
         self.run = run
@@ -83,12 +84,20 @@ class Task:
         pass
 
 
+# An evaluation hook: (model, tokenizer, step, final) -> scores ({name: number}) that go into
+# the eval row of metrics.jsonl. The trainer calls it at the end of training (final=True) and
+# every ``eval_tasks_every`` steps; a layer above train builds it (eval/train_hook.py runs
+# ``scratchlm eval``'s tasks and writes a report), so train never imports eval.
+EvalHook = Callable[[torch.nn.Module, Any, int, bool], dict]
+
+
 @dataclass
 class TrainResult:
     step: int
     tokens: int
     out_dir: Path
     val: dict = field(default_factory=dict)  # the last evaluation
+    eval_scores: dict = field(default_factory=dict)  # the eval hook's last scores (eval_tasks)
     losses: list = field(default_factory=list)  # train loss of every step of this run
     interrupted: bool = False
 
@@ -102,4 +111,4 @@ class TrainResult:
 
 
 
-__all__ = ["Run", "Task", "TrainResult"]
+__all__ = ["EvalHook", "Run", "Task", "TrainResult"]
