@@ -224,6 +224,30 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------
 # Saving and loading an adapter on its own
 # ----------------------------------------------------------------------------------------
+FINGERPRINT_LAYERS, FINGERPRINT_VALUES = 4, 8
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, list[float]]:
+    """A few frozen base weights under the adapters: 8 evenly spaced values of each of the
+    first 4 wrapped layers. An adapter records them, so that loading it onto another base
+    model (which its B A were never trained against) is refused instead of silently wrong."""
+    values = {}
+    for name in sorted(lora_layers(model))[:FINGERPRINT_LAYERS]:
+        flat = lora_layers(model)[name].base.weight.detach().flatten()
+        step = max(1, flat.numel() // FINGERPRINT_VALUES)
+        values[name] = [float(f"{v:.6g}") for v in flat[::step][:FINGERPRINT_VALUES].float().tolist()]
+    return values
+
+
+def _same_base(recorded: dict, now: dict) -> bool:
+    """The fingerprints agree, to the rounding of a bf16 copy of the same weights."""
+    if set(recorded) != set(now):
+        return False
+    a = torch.tensor([v for k in sorted(now) for v in recorded[k]], dtype=torch.float64)
+    b = torch.tensor([v for k in sorted(now) for v in now[k]], dtype=torch.float64)
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
 def save_adapter(path: str | os.PathLike, model: nn.Module, base_model: str | None = None,
                  extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter.safetensors`` into directory ``path``,
@@ -236,7 +260,8 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, base_model: str | No
     config = LoRAConfig(**{**asdict(config), "base_model": base_model or config.base_model})
     path = Path(path)
     with atomic_directory(path, marker=MODEL_FILES) as tmp:
-        record = {"format": "scratchlm-lora", **asdict(config), "layers": sorted(lora_layers(model))}
+        record = {"format": "scratchlm-lora", **asdict(config), "layers": sorted(lora_layers(model)),
+                  "base_fingerprint": base_fingerprint(model)}
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
         save_file(lora_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         if extra is not None:
@@ -263,6 +288,17 @@ def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
         raise LoRAError(f"{file}: {e}") from None
 
 
+def _read_fingerprint(path: str | os.PathLike) -> dict | None:
+    """The base fingerprint an adapter records (None for adapters saved before it was)."""
+    try:
+        found = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(found, dict) and all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+                                         for v in found.values())
+    return found if ok else None
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, freeze: bool = True) -> nn.Module:
     """Wrap ``model``'s layers as the adapter in ``path`` says and load its A and B, in place."""
     config = read_adapter_config(path)
@@ -275,6 +311,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, freeze: bool = True)
         raise LoRAError(f"{weights} is corrupt or truncated ({str(e).splitlines()[0]})") from None
     apply_lora(model, config.rank, config.alpha, config.dropout, config.targets, freeze=freeze)
     model.lora_config = config
+    recorded = _read_fingerprint(path)
+    if recorded is not None and not _same_base(recorded, base_fingerprint(model)):
+        raise LoRAError(f"{path} was trained on another base model ({config.base_model or 'unrecorded'}): the "
+                        "weights under its layers differ from this base's; give the base it was trained on")
     expected = lora_state_dict(model)
     if set(state) != set(expected):
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
