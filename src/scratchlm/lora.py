@@ -311,23 +311,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, freeze: bool = True)
         raise LoRAError(f"{weights} is corrupt or truncated ({str(e).splitlines()[0]})") from None
     apply_lora(model, config.rank, config.alpha, config.dropout, config.targets, freeze=freeze)
     model.lora_config = config
-    recorded = _read_fingerprint(path)
-    if recorded is not None and not _same_base(recorded, base_fingerprint(model)):
-        raise LoRAError(f"{path} was trained on another base model ({config.base_model or 'unrecorded'}): the "
-                        "weights under its layers differ from this base's; give the base it was trained on")
     expected = lora_state_dict(model)
     if set(state) != set(expected):
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise LoRAError(f"{weights} does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     layers = lora_layers(model)
+    for key, tensor in state.items():
+        layer_name, _, which = key.rpartition(".")
+        param = getattr(layers[layer_name], which)
+        if param.shape != tensor.shape:
+            raise LoRAError(f"{weights}: {key} has shape {tuple(tensor.shape)}, the model needs "
+                            f"{tuple(param.shape)} (was the adapter trained on another base model?)")
+    recorded = _read_fingerprint(path)  # the same shapes, but the same weights underneath?
+    if recorded is not None and not _same_base(recorded, base_fingerprint(model)):
+        raise LoRAError(f"{path} was trained on another base model ({config.base_model or 'unrecorded'}): the "
+                        "weights under its layers differ from this base's; give the base it was trained on")
     with torch.no_grad():
         for key, tensor in state.items():
             layer_name, _, which = key.rpartition(".")
-            param = getattr(layers[layer_name], which)
-            if param.shape != tensor.shape:
-                raise LoRAError(f"{weights}: {key} has shape {tuple(tensor.shape)}, the model needs "
-                                f"{tuple(param.shape)} (was the adapter trained on another base model?)")
-            param.copy_(tensor)
+            getattr(layers[layer_name], which).copy_(tensor)
     return model
 
 

@@ -15,7 +15,7 @@ True
 >>> check_fits(cfg, 10**9, 128, "cpu", available=64e9)
 Traceback (most recent call last):
 ...
-scratchlm.errors.ConfigError: batch_size 1,000,000,000 x 128 tokens needs at least 262 TB for one training step (logits, activations, weights and optimizer state); 64 GB available: lower --batch_size (--grad_accum gives the same effective batch in less memory)
+scratchlm.errors.ConfigError: batch_size 1,000,000,000 x 128 tokens needs at least 328 TB for one training step (logits, activations, weights and optimizer state); 64 GB available: lower --batch_size (--grad_accum gives the same effective batch in less memory)
 """
 
 from __future__ import annotations
