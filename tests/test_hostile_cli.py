@@ -308,3 +308,14 @@ def test_a_bf16_copy_of_the_base_still_takes_its_adapter(root, tmp_path):
     half, _ = load_model(root / "run" / "latest", dtype=torch.bfloat16)
     load_adapter(half, tmp_path / "a")  # the same weights, rounded: accepted
     assert np.isfinite(half.lm_head.weight.float().sum().item())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{model}", "def", "--temperature", "0.8", "--seed", "99999999999999999999"], "--seed"),
+    (["generate", "{model}", "def", "--temperature", "0.8", "--seed", "-1"], "--seed"),
+    (["eval", "{model}", "--tasks", "{corpus}", "--limit", "0"], "--limit"),  # was: every item, silently
+])
+def test_generate_and_eval_refuse_numbers_out_of_range(root, capsys, argv, message):
+    argv = [a.format(model=root / "run" / "latest", corpus=root / "corpus.txt") for a in argv]
+    assert main(argv) == 2
+    one_line_error(capsys, message)
