@@ -65,6 +65,8 @@ def one_line_error(capsys, *words: str) -> str:
 # ---- options that made no sense, or allocated without bound -------------------------------------
 @pytest.mark.parametrize("option, value, message", [
     ("--batch_size", "1000000000", "needs at least"),  # refused before it allocates, not after
+    ("--grad_accum", "1000000000", "grad_accum must be at most"),  # one step that never ends
+    ("--grad_accum", "99999999999999999999", "grad_accum must be at most"),  # was an overflow traceback
     ("--d_model", "4000000", "needs at least"),
     ("--context_length", "1000000000000", "context_length must be at most"),
     ("--device", "bogus", "unknown device"),
@@ -314,6 +316,9 @@ def test_a_bf16_copy_of_the_base_still_takes_its_adapter(root, tmp_path):
     (["generate", "{model}", "def", "--temperature", "0.8", "--seed", "99999999999999999999"], "--seed"),
     (["generate", "{model}", "def", "--temperature", "0.8", "--seed", "-1"], "--seed"),
     (["eval", "{model}", "--tasks", "{corpus}", "--limit", "0"], "--limit"),  # was: every item, silently
+    (["eval", "{model}", "--tasks", "{corpus}", "--temperature", "nan"], "--temperature"),
+    (["eval", "{model}", "--tasks", "{corpus}", "--temperature", "-1"], "--temperature"),
+    (["eval", "{model}", "--tasks", "{corpus}", "--timeout", "nan"], "--timeout"),
 ])
 def test_generate_and_eval_refuse_numbers_out_of_range(root, capsys, argv, message):
     argv = [a.format(model=root / "run" / "latest", corpus=root / "corpus.txt") for a in argv]

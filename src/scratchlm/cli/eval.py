@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from . import UsageError
@@ -61,8 +62,10 @@ def _eval_command(args) -> int:
         raise UsageError(f"--k takes integers, comma-separated: got {args.k!r}") from None
     if any(k < 1 or k > args.samples for k in ks):
         raise UsageError(f"every pass@k needs 1 <= k <= --samples ({args.samples}): got {args.k}")
-    if args.timeout <= 0:
+    if not args.timeout > 0:  # nan included
         raise UsageError("--timeout must be > 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     options = EvalOptions(num_fewshot=args.num_fewshot, seed=args.seed, limit=args.limit,
                           batch_size=args.batch_size, chat=args.chat, template=args.template,
                           stride=args.stride, samples=args.samples, temperature=args.temperature, k=ks,

@@ -208,6 +208,7 @@ def positive_ints(config, *names: str) -> None:
 
 
 Precision = Literal["auto", "bf16", "fp32"]
+MAX_GRAD_ACCUM = 2**16  # far past any real run (a step of 65,536 micro-batches); a typo beyond it never ends
 
 
 @dataclass
@@ -253,6 +254,8 @@ class LoopConfig(Config):
     def validate(self) -> None:
         positive_ints(self, "batch_size", "grad_accum", "eval_every", "log_every", "save_every", "max_steps",
                       "threads")
+        need(self.grad_accum <= MAX_GRAD_ACCUM, f"grad_accum must be at most {MAX_GRAD_ACCUM:,} micro-batches per "
+             f"step, got {self.grad_accum:,} (one step would never end)")
         need(self.max_steps is not None or self.epochs is not None, "set max_steps or epochs")
         need(self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
