@@ -319,6 +319,7 @@ def test_a_bf16_copy_of_the_base_still_takes_its_adapter(root, tmp_path):
     (["eval", "{model}", "--tasks", "{corpus}", "--temperature", "nan"], "--temperature"),
     (["eval", "{model}", "--tasks", "{corpus}", "--temperature", "-1"], "--temperature"),
     (["eval", "{model}", "--tasks", "{corpus}", "--timeout", "nan"], "--timeout"),
+    (["eval", "{model}", "--tasks", "{corpus}", "--max-new-tokens", "-1"], "--max-new-tokens"),
 ])
 def test_generate_and_eval_refuse_numbers_out_of_range(root, capsys, argv, message):
     argv = [a.format(model=root / "run" / "latest", corpus=root / "corpus.txt") for a in argv]

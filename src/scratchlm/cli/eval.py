@@ -52,7 +52,7 @@ def _eval_command(args) -> int:
     if not specs:
         raise UsageError("--tasks names no task")
     for name, value in (("--num-fewshot", args.num_fewshot), ("--samples", args.samples - 1),
-                        ("--batch-size", args.batch_size - 1),
+                        ("--batch-size", args.batch_size - 1), ("--max-new-tokens", args.max_new_tokens - 1),
                         ("--limit", 0 if args.limit is None else args.limit - 1)):  # --limit 0 is not "all"
         if value < 0:
             raise UsageError(f"{name} must be {'>= 0' if name == '--num-fewshot' else '>= 1'}")
