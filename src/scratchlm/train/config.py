@@ -208,6 +208,7 @@ def positive_ints(config, *names: str) -> None:
 
 
 Precision = Literal["auto", "bf16", "fp32"]
+MAX_THREADS = 1024  # OpenMP allocates per thread: a typo of 10**9 threads asks for 216 GB
 MAX_GRAD_ACCUM = 2**16  # far past any real run (a step of 65,536 micro-batches); a typo beyond it never ends
 
 
@@ -254,6 +255,9 @@ class LoopConfig(Config):
     def validate(self) -> None:
         positive_ints(self, "batch_size", "grad_accum", "eval_every", "log_every", "save_every", "max_steps",
                       "threads")
+        need(self.threads is None or self.threads <= MAX_THREADS,
+             f"threads must be at most {MAX_THREADS:,}, got {self.threads:,}")
+        need(0 <= self.seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         need(self.grad_accum <= MAX_GRAD_ACCUM, f"grad_accum must be at most {MAX_GRAD_ACCUM:,} micro-batches per "
              f"step, got {self.grad_accum:,} (one step would never end)")
         need(self.max_steps is not None or self.epochs is not None, "set max_steps or epochs")

@@ -4,7 +4,8 @@ A typo such as ``--batch_size 1000000000`` (or ``--d_model 1000000``) would othe
 allocating, swap the machine to a halt or die at an arbitrary moment. The bound counts only
 what training certainly holds at once, so a run it refuses could never have worked:
 
-    weights, gradients, AdamW's two moments     4 copies x parameters x 4 bytes (fp32 master)
+    weights, gradients, AdamW's two moments     4 copies x parameters x 4 bytes (fp32 master),
+                                                parameters counted from the sizes (a lower bound)
     logits of one micro-batch                   B x T x vocab x 4 bytes (the loss is in fp32)
     the residual stream kept for backward       B x T x d_model x n_layers x 4 bytes
 
@@ -27,11 +28,12 @@ from ..errors import ConfigError
 
 
 def parameter_count(config: ModelConfig) -> int:
-    """Parameters of a Transformer of ``config``, counted on the meta device (nothing allocated)."""
-    from ..model import Transformer
-
-    with torch.device("meta"):
-        return Transformer(config).num_parameters()
+    """A lower bound on the parameters of a Transformer of ``config``, from its sizes alone
+    (building even a meta-device model of 10**9 layers would take hours): the embedding, and
+    in each block at least the query and output projections (d x d each) and two MLP
+    matrices (d x d_ff each), whatever the family, GQA or MoE."""
+    d, ff = config.d_model, config.d_ff
+    return config.vocab_size * d + config.n_layers * (2 * d * d + 2 * d * ff)
 
 
 def training_bytes(config: ModelConfig, batch_size: int, tokens_per_row: int) -> int:
