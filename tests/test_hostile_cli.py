@@ -329,3 +329,12 @@ def test_generate_and_eval_refuse_numbers_out_of_range(root, capsys, argv, messa
     argv = [a.format(model=root / "run" / "latest", corpus=root / "corpus.txt") for a in argv]
     assert main(argv) == 2
     one_line_error(capsys, message)
+
+
+def test_a_lora_rank_past_the_layers_is_refused(root, tmp_path, capsys):
+    rows = [{"instruction": "a", "input": "", "output": "b"}] * 8
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["finetune", "instruct", str(root / "run" / "latest"), "--data", str(tmp_path / "sft.jsonl"),
+                 "--out_dir", str(tmp_path / "ft"), "--template", "plain", "--lora", "--lora_rank", "99999999999999999999",
+                 "--max_steps", "1", "--no-progress", "--no-plot"]) == 2  # was an overflow traceback
+    one_line_error(capsys, "LoRA rank")

@@ -171,6 +171,10 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
             available = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
             raise LoRAError(f"LoRA target {target!r} matches no linear layer; "
                             f"layers are named {', '.join(available)}")
+    widest = max((min(m.in_features, m.out_features) for n, m in linears if _matches(n, config.targets)), default=0)
+    if config.rank > widest:  # B A of a larger rank spans nothing more, and a typo would allocate without bound
+        raise LoRAError(f"LoRA rank {config.rank:,} exceeds the layers it adapts (at most {widest:,} = the "
+                        "smaller side of their weights)")
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)

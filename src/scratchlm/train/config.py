@@ -256,7 +256,7 @@ class LoopConfig(Config):
         positive_ints(self, "batch_size", "grad_accum", "eval_every", "log_every", "save_every", "max_steps",
                       "threads")
         need(self.threads is None or self.threads <= MAX_THREADS,
-             f"threads must be at most {MAX_THREADS:,}, got {self.threads:,}")
+             f"threads must be at most {MAX_THREADS:,}, got {self.threads!r}")
         need(0 <= self.seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         need(self.grad_accum <= MAX_GRAD_ACCUM, f"grad_accum must be at most {MAX_GRAD_ACCUM:,} micro-batches per "
              f"step, got {self.grad_accum:,} (one step would never end)")
