@@ -338,3 +338,12 @@ def test_a_lora_rank_past_the_layers_is_refused(root, tmp_path, capsys):
                  "--out_dir", str(tmp_path / "ft"), "--template", "plain", "--lora", "--lora_rank", "99999999999999999999",
                  "--max_steps", "1", "--no-progress", "--no-plot"]) == 2  # was an overflow traceback
     one_line_error(capsys, "LoRA rank")
+
+
+@pytest.mark.parametrize("name, content", [("c.yaml", "caf\xe9: 1\n".encode("latin-1")), ("c.toml", bytes(range(256))),
+                                           ("c.bin", bytes(range(256)))])
+def test_a_config_file_that_is_not_utf8_text_is_one_line(root, tmp_path, capsys, name, content):
+    (tmp_path / name).write_bytes(content)  # was a UnicodeDecodeError traceback
+    assert main(["train", "--data", str(root / "data"), "--out_dir", str(tmp_path / "run"), *TRAIN,
+                 "--config", str(tmp_path / name)]) == 2
+    one_line_error(capsys, name)
