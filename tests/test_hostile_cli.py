@@ -347,3 +347,16 @@ def test_a_config_file_that_is_not_utf8_text_is_one_line(root, tmp_path, capsys,
     assert main(["train", "--data", str(root / "data"), "--out_dir", str(tmp_path / "run"), *TRAIN,
                  "--config", str(tmp_path / name)]) == 2
     one_line_error(capsys, name)
+
+
+@pytest.mark.parametrize("task, name", [("instruct", "d.jsonl"), ("classify", "d.csv")])
+@pytest.mark.parametrize("kind", ["fifo", "latin1"])
+def test_finetune_data_that_is_a_fifo_or_not_utf8_is_one_line(root, tmp_path, capsys, task, name, kind):
+    data = tmp_path / name
+    if kind == "fifo":
+        os.mkfifo(data)  # reading it would wait forever for a writer
+    else:
+        data.write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))  # was a UnicodeDecodeError traceback
+    assert main(["finetune", task, str(root / "run" / "latest"), "--data", str(data), "--out_dir",
+                 str(tmp_path / "ft"), "--max_steps", "1", "--no-progress", "--no-plot"]) == 2
+    one_line_error(capsys, name)
