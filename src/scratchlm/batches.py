@@ -21,7 +21,9 @@ so nothing is read from disk until a window is used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +43,10 @@ class _Windows:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise DataError(f"{name} must be a positive whole number, got {value!r}")
         self.shards, self.context_length, self.stride = list(shards), int(context_length), int(stride)
+        # (file, size it had when opened) of each memory-mapped shard: reading a page of a
+        # file that shrank since is SIGBUS, which kills the process without a word.
+        self.files = [(Path(s.filename), s.offset + s.nbytes) if isinstance(s, np.memmap) and s.filename else None
+                      for s in self.shards]
         per_shard = [max(0, (len(s) - context_length - 1) // stride + 1) for s in self.shards]
         self.ends = np.cumsum(per_shard)  # ends[k]: windows in shards 0..k
         if not per_shard or self.ends[-1] == 0:
@@ -57,8 +63,25 @@ class _Windows:
         start = local * self.stride
         return self.shards[shard][start:start + self.context_length + 1]
 
+    def check_files(self, shards: Iterable[int]) -> None:
+        """A DataError naming the shard file if one of ``shards`` is no longer the size it was
+        when opened (truncated or rewritten while training runs), before any of it is read."""
+        for k in shards:
+            if self.files[k] is None:
+                continue
+            path, size = self.files[k]
+            try:
+                now = os.stat(path).st_size
+            except OSError as e:
+                raise DataError(f"{path}: the shard cannot be read any more ({e.strerror or e}); was the "
+                                "data folder changed while training?") from None
+            if now < size:
+                raise DataError(f"{path} shrank from {size:,} to {now:,} bytes while training ran: the data "
+                                "folder was changed (run `scratchlm prepare` again, then --resume)")
+
     def stack(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (len(indices), context_length) int64: y is x shifted by one."""
+        self.check_files(set(np.searchsorted(self.ends, np.asarray(indices), side="right").tolist()))
         rows = np.stack([self.window(int(i)) for i in indices]).astype(np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]

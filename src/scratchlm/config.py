@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,10 @@ from typing import Any
 from .errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")
+# The longest context a model may declare: position tables (and a KV cache) of this many rows
+# are built whole, so a typo such as 1e12 must be refused, not allocated. 2**24 is 128x
+# Llama 3.1's 131,072.
+MAX_CONTEXT_LENGTH = 2**24
 MLPS = ("gelu", "relu", "swiglu", "geglu")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")  # x + f(norm(x)), x + norm(f(x)), x + norm(f(norm(x)))
 QK_NORMS = (None, "head", "projection")  # RMSNorm of q and k: per head (Qwen3, Gemma 3), whole (OLMo 2)
@@ -97,6 +104,10 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        _check_field_types(self)
+        need(self.context_length <= MAX_CONTEXT_LENGTH,
+             f"context_length must be at most {MAX_CONTEXT_LENGTH:,} (its position tables are built whole), "
+             f"got {self.context_length:,}")
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                      "head_dim"):
             value = getattr(self, name)
@@ -172,6 +183,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config is a JSON object of fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -206,6 +219,35 @@ class ModelConfig:
     @staticmethod
     def presets() -> list[str]:
         return list(PRESETS)
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+               list: "a list"}
+
+
+def _check_field_types(config: ModelConfig) -> None:
+    """Each field holds a value of its annotated type, as JSON gives it: ``"false"`` is not a
+    bool (a non-empty string is truthy), ``2.0`` is not an int, and a float must be finite.
+    Integers of other types (numpy's, from GGUF metadata) become ``int``."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, annotation = getattr(config, f.name), hints[f.name]
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        if value is None and type(None) in typing.get_args(annotation):
+            continue
+        kind = typing.get_origin(kinds[0]) or kinds[0]
+        if len(kinds) != 1 or kind not in (bool, int, float, str, dict, list):
+            continue  # an annotation this check does not know: the field's own checks apply
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value, ok = int(value), True
+        if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value, ok = float(value), math.isfinite(value)
+            if not ok:
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        if not ok:
+            raise ConfigError(f"{f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
+        object.__setattr__(config, f.name, value)
 
 
 def _gpt2(d_model: int, n_layers: int, n_heads: int) -> dict:

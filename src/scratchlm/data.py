@@ -258,6 +258,18 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
         raise DataError(f"{path} is not a prepared dataset's meta.json (no positive integer vocab_size)")
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    eot, splits = meta.get("eot_id"), meta.get("splits")
+    if not whole(eot) or eot >= vocab:
+        raise DataError(f"{path}: eot_id must be an id below vocab_size {vocab}, got {eot!r}")
+    for split in ("train", "val"):
+        counts = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(counts, dict) or not all(whole(counts.get(k)) for k in ("tokens", "bytes")):
+            raise DataError(f"{path}: splits.{split} must hold whole numbers of tokens and bytes "
+                            "(run `scratchlm prepare` again)")
     return meta
 
 

@@ -248,8 +248,12 @@ class _Decoder:
 
     def __init__(self, model: Transformer, rows: list[list[int]], max_new_tokens: int,
                  options: SamplingOptions, generator: torch.Generator | None, use_cache: bool,
-                 compile: bool | str = False, no_repeat_ngram: int | None = None):
+                 compile: bool | str = False, no_repeat_ngram: int | None = None,
+                 vocab_limit: int | None = None):
         self.model, self.options, self.generator, self.use_cache = model, options, generator, use_cache
+        # A tokenizer with fewer ids than the model's vocabulary (rows padded to a round
+        # number, or a mismatched tokenizer): only its ids are ever chosen.
+        self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < model.config.vocab_size else None
         device = model.tok_emb.weight.device
         B = len(rows)
         T = max(len(r) for r in rows)
@@ -318,6 +322,9 @@ class _Decoder:
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         if self.blocker is not None:
             logits = self.blocker.apply(logits)
+        if self.vocab_limit is not None:  # ids past the tokenizer's could never be decoded
+            seen = None if self.seen is None else self.seen[:, :self.vocab_limit]
+            return sample_next(logits[:, :self.vocab_limit], self.options, self.generator, seen)
         return sample_next(logits, self.options, self.generator, self.seen)
 
 
@@ -420,7 +427,8 @@ def _events(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, to
         return
 
     done = [False] * len(rows)
-    decoder = _Decoder(model, rows, max_new_tokens, options, generator, use_cache, compile, no_repeat_ngram)
+    decoder = _Decoder(model, rows, max_new_tokens, options, generator, use_cache, compile, no_repeat_ngram,
+                       vocab_limit=getattr(tokenizer, "vocab_size", None))
     ids = decoder.first()
     while True:
         for i, token in enumerate(ids.tolist()):  # one sync per step for the whole batch

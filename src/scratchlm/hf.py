@@ -417,9 +417,10 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return "model_type" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
+    return isinstance(data, dict) and "model_type" in data  # a config.json of null or [] is not one
 
 
 def load_hf(source: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,

@@ -175,6 +175,10 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
             available = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
             raise LoRAError(f"LoRA target {target!r} matches no linear layer; "
                             f"layers are named {', '.join(available)}")
+    widest = max((min(m.in_features, m.out_features) for n, m in linears if _matches(n, config.targets)), default=0)
+    if config.rank > widest:  # B A of a larger rank spans nothing more, and a typo would allocate without bound
+        raise LoRAError(f"LoRA rank {config.rank:,} exceeds the layers it adapts (at most {widest:,} = the "
+                        "smaller side of their weights)")
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -259,6 +263,30 @@ def adapters_disabled(model: nn.Module):
 # ----------------------------------------------------------------------------------------
 # Saving and loading an adapter on its own
 # ----------------------------------------------------------------------------------------
+FINGERPRINT_LAYERS, FINGERPRINT_VALUES = 4, 8
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, list[float]]:
+    """A few frozen base weights under the adapters: 8 evenly spaced values of each of the
+    first 4 wrapped layers. An adapter records them, so that loading it onto another base
+    model (which its B A were never trained against) is refused instead of silently wrong."""
+    values = {}
+    for name in sorted(lora_layers(model))[:FINGERPRINT_LAYERS]:
+        flat = lora_layers(model)[name].base.weight.detach().flatten()
+        step = max(1, flat.numel() // FINGERPRINT_VALUES)
+        values[name] = [float(f"{v:.6g}") for v in flat[::step][:FINGERPRINT_VALUES].float().tolist()]
+    return values
+
+
+def _same_base(recorded: dict, now: dict) -> bool:
+    """The fingerprints agree, to the rounding of a bf16 copy of the same weights."""
+    if set(recorded) != set(now):
+        return False
+    a = torch.tensor([v for k in sorted(now) for v in recorded[k]], dtype=torch.float64)
+    b = torch.tensor([v for k in sorted(now) for v in now[k]], dtype=torch.float64)
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
 def save_adapter(path: str | os.PathLike, model: nn.Module, base_model: str | None = None,
                  extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter.safetensors`` into directory ``path``,
@@ -271,7 +299,8 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, base_model: str | No
     config = LoRAConfig(**{**asdict(config), "base_model": base_model or config.base_model})
     path = Path(path)
     with atomic_directory(path, marker=MODEL_FILES) as tmp:
-        record = {"format": "scratchlm-lora", **asdict(config), "layers": sorted(lora_layers(model))}
+        record = {"format": "scratchlm-lora", **asdict(config), "layers": sorted(lora_layers(model)),
+                  "base_fingerprint": base_fingerprint(model)}
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
         save_file(lora_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         if extra is not None:
@@ -298,6 +327,17 @@ def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
         raise LoRAError(f"{file}: {e}") from None
 
 
+def _read_fingerprint(path: str | os.PathLike) -> dict | None:
+    """The base fingerprint an adapter records (None for adapters saved before it was)."""
+    try:
+        found = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(found, dict) and all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+                                         for v in found.values())
+    return found if ok else None
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, freeze: bool = True) -> nn.Module:
     """Wrap ``model``'s layers as the adapter in ``path`` says and load its A and B, in place."""
     config = read_adapter_config(path)
@@ -315,14 +355,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, freeze: bool = True)
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise LoRAError(f"{weights} does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     layers = lora_layers(model)
+    for key, tensor in state.items():
+        layer_name, _, which = key.rpartition(".")
+        param = getattr(layers[layer_name], which)
+        if param.shape != tensor.shape:
+            raise LoRAError(f"{weights}: {key} has shape {tuple(tensor.shape)}, the model needs "
+                            f"{tuple(param.shape)} (was the adapter trained on another base model?)")
+    recorded = _read_fingerprint(path)  # the same shapes, but the same weights underneath?
+    if recorded is not None and not _same_base(recorded, base_fingerprint(model)):
+        raise LoRAError(f"{path} was trained on another base model ({config.base_model or 'unrecorded'}): the "
+                        "weights under its layers differ from this base's; give the base it was trained on")
     with torch.no_grad():
         for key, tensor in state.items():
             layer_name, _, which = key.rpartition(".")
-            param = getattr(layers[layer_name], which)
-            if param.shape != tensor.shape:
-                raise LoRAError(f"{weights}: {key} has shape {tuple(tensor.shape)}, the model needs "
-                                f"{tuple(param.shape)} (was the adapter trained on another base model?)")
-            param.copy_(tensor)
+            getattr(layers[layer_name], which).copy_(tensor)
     return model
 
 

@@ -19,6 +19,7 @@ forbids, before any of the above, the tokens that would write an n-gram a second
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from .errors import ScratchLMError
 
 NEG_INF = float("-inf")
+MIN_TEMPERATURE = 1e-6  # logits (|x| < 1e30) / 1e-6 stay finite in float32
 
 
 @dataclass
@@ -48,7 +50,7 @@ class SamplingOptions:
 
     def __post_init__(self):
         t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
-        if not isinstance(t, (int, float)) or t != t or t < 0:
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ScratchLMError(f"temperature must be >= 0 (0 means greedy), got {t}")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ScratchLMError(f"top_k must be a positive integer (or 0/None for no limit), got {k}")
@@ -56,8 +58,8 @@ class SamplingOptions:
             raise ScratchLMError(f"top_p must be in (0, 1], got {p}")
         if m is not None and not (0.0 <= m <= 1.0):
             raise ScratchLMError(f"min_p must be in [0, 1], got {m}")
-        if not r > 0:
-            raise ScratchLMError(f"repetition_penalty must be > 0, got {r}")
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+            raise ScratchLMError(f"repetition_penalty must be a finite number > 0, got {r}")
 
     @property
     def greedy(self) -> bool:
@@ -185,8 +187,12 @@ class NGramBlocker:
 
 
 def filter_logits(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p, in that order. logits (B, V) float32."""
-    logits = logits / options.temperature
+    """Temperature, then top-k, top-p and min-p, in that order. logits (B, V) float32.
+
+    A temperature below MIN_TEMPERATURE divides by MIN_TEMPERATURE instead: 1e-45 is 0 in
+    float32 (logits / 0 is inf or nan) and 1e-30 sends logits of 10 to inf, while at 1e-6
+    the choice is already greedy but for near-exact ties, as a tiny temperature means."""
+    logits = logits / max(options.temperature, MIN_TEMPERATURE)
     if options.top_k:
         logits = top_k_filter(logits, options.top_k)
     if options.top_p is not None:

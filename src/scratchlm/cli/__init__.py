@@ -69,6 +69,17 @@ def _version() -> str:
     return __version__
 
 
+def _report_native_crashes() -> None:
+    """A crash in native code (SIGSEGV; SIGBUS from a memory-mapped file that shrank) prints
+    the Python stack where it happened instead of nothing."""
+    import faulthandler
+
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr is not a real file (captured, closed)
+        pass
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean the user asked for something that cannot be done."""
     from ..errors import ScratchLMError
@@ -80,6 +91,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _report_native_crashes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

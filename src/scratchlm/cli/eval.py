@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from . import UsageError
@@ -51,7 +52,8 @@ def _eval_command(args) -> int:
     if not specs:
         raise UsageError("--tasks names no task")
     for name, value in (("--num-fewshot", args.num_fewshot), ("--samples", args.samples - 1),
-                        ("--batch-size", args.batch_size - 1), ("--limit", (args.limit or 1) - 1)):
+                        ("--batch-size", args.batch_size - 1), ("--max-new-tokens", args.max_new_tokens - 1),
+                        ("--limit", 0 if args.limit is None else args.limit - 1)):  # --limit 0 is not "all"
         if value < 0:
             raise UsageError(f"{name} must be {'>= 0' if name == '--num-fewshot' else '>= 1'}")
     try:
@@ -60,8 +62,10 @@ def _eval_command(args) -> int:
         raise UsageError(f"--k takes integers, comma-separated: got {args.k!r}") from None
     if any(k < 1 or k > args.samples for k in ks):
         raise UsageError(f"every pass@k needs 1 <= k <= --samples ({args.samples}): got {args.k}")
-    if args.timeout <= 0:
+    if not args.timeout > 0:  # nan included
         raise UsageError("--timeout must be > 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     options = EvalOptions(num_fewshot=args.num_fewshot, seed=args.seed, limit=args.limit,
                           batch_size=args.batch_size, chat=args.chat, template=args.template,
                           stride=args.stride, samples=args.samples, temperature=args.temperature, k=ks,

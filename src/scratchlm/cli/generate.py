@@ -63,6 +63,10 @@ def _check_sampling(args) -> None:
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     if args.no_repeat_ngram:
         NGramBlocker(args.no_repeat_ngram, 0)
+    if args.seed is not None and not 0 <= args.seed < 2**64:  # what torch.Generator takes
+        raise UsageError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
 
 
 def _options(args) -> dict:

@@ -24,6 +24,7 @@ torch.Size([2, 3])
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import load_model, save_model
+from ..corpus import decode_text, read_bytes
 from ..errors import ConfigError, NotFound, ScratchLMError
 from ..lora import (
     LoRAConfig,
@@ -107,7 +109,8 @@ def load_labelled(path: str | os.PathLike, text_column: str = "text",
     path = Path(path)
     if not path.exists():
         raise NotFound(f"data file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
+    text = decode_text(read_bytes(path), path)  # a FIFO, a folder or bytes that are not UTF-8: one line
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames
         if not columns:

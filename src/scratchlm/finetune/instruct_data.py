@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..chat import END_OF_TEXT, ROLES, PromptFormatError, Segment, render_example
+from ..corpus import decode_text, read_bytes
 from ..errors import ConfigError, DataError, NotFound, ScratchLMError
 
 IGNORE_INDEX = -100  # F.cross_entropy(ignore_index=-100): these targets add nothing to the loss
@@ -50,7 +51,7 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise NotFound(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = decode_text(read_bytes(path), path)  # a FIFO, a folder or bytes that are not UTF-8: one line
     if not text.strip():
         raise DataError(f"{path} is empty: no examples to train on")
     rows: list[tuple[int, object]] = []

@@ -115,9 +115,11 @@ class BPETokenizer(Tokenizer):
         ``fast=False`` uses the textbook trainer (same merges, much slower)."""
         specials = list(dict.fromkeys(special_tokens))
         check_special_names(specials)  # before training: an empty one would never stop splitting
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
             raise TokenizerError(f"vocab_size must be at least 256 + {len(specials)} special tokens "
                                  f"= {256 + len(specials)}, got {vocab_size!r}")
+        if vocab_size > 2**32:  # ids are stored as uint32 at most (token shards, GGUF)
+            raise TokenizerError(f"vocab_size must be at most 2**32 = {2**32:,}, got {vocab_size:,}")
         texts = [text] if isinstance(text, str) else text
         counts = count_pretokens(texts, pattern, specials)
         trainer = train_merges_fast if fast else train_merges_textbook

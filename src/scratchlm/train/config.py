@@ -134,7 +134,12 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"config file not found: {path}")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"{path}: config files are .yaml, .yml or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): not a config file") from None
     if path.suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -217,6 +222,8 @@ def positive_ints(config, *names: str) -> None:
 
 
 Precision = Literal["auto", "bf16", "fp32"]
+MAX_THREADS = 1024  # OpenMP allocates per thread: a typo of 10**9 threads asks for 216 GB
+MAX_GRAD_ACCUM = 2**16  # far past any real run (a step of 65,536 micro-batches); a typo beyond it never ends
 
 
 @dataclass
@@ -270,6 +277,11 @@ class LoopConfig(Config):
         need(self.eval_tasks is None or bool(task_list(self.eval_tasks)),
              f"eval_tasks names no task: {self.eval_tasks!r}")
         need(self.eval_tasks_every is None or self.eval_tasks is not None, "eval_tasks_every needs eval_tasks")
+        need(self.threads is None or self.threads <= MAX_THREADS,
+             f"threads must be at most {MAX_THREADS:,}, got {self.threads!r}")
+        need(0 <= self.seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {self.seed}")
+        need(self.grad_accum <= MAX_GRAD_ACCUM, f"grad_accum must be at most {MAX_GRAD_ACCUM:,} micro-batches per "
+             f"step, got {self.grad_accum:,} (one step would never end)")
         need(self.max_steps is not None or self.epochs is not None, "set max_steps or epochs")
         need(self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")

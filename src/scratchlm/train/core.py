@@ -168,6 +168,8 @@ class Trainer:
         if cfg.eval_tasks and eval_hook is None:
             raise ConfigError("eval_tasks needs an evaluation hook: run `scratchlm train`, or pass "
                               "eval_hook=scratchlm.eval.training_eval_hook(...) to the trainer")
+        if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+            raise ConfigError(f"out_dir {cfg.out_dir} is a file, not a folder; choose another run folder")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.procs, self.device = init_processes(cfg.device)
@@ -314,9 +316,18 @@ class Trainer:
                 (tmp / "best.json").write_text(json.dumps(
                     {"step": self.step, self.task.best_metric: self.best, "mode": self.task.best_mode}) + "\n")
 
-        self.task.save(directory, weights, extra)
+        try:
+            self.task.save(directory, weights, extra)
+        except OSError as e:  # a full disk, a quota, a folder made read-only: the old copy stays
+            raise CheckpointError(f"cannot save {directory} ({e.strerror or e}); {self.kept()}") from None
         if with_state:
             self.saved_step = self.step
+
+    def kept(self) -> str:
+        """What is safe on disk now: the last checkpoint written (a failed save leaves it whole)."""
+        if self.saved_step is None:
+            return "no checkpoint of this run was written"
+        return f"{self.latest} keeps step {self.saved_step}"
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -345,8 +356,12 @@ class Trainer:
 
         def write(record: dict):
             if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                try:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                except OSError as e:  # --resume skips the torn last line this may leave
+                    raise ScratchLMError(f"cannot append to {metrics_path} ({e.strerror or e}); "
+                                         f"{self.kept()}") from None
 
         def log_window():
             nonlocal window
@@ -432,7 +447,8 @@ class Trainer:
         finally:
             bar.close()
             if log is not None:
-                log.close()
+                with contextlib.suppress(OSError):  # every line was flushed when written; a full disk
+                    log.close()  # fails the close again, and must not hide why the run stopped
         if main and cfg.plot and metrics_path.exists():
             from ..plots import plot_loss
 

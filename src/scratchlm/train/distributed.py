@@ -148,18 +148,24 @@ def process_group():
     """Close, on the way out, a process group that was started inside this block.
 
     A process that exits with a live gloo group can abort in its destructor and take
-    torchrun down, so wait for rank 0 (still saving) and destroy the group."""
+    torchrun down, so wait for rank 0 (still saving) and destroy the group; the command
+    line's entry point (cli/__main__.py) then leaves with ``os._exit`` under torchrun."""
     import torch.distributed as dist
 
     owned = dist.is_available() and not dist.is_initialized()  # a group we start, we end
     try:
         yield
-    finally:
+    except BaseException:
+        # No barrier on the way out of a failure: the other ranks may never reach one (they
+        # may be waiting in another collective), and torchrun stops them when this one exits.
         if owned and dist.is_available() and dist.is_initialized():
-            try:
-                dist.barrier()
-            finally:
-                dist.destroy_process_group()
+            dist.destroy_process_group()
+        raise
+    if owned and dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()  # rank 0 may still be writing the last checkpoint
+        finally:
+            dist.destroy_process_group()
 
 
 __all__ = ["Processes", "init_processes", "is_main_process", "all_reduce_values", "all_reduce_tensor",

@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_config, load_model, save_model
 from ..config import ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..model import Transformer
 from ..moe import add_balancing_loss
 from .config import LoopConfig, need, option, positive_ints
 from .core import Task, Trainer, TrainResult
 from .distributed import all_reduce_values, process_group
+from .memory import check_fits
 from .task import EvalHook
 
 
@@ -118,6 +119,10 @@ class PretrainTask(Task):
         self.cfg = cfg
         self.meta = load_meta(cfg.data)
         self.tokenizer = load_tokenizer(cfg.data)
+        if self.tokenizer is not None and self.tokenizer.vocab_size != self.meta["vocab_size"]:
+            raise DataError(f"{cfg.data}: meta.json says vocab_size {self.meta['vocab_size']:,} but the tokenizer "
+                            f"there has {self.tokenizer.vocab_size:,} ids: the folder mixes two preparations "
+                            "(run `scratchlm prepare` again)")
         self.model_config = model_config_for(cfg, self.meta["vocab_size"])
         val = self.meta["splits"]["val"]
         self.val_tokens_per_byte = val["tokens"] / max(1, val["bytes"])
@@ -129,6 +134,7 @@ class PretrainTask(Task):
 
         super().setup(run)
         cfg, T, procs = self.cfg, self.model_config.context_length, run.procs
+        check_fits(self.model_config, cfg.batch_size, T, run.device)  # before a typo allocates
         self.batches = BatchSampler(load_split(cfg.data, "train"), T, cfg.batch_size, cfg.grad_accum,
                                     procs.world_size, cfg.sampler, cfg.stride, cfg.seed)
         self.val = eval_batches(load_split(cfg.data, "val"), T, cfg.batch_size, cfg.eval_batches,
