@@ -69,7 +69,7 @@ def one_line_error(capsys, *words: str) -> str:
     ("--grad_accum", "99999999999999999999", "grad_accum must be at most"),  # was an overflow traceback
     ("--d_model", "4000000", "needs at least"),
     ("--d_model", "1000000000", "needs at least"),  # was an overflow traceback while building
-    ("--n_layers", "1000000000", "needs at least"),  # was a hang: a billion blocks built one by one
+    ("--n_layers", "1000000000", "n_layers must be at most"),  # was a hang: a billion blocks built one by one
     ("--threads", "1000000000", "threads must be at most"),  # was libgomp asking for 216 GB
     ("--seed", "99999999999999999999", "seed must be between"),  # was an overflow traceback
     ("--context_length", "1000000000000", "context_length must be at most"),

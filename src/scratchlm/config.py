@@ -29,6 +29,9 @@ NORMS = ("layernorm", "rmsnorm")
 # are built whole, so a typo such as 1e12 must be refused, not allocated. 2**24 is 128x
 # Llama 3.1's 131,072.
 MAX_CONTEXT_LENGTH = 2**24
+# The deepest model a config may declare (Llama 3.1 405B has 126 layers): a per-layer list
+# (layer_types) is built from it before anything else, so 1e9 must be refused first.
+MAX_LAYERS = 2**16
 MLPS = ("gelu", "relu", "swiglu", "geglu")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")  # x + f(norm(x)), x + norm(f(x)), x + norm(f(norm(x)))
 QK_NORMS = (None, "head", "projection")  # RMSNorm of q and k: per head (Qwen3, Gemma 3), whole (OLMo 2)
@@ -91,9 +94,12 @@ class ModelConfig:
                 raise ConfigError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}; "
                                   f"set head_dim to use heads of another size")
             self.head_dim = self.d_model // self.n_heads
-        if self.layer_types is None:
+        if isinstance(self.n_layers, int) and self.n_layers > MAX_LAYERS:
+            raise ConfigError(f"n_layers must be at most {MAX_LAYERS:,}, got {self.n_layers:,}")
+        if self.layer_types is None and isinstance(self.n_layers, int):
             self.layer_types = ["local" if self.sliding_window is not None else "global"] * self.n_layers
-        self.layer_types = list(self.layer_types)  # a tuple from Python, a list from JSON: one form
+        if isinstance(self.layer_types, (list, tuple)):
+            self.layer_types = list(self.layer_types)  # a tuple from Python, a list from JSON: one form
         if self.d_ff_expert is None:
             self.d_ff_expert = self.d_ff
         self.validate()
