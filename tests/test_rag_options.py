@@ -108,7 +108,7 @@ def test_chunking_a_1mb_single_line_document_is_fast():
     ("--top-p", "nan", "top_p must be a finite number"),
     ("--top-k", "-2", "top_k must be a positive integer"),
     ("--min-p", "-0.5", "min_p must be in [0, 1]"),
-    ("--repetition-penalty", "0", "repetition_penalty must be > 0"),
+    ("--repetition-penalty", "0", "repetition_penalty must be a finite number > 0"),
     ("--repetition-penalty", "inf", "repetition_penalty must be a finite number"),
     ("--no-repeat-ngram", "-1", "no_repeat_ngram must be >= 0"),
     ("--seed", "-1", "seed must be in [0, 2**63)"),
