@@ -24,11 +24,13 @@ def add_export_options(p) -> None:
 def export_gguf(args) -> int:
     from ..gguf_io import save_gguf
     from ..gguf_io.modelfile import write_modelfile
+    from ..gguf_io.save import check_exportable
     from ..load import load_any
     model, tokenizer = load_any(args.model_dir)
     path = save_gguf(model, tokenizer, args.out_dir, dtype=getattr(args, "quant", "f16"))
     size = path.stat().st_size / 1e6
-    print(f"wrote {path} (GGUF llama, {getattr(args, 'quant', 'f16')}, {size:.0f} MB"
+    arch = check_exportable(model.config).name
+    print(f"wrote {path} (GGUF {arch}, {getattr(args, 'quant', 'f16')}, {size:.0f} MB"
           f"{', tokenizer' if tokenizer is not None else ', no tokenizer'})")
     if tokenizer is not None:  # Ollama: `ollama create NAME -f out.Modelfile`
         modelfile = write_modelfile(path, tokenizer, model_dir=args.model_dir)

@@ -3,8 +3,9 @@
 The model is built on the meta device (shapes only), each parameter gets one empty
 tensor of the target dtype, and every GGUF tensor is dequantized straight into its place
 (a slice of rows at a time, see container.GGUFFile.read_into): the stacked q | k | v
-rows of ``qkv_proj`` are filled in place, and the rotary rows of q and k are put back in
-half-split order per layer. Peak memory is the weights plus one slice and one layer's q.
+rows of ``qkv_proj`` are filled in place, and (llama) the rotary rows of q and k are put back
+in half-split order per layer; Gemma's norms lose the 1 that llama.cpp's converter added.
+Peak memory is the weights plus one slice and one layer's q.
 
 Named offline models resolve to a GGUF that a Python package ships
 (``resolve_named_model``): ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct (Q4_1)
@@ -99,7 +100,7 @@ def load_gguf(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None =
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state = {k: torch.empty(shape, dtype=target) for k, shape in expected.items()
                  if not (k == "lm_head.weight" and config.tie_embeddings)}
-        names = layer_names(arch, config, with_bias=config.bias)
+        names = layer_names(arch, config, with_bias=getattr(config, arch.bias_field))
         missing = [n for n, _ in names if n not in file.tensors]
         if missing:
             raise GGUFError(f"{path}: GGUF file has no tensor {missing[0]!r}"
@@ -149,6 +150,9 @@ def _fill(file: GGUFFile, gguf_name: str, slot: Slot, state: dict, config, path)
     if info.shape != tuple(target.shape):
         raise GGUFError(f"{path}: tensor {gguf_name} has shape {info.shape}, but the metadata implies "
                         f"{tuple(target.shape)}")
+    if slot.shift:  # a norm vector stored as shift + weight: subtract in float32, then cast
+        target.copy_(file.read(gguf_name) - slot.shift)
+        return
     file.read_into(gguf_name, target)
     if slot.rotary_heads:
         heads = getattr(config, slot.rotary_heads)

@@ -1,12 +1,13 @@
 """save_gguf: our model (and tokenizer) -> a GGUF file that llama.cpp and Ollama load.
 
-What is written, for a Llama-shaped model (rope, RMSNorm, SwiGLU):
+What is written, for a model of one of arch.py's architectures (llama, qwen2, qwen3,
+gemma3: the first whose fixed fields are the model's):
 
-- metadata: ``llama.*`` (layers, widths, heads, rope base, norm eps, context), the
-  tokenizer (vocab.py), ``general.file_type``;
-- tensors under llama.cpp's names (arch.py), q and k rows permuted to llama.cpp's
-  rotary order, matrices in the chosen type, norms and biases in F32 (llama.cpp reads
-  them so), and ``rope_freqs.weight`` for Llama 3.1 rope scaling;
+- metadata: ``<arch>.*`` (layers, widths, heads, head size, rope base, norm eps, context,
+  Gemma's window), the tokenizer (vocab.py), ``general.file_type``;
+- tensors under llama.cpp's names (arch.py): llama's q and k rows permuted to llama.cpp's
+  rotary order, Gemma's norms as 1 + weight, matrices in the chosen type, norms and biases
+  in F32 (llama.cpp reads them so), and ``rope_freqs.weight`` for Llama 3.1 rope scaling;
 - no ``output.weight`` when the head is tied to the embedding.
 
 Everything that can be refused (model shape, tokenizer, type) is checked before a byte is
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import ARCHITECTURES, layer_names, part_rows, permute_rows, rope_factors
+from .arch import Architecture, architecture_for, layer_names, part_rows, permute_rows, rope_factors
 from .container import GGUFError, _gguf
 from .vocab import tokenizer_metadata
 
@@ -32,20 +33,24 @@ WEIGHT_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16":
                 "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1")}
 
 
-def check_exportable(config) -> None:
-    if not (config.positions == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"):
-        raise GGUFError("only Llama-shaped models (rope positions, rmsnorm, swiglu) can be written to GGUF; "
+def check_exportable(config) -> Architecture:
+    """The architecture ``config`` is written as; GGUFError for a model llama.cpp would run
+    differently from ours (checked before anything is written)."""
+    if not (config.positions == "rope" and config.norm == "rmsnorm" and config.mlp in ("swiglu", "geglu")):
+        raise GGUFError("only Llama-shaped models (rope positions, rmsnorm, a gated MLP) can be written to GGUF; "
                         f"this one has {config.positions} positions, {config.norm} and {config.mlp}")
-    # The newer families' switches (Qwen3's QK-norm, OLMo 2's post-norms, Gemma 3's windows...)
-    # have no place in the llama GGUF architecture written here.
-    others = {"qk_norm": None, "norm_placement": "pre", "qkv_bias": False, "sliding_window": None,
-              "norm_plus_one": False, "scale_embeddings": False, "query_pre_attn_scalar": None,
-              "head_dim": config.d_model // config.n_heads}
-    different = [f"{k}={getattr(config, k)!r}" for k, v in others.items() if getattr(config, k) != v]
-    if different:
-        raise GGUFError(f"only Llama-shaped models can be written to GGUF; this one has {', '.join(different)}")
     if getattr(config, "n_experts", 0):
         raise GGUFError("mixture-of-experts models cannot be written to GGUF yet; export to Hugging Face instead")
+    arch = architecture_for(config)
+    if config.rope_scaling and arch.name != "llama":
+        raise GGUFError(f"rope scaling is written to GGUF only for llama (rope_freqs); this model is {arch.name}")
+    if arch.derived:  # what llama.cpp fixes in code must be what the model has
+        values = {k: getattr(config, k) for k in ("n_layers", "d_model", "n_heads", "head_dim")}
+        different = [f"{k}={getattr(config, k)!r} (llama.cpp's {arch.name} has {v!r})"
+                     for k, v in arch.derived(values).items() if getattr(config, k) != v]
+        if different:
+            raise GGUFError(f"llama.cpp would run this model differently: {'; '.join(different)}")
+    return arch
 
 
 def save_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", name: str | None = None) -> Path:
@@ -57,7 +62,7 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", nam
     if dtype not in WEIGHT_TYPES:
         raise GGUFError(f"unknown GGUF weight type {dtype!r}; choose from: {', '.join(WEIGHT_TYPES)}")
     config = model.config
-    check_exportable(config)
+    arch = check_exportable(config)
     vocab = tokenizer_metadata(tokenizer, config.vocab_size) if tokenizer is not None else None
     path = Path(path)
     if path.is_dir():
@@ -67,14 +72,16 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", nam
     weight_type = gguf.GGMLQuantizationType[WEIGHT_TYPES[dtype][0]]
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    writer = gguf.GGUFWriter(str(tmp), arch=arch.name)
     try:
-        _write_metadata(writer, gguf, config, vocab, WEIGHT_TYPES[dtype][1], name)
+        _write_metadata(writer, gguf, arch, config, vocab, WEIGHT_TYPES[dtype][1], name)
         state = {k: v.detach() for k, v in model.state_dict().items()}
-        for gguf_name, slot in layer_names(ARCHITECTURES["llama"], config, with_bias=config.bias):
+        for gguf_name, slot in layer_names(arch, config, with_bias=getattr(config, arch.bias_field)):
             w = state[slot.ours][part_rows(config, slot.part)].float().cpu()
             if slot.rotary_heads:
                 w = permute_rows(w, getattr(config, slot.rotary_heads))
+            if slot.shift:  # Gemma's norms: llama.cpp multiplies by the stored 1 + weight
+                w = w + slot.shift
             _add_tensor(writer, gguf, gguf_name, w.contiguous(), weight_type)
         if config.rope_scaling:
             writer.add_tensor("rope_freqs.weight", rope_factors(config).float().numpy())
@@ -90,20 +97,21 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "f16", nam
     return path
 
 
-def _write_metadata(writer, gguf, config, vocab: dict | None, file_type: str, name: str | None) -> None:
+def _write_metadata(writer, gguf, arch: Architecture, config, vocab: dict | None, file_type: str,
+                    name: str | None) -> None:
     writer.add_name(name or "scratchlm")
     writer.add_file_type(int(gguf.LlamaFileType[file_type]))
     if file_type not in ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(config.context_length)
-    writer.add_embedding_length(config.d_model)
-    writer.add_block_count(config.n_layers)
-    writer.add_feed_forward_length(config.d_ff)
-    writer.add_head_count(config.n_heads)
-    writer.add_head_count_kv(config.n_kv_heads)
+    # The architecture's keys, from its table: sizes are u32, rope base and eps f32.
+    for field_name, key in {**arch.config_keys, **arch.optional_keys}.items():
+        value = getattr(config, field_name)
+        if isinstance(value, float):
+            writer.add_float32(f"{arch.name}.{key}", value)
+        else:
+            writer.add_uint32(f"{arch.name}.{key}", value)
+    writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     if vocab is None:
         return
