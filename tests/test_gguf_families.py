@@ -7,8 +7,9 @@ writer in llama.cpp's layout: its converter's metadata keys, the tensor names of
 package's own ``TensorNameMap`` (not our table), no Q/K permutation (these architectures
 use llama.cpp's NEOX rotation) and Gemma's norms stored as 1 + weight. Our loader must give
 the logits of transformers reading the same file (its own GGUF loader), and of the model the
-file was made from. Our own export of each family reads back exactly and runs in llama.cpp
-(llama-cpp-python) with our greedy tokens.
+file was made from. Our own export of each family (``scratchlm export --format gguf``) reads
+back exactly, reads in transformers as the same model and tokenizer, and runs in llama.cpp
+(llama-cpp-python) with our logits, tokens and greedy continuations.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ GEMMA_LAYERS = ["global" if i % 6 == 5 else "local" for i in range(7)]
 # it takes its config classes' defaults (Qwen3 head_dim 128, Gemma 3 query_pre_attn_scalar
 # 256). The test models have those sizes, as the real ones do; both differ from d_model / n_heads.
 QWEN3_HEAD, GEMMA_HEAD = 128, 256
+TEXTS = ["Hello, world! It's 2024.", "x  \n 7 apples", "naïve café 日本語", " leading space", "the cat sat on the mat"]
 
 
 # ---- transformers models and llama.cpp-layout files (independent of scratchlm's writer) -----------
@@ -216,10 +218,11 @@ def test_export_reads_back_exactly(exported):
     again, tok2 = load_gguf(path)
     assert again.config == model.config
     torch.testing.assert_close(logits(again, IDS), logits(model, IDS), atol=0, rtol=0)
-    text = "the cat sat on the mat: 12 + 3"
-    assert tok2.encode(text) == tok.encode(text)
     if transformers_reads(family):  # and a second reader agrees with our writer
         torch.testing.assert_close(logits(transformers_from_gguf(path), IDS), logits(model, IDS), atol=1e-4, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in TEXTS:
+        assert tok2.encode(text) == tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"], text
 
 
 # llama.cpp in a child process (a wheel built for another CPU dies of SIGILL; see test_gguf.py):
@@ -255,9 +258,8 @@ def test_llama_cpp_runs_our_export(exported):
     family, model, tok, path = exported
     vocab = llama_cpp_vocab(path)
     prompts = [tok.encode(text) for text in ("the cat sat on the mat", "def f(x):\n    return 12 + x")]
-    if family != "gemma3":  # llama.cpp splits text with the "qwen2" pre-tokenizer as we do
-        for text in ("Hello, world! It's 2024.", "x  \n 7 apples", "naïve café 日本語"):
-            assert vocab.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
+    for text in TEXTS:  # Qwen: llama.cpp's "qwen2" pre-tokenizer splits text as our regex does
+        assert vocab.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
     # Every position's logits: the prompt is longer than Gemma's window, so its local layers
     # drop keys (all layers global would be off by ~4, a local rope base of 1e6 by ~0.5).
     # ggml's GELU reads an f16 table: Gemma's GeGLU is off by ~1e-3 there, the others by ~1e-5.
