@@ -58,10 +58,10 @@ def randomize(model: torch.nn.Module, plus_one: bool, seed: int = 0, std: float 
     return model.eval()
 
 
-def hf_model(family: str, tied: bool = True):
+def hf_model(family: str, tied: bool = True, **overrides):
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied,
-                  rms_norm_eps=1e-6, rope_theta=1_000_000.0)
+                  rms_norm_eps=1e-6, rope_theta=1_000_000.0) | overrides
     if family == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_hidden_layers=2, **common))
     elif family == "qwen3":
@@ -298,6 +298,10 @@ def test_unsupported_architecture_and_features(tmp_path):
         load_gguf(_rewrite(path, tmp_path / "moe.gguf", set_key=("general.architecture", "qwen3moe")))
     assert str(e.value) == (f"{tmp_path / 'moe.gguf'}: architecture 'qwen3moe' is not supported "
                             "(scratchlm reads: llama, qwen2, qwen3, gemma3)")
+    # Qwen3 with attention biases: llama.cpp's qwen3 has no place for them, nor has our table
+    biased = write_family_gguf(hf_model("qwen3", attention_bias=True), "qwen3", tmp_path / "b.gguf")
+    with pytest.raises(GGUFError, match=r"tensor 'blk.0.attn_k.bias' \(and 7 more\) has no place in a scratchlm qwen3"):
+        load_gguf(biased)
     gemma = write_family_gguf(hf_model("gemma3"), "gemma3", tmp_path / "g.gguf")
     with pytest.raises(GGUFError, match="no 'gemma3.attention.sliding_window'"):
         load_gguf(_rewrite(gemma, tmp_path / "nowindow.gguf", drop_key="gemma3.attention.sliding_window"))

@@ -105,6 +105,11 @@ def load_gguf(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None =
         if missing:
             raise GGUFError(f"{path}: GGUF file has no tensor {missing[0]!r}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        # A tensor the table has no place for is another model's weight, not one to drop.
+        unused = sorted(set(file.tensors) - {n for n, _ in names} - {"rope_freqs.weight"})
+        if unused:
+            raise GGUFError(f"{path}: tensor {unused[0]!r}" + (f" (and {len(unused) - 1} more)" if len(unused) > 1
+                            else "") + f" has no place in a scratchlm {arch.name} model")
         # numpy's block arithmetic and the reads release the GIL: a few threads overlap them.
         workers = min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
