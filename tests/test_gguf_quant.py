@@ -16,13 +16,12 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from test_gguf import IDS, hf_llama, logits, write_llama_gguf  # noqa: E402
-
 from scratchlm.decode_weights import Int4Linear, Int8Linear, pack_int4, prepare_for_decode  # noqa: E402
 from scratchlm.errors import ScratchLMError  # noqa: E402
 from scratchlm.generate import generate  # noqa: E402
 from scratchlm.gguf_io import GGUFFile, load_gguf, unpermute_rows  # noqa: E402
-from scratchlm.gguf_io import quant as quant_module  # noqa: E402
+from scratchlm.gguf_io import container as container_module  # noqa: E402
+from test_gguf import IDS, hf_llama, logits, write_llama_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 PROMPTS = [[3, 17, 250, 9], [128, 64, 1], [77, 200, 5, 31, 99, 12]]
@@ -110,7 +109,7 @@ def test_int4_from_q4_blocks_equals_the_dequantized_model_in_the_same_kernel(fil
     assert kept.tok_emb.weight.dtype == torch.bfloat16 and kept.config.dtype == "bfloat16"
     assert torch.equal(logits(kept, IDS), logits(reference, IDS))
     # Read a few rows at a time (pieces of 1 or 2 rows, packed once 32 are pending): the same model.
-    monkeypatch.setattr(quant_module, "SLICE_WEIGHTS", 100)
+    monkeypatch.setattr(container_module, "SLICE_WEIGHTS", 100)
     sliced, _ = load_gguf(path, layout="int4")
     assert torch.equal(logits(sliced, IDS), logits(reference, IDS))
     # Against the float model: only the bf16 activations, scales and zeros differ.
@@ -235,6 +234,60 @@ def test_a_q4_file_keeps_its_8_bit_matrices_in_int8(files, tied):
     assert err["kept"] < 0.05 and err["all"] < 0.1, err
 
 
+# ---- (e) no float copy: the largest float32 tensor a load makes ------------------------------------------
+class LargestFloat(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements of any float32 tensor that an op makes on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu":
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+class InThisThread:
+    """A ThreadPoolExecutor that runs each task at once, here (a dispatch mode is per thread)."""
+
+    def __init__(self, workers):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+@pytest.mark.parametrize("type_name, layout", [("Q4_1", "int4"), ("Q8_0", "int8"), ("Q8_0", "int4")])
+def test_a_kept_load_holds_no_more_than_a_slice_as_float32(files, monkeypatch, type_name, layout):
+    """Read 1,024 weights at a time, the largest float32 tensor is a rotary q read whole
+    (4,096 weights, to unpermute its heads), never a matrix: the float load makes the 16,384
+    of the embedding. The real model's peak memory: benchmarks/gguf_load.py --kept."""
+    import scratchlm.gguf_io.load as load_module
+
+    monkeypatch.setattr(container_module, "SLICE_WEIGHTS", 1024)
+    monkeypatch.setattr(load_module, "ThreadPoolExecutor", InThisThread)
+    path = files[type_name, True]
+    with LargestFloat() as kept:
+        load_gguf(path, layout=layout)
+    with LargestFloat() as floats:
+        load_gguf(path, dtype=torch.float32)
+    print(f"largest float32 tensor: {kept.largest} weights kept quantized, {floats.largest} as floats")
+    assert kept.largest <= 64 * 64 < floats.largest == 256 * 64
+
+
 def test_other_layouts_and_bad_options(files):
     path = files["Q8_0", False]
     fp32, _ = load_gguf(path, layout="fp32")
@@ -246,11 +299,10 @@ def test_other_layouts_and_bad_options(files):
 
 
 def test_load_any_and_the_cli_build_int4_from_the_blocks(tmp_path, capsys):
-    from test_gguf import scratch_llama, small_bpe
-
     from scratchlm.cli import main
     from scratchlm.gguf_io import save_gguf
     from scratchlm.load import load_any
+    from test_gguf import scratch_llama, small_bpe
 
     path = save_gguf(scratch_llama(), small_bpe(), tmp_path / "m.gguf", dtype="q4_0")
     model, tok = load_any(str(path), weights="int4")

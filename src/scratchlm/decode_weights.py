@@ -26,6 +26,8 @@ how well the matrix-vector kernel streams those bytes. Three ways to store the w
 
 ``prepare_for_decode`` swaps the model's Linear modules in place. The result is for
 inference only: its state dict no longer matches a model directory (save the original).
+A GGUF file's quantized blocks become these layers without a float model in between
+(gguf_io/quant.py builds Int4Linear / Int8Linear from their parts, through ``pack_int4``).
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer

@@ -41,6 +41,7 @@ from ..errors import NotFound, ScratchLMError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+SLICE_WEIGHTS = 1 << 20  # weights per slice of rows dequantized at once (4 MB as float32)
 
 
 class GGUFError(ScratchLMError):
@@ -221,7 +222,7 @@ class GGUFFile:
 
     def read_into(self, name: str, out: torch.Tensor, rows_per_slice: int | None = None) -> None:
         """Dequantize tensor ``name`` into ``out`` (CPU, contiguous, of its shape), a slice of
-        rows at a time: the float32 temporaries stay near one slice (~4 MB)."""
+        rows at a time: the float32 temporaries stay near one slice (SLICE_WEIGHTS)."""
         _gguf()  # the block formats come from the gguf package, even for a file of floats
         info = self.tensors[name]
         if tuple(out.shape) != info.shape:
@@ -230,7 +231,7 @@ class GGUFFile:
         row_len = info.shape[-1]
         n_rows = out.numel() // row_len if row_len else 0
         flat = out.view(n_rows, row_len)
-        step = rows_per_slice or max(1, (1 << 20) // max(row_len, 1))
+        step = rows_per_slice or max(1, SLICE_WEIGHTS // max(row_len, 1))
         native = NATIVE.get(info.type)
         if native is not None and native == out.dtype:  # bytes straight into the weights
             position = self.data_start + info.offset

@@ -5,6 +5,8 @@ tensor of the target dtype, and every GGUF tensor is dequantized straight into i
 (a slice of rows at a time, see container.GGUFFile.read_into): the stacked q | k | v
 rows of ``qkv_proj`` are filled in place, and the rotary rows of q and k are put back in
 half-split order per layer. Peak memory is the weights plus one slice and one layer's q.
+With a decode layout ("int4", "int8"), each Linear is built from its blocks instead
+(quant.py) and only the norms and the embedding table are dequantized (to bf16).
 
 Named offline models resolve to a GGUF that a Python package ships
 (``resolve_named_model``): ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct (Q4_1)

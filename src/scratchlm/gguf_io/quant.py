@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..decode_weights import Int4Linear, Int8Linear, int4_fits, pack_int4, quantize_int4, quantize_int8
+from . import container
 from .arch import Slot, unpermute_rows
 from .container import GGUFError, GGUFFile, dequantize_rows
 
@@ -41,7 +42,6 @@ WIDE = {"F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}
 def four_bit_file(file: GGUFFile) -> bool:
     """Whether some matrix of the file is in 4 bits or fewer (a llama.cpp "Q4" file)."""
     return any(info.type_name in NARROW for info in file.tensors.values() if len(info.shape) == 2)
-SLICE_WEIGHTS = 1 << 20  # weights per slice of rows read and quantized at once (4 MB as float32)
 
 
 def int4_blocks(raw: torch.Tensor, type_name: str, row_len: int):
@@ -68,7 +68,7 @@ def _pieces(file: GGUFFile, sources: list[tuple[str, Slot]], layout: str, group_
         info = file.tensors[name]
         row_len = info.shape[-1]
         # A rotary tensor (q or k: at most d_model rows) is read whole, to unpermute its heads.
-        step = info.shape[0] if slot.rotary_heads else max(1, SLICE_WEIGHTS // row_len)
+        step = info.shape[0] if slot.rotary_heads else max(1, container.SLICE_WEIGHTS // row_len)
         exact = layout == "int4" and group_size == 32 and info.type_name in EXACT_INT4
         for _, raw in file.raw_rows(name, step):
             if exact:
