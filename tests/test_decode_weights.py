@@ -86,7 +86,7 @@ def test_int4_quantization_round_trip_error_is_bounded():
 
 def test_int4_linear_equals_its_dequantized_matrix():
     lin = torch.nn.Linear(128, 96, bias=True)
-    q4 = Int4Linear(lin, group_size=32)
+    q4 = Int4Linear.from_linear(lin, group_size=32)
     q, scale, zero = quantize_int4(lin.weight.detach(), 32)
     scale, zero = scale.bfloat16().float(), zero.bfloat16().float()  # as stored
     w = ((q.view(96, 4, 32).float() - 8) * scale[..., None] + zero[..., None]).view(96, 128)
@@ -100,7 +100,7 @@ def test_int4_bad_group_size_is_a_clear_error():
     with pytest.raises(ScratchLMError, match="group size"):
         prepare_for_decode(model, "int4", group_size=48)
     with pytest.raises(ScratchLMError, match="does not divide"):
-        Int4Linear(torch.nn.Linear(100, 8), group_size=32)
+        Int4Linear.from_linear(torch.nn.Linear(100, 8), group_size=32)
 
 
 def test_bf16_falls_back_to_fp32_where_the_cpu_lacks_native_bf16(monkeypatch):

@@ -53,7 +53,8 @@ def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-def write_llama_gguf(hf, path, qtype=Q.F32, rope_freqs=None, rng=None):
+def write_llama_gguf(hf, path, qtype=Q.F32, rope_freqs=None, rng=None, types=None):
+    """``types``: {GGUF tensor name: type} for matrices not in ``qtype`` (a mixed file)."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch="llama")
     w.add_context_length(c.max_position_embeddings)
@@ -85,14 +86,15 @@ def write_llama_gguf(hf, path, qtype=Q.F32, rope_freqs=None, rng=None):
             t = llama_cpp_permute(t, c.num_attention_heads)
         if key.endswith("k_proj.weight"):
             t = llama_cpp_permute(t, c.num_key_value_heads)
-        if t.ndim == 1 or qtype == Q.F32:
+        kind = (types or {}).get(name, qtype)
+        if t.ndim == 1 or kind == Q.F32:
             w.add_tensor(name, np.ascontiguousarray(t))
-        elif qtype == Q.F16:
+        elif kind == Q.F16:
             w.add_tensor(name, t.astype(np.float16))
-        elif qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):  # the gguf package cannot make these
-            w.add_tensor(name, random_blocks(qtype, *t.shape, rng), raw_dtype=qtype)
+        elif kind in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):  # the gguf package cannot make these
+            w.add_tensor(name, random_blocks(kind, *t.shape, rng), raw_dtype=kind)
         else:
-            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(t), qtype), raw_dtype=qtype)
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(t), kind), raw_dtype=kind)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
     w.write_header_to_file()

@@ -26,6 +26,8 @@ how well the matrix-vector kernel streams those bytes. Three ways to store the w
 
 ``prepare_for_decode`` swaps the model's Linear modules in place. The result is for
 inference only: its state dict no longer matches a model directory (save the original).
+A GGUF file's quantized blocks become these layers without a float model in between
+(gguf_io/quant.py builds Int4Linear / Int8Linear from their parts, through ``pack_int4``).
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer
@@ -106,14 +108,17 @@ class Int8Linear(nn.Module):
     Rounding to 255 levels per row keeps each weight within 0.4% of the row's largest.
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        w = linear.weight.detach().float()  # (out, in)
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # the row's largest |w| maps to 127
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(dtype))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.to(scales.dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
+        q, scales = quantize_int8(linear.weight.detach())
+        return cls(q, scales.to(dtype), None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)  # (M, in)
@@ -151,6 +156,14 @@ class PackedBF16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric 8-bit quantization of w (out, in): q (out, in) int8 in [-127, 127]
+    and scales (out,) float32 with w ~= scales[:, None] * q; the row's largest |w| maps to 127."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-wise asymmetric 4-bit quantization of w (out, in).
 
@@ -165,6 +178,37 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(out_features, in_features), scale, low + 8 * scale
 
 
+# The CPU packing kernel lays rows out in tiles of 32: packing a run of rows that starts at a
+# multiple of 32 gives exactly those rows of the whole matrix packed at once (tests check it).
+INT4_PACK_ROWS = 32
+
+
+def pack_int4(pieces, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight_int4, scales_and_zeros) of Int4Linear from ``pieces``: (q, scale, zero) of
+    consecutive rows, from the first row on (q (rows, in) int32 in [0, 15], scale and zero
+    (rows, groups)). Rows are packed as soon as a multiple of INT4_PACK_ROWS is pending, so a
+    big matrix is never held as int32 whole: the peak is the packed matrix plus one piece."""
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)  # two weights a byte
+    scales, zeros, pending = [], [], []
+    done = filled = 0
+    for q, scale, zero in pieces:
+        scales.append(scale.float())
+        zeros.append(zero.float())
+        pending.append(q)
+        filled += q.shape[0]
+        ready = (filled - done) // INT4_PACK_ROWS * INT4_PACK_ROWS
+        if ready or filled == out_features:
+            rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+            ready = rows.shape[0] if filled == out_features else ready
+            packed[done:done + ready] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                rows[:ready].contiguous(), 1)
+            pending, done = ([rows[ready:]] if ready < rows.shape[0] else []), done + ready
+    if done != out_features:
+        raise ValueError(f"pack_int4: pieces gave {filled} rows, expected {out_features}")
+    scales_and_zeros = torch.stack([torch.cat(scales), torch.cat(zeros)], dim=-1)  # (out, groups, 2)
+    return packed, scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 class Int4Linear(nn.Module):
     """A Linear stored in 4 bits: groups of ``group_size`` weights along each row share a
     scale and a zero point (bf16), packed for the tinygemm CPU kernel.
@@ -173,19 +217,25 @@ class Int4Linear(nn.Module):
     scales_and_zeros: (in / group_size, out, 2) bf16.
     """
 
-    def __init__(self, linear: nn.Linear, group_size: int = 64):
+    def __init__(self, weight_int4: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int):
         super().__init__()
+        groups, self.out_features, _ = scales_and_zeros.shape
+        self.in_features, self.group_size = groups * group_size, group_size
+        self.register_buffer("weight_int4", weight_int4)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
         if linear.in_features % group_size:
             raise ScratchLMError(f"int4: group size {group_size} does not divide in_features={linear.in_features}")
-        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
-        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1)
-                             .contiguous().to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        weight_int4, scales_and_zeros = pack_int4([(q, scale, zero)], linear.out_features, linear.in_features)
+        return cls(weight_int4, scales_and_zeros, None if linear.bias is None else linear.bias.detach(), group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in); the kernel needs rows packed
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
@@ -230,9 +280,9 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-def _int4_fits(linear: nn.Linear, group_size: int) -> bool:
+def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
     """The int4 CPU packing needs whole groups along each row and outputs in tiles of 16."""
-    return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
+    return in_features % group_size == 0 and out_features % 16 == 0
 
 
 def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64) -> nn.Module:
@@ -274,10 +324,10 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
             return TransposedLinear.from_linear(linear)
         if weights == "bf16" and packed_bf16:
             return PackedBF16Linear(linear)
-        if weights == "int8" or (weights == "int4" and not _int4_fits(linear, group_size)):
-            return Int8Linear(linear, dtype)
+        if weights == "int8" or (weights == "int4" and not int4_fits(linear.out_features, linear.in_features, group_size)):
+            return Int8Linear.from_linear(linear, dtype)
         if weights == "int4":
-            return Int4Linear(linear, group_size)
+            return Int4Linear.from_linear(linear, group_size)
         if weights == "int8-dynamic":
             return DynamicInt8Linear(linear)
         return linear

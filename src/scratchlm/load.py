@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import decode_weights
 from .atomic import saved_dir
 from .checkpoint import load_model
 from .config import ModelConfig
@@ -39,12 +40,21 @@ from .model import Transformer
 
 
 def load_any(model_ref: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             seed: int = 0):
+             seed: int = 0, weights: str | None = None):
     """(model, tokenizer or None) from a scratchlm or Hugging Face directory, a preset name
-    (random weights from ``seed``) or a Hugging Face hub id; see the module docstring."""
+    (random weights from ``seed``) or a Hugging Face hub id; see the module docstring.
+
+    ``weights``: a decode layout (decode_weights.WEIGHTS) to return the model in. A GGUF
+    file's "int8" / "int4" layers are built from its blocks, never as floats
+    (gguf_io.load_gguf's ``layout``); any other model is loaded, then prepare_for_decode."""
     for claims, load in LOADERS:
         if claims(model_ref):
-            return load(model_ref, device=device, dtype=dtype, seed=seed)
+            if load is _load_gguf and weights in ("int8", "int4"):
+                return load_gguf(model_ref, device=device, layout=weights)
+            model, tokenizer = load(model_ref, device=device, dtype=dtype, seed=seed)
+            if weights is not None:
+                decode_weights.prepare_for_decode(model, weights)  # looked up here: tests wrap it
+            return model, tokenizer
     text = str(model_ref)
     if "/" in text or os.sep in text or text.startswith((".", "~")) or text.lower().endswith(FILE_SUFFIXES):
         raise NotFound(f"model directory not found: {model_ref}")  # a path: never asked of the hub

@@ -26,7 +26,8 @@ def _add_sampling_options(p) -> None:
                    help="run in this dtype (default: the checkpoint's)")
     p.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4", "int8-dynamic"], default=None,
                    help="weight layout for decoding (see decode_weights.py); default: fp32 models get the "
-                        "faster transposed fp32 layout, others stay as loaded")
+                        "faster transposed fp32 layout, others stay as loaded. A GGUF file's int8 / int4 "
+                        "layers are built from its quantized blocks")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step (static KV cache); the first reply "
                         "waits for the compiler, later steps reuse its graph")
@@ -84,10 +85,10 @@ def _load(args):
     from ..load import load_any
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_any(args.model, dtype=dtype)
-    weights = args.weights or ("fp32" if model.tok_emb.weight.dtype == torch.float32 else None)
-    if weights:
-        prepare_for_decode(model, weights)
+    # A GGUF file's int8 / int4 layers are made from its blocks (no float copy of the model).
+    model, tokenizer = load_any(args.model, dtype=dtype, weights=args.weights)
+    if args.weights is None and model.tok_emb.weight.dtype == torch.float32:
+        prepare_for_decode(model, "fp32")
     return model, tokenizer
 
 

@@ -3,6 +3,8 @@
 - ``load_gguf(path)`` -> (Transformer, tokenizer): metadata -> ModelConfig, every tensor
   dequantized into place (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K), the
   tokenizer rebuilt from the metadata (load.py);
+- ``load_gguf(path, layout="int4" | "int8")``: the decode layers of decode_weights built from
+  the quantized blocks, tensor by tensor, with no float copy (quant.py);
 - ``save_gguf(model, tokenizer, path, dtype="f16")``: a file llama.cpp / Ollama load (save.py);
 - ``resolve_named_model("smollm2-135m-instruct")``: a real model that a package ships.
 

@@ -41,6 +41,7 @@ from ..errors import NotFound, ScratchLMError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+SLICE_WEIGHTS = 1 << 20  # weights per slice of rows dequantized at once (4 MB as float32)
 
 
 class GGUFError(ScratchLMError):
@@ -221,33 +222,41 @@ class GGUFFile:
 
     def read_into(self, name: str, out: torch.Tensor, rows_per_slice: int | None = None) -> None:
         """Dequantize tensor ``name`` into ``out`` (CPU, contiguous, of its shape), a slice of
-        rows at a time: the float32 temporaries stay near one slice (~4 MB)."""
-        gguf = _gguf()
+        rows at a time: the float32 temporaries stay near one slice (SLICE_WEIGHTS)."""
+        _gguf()  # the block formats come from the gguf package, even for a file of floats
         info = self.tensors[name]
         if tuple(out.shape) != info.shape:
             raise GGUFError(f"{self.path}: tensor {name} has shape {info.shape}, expected {tuple(out.shape)}")
         check_type(info, self.path)
+        row_len = info.shape[-1]
+        n_rows = out.numel() // row_len if row_len else 0
+        flat = out.view(n_rows, row_len)
+        step = rows_per_slice or max(1, SLICE_WEIGHTS // max(row_len, 1))
+        native = NATIVE.get(info.type)
+        if native is not None and native == out.dtype:  # bytes straight into the weights
+            position = self.data_start + info.offset
+            for start in range(0, n_rows, step):
+                target = flat[start:start + step]
+                position = self._read_at(position, memoryview(target.view(torch.uint8).numpy()).cast("B"), name)
+            return
+        for start, raw in self.raw_rows(name, step):
+            flat[start:start + len(raw)].copy_(dequantize_rows(raw, info))
+
+    def raw_rows(self, name: str, rows_per_slice: int):
+        """Yield (first row, bytes (rows, bytes per row) uint8) of tensor ``name``, slice by slice:
+        a quantized row is its blocks, one after another (rows of ``shape[-1]`` weights)."""
+        gguf = _gguf()
+        info = self.tensors[name]
+        check_type(info, self.path)
         block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(info.type)]
         row_len = info.shape[-1]
         row_bytes = row_len // block * type_bytes
-        n_rows = out.numel() // row_len if row_len else 0
-        flat = out.view(n_rows, row_len)
-        step = rows_per_slice or max(1, (1 << 20) // max(row_len, 1))
-        native = NATIVE.get(info.type)
+        n_rows = int(np.prod(info.shape[:-1])) if row_len else 0
         position = self.data_start + info.offset
-        for start in range(0, n_rows, step):
-            rows = min(step, n_rows - start)
-            if native is not None and native == out.dtype:  # bytes straight into the weights
-                target = flat[start:start + rows]
-                position = self._read_at(position, memoryview(target.view(torch.uint8).numpy()).cast("B"), name)
-                continue
-            raw = np.empty((rows, row_bytes), dtype=np.uint8)
+        for start in range(0, n_rows, rows_per_slice):
+            raw = np.empty((min(rows_per_slice, n_rows - start), row_bytes), dtype=np.uint8)
             position = self._read_at(position, memoryview(raw).cast("B"), name)
-            if native is not None:  # a float type: reinterpret, then convert
-                values = torch.from_numpy(raw).view(native).view(rows, row_len)
-            else:
-                values = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.type)))
-            flat[start:start + rows].copy_(values)
+            yield start, raw
 
     def _read_at(self, position: int, view: memoryview, name: str) -> int:
         """Fill ``view`` from the file at ``position`` (positional reads: safe from several
@@ -282,6 +291,16 @@ NATIVE = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 # What scratchlm reads: the float types and the block formats of llama.cpp's usual quantizations.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def dequantize_rows(raw: np.ndarray, info: TensorInfo) -> torch.Tensor:
+    """Rows of tensor ``info`` as stored (uint8, (rows, bytes per row)) -> float (rows, shape[-1]):
+    a float type reinterpreted, a block type through the gguf package's dequantizer (float32)."""
+    native = NATIVE.get(info.type)
+    if native is not None:
+        return torch.from_numpy(raw).view(native).view(len(raw), info.shape[-1])
+    gguf = _gguf()
+    return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.type)))
 
 
 def check_type(info: TensorInfo, path) -> None:
