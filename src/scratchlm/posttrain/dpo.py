@@ -31,12 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..chat import FORMATS, resolve_template, write_prompt_format
-from ..checkpoint import load_model, save_model
+from ..chat import resolve_template
 from ..errors import ConfigError
-from ..finetune.instruct import load_base
+from ..finetune.instruct import load_base, save_tuned, tuned_model
 from ..finetune.instruct_data import IGNORE_INDEX
-from ..lora import adapters_disabled, apply_lora, count_parameters, load_adapter, save_adapter
+from ..lora import adapters_disabled, count_parameters
 from ..train.core import Task, Trainer, TrainResult, eval_mode
 from ..train.distributed import is_main_process, process_group
 from .config import DPOConfig
@@ -209,17 +208,12 @@ class DPOTask(Task):
     # ---- the policy and the reference ---------------------------------------------------------
     def model(self, resume_from: Path | None) -> torch.nn.Module:
         cfg, device = self.cfg, self.run.device
-        if self.lora is not None:  # the reference is this model with its adapters off: no copy
-            if resume_from is not None:
-                load_adapter(self.base, resume_from)
-            else:
-                apply_lora(self.base, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.targets)
-            self.net = self.base
-        else:
-            self.net = load_model(resume_from, with_tokenizer=False)[0].float() if resume_from else self.base
-            if cfg.needs_reference:  # the starting weights, frozen (precomputed: used once, before training)
-                self.reference = self.base if cfg.precompute_ref else copy.deepcopy(self.base).requires_grad_(False)
-                self.reference.to(device)
+        self.net = tuned_model(self.base, self.lora, resume_from)
+        # With LoRA the reference is this model with its adapters off: no copy. Else the starting
+        # weights, frozen (precomputed: used once, before training).
+        if self.lora is None and cfg.needs_reference:
+            self.reference = self.base if cfg.precompute_ref else copy.deepcopy(self.base).requires_grad_(False)
+            self.reference.to(device)
         if cfg.disable_dropout:
             disable_dropout(self.net)
         if cfg.needs_reference and cfg.precompute_ref:
@@ -307,15 +301,7 @@ class DPOTask(Task):
         return {f"val_{name}": (value / n).item() for name, value in sums.items()}
 
     def save(self, directory, weights, extra) -> None:
-        def write(tmp: Path):
-            if self.template in FORMATS:
-                write_prompt_format(tmp, self.template)
-            extra(tmp)
-
-        if self.lora is not None:
-            save_adapter(directory, self.net, base_model=str(self.cfg.model), extra=write)
-        else:
-            save_model(directory, self.net, self.tokenizer, extra=write, state=weights)
+        save_tuned(directory, self.net, self.tokenizer, self.template, self.lora, str(self.cfg.model), weights, extra)
 
 
 def dpo(cfg: DPOConfig, quiet: bool = False) -> TrainResult:

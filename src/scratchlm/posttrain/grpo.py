@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 
-from ..chat import FORMATS, chat_stops, read_prompt_format, render_chat, resolve_template, write_prompt_format
-from ..checkpoint import load_model, save_model
+from ..chat import chat_stops, read_prompt_format, render_chat, resolve_template
 from ..errors import ConfigError
-from ..finetune.instruct import load_base
-from ..lora import adapters_disabled, apply_lora, count_parameters, load_adapter, save_adapter
+from ..finetune.instruct import load_base, save_tuned, tuned_model
+from ..lora import adapters_disabled, count_parameters
 from ..train.core import Task, Trainer, TrainResult, eval_mode
 from ..train.distributed import is_main_process, process_group
 from .grpo_config import GRPOConfig
@@ -200,20 +199,12 @@ class GRPOTask(Task):
             raise ConfigError("GRPO samples from the whole model: use --distributed ddp")
 
     def model(self, resume_from: Path | None) -> torch.nn.Module:
+        # The reference: with LoRA the same model under adapters_disabled, else (with a KL term) a
+        # frozen copy of the starting weights.
         self.ref = None
-        if self.lora is not None:
-            if resume_from is not None:
-                load_adapter(self.base, resume_from)
-            else:
-                apply_lora(self.base, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.targets)
-            self.net = self.base  # the reference: the same model under adapters_disabled
-        else:
-            if self.cfg.beta != 0.0:  # a frozen copy of the starting weights
-                self.ref = copy.deepcopy(self.base).requires_grad_(False).eval()
-            self.net = load_model(resume_from, with_tokenizer=False)[0].float() if resume_from is not None \
-                else self.base
-        if self.ref is not None:
-            self.ref.to(self.run.device)
+        if self.lora is None and self.cfg.beta != 0.0:
+            self.ref = copy.deepcopy(self.base).requires_grad_(False).eval().to(self.run.device)
+        self.net = tuned_model(self.base, self.lora, resume_from)
         trainable, total = count_parameters(self.net)
         if not self.quiet and is_main_process():
             print(f"GRPO on {self.problems.name}: {self.cfg.batch_size} prompts x {self.cfg.group_size} completions "
@@ -355,15 +346,7 @@ class GRPOTask(Task):
         return [f"{q[:50]!r} -> {t!r}" for q, t in getattr(self, "last_eval", [])[:2]]
 
     def save(self, directory, weights, extra) -> None:
-        def write(tmp: Path):
-            if self.template in FORMATS:
-                write_prompt_format(tmp, self.template)
-            extra(tmp)
-
-        if self.lora is not None:
-            save_adapter(directory, self.net, base_model=str(self.cfg.model), extra=write)
-        else:
-            save_model(directory, self.net, self.tokenizer, extra=write, state=weights)
+        save_tuned(directory, self.net, self.tokenizer, self.template, self.lora, str(self.cfg.model), weights, extra)
 
     def state_dict(self) -> dict:
         self._count_update_time()
