@@ -90,6 +90,26 @@ def test_batch_of_different_lengths_equals_each_alone(pair):
     assert no_cache == alone
 
 
+@pytest.mark.parametrize("preset", ["gpt-tiny", "gemma3-tiny"])
+def test_repeated_prompts_prefill_once_and_sample_as_each_apart(preset, monkeypatch):
+    """A batch that repeats prompts (n samples of a prompt, a GRPO group) prefills each distinct
+    prompt once: the same samples, seed for seed, as the prefill of every row."""
+    import scratchlm.generate as gen
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, vocab_size=60, context_length=64)).eval()
+    prompts = [list(range(1, 21))] * 3 + [[7, 8]] * 3 + [[9, 9, 9]]  # longer than gemma3-tiny's window of 16
+    shared = generate(model, None, prompts, max_new_tokens=12, temperature=1.0, seed=3)
+
+    def every_row(self):
+        return self._sample(self._forward(0, self.length))
+
+    monkeypatch.setattr(gen._Decoder, "first", torch.inference_mode()(every_row))
+    apart = generate(model, None, prompts, max_new_tokens=12, temperature=1.0, seed=3)
+    assert [c.token_ids for c in shared] == [c.token_ids for c in apart]
+    assert shared[0].token_ids != shared[1].token_ids  # the repeats do sample apart
+
+
 def test_batched_greedy_matches_hf_left_padded(pair):
     hf, ours = pair
     prompts = [[5, 17, 42, 8, 3], [7, 9]]

@@ -206,6 +206,41 @@ def test_right_padding_changes_no_log_prob():
             torch.testing.assert_close(alone, logits.log_softmax(-1).gather(-1, torch.tensor(row[1:])[:, None])[:, 0])
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt-tiny", "moe-tiny"])
+def test_shared_prompts_give_the_full_forwards_log_probs_and_gradients(preset):
+    """Each group's prompt runs once (shared_prompt.py): the completions' log-probs and the
+    gradients of a loss on them equal the plain forward's over the full rows."""
+    from scratchlm.posttrain.shared_prompt import can_share
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, vocab_size=50, context_length=64))
+    gen = torch.Generator().manual_seed(1)
+    rows, starts = [], []
+    for g in range(3):  # 3 prompts of different lengths, 4 completions of different lengths each
+        prompt = torch.randint(0, 50, (4 + 3 * g,), generator=gen).tolist()
+        for _ in range(4):
+            n = int(torch.randint(1, 9, (1,), generator=gen))
+            rows.append(prompt + torch.randint(0, 50, (n,), generator=gen).tolist())
+            starts.append(len(prompt))
+    ends = [len(r) for r in rows]
+    ids, mask = pad_rows(rows, starts, pad_id=0)
+    assert can_share(model, ids, starts, ends)
+    plain = token_logprobs(model, ids, temperature=0.7)
+    shared = token_logprobs(model, ids, 0.7, starts, ends)
+    m = mask == 1
+    torch.testing.assert_close(shared[m], plain[m], rtol=1e-5, atol=1e-5)
+    assert torch.all(shared[:, :min(starts) - 1] == 0)
+    weights = torch.randn(mask.shape, generator=gen) * mask  # any loss on the completion tokens
+    grads = [torch.autograd.grad((lp * weights).sum(), list(model.parameters()), allow_unused=True)
+             for lp in (plain, shared)]
+    for a, b in zip(*grads, strict=True):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # Where the KV-cache trick does not apply, the plain forward runs.
+    assert not can_share(torch.nn.Sequential(model), ids, starts, ends)
+    assert not can_share(model, ids, [60] * len(rows), [66] * len(rows))  # prompt + completion > context
+
+
 # ----------------------------------------------------------------------------------------
 # LoRA: the reference is the base, only adapters train
 # ----------------------------------------------------------------------------------------

@@ -268,11 +268,23 @@ class _Decoder:
         # no_repeat_ngram: the output's n-grams, kept on the host (one small sync per step).
         self.blocker = NGramBlocker(no_repeat_ngram, B) if no_repeat_ngram else None
         self.cache = None
+        self.ring = not compile  # the compiled step indexes the buffers by column: no ring buffers there
         if use_cache:
-            # The compiled step indexes the buffers by column: no ring buffers for local layers there.
-            self.cache = model.new_cache(B, self.ids.shape[1], ring=not compile)
+            self.cache = model.new_cache(B, self.ids.shape[1], ring=self.ring)
             if self.padded:
                 self.cache.key_mask = self.key_mask
+        # Rows that repeat a prompt (n samples of one prompt, a GRPO group): the prefill reads each
+        # distinct prompt once and copies its keys and values to the rows that repeat it.
+        self.owner = None
+        if use_cache:
+            index: dict[tuple[int, ...], int] = {}
+            owner = [index.setdefault(tuple(r), len(index)) for r in rows]
+            if len(index) < B:
+                firsts = {}
+                for i, k in enumerate(owner):
+                    firsts.setdefault(k, i)
+                self.owner = torch.tensor(owner, device=device)
+                self.distinct = torch.tensor(list(firsts.values()), device=device)  # each prompt's first row
         # compile: the one-token steps run through a compiled static-shape step (compiled_decode.py);
         # the prefill stays eager (its length changes from call to call).
         self.step = None
@@ -283,7 +295,25 @@ class _Decoder:
     @torch.inference_mode()
     def first(self) -> torch.Tensor:
         """Prefill: read the prompts, return the first sampled ids (B,)."""
+        if self.owner is not None:
+            return self._sample(self._shared_prefill())
         return self._sample(self._forward(0, self.length))
+
+    def _shared_prefill(self) -> torch.Tensor:
+        """The prefill's last-position logits (B, V), each distinct prompt computed once: its
+        keys and values are copied into the cache rows of every row that repeats it."""
+        model, rows, T = self.model, self.distinct, self.length
+        cache = model.new_cache(len(rows), self.ids.shape[1], ring=self.ring)
+        positions = None
+        if self.padded:
+            cache.key_mask = self.key_mask.index_select(0, rows)
+            positions = self.positions[:, :T].index_select(0, rows)
+        with _eval_mode(model):
+            hidden = model(self.ids[:, :T].index_select(0, rows), cache=cache, positions=positions, return_hidden=True)
+        for mine, theirs in zip(self.cache.k + self.cache.v, cache.k + cache.v):
+            mine.copy_(theirs.index_select(0, self.owner))
+        self.cache.length = cache.length
+        return model.lm_head(hidden[:, -1]).index_select(0, self.owner)
 
     @torch.inference_mode()
     def next(self, previous: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..chat import chat_stops, format_prompt, resolve_template, write_prompt_format
+from ..chat import FORMATS, chat_stops, format_prompt, resolve_template, write_prompt_format
 from ..checkpoint import load_model, save_model
 from ..errors import ConfigError, ScratchLMError
 from ..lora import LoRAConfig, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter
@@ -59,6 +59,34 @@ def load_base(model_ref: str | os.PathLike):
     if tokenizer is None:
         raise ScratchLMError(f"{model_ref} has no tokenizer files: fine-tuning needs the model's tokenizer")
     return model.float().requires_grad_(True), tokenizer
+
+
+def tuned_model(base: torch.nn.Module, lora: LoRAConfig | None, resume_from: Path | None) -> torch.nn.Module:
+    """The model a tuning run trains, from ``base`` (load_base's): with ``lora`` the base with
+    adapters (new, or a checkpoint's), else the base itself or the checkpoint's full weights."""
+    if lora is not None:
+        if resume_from is not None:
+            load_adapter(base, resume_from)
+        else:
+            apply_lora(base, lora.rank, lora.alpha, lora.dropout, lora.targets)
+        return base
+    return load_model(resume_from, with_tokenizer=False)[0].float() if resume_from is not None else base
+
+
+def save_tuned(directory, net: torch.nn.Module, tokenizer, template: str, lora: LoRAConfig | None, base_model: str,
+               weights, extra) -> None:
+    """A tuning run's checkpoint (Task.save): an adapter directory with ``lora`` (it names
+    ``base_model``), else a model directory; with the prompt format it trained in
+    (prompt_format.json; none for raw text), then the core's ``extra`` files."""
+    def write(tmp: Path):
+        if template in FORMATS:
+            write_prompt_format(tmp, template)
+        extra(tmp)
+
+    if lora is not None:
+        save_adapter(directory, net, base_model=base_model, extra=write)
+    else:
+        save_model(directory, net, tokenizer, extra=write, state=weights)
 
 
 def stops_for(template: str, tokenizer) -> tuple[list[str], list[int]]:
@@ -133,16 +161,7 @@ class InstructTask(Task):
             raise ConfigError("LoRA fine-tuning shards nothing worth sharding: use --distributed ddp")
 
     def model(self, resume_from: Path | None) -> torch.nn.Module:
-        if self.lora is not None:
-            if resume_from is not None:
-                load_adapter(self.base, resume_from)
-            else:
-                apply_lora(self.base, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.targets)
-            self.net = self.base
-        elif resume_from is not None:
-            self.net = load_model(resume_from, with_tokenizer=False)[0].float()
-        else:
-            self.net = self.base
+        self.net = tuned_model(self.base, self.lora, resume_from)
         trainable, total = count_parameters(self.net)
         if not self.quiet and is_main_process():
             print(f"{len(self.train_examples)} training rows ({count_target_tokens(self.train_examples):,} answer "
@@ -186,14 +205,7 @@ class InstructTask(Task):
         return [f"{_describe(p)} -> {o!r}" for p, o in zip(prompts, outs)]
 
     def save(self, directory, weights, extra) -> None:
-        def write(tmp: Path):
-            write_prompt_format(tmp, self.template)
-            extra(tmp)
-
-        if self.lora is not None:
-            save_adapter(directory, self.net, base_model=str(self.cfg.model), extra=write)
-        else:
-            save_model(directory, self.net, self.tokenizer, extra=write, state=weights)
+        save_tuned(directory, self.net, self.tokenizer, self.template, self.lora, str(self.cfg.model), weights, extra)
 
 
 def instruct(cfg: InstructConfig, quiet: bool = False) -> TrainResult:
@@ -236,4 +248,4 @@ def finetune_instruct(model: str | os.PathLike, data: str | os.PathLike, out_dir
 
 
 __all__ = ["finetune_instruct", "instruct", "InstructTask", "InstructConfig", "masked_loss", "answer", "stops_for",
-           "load_base", "collate", "Example", "is_main_process"]
+           "load_base", "tuned_model", "save_tuned", "collate", "Example", "is_main_process"]

@@ -42,6 +42,28 @@ IGNORE_INDEX = -100  # F.cross_entropy(ignore_index=-100): these targets add not
 # ----------------------------------------------------------------------------------------
 # Reading and checking records
 # ----------------------------------------------------------------------------------------
+def read_data_text(path: Path, what: str) -> str:
+    """The text of a data file; a missing file, a FIFO, a folder or bytes that are not UTF-8
+    stop with one line (``what`` names the file's kind: "data file not found: ...")."""
+    if not path.exists():
+        raise NotFound(f"{what} not found: {path}")
+    return decode_text(read_bytes(path), path)
+
+
+def jsonl_rows(text: str, path: Path) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line of JSONL ``text`` (read from ``path``);
+    a line that is not JSON is a DataError naming the file and the row."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} row {number}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def load_records(path: str | os.PathLike) -> list[dict]:
     """Read alpaca records ({instruction, input?, output}) or chats ({messages: [...]}).
 
@@ -49,27 +71,17 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     blank lines are skipped. Rows are numbered from 1 (JSONL: the line number).
     """
     path = Path(path)
-    if not path.exists():
-        raise NotFound(f"data file not found: {path}")
-    text = decode_text(read_bytes(path), path)  # a FIFO, a folder or bytes that are not UTF-8: one line
+    text = read_data_text(path, "data file")
     if not text.strip():
         raise DataError(f"{path} is empty: no examples to train on")
-    rows: list[tuple[int, object]] = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a JSON array (alpaca_data.json style)
+    if text.lstrip().startswith("["):  # a JSON array (alpaca_data.json style)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} is not valid JSON: {e}") from None
         rows = list(enumerate(data, start=1))
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} row {number}: not valid JSON ({e.msg})") from None
+        rows = jsonl_rows(text, path)
     if not rows:
         raise DataError(f"{path} is empty: no examples to train on")
     return [check_record(record, path, number) for number, record in rows]
@@ -175,26 +187,42 @@ def make_examples(records: list[dict], tokenizer, template: str, max_length: int
     A record whose prompt alone fills ``max_length`` would teach nothing and is left out
     (with a warning); DataError if that leaves no example at all.
     """
-    examples, cut, dropped = [], 0, []
-    for number, record in enumerate(records, start=1):
+    def encode(record):
+        return [tokenize_example(render_example(record, template), tokenizer, train_on_prompt)]
+
+    rows, cut = fit_rows(records, encode, max_length, source, ("example", "examples"), "answer to learn")
+    return [example for example, in rows], cut
+
+
+def fit_rows(items: Sequence[dict], encode, max_length: int, source: str, names: tuple[str, str], lacking: str
+             ) -> tuple[list[list[Example]], int]:
+    """``encode`` each item (a record, a preference pair) into its rows (Examples: one, or a
+    pair's two) and cut every row to ``max_length`` tokens. Returns (each kept item's rows,
+    number of items cut). An item with a row left without a trainable target (its prompt
+    fills the context) is left out, with a warning; DataError if no item is left, or if one
+    cannot be encoded. Items are numbered by their "row" in the file when they have one;
+    ``names`` (singular, plural) and ``lacking`` word the messages."""
+    out, cut, dropped = [], 0, []
+    for number, item in enumerate(items, start=1):
+        number = item.get("row", number)
         try:
-            example = tokenize_example(render_example(record, template), tokenizer, train_on_prompt)
+            rows = encode(item)
         except ScratchLMError as e:
-            raise DataError(f"{source} example {number}: {str(e).splitlines()[0]}") from None
-        if len(example) > max_length:
+            raise DataError(f"{source} {names[0]} {number}: {str(e).splitlines()[0]}") from None
+        if max(len(r) for r in rows) > max_length:
             cut += 1
-            example = Example(example.ids[:max_length], example.trainable[:max_length])
-        if not any(example.trainable[1:]):
+            rows = [Example(r.ids[:max_length], r.trainable[:max_length]) for r in rows]
+        if not all(any(r.trainable[1:]) for r in rows):
             dropped.append(number)
             continue
-        examples.append(example)
+        out.append(rows)
     if dropped:
-        message = (f"{source}: {len(dropped)} of {len(records)} examples (the first: example {dropped[0]}) "
-                   f"have a prompt that fills the context of {max_length - 1} tokens, leaving no answer to learn")
-        if not examples:
+        message = (f"{source}: {len(dropped)} of {len(items)} {names[1]} (the first: {names[0]} {min(dropped)}) "
+                   f"have a prompt that fills the context of {max_length - 1} tokens, leaving no {lacking}")
+        if not out:
             raise DataError(message)
-        warnings.warn(message + ": left out", stacklevel=2)
-    return examples, cut
+        warnings.warn(message + ": left out", stacklevel=3)
+    return out, cut
 
 
 def targets_of(example: Example) -> tuple[list[int], list[int]]:

@@ -31,16 +31,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..chat import FORMATS, resolve_template, write_prompt_format
-from ..checkpoint import load_model, save_model
+from ..chat import resolve_template
 from ..errors import ConfigError
-from ..finetune.instruct import load_base
+from ..finetune.instruct import load_base, save_tuned, tuned_model
 from ..finetune.instruct_data import IGNORE_INDEX
-from ..lora import adapters_disabled, apply_lora, count_parameters, load_adapter, save_adapter
+from ..lora import adapters_disabled, count_parameters
 from ..train.core import Task, Trainer, TrainResult, eval_mode
 from ..train.distributed import is_main_process, process_group
 from .config import DPOConfig
 from .preference_data import RAW, collate_pairs, is_chat, load_pairs, make_pairs, pair_order, split_pairs
+from .shared_prompt import can_share, continuation_logits
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,6 +54,27 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     token_logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="none").view(targets.shape)  # (N, T); 0 where ignored
     return token_logps.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+
+
+def response_spans(y: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(starts, ends) of each row's response for shared_prompt.py, from targets y (N, T) on
+    the host: row i's prompt is its inputs up to its first response target (x[i, :starts[i]]),
+    and ends[i] - 2 is its last response target (so every target column is computed)."""
+    trainable = y != IGNORE_INDEX
+    first = trainable.int().argmax(-1)
+    last = y.shape[1] - 1 - trainable.flip(-1).int().argmax(-1)
+    return (first + 1).tolist(), (last + 2).tolist()
+
+
+def pair_logits(model, x: torch.Tensor, spans: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+    """model(x), (N, T, V), or with ``spans`` (response_spans) the same logits at the response
+    positions (0 at the prompt's), each pair's prompt run once for its two rows, when the model
+    allows it (shared_prompt.can_share): a pair shares its prompt, so the model reads it once."""
+    if spans is not None:
+        ids = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)  # the last input of a row is never needed
+        if can_share(model, ids, *spans):
+            return continuation_logits(model, ids, *spans)
+    return model(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,12 +148,14 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, l
 
 def dpo_loss(model, x: torch.Tensor, y: torch.Tensor, ref_logps: torch.Tensor | None, loss_type: str = "sigmoid",
              beta: float = 0.1, label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
-             ref_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             ref_logits: torch.Tensor | None = None, spans: tuple[list[int], list[int]] | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss, metrics) of one batch of pairs: one forward of ``model`` over its 2B rows
     (x, y from collate_pairs: the B chosen rows, then the B rejected), ``ref_logps`` (2B,) the
     reference model's log-probs of the same rows (None for SimPO). With the reference's
-    ``ref_logits`` the metrics include ``kl``, the token-level KL(pi || pi_ref) (token_kl)."""
-    logits = model(x)
+    ``ref_logits`` the metrics include ``kl``, the token-level KL(pi || pi_ref) (token_kl).
+    ``spans`` (response_spans(y)): each pair's prompt runs once (pair_logits)."""
+    logits = pair_logits(model, x, spans)
     logps, tokens = sequence_logps(logits, y)
     B = x.shape[0] // 2
     refs = (ref_logps[:B], ref_logps[B:]) if ref_logps is not None else (None, None)
@@ -209,17 +232,12 @@ class DPOTask(Task):
     # ---- the policy and the reference ---------------------------------------------------------
     def model(self, resume_from: Path | None) -> torch.nn.Module:
         cfg, device = self.cfg, self.run.device
-        if self.lora is not None:  # the reference is this model with its adapters off: no copy
-            if resume_from is not None:
-                load_adapter(self.base, resume_from)
-            else:
-                apply_lora(self.base, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.targets)
-            self.net = self.base
-        else:
-            self.net = load_model(resume_from, with_tokenizer=False)[0].float() if resume_from else self.base
-            if cfg.needs_reference:  # the starting weights, frozen (precomputed: used once, before training)
-                self.reference = self.base if cfg.precompute_ref else copy.deepcopy(self.base).requires_grad_(False)
-                self.reference.to(device)
+        self.net = tuned_model(self.base, self.lora, resume_from)
+        # With LoRA the reference is this model with its adapters off: no copy. Else the starting
+        # weights, frozen (precomputed: used once, before training).
+        if self.lora is None and cfg.needs_reference:
+            self.reference = self.base if cfg.precompute_ref else copy.deepcopy(self.base).requires_grad_(False)
+            self.reference.to(device)
         if cfg.disable_dropout:
             disable_dropout(self.net)
         if cfg.needs_reference and cfg.precompute_ref:
@@ -239,18 +257,19 @@ class DPOTask(Task):
         return self.net
 
     @torch.no_grad()
-    def reference_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference model's logits (2B, T, V): the frozen copy, or with LoRA the model
-        itself with its adapters switched off; in eval mode (no dropout), without gradients."""
+    def reference_logits(self, x: torch.Tensor, spans=None) -> torch.Tensor:
+        """The reference model's logits (2B, T, V) (with ``spans``: at the response positions,
+        pair_logits): the frozen copy, or with LoRA the model itself with its adapters switched
+        off; in eval mode (no dropout), without gradients."""
         if self.reference is not None:
             with eval_mode(self.reference):
-                return self.reference(x)
+                return pair_logits(self.reference, x, spans)
         with adapters_disabled(self.net), eval_mode(self.net):
-            return self.net(x)
+            return pair_logits(self.net, x, spans)
 
-    def reference_logps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def reference_logps(self, x: torch.Tensor, y: torch.Tensor, spans=None) -> torch.Tensor:
         """log pi_ref of each row's response, (2B,)."""
-        return sequence_logps(self.reference_logits(x), y)[0]
+        return sequence_logps(self.reference_logits(x, spans), y)[0]
 
     def _reference_table(self, pairs) -> torch.Tensor:
         """(n, 2) reference log-probs of every pair, chosen and rejected, computed once."""
@@ -258,7 +277,7 @@ class DPOTask(Task):
         for start in range(0, len(pairs), B):
             x, y = collate_pairs(pairs[start:start + B], self.pad_id)
             with self.run.autocast():
-                logps = self.reference_logps(x.to(device), y.to(device))
+                logps = self.reference_logps(x.to(device), y.to(device), response_spans(y))
             table.append(logps.view(2, -1).T)
         return torch.cat(table) if table else torch.zeros(0, 2, device=device)
 
@@ -274,21 +293,21 @@ class DPOTask(Task):
         chosen = order[index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]
         x, y = collate_pairs([self.train_pairs[i] for i in chosen], self.pad_id)
         ref = None if self.ref_train is None else self.ref_train[chosen].T.reshape(-1)  # (2B,): chosen, rejected
-        return x, y, ref
+        return x, y, ref, response_spans(y)  # the spans on the host, before the batch moves
 
-    def pair_loss(self, model, x, y, ref):
+    def pair_loss(self, model, x, y, ref, spans=None):
         """(mean loss, metrics) of a batch of pairs; the reference runs here (and gives the
         KL metric) unless its log-probs were precomputed."""
         cfg, ref_logits = self.cfg, None
         if cfg.needs_reference and ref is None:
-            ref_logits = self.reference_logits(x)
+            ref_logits = self.reference_logits(x, spans)
             ref = sequence_logps(ref_logits, y)[0]
         return dpo_loss(model, x, y, ref if cfg.needs_reference else None, cfg.loss, cfg.beta, cfg.label_smoothing,
-                        cfg.simpo_gamma, ref_logits=ref_logits)
+                        cfg.simpo_gamma, ref_logits=ref_logits, spans=spans)
 
     def loss(self, model, batch):
-        x, y, ref = batch
-        loss, metrics = self.pair_loss(model, x, y, ref)
+        x, y, ref, spans = batch
+        loss, metrics = self.pair_loss(model, x, y, ref, spans)
         return loss, metrics, x.numel()
 
     def evaluate(self, model) -> dict[str, float]:
@@ -299,7 +318,7 @@ class DPOTask(Task):
         for start in range(0, len(self.val_pairs), B):
             x, y = collate_pairs(self.val_pairs[start:start + B], self.pad_id)
             ref = None if self.ref_val is None else self.ref_val[start:start + B].T.reshape(-1)
-            loss, metrics = self.pair_loss(model, x.to(device), y.to(device), ref)
+            loss, metrics = self.pair_loss(model, x.to(device), y.to(device), ref, response_spans(y))
             k = x.shape[0] // 2
             for name, value in {"loss": loss, **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + value.double() * k  # a mean over pairs
@@ -307,15 +326,7 @@ class DPOTask(Task):
         return {f"val_{name}": (value / n).item() for name, value in sums.items()}
 
     def save(self, directory, weights, extra) -> None:
-        def write(tmp: Path):
-            if self.template in FORMATS:
-                write_prompt_format(tmp, self.template)
-            extra(tmp)
-
-        if self.lora is not None:
-            save_adapter(directory, self.net, base_model=str(self.cfg.model), extra=write)
-        else:
-            save_model(directory, self.net, self.tokenizer, extra=write, state=weights)
+        save_tuned(directory, self.net, self.tokenizer, self.template, self.lora, str(self.cfg.model), weights, extra)
 
 
 def dpo(cfg: DPOConfig, quiet: bool = False) -> TrainResult:
@@ -332,4 +343,4 @@ def train_dpo(model: str | os.PathLike, data: str | os.PathLike, out_dir: str = 
     return dpo(cfg, quiet=quiet)
 
 
-__all__ = ["sequence_logps", "preference_loss", "pair_metrics", "token_kl", "dpo_loss", "disable_dropout", "DPOTask", "dpo", "train_dpo"]
+__all__ = ["sequence_logps", "response_spans", "pair_logits", "preference_loss", "pair_metrics", "token_kl", "dpo_loss", "disable_dropout", "DPOTask", "dpo", "train_dpo"]

@@ -35,15 +35,15 @@ from pathlib import Path
 
 import torch
 
-from ..chat import FORMATS, chat_stops, read_prompt_format, render_chat, resolve_template, write_prompt_format
-from ..checkpoint import load_model, save_model
+from ..chat import chat_stops, read_prompt_format, render_chat, resolve_template
 from ..errors import ConfigError
-from ..finetune.instruct import load_base
-from ..lora import adapters_disabled, apply_lora, count_parameters, load_adapter, save_adapter
+from ..finetune.instruct import load_base, save_tuned, tuned_model
+from ..lora import adapters_disabled, count_parameters
 from ..train.core import Task, Trainer, TrainResult, eval_mode
 from ..train.distributed import is_main_process, process_group
 from .grpo_config import GRPOConfig
 from .rewards import ArithmeticTask, GSM8KTask, call_reward, correct_reward, format_reward, load_reward_function
+from .shared_prompt import can_share, continuation_logprobs
 
 # How a raw (not chat) prompt asks for the answer; a chat prompt says the same in the user turn.
 RAW_PROMPT = "Question: {question}\nAnswer:"
@@ -71,10 +71,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return advantages
 
 
-def token_logprobs(model: torch.nn.Module, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(model: torch.nn.Module, ids: torch.Tensor, temperature: float = 1.0,
+                   starts: list[int] | None = None, ends: list[int] | None = None) -> torch.Tensor:
     """ids (N, L) -> log-probabilities (N, L - 1) of ids[:, 1:] under ``model``, its logits
     divided by ``temperature`` (the distribution the completions were sampled from). Rows are
-    right-padded: under causal attention a real token never sees the padding after it."""
+    right-padded: under causal attention a real token never sees the padding after it.
+
+    With ``starts`` and ``ends`` (row i: prompt ids[i, :starts[i]], completion up to ends[i])
+    the log-probs are those of the completions only (shared_prompt.py: each distinct prompt
+    runs once for its whole group), equal to these at the completion targets and 0 before."""
+    if starts is not None and can_share(model, ids, starts, ends):
+        return continuation_logprobs(model, ids, starts, ends, temperature)
     logits = model(ids)[:, :-1].float() / temperature  # (N, L - 1, V), in float32
     targets = ids[:, 1:]
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
@@ -143,10 +150,12 @@ def pad_rows(rows: list[list[int]], starts: list[int], pad_id: int) -> tuple[tor
     return ids, mask
 
 
-def batched_logprobs(model, ids: torch.Tensor, temperature: float, rows: int) -> torch.Tensor:
-    """token_logprobs without gradients, ``rows`` at a time."""
+def batched_logprobs(model, ids: torch.Tensor, temperature: float, rows: int, starts: list[int],
+                     ends: list[int]) -> torch.Tensor:
+    """token_logprobs of the completions without gradients, ``rows`` at a time."""
     with eval_mode(model):
-        return torch.cat([token_logprobs(model, ids[i:i + rows], temperature) for i in range(0, len(ids), rows)])
+        return torch.cat([token_logprobs(model, ids[i:i + rows], temperature, starts[i:i + rows], ends[i:i + rows])
+                          for i in range(0, len(ids), rows)])
 
 
 class GRPOTask(Task):
@@ -200,20 +209,12 @@ class GRPOTask(Task):
             raise ConfigError("GRPO samples from the whole model: use --distributed ddp")
 
     def model(self, resume_from: Path | None) -> torch.nn.Module:
+        # The reference: with LoRA the same model under adapters_disabled, else (with a KL term) a
+        # frozen copy of the starting weights.
         self.ref = None
-        if self.lora is not None:
-            if resume_from is not None:
-                load_adapter(self.base, resume_from)
-            else:
-                apply_lora(self.base, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.targets)
-            self.net = self.base  # the reference: the same model under adapters_disabled
-        else:
-            if self.cfg.beta != 0.0:  # a frozen copy of the starting weights
-                self.ref = copy.deepcopy(self.base).requires_grad_(False).eval()
-            self.net = load_model(resume_from, with_tokenizer=False)[0].float() if resume_from is not None \
-                else self.base
-        if self.ref is not None:
-            self.ref.to(self.run.device)
+        if self.lora is None and self.cfg.beta != 0.0:
+            self.ref = copy.deepcopy(self.base).requires_grad_(False).eval().to(self.run.device)
+        self.net = tuned_model(self.base, self.lora, resume_from)
         trainable, total = count_parameters(self.net)
         if not self.quiet and is_main_process():
             print(f"GRPO on {self.problems.name}: {self.cfg.batch_size} prompts x {self.cfg.group_size} completions "
@@ -221,11 +222,11 @@ class GRPOTask(Task):
                   f"{trainable:,} of {total:,} parameters")
         return self.net
 
-    def ref_logprobs(self, ids: torch.Tensor, rows: int) -> torch.Tensor:
+    def ref_logprobs(self, ids: torch.Tensor, rows: int, starts: list[int], ends: list[int]) -> torch.Tensor:
         if self.ref is not None:
-            return batched_logprobs(self.ref, ids, self.cfg.temperature, rows)
+            return batched_logprobs(self.ref, ids, self.cfg.temperature, rows, starts, ends)
         with adapters_disabled(self.net):
-            return batched_logprobs(self.net, ids, self.cfg.temperature, rows)
+            return batched_logprobs(self.net, ids, self.cfg.temperature, rows, starts, ends)
 
     # ---- sampling -------------------------------------------------------------------------------
     def complete(self, model, questions: list[str], temperature: float, generator=None):
@@ -280,21 +281,23 @@ class GRPOTask(Task):
         prompts, completions, texts, reasons = self.complete(model, questions, cfg.temperature, generator)
         rewards, correct = self.score(questions, texts, answers)
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
-        ids, mask = pad_rows([p + c for p, c in zip(prompts, completions)], [len(p) for p in prompts], self.pad_id)
+        starts, ends = [len(p) for p in prompts], [len(p) + len(c) for p, c in zip(prompts, completions)]
+        ids, mask = pad_rows([p + c for p, c in zip(prompts, completions)], starts, self.pad_id)
         truncated = torch.tensor([r == "length" for r in reasons], dtype=torch.float32)
         if cfg.mask_truncated:
             mask = mask * (1 - truncated)[:, None]
         ids, mask = ids.to(device), mask.to(device)
         rows = len(ids) // cfg.grad_accum
         buffer = {"generation": generation, "ids": ids.cpu(), "mask": mask.cpu(), "advantages": advantages,
+                  "starts": starts, "ends": ends,
                   "stats": {"reward": rewards.mean().item(), "accuracy": correct.mean().item(),
                             "reward_std": rewards.view(-1, G).std(dim=1).mean().item(),
                             "completion_length": sum(len(c) for c in completions) / len(completions),
                             "truncated": truncated.mean().item()}}
         if cfg.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of later updates
-            buffer["old_logps"] = batched_logprobs(model, ids, cfg.temperature, rows).cpu()
+            buffer["old_logps"] = batched_logprobs(model, ids, cfg.temperature, rows, starts, ends).cpu()
         if cfg.beta != 0.0:
-            buffer["ref_logps"] = self.ref_logprobs(ids, rows).cpu()
+            buffer["ref_logps"] = self.ref_logprobs(ids, rows, starts, ends).cpu()
         self.times["sample_time_s"] += time.perf_counter() - start
         if self.run.procs.is_main and cfg.n_samples:
             with open(self.run.out_dir / "samples.jsonl", "a") as f:
@@ -319,7 +322,8 @@ class GRPOTask(Task):
         b, A = self.buffer, self.cfg.grad_accum
         rows = len(b["ids"]) // A
         part = slice(micro * rows, (micro + 1) * rows)
-        batch = {k: b[k][part] for k in ("ids", "mask", "advantages", "old_logps", "ref_logps") if k in b}
+        batch = {k: b[k][part] for k in ("ids", "mask", "advantages", "old_logps", "ref_logps", "starts", "ends")
+                 if k in b}
         batch["num_items"] = b["mask"].sum().clamp(min=1.0) / A  # dapo: the step's tokens (the core divides by A)
         batch["stats"] = {k: torch.tensor(v) for k, v in {**b["stats"], **self.times}.items()}
         batch["tokens"] = int(batch["mask"].sum())  # on the CPU still: no device sync
@@ -328,7 +332,7 @@ class GRPOTask(Task):
 
     def loss(self, model, batch):
         cfg = self.cfg
-        logps = token_logprobs(model, batch["ids"], cfg.temperature)
+        logps = token_logprobs(model, batch["ids"], cfg.temperature, batch.get("starts"), batch.get("ends"))
         loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
                                   batch["mask"], epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   beta=cfg.beta, kl_correction=cfg.kl_correction, loss_type=cfg.loss_type,
@@ -355,15 +359,7 @@ class GRPOTask(Task):
         return [f"{q[:50]!r} -> {t!r}" for q, t in getattr(self, "last_eval", [])[:2]]
 
     def save(self, directory, weights, extra) -> None:
-        def write(tmp: Path):
-            if self.template in FORMATS:
-                write_prompt_format(tmp, self.template)
-            extra(tmp)
-
-        if self.lora is not None:
-            save_adapter(directory, self.net, base_model=str(self.cfg.model), extra=write)
-        else:
-            save_model(directory, self.net, self.tokenizer, extra=write, state=weights)
+        save_tuned(directory, self.net, self.tokenizer, self.template, self.lora, str(self.cfg.model), weights, extra)
 
     def state_dict(self) -> dict:
         self._count_update_time()

@@ -32,10 +32,8 @@ over B, and the chosen and rejected rows of pair i are rows i and B + i.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +41,7 @@ from pathlib import Path
 import torch
 
 from ..chat import END_OF_TEXT, ROLES, Segment, render_segments
-from ..errors import NotFound, ScratchLMError
-from ..finetune.instruct_data import DataError, Example, collate, tokenize_example
+from ..finetune.instruct_data import DataError, Example, collate, fit_rows, jsonl_rows, read_data_text, tokenize_example
 
 RAW = "raw"  # no prompt format: prompt text, response text, end-of-text token
 
@@ -55,17 +52,7 @@ RAW = "raw"  # no prompt format: prompt text, response text, end-of-text token
 def load_pairs(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSONL file of preference pairs, checked; rows are numbered by line."""
     path = Path(path)
-    if not path.is_file():
-        raise NotFound(f"preference file not found: {path}")
-    pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} row {number}: not valid JSON ({e.msg})") from None
-        pairs.append(check_pair(row, path, number))
+    pairs = [check_pair(row, path, number) for number, row in jsonl_rows(read_data_text(path, "preference file"), path)]
     if not pairs:
         raise DataError(f"{path} is empty: no preference pairs to train on")
     return pairs
@@ -165,28 +152,12 @@ def make_pairs(pairs: list[dict], tokenizer, template: str, max_length: int, sou
     """Tokenize every pair and cut each row to ``max_length`` tokens (context + 1). Returns
     (pairs, number cut). A pair whose prompt alone fills the context has no response left to
     compare and is left out, with a warning (DataError if none is left)."""
-    out, cut, dropped = [], 0, []
-    for number, pair in enumerate(pairs, start=1):
-        number = pair.get("row", number)  # the row in the file, when the pair was read from one
-        try:
-            tokens = tokenize_pair(pair, tokenizer, template)
-        except ScratchLMError as e:
-            raise DataError(f"{source} row {number}: {str(e).splitlines()[0]}") from None
-        if max(len(tokens.chosen), len(tokens.rejected)) > max_length:
-            cut += 1
-            tokens = Pair(*(Example(e.ids[:max_length], e.trainable[:max_length])
-                            for e in (tokens.chosen, tokens.rejected)))
-        if not (any(tokens.chosen.trainable[1:]) and any(tokens.rejected.trainable[1:])):
-            dropped.append(number)
-            continue
-        out.append(tokens)
-    if dropped:
-        message = (f"{source}: {len(dropped)} of {len(pairs)} pairs (the first: row {min(dropped)}) have a prompt "
-                   f"that fills the context of {max_length - 1} tokens, leaving no response to compare")
-        if not out:
-            raise DataError(message)
-        warnings.warn(message + ": left out", stacklevel=2)
-    return out, cut
+    def encode(pair):
+        tokens = tokenize_pair(pair, tokenizer, template)
+        return [tokens.chosen, tokens.rejected]
+
+    rows, cut = fit_rows(pairs, encode, max_length, source, ("row", "pairs"), "response to compare")
+    return [Pair(*r) for r in rows], cut
 
 
 def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
