@@ -328,7 +328,7 @@ TINY = [("qwen3-tiny", "qwen3-tiny", {}), ("gemma3-tiny", "gemma3-tiny", {}), ("
         ("qwen2.5-style", "llama-tiny", {"qkv_bias": True})]
 LETTERS = "abcdefghijklmnopqrstuvwxyz .,!?"
 # Relative error of the logits, |fast - fp32| / |fp32|, that each decode layout may add.
-LAYOUT_ERROR = {"fp32": 1e-5, "bf16": 0.03, "int8": 0.03, "int4": 0.15}
+LAYOUT_ERROR = {"fp32": 1e-5, "bf16": 0.02, "int8": 0.02, "int4": 0.12}
 
 
 def fixed_batch_task(build, ids, lora: bool = False):
@@ -386,6 +386,7 @@ def test_every_family_trains_fine_tunes_generates_decodes_and_serves(name, prese
     config = ModelConfig.preset(preset, vocab_size=tok.vocab_size, **changes)
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (2, 41))  # longer than gemma3-tiny's window
+    ids[ids == tok.eot_id] = (tok.eot_id + 1) % config.vocab_size  # no end of text: the server's reply is text
 
     def build():
         torch.manual_seed(0)
@@ -431,6 +432,8 @@ def test_every_family_trains_fine_tunes_generates_decodes_and_serves(name, prese
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16 falls back to fp32, saying so
             fast = prepare_for_decode(copy.deepcopy(model), layout, group_size=32)
+        if layout == "bf16" and fast.config.dtype == "float32":  # that fallback: bf16 arithmetic still runs,
+            fast = copy.deepcopy(model).to(torch.bfloat16)  # as the bf16 layout does on a GPU (bf16 nn.Linear)
         with torch.no_grad():
             error = ((fast(ids).float() - reference).norm() / reference.norm()).item()
         assert error < limit, (layout, error)
