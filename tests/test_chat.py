@@ -27,6 +27,145 @@ from scratchlm.errors import ScratchLMError  # noqa: E402
 from scratchlm.finetune.instruct_data import tokenize_example  # noqa: E402
 from scratchlm.tokenizer import CharTokenizer  # noqa: E402
 
+# The real templates of the families, as their tokenizer_config.json files publish them.
+# Qwen3 (Qwen/Qwen3-8B): ChatML; think blocks on the answers after the last user query.
+QWEN3 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+GEMMA3 = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+# OLMo 2 Instruct (allenai/OLMo-2-1124-7B-Instruct; Tulu 3's layout), bos = eos = <|endoftext|>.
+OLMO2 = (r"{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\n' + "
+         r"message['content'] + '\n' }}{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + "
+         r"'\n' }}{% elif message['role'] == 'assistant' %}{% if not loop.last %}{{ '<|assistant|>\n'  + "
+         r"message['content'] + eos_token + '\n' }}{% else %}{{ '<|assistant|>\n'  + message['content'] + "
+         r"eos_token }}{% endif %}{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}"
+         r"{% endif %}{% endfor %}")
 # Jinja chat templates written as the model families publish them (text content only, no
 # tools), rendered by transformers' apply_chat_template: the reference for the built-ins.
 NL = "{{ '\\n' }}"
@@ -48,22 +187,11 @@ JINJA = {
              "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
              "{%- endif %}{%- endfor %}"
              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"),
-    # Gemma 3: no system turn (its text opens the first user message); the assistant is "model".
-    "gemma": ("{{ bos_token }}"
-              "{%- if messages[0]['role'] == 'system' -%}"
-              "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
-              "{%- set loop_messages = messages[1:] -%}"
-              "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-              "{%- for message in loop_messages -%}"
-              "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-              "{%- endif -%}"
-              "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
-              "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
-              "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
-              "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
-              "{%- endfor -%}"
-              "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"),
+    # Gemma 3 (google/gemma-3-1b-it's tokenizer_config.json, as published): no system turn
+    # (its text opens the first user message); the assistant is "model"; contents trimmed.
+    "gemma": GEMMA3,
+    "qwen3": QWEN3,
+    "olmo2": OLMO2,
     "plain": ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}" + NL + "{% endfor %}"
               "{% if add_generation_prompt %}Assistant:{% endif %}"),
     # Alpaca: the last user message is the instruction; a transcript is one exchange.
@@ -78,6 +206,8 @@ SPECIALS = {  # (bos, eos, other special tokens) of a tokenizer of each format
     "chatml": ("<|im_start|>", "<|im_end|>", []),
     "qwen": ("<|im_start|>", "<|im_end|>", []),
     "gemma": ("<bos>", "<end_of_turn>", ["<start_of_turn>"]),
+    "qwen3": ("<|im_start|>", "<|im_end|>", ["<think>", "</think>"]),
+    "olmo2": ("<|endoftext|>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>"]),
     "plain": ("<|endoftext|>", "<|endoftext|>", []),
     "alpaca": ("<|endoftext|>", "<|endoftext|>", []),
 }
@@ -85,6 +215,12 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "Hello.\nHow can I help?"}, {"role": "user", "content": "Why?"},
         {"role": "assistant", "content": "Because."}]
 ONE_EXCHANGE = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple."}]
+# Answers with reasoning (in the content, and as reasoning_content), and text with spaces
+# and newlines around it (which Llama 3's and Gemma's templates trim).
+THINKING = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello."},
+            {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because.", "reasoning_content": "\nI ask.\n"}]
+PADDED = [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "  Hi there \n"},
+          {"role": "assistant", "content": "\nHello. "}]
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?#'-\n"
 
 
@@ -107,14 +243,16 @@ def conversations(name):
     message for the chat formats, one exchange for alpaca."""
     if name == "alpaca":
         return [(CHAT[:4], True), (ONE_EXCHANGE, False), (ONE_EXCHANGE[:1], True)]
-    return [(CHAT[:4], True), (CHAT[:4], False), (CHAT, False), (CHAT[1:4], True), (CHAT[1:], False)]
+    return [(CHAT[:4], True), (CHAT[:4], False), (CHAT, False), (CHAT[1:4], True), (CHAT[1:], False),
+            (THINKING, False), (THINKING[:3], True), (THINKING[:2], False), (PADDED, False), (PADDED[:2], True)]
 
 
 def test_table_covers_the_formats():
-    assert set(TEMPLATES) == set(JINJA) and TEMPLATES[:2] == ("llama3", "chatml")
+    assert set(TEMPLATES) == set(JINJA) and TEMPLATES[:3] == ("llama3", "qwen3", "chatml")
     for fmt in FORMATS.values():
         assert set(fmt.header) == {"system", "user", "assistant", "tool"}
-        assert all(t in fmt.header["user"] + fmt.begin + fmt.end_of_turn for t in fmt.signature)
+        markup = "".join(fmt.header.values()) + fmt.begin + fmt.end_of_turn + ("<think>" if fmt.thinking else "")
+        assert all(t in markup for t in fmt.signature)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -142,14 +280,18 @@ def test_training_masks_keep_only_the_answers_and_their_end_of_turn(name):
     example = tokenize_example(segments, tok)
     assert example.ids == tok.encode(text)  # segment by segment == the whole text at once
     end = FORMATS[name].end_of_turn
+    # Qwen3's last answer opens with its (empty) think block, which the model learns to write.
+    think = "<think>\n\n</think>\n\n" if FORMATS[name].thinking else ""
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    answers[-1] = think + answers[-1]
     learned = tok.decode([i for i, keep in zip(example.ids, example.trainable) if keep])
     assert learned == "".join(a + end for a in answers)
     # Every answer follows exactly the prompt the model is given at inference.
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             prompt = render_chat(messages[:i], name, None)
-            assert text.startswith(prompt) and text[len(prompt):].lstrip(" ").startswith(m["content"] + end)
+            answer = (think if i == len(messages) - 1 else "") + m["content"]
+            assert text.startswith(prompt) and text[len(prompt):].lstrip(" ").startswith(answer + end)
     # train_on_prompt: every token is a target.
     assert all(tokenize_example(segments, tok, train_on_prompt=True).trainable)
 

@@ -321,29 +321,137 @@ def test_a_family_tokenizer_directory_picks_its_prompt_format(family, tmp_path):
             hf_tok.apply_chat_template(messages, tokenize=False).strip())
 
 
-@pytest.mark.parametrize("preset", ["qwen3-tiny", "gemma3-tiny", "olmo2-tiny"])
-def test_each_tiny_preset_trains_and_takes_lora(preset):
-    """A few AdamW steps on one batch lower the loss (every new weight gets a gradient), and
-    LoRA wraps the attention projections without changing the function (B starts at 0)."""
-    from scratchlm.lora import apply_lora
+# ---- every tiny preset down every path ----------------------------------------------------------
+# (name, preset, changes): one tiny model per family; Qwen2.5 is Llama with q, k, v biases.
+TINY = [("qwen3-tiny", "qwen3-tiny", {}), ("gemma3-tiny", "gemma3-tiny", {}), ("olmo2-tiny", "olmo2-tiny", {}),
+        ("moe-tiny", "moe-tiny", {}), ("qwen3-moe-tiny", "qwen3-moe-tiny", {}),
+        ("qwen2.5-style", "llama-tiny", {"qkv_bias": True})]
+LETTERS = "abcdefghijklmnopqrstuvwxyz .,!?"
+# Relative error of the logits, |fast - fp32| / |fp32|, that each decode layout may add.
+LAYOUT_ERROR = {"fp32": 1e-5, "bf16": 0.02, "int8": 0.02, "int4": 0.12}
 
+
+def fixed_batch_task(build, ids, lora: bool = False):
+    """A task of the training core: next-token prediction on one fixed batch ``ids``, the
+    model from ``build()`` (with LoRA adapters on its attention if ``lora``)."""
+    from scratchlm.atomic import atomic_directory
+    from scratchlm.lora import apply_lora
+    from scratchlm.train.core import Task
+
+    class FixedBatch(Task):
+        def model(self, resume_from):
+            self.net = build()
+            if lora:
+                apply_lora(self.net, rank=4, alpha=8)
+            return self.net
+
+        def micro_batch(self, step, micro, rank, world, model):
+            return ids
+
+        def loss(self, model, batch):
+            logits = model(batch[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()), {}, batch.numel()
+
+        def save(self, directory, weights, extra):
+            with atomic_directory(directory, marker=("train_config.json",)) as tmp:
+                extra(tmp)
+
+    return FixedBatch()
+
+
+def train_tiny(task, out_dir, steps=8):
+    from scratchlm.train.config import LoopConfig
+    from scratchlm.train.core import Trainer
+
+    cfg = LoopConfig(out_dir=str(out_dir), max_steps=steps, lr=3e-3, min_lr=3e-4, warmup_steps=0, weight_decay=0.0,
+                     log_every=1, eval_every=1000, save_every=1000, progress=False, plot=False, device="cpu",
+                     precision="fp32")
+    return Trainer(cfg, task, quiet=True).run()
+
+
+@pytest.mark.parametrize("name, preset, changes", TINY, ids=[t[0] for t in TINY])
+def test_every_family_trains_fine_tunes_generates_decodes_and_serves(name, preset, changes, tmp_path):
+    """Each tiny family, in seconds: the training core lowers its loss (every weight gets a
+    gradient); LoRA through the core changes the adapters only; cached greedy generation
+    equals uncached (past gemma3-tiny's window of 16); every decode layout gives logits
+    close to fp32's and decodes (fp32: the same tokens); the server answers a request with
+    what generate() says."""
+    import copy
+    import warnings
+
+    from scratchlm.decode_weights import prepare_for_decode
+    from scratchlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train(LETTERS, special_tokens=["<|endoftext|>"])
+    config = ModelConfig.preset(preset, vocab_size=tok.vocab_size, **changes)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset(preset))
-    ids = torch.randint(0, model.config.vocab_size, (2, 40))  # longer than gemma3-tiny's window of 16
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        if not losses:
-            assert all(p.grad is not None for p in model.parameters())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5
-    model.eval()
+    ids = torch.randint(0, config.vocab_size, (2, 41))  # longer than gemma3-tiny's window
+    ids[ids == tok.eot_id] = (tok.eot_id + 1) % config.vocab_size  # no end of text: the server's reply is text
+
+    def build():
+        torch.manual_seed(0)
+        return Transformer(config)
+
+    # A backward pass reaches every weight (the router's too, through the balancing loss).
+    model = build()
+    from scratchlm.moe import add_balancing_loss
+
+    loss, _ = add_balancing_loss(model, torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1),
+                                                                          ids[:, 1:].flatten()))
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+    # Training through the core.
+    task = fixed_batch_task(build, ids)
+    result = train_tiny(task, tmp_path / "train")
+    assert result.losses[-1] < result.losses[0] - 0.5, result.losses
+    model = task.net.eval()
+
+    # LoRA through the core: only the adapters move.
+    lora_task = fixed_batch_task(lambda: copy.deepcopy(model).train(), ids, lora=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_result = train_tiny(lora_task, tmp_path / "lora", steps=4)
+    assert lora_result.losses[-1] < lora_result.losses[0]
+    after = lora_task.net.state_dict()
+    adapters = [k for k in after if "lora_" in k]
+    assert adapters and all(not torch.equal(after[k], torch.zeros_like(after[k])) for k in adapters if "lora_B" in k)
+    for key, value in after.items():  # the base weights: as they were (LoRALinear holds them as base.*)
+        if "lora_" not in key:
+            assert torch.equal(value, before[key.replace(".base.", ".")]), key
+
+    # Generation: cached equals uncached, past the window.
+    prompt, n = ids[0, :5].tolist(), 30
+    [plain] = generate(model, None, [prompt], max_new_tokens=n, use_cache=False, ignore_eos=True)
+    [cached] = generate(model, None, [prompt], max_new_tokens=n, ignore_eos=True)
+    assert cached.token_ids == plain.token_ids
+
+    # Every decode layout: logits near fp32's, and a cached generation past the window.
     with torch.no_grad():
-        before = model(ids)
-        assert len(apply_lora(model, rank=4, alpha=8)) == 2 * model.config.n_layers
-        assert torch.equal(model(ids), before)
+        reference = model(ids)
+    for layout, limit in LAYOUT_ERROR.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16 falls back to fp32, saying so
+            fast = prepare_for_decode(copy.deepcopy(model), layout, group_size=32)
+        if layout == "bf16" and fast.config.dtype == "float32":  # that fallback: bf16 arithmetic still runs,
+            fast = copy.deepcopy(model).to(torch.bfloat16)  # as the bf16 layout does on a GPU (bf16 nn.Linear)
+        with torch.no_grad():
+            error = ((fast(ids).float() - reference).norm() / reference.norm()).item()
+        assert error < limit, (layout, error)
+        [got] = generate(fast, None, [prompt], max_new_tokens=n, ignore_eos=True)
+        assert len(got.token_ids) == n
+        if layout == "fp32":
+            assert got.token_ids == plain.token_ids
+
+    # Serving: one request through the app, answered as generate() answers it.
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from scratchlm.serve import create_app
+
+    text = "hello there, how are you"
+    with TestClient(create_app(model, tok, "tiny"), base_url="http://127.0.0.1") as client:
+        response = client.post("/v1/completions", json={"model": "tiny", "prompt": text, "max_tokens": 12,
+                                                        "temperature": 0})
+    assert response.status_code == 200, response.text
+    want = generate(model, tok, text, max_new_tokens=12)[0].text
+    assert response.json()["choices"][0]["text"] == want and want

@@ -135,14 +135,114 @@ def test_a_tiny_moe_trains_with_the_aux_loss_in_metrics(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     for row in train_rows:
-        assert {"ce_loss", "moe_aux_loss", "moe_load_max", "moe_load_entropy"} <= set(row)
+        assert {"task_loss", "moe_aux_loss", "moe_load_max", "moe_load_entropy"} <= set(row)
         # train_loss = cross-entropy + coef * aux (coef 0.01 in moe-tiny)
-        assert abs(row["train_loss"] - (row["ce_loss"] + 0.01 * row["moe_aux_loss"])) < 1e-4
+        assert abs(row["train_loss"] - (row["task_loss"] + 0.01 * row["moe_aux_loss"])) < 1e-4
         assert 1.5 < row["moe_aux_loss"] < 4  # about k = 2 when balanced, up to E = 4 when collapsed
     from scratchlm.checkpoint import load_model
 
     model, _ = load_model(tmp_path / "run" / "latest")
     assert model.config.n_experts == 4
+
+
+def _first_train_row(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in rows if r["kind"] == "train")
+
+
+def _fine_tuning_base(tmp_path):
+    """A moe-tiny model directory with a character tokenizer (ChatML tokens)."""
+    from scratchlm.checkpoint import save_model
+    from scratchlm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!\n",
+                              special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    torch.manual_seed(0)
+    save_model(tmp_path / "base", Transformer(tiny_moe(vocab_size=tok.vocab_size, context_length=64)), tok)
+    return tmp_path / "base"
+
+
+LOOP = dict(max_steps=2, batch_size=4, lr=1e-3, warmup_steps=0, log_every=1, eval_every=1000, save_every=1000,
+            progress=False, plot=False, precision="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_instruction_tuning_a_moe_adds_the_balancing_loss(tmp_path, lora):
+    """The core adds coef * load_balancing_loss to InstructTask's masked cross-entropy and logs
+    the routers: the first step's numbers equal those computed here, apart, on the same
+    batch and the initial weights."""
+    import copy
+
+    from scratchlm.finetune import InstructConfig
+    from scratchlm.finetune.instruct import InstructTask, masked_loss
+    from scratchlm.train.core import Trainer
+
+    base = _fine_tuning_base(tmp_path)
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in [("Sky?", "Blue."), ("Fruit?", "An apple."), ("Two and three?", "Five."), ("Hi?", "Hello!")]]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    cfg = InstructConfig.from_dict(dict(model=str(base), data=str(tmp_path / "chats.jsonl"), out_dir=str(tmp_path / "run"),
+                                        val_fraction=0.0, sample_tokens=0, lora=lora, **LOOP))
+    task = InstructTask(cfg, quiet=True)
+    trainer = Trainer(cfg, task, quiet=True)
+    initial = copy.deepcopy(trainer.raw_model).train()
+    x, y = task.micro_batch(0, 0, 0, 1, initial)
+    trainer.run()
+    ce = masked_loss(initial(x), y)
+    aux = load_balancing_loss(initial.router_logits(), 2)
+    row = _first_train_row(tmp_path / "run")
+    assert row["task_loss"] == pytest.approx(ce.item(), rel=1e-5)
+    assert row["moe_aux_loss"] == pytest.approx(aux.item(), rel=1e-5)
+    assert row["train_loss"] == pytest.approx((ce + 0.01 * aux).item(), rel=1e-5)  # moe-tiny's coef: 0.01
+    stats = router_stats(initial.router_logits(), 2)
+    assert row["moe_load_max"] == pytest.approx(stats["moe_load_max"].item(), rel=1e-5)
+    assert row["moe_load_entropy"] == pytest.approx(stats["moe_load_entropy"].item(), rel=1e-5)
+
+
+def test_classifying_with_a_moe_backbone_adds_the_balancing_loss(tmp_path):
+    """The same for ClassifyTask, where the MoE layers sit inside the Classifier's backbone."""
+    import copy
+
+    from scratchlm.finetune import ClassifyConfig
+    from scratchlm.finetune.classify import ClassifyTask
+    from scratchlm.train.core import Trainer
+
+    base = _fine_tuning_base(tmp_path)
+    rows = ["text,label"] + [f"{w} {w} {w},{label}" for w, label in
+                             [("good", "pos"), ("bad", "neg"), ("nice", "pos"), ("sad", "neg")] * 3]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = ClassifyConfig.from_dict(dict(model=str(base), data=str(tmp_path / "data.csv"), out_dir=str(tmp_path / "run"),
+                                        train="all", val_fraction=0.0, test_fraction=0.0, **LOOP))
+    task = ClassifyTask(cfg, quiet=True)
+    trainer = Trainer(cfg, task, quiet=True)
+    initial = copy.deepcopy(trainer.raw_model).train()
+    ids, lengths, labels = task.micro_batch(0, 0, 0, 1, initial)
+    trainer.run()
+    ce = F.cross_entropy(initial(ids, lengths).float(), labels)
+    aux = load_balancing_loss(initial.backbone.router_logits(), 2)
+    row = _first_train_row(tmp_path / "run")
+    assert {"train_accuracy", "moe_load_max", "moe_load_entropy"} <= set(row)
+    assert row["task_loss"] == pytest.approx(ce.item(), rel=1e-5)
+    assert row["moe_aux_loss"] == pytest.approx(aux.item(), rel=1e-5)
+    assert row["train_loss"] == pytest.approx((ce + 0.01 * aux).item(), rel=1e-5)
+
+
+def test_the_balancing_loss_takes_the_router_logits():
+    """add_balancing_loss counts a forward once and lets go of its graph; a dense model and
+    an eval-mode forward add nothing."""
+    from scratchlm.moe import add_balancing_loss
+
+    model = Transformer(tiny_moe()).train()
+    model(IDS)
+    loss, metrics = add_balancing_loss(model, torch.tensor(1.0))
+    assert set(metrics) == {"task_loss", "moe_aux_loss", "moe_load_max", "moe_load_entropy"}
+    assert model.router_logits() == [] and add_balancing_loss(model, loss) == (loss, {})
+    with torch.no_grad():
+        model.eval()(IDS)
+    assert add_balancing_loss(model, loss) == (loss, {})
+    dense = Transformer(ModelConfig.preset("llama-tiny")).train()
+    dense(IDS)
+    assert add_balancing_loss(dense, loss) == (loss, {})
 
 
 # ---- against transformers ------------------------------------------------------------------------

@@ -9,8 +9,13 @@ is the table of the layouts built in (one ``PromptFormat`` each):
     llama3  <|begin_of_text|>  <|start_header_id|>user<|end_header_id|>\\n\\n   <|eot_id|>
     chatml                     <|im_start|>user\\n                           <|im_end|> \\n
     qwen    chatml, with Qwen 2.5's system message when the conversation has none
+    qwen3   chatml; the answers after the last user message open with a think block,
+            <think>\\n{reasoning}\\n</think>\\n\\n (empty without reasoning), earlier
+            answers lose theirs (Qwen3, QwQ)
     gemma   <bos>              <start_of_turn>user\\n; <start_of_turn>model\\n  <end_of_turn> \\n
-            (no system turn: the system message opens the first user message)
+            (no system turn: the system message opens the first user message; Gemma 2, 3)
+    olmo2   <|endoftext|>      <|user|>\\n; <|assistant|>\\n                 user: \\n; answer: <|endoftext|> \\n
+            (Tulu 3's layout, OLMo 2 Instruct: no \\n after the last answer)
     plain                      User: ; Assistant:                            \\n
     alpaca  one instruction and its answer: "Below is an instruction ... ### Response:\\n"
             then the answer and the tokenizer's end-of-text token
@@ -111,6 +116,10 @@ class PromptFormat:
     system_in_first_user: bool = False  # no system turn: the system text opens the first message
     default_system: str | None = None  # the system message of a conversation that has none
     single_turn: bool = False  # alpaca: one instruction and its answer, laid out by alpaca_prompt
+    strip_content: bool = False  # each message's text without surrounding whitespace (Jinja's | trim)
+    prompt_end: str | None = None  # what ends a system / user / tool message, if not end_of_turn + after_turn
+    after_last_turn: bool = True  # after_turn after the conversation's last message too
+    thinking: bool = False  # Qwen3's think blocks (see _answer_segments)
 
 
 def _headers(pattern: str, **names: str) -> dict[str, str]:
@@ -127,13 +136,21 @@ FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
     PromptFormat("llama3", begin="<|begin_of_text|>", header=_headers("<|start_header_id|>{role}<|end_header_id|>\n\n"),
                  end_of_turn="<|eot_id|>", generation_header="<|start_header_id|>assistant<|end_header_id|>\n\n",
                  stops=("<|eot_id|>",), signature=("<|start_header_id|>", "<|eot_id|>"),
-                 special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+                 special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                 strip_content=True),
+    # Before chatml: a Qwen3 tokenizer has ChatML's tokens and <think>.
+    PromptFormat("qwen3", **_CHATML, signature=("<think>",), thinking=True),
     PromptFormat("chatml", **_CHATML, signature=("<|im_start|>",)),
     PromptFormat("qwen", **_CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
     PromptFormat("gemma", begin="<bos>", header=_headers("<start_of_turn>{role}\n", assistant="model"),
                  end_of_turn="<end_of_turn>", after_turn="\n", generation_header="<start_of_turn>model\n",
                  stops=("<end_of_turn>",), special_tokens=("<bos>", "<start_of_turn>", "<end_of_turn>"),
-                 signature=("<start_of_turn>",), system_in_first_user=True),
+                 signature=("<start_of_turn>",), system_in_first_user=True, strip_content=True),
+    # Tulu 3's layout (OLMo 2 Instruct): its markers are plain text, its turns end with the
+    # end-of-text token, which also begins the conversation (OLMo 2's BOS).
+    PromptFormat("olmo2", begin=END_OF_TEXT, header=_headers("<|{role}|>\n"), end_of_turn=END_OF_TEXT,
+                 after_turn="\n", prompt_end="\n", after_last_turn=False, generation_header="<|assistant|>\n",
+                 stops=(END_OF_TEXT,), special_tokens=(END_OF_TEXT,), signature=("<|assistant|>",)),
     # A base model's layout: nothing to learn but "Role: " prefixes.
     PromptFormat("plain", header=_headers("{role}: ", **{r: r.capitalize() for r in ROLES}), end_of_turn="\n",
                  generation_header="Assistant:", stops=("\nUser:", "\nSystem:")),
@@ -211,22 +228,54 @@ def render_segments(conversation: Sequence[dict] | dict, template: str,
                                     "followed by a user message, which it opens")
         prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
     segments = [Segment(fmt.begin, False, True)] if fmt.begin else []
-    for m in messages:
+    # Qwen3: the index of the last user message (not a tool response); the answers after it keep their reasoning.
+    last_query = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"
+                       and not _is_tool_response(messages[i]["content"])), len(messages))
+    for i, m in enumerate(messages):
         if fmt.system_in_first_user and m["role"] == "system":
             raise PromptFormatError(f"the {template} format has no system turn: only a first system message "
                                     "can be given (it opens the first user message)")
-        is_answer = m["role"] == "assistant"
+        is_answer, last = m["role"] == "assistant", i == len(messages) - 1
         segments.append(Segment(fmt.header[m["role"]], False, True))
         if prefix:
             segments.append(Segment(prefix, False))
             prefix = ""
-        segments.append(Segment(m["content"], is_answer))
+        content = m["content"].strip() if fmt.strip_content else m["content"]
+        if is_answer and fmt.thinking:
+            segments += _answer_segments(m, think=i > last_query, last=last)
+        else:
+            segments.append(Segment(content, is_answer))
+        if not is_answer and fmt.prompt_end is not None:
+            segments.append(Segment(fmt.prompt_end, False, True))
+            continue
         segments.append(Segment(fmt.end_of_turn, is_answer, True))
-        if fmt.after_turn:
+        if fmt.after_turn and (fmt.after_last_turn or not last):
             segments.append(Segment(fmt.after_turn, False, True))
     if add_generation_prompt:
         segments.append(Segment(fmt.generation_header, False, True))
     return segments
+
+
+def _is_tool_response(text: str) -> bool:
+    return text.startswith("<tool_response>") and text.endswith("</tool_response>")
+
+
+def _answer_segments(message: dict, think: bool, last: bool) -> list[Segment]:
+    """An answer in Qwen3's layout: its reasoning is ``reasoning_content``, or the text up to
+    ``</think>`` in its content. An answer after the last user message (``think``) keeps it
+    in a think block, which the last answer has even when empty (the model writes one
+    before every reply); an earlier answer keeps only the text after the block. The block
+    is trained: the model learns to write it."""
+    content, reasoning = message["content"], message.get("reasoning_content")
+    if not isinstance(reasoning, str):
+        reasoning = ""
+        if "</think>" in content:
+            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+            content = content.split("</think>")[-1].lstrip("\n")
+    if think and (last or reasoning):
+        return [Segment("<think>\n", True, True), Segment(reasoning.strip("\n"), True),
+                Segment("\n</think>\n\n", True, True), Segment(content.lstrip("\n"), True)]
+    return [Segment(content, True)]
 
 
 def _single_turn_segments(conversation: Sequence[dict] | dict, add_generation_prompt: bool) -> list[Segment]:

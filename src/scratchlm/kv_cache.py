@@ -138,10 +138,21 @@ class KVCache:
         columns = buf_k.shape[2]
         keys, values = (buf_k, buf_v) if layout == "ring" else (torch.cat([buf_k, k], 2), torch.cat([buf_v, v], 2))
         keep = min(T, columns)  # a chunk longer than the ring leaves only its last `columns` keys
+        first = (start + T - keep) % columns  # the column of the first key kept
+        if first + keep <= columns:  # no wrap-around (a decode step): one slice, no index tensor
+            buf_k[:, :, first:first + keep] = k[:, :, T - keep:]
+            buf_v[:, :, first:first + keep] = v[:, :, T - keep:]
+            return keys, values
         at = torch.arange(start + T - keep, start + T, device=buf_k.device) % columns
         buf_k.index_copy_(2, at, k[:, :, T - keep:].to(buf_k.dtype))
         buf_v.index_copy_(2, at, v[:, :, T - keep:].to(buf_v.dtype))
         return keys, values
+
+    def window_is_whole_ring(self, layer: int, T: int) -> bool:
+        """Whether the T new queries of this (local) layer see every key ``update`` returns,
+        so that they need no window mask: one query (T == 1) on a full ring of at most
+        ``window`` columns holds exactly the last ``window`` positions, its own included."""
+        return T == 1 and self._layout(layer, T) == "ring" and self.k[layer].shape[2] <= self.window
 
     def reset(self) -> None:
         self.length = 0

@@ -21,7 +21,8 @@ costs k experts' weights, not E: the *active* parameters decide
 the compute per token (``Transformer.num_active_parameters``), the total ones the memory.
 
 Training adds ``router_aux_loss_coef * load_balancing_loss(...)`` (Switch Transformer's
-auxiliary loss) so the router does not collapse onto a few experts.
+auxiliary loss) so the router does not collapse onto a few experts: the training core
+does it for every task (``add_balancing_loss``).
 
 >>> import torch
 >>> from scratchlm.config import ModelConfig
@@ -85,6 +86,7 @@ class MoE(nn.Module):
         super().__init__()
         E, d, f = config.n_experts, config.d_model, config.d_ff_expert
         self.k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
+        self.aux_loss_coef = config.router_aux_loss_coef  # add_balancing_loss's weight
         self.router = nn.Linear(d, E, bias=False)
         # Expert e's SwiGLU: gate_up_proj[e] = [gate (f, d); up (f, d)], down_proj[e] (d, f).
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, d))
@@ -166,17 +168,24 @@ def router_stats(router_logits: list[torch.Tensor], k: int) -> dict[str, torch.T
     return {"moe_load_max": torch.stack(maxes).mean(), "moe_load_entropy": torch.stack(entropies).mean()}
 
 
-def add_balancing_loss(model, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def add_balancing_loss(model: nn.Module, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss + router_aux_loss_coef * load_balancing_loss, metrics) after a training forward
-    of ``model`` (a Transformer, unwrapped); (loss, {}) for a dense model. The metrics:
-    ce_loss (the loss given), moe_aux_loss, and router_stats'."""
-    config = model.config
-    if not config.n_experts:
+    of ``model``: any module that holds MoE layers (a Transformer, a classifier over one, a
+    model with LoRA adapters); (loss, {}) when no MoE layer ran in training mode since the
+    last call. The training core (train/core.py) calls it after every task's loss.
+
+    It takes the router logits it uses (each layer's is set back to None): a forward is
+    counted once, and the autograd graph the logits belong to is not kept alive after the
+    step. The metrics: task_loss (the loss given), moe_aux_loss, and router_stats'."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.router_logits is not None]
+    if not layers:
         return loss, {}
-    router_logits, k = model.router_logits(), config.experts_per_token
+    router_logits, k, coef = [m.router_logits for m in layers], layers[0].k, layers[0].aux_loss_coef
+    for m in layers:
+        m.router_logits = None
     aux = load_balancing_loss(router_logits, k)
-    metrics = {"ce_loss": loss.detach(), "moe_aux_loss": aux.detach(), **router_stats(router_logits, k)}
-    return loss + config.router_aux_loss_coef * aux, metrics
+    metrics = {"task_loss": loss.detach(), "moe_aux_loss": aux.detach(), **router_stats(router_logits, k)}
+    return loss + coef * aux, metrics
 
 
 __all__ = ["MoE", "route", "experts_forward", "load_balancing_loss", "router_stats", "add_balancing_loss"]

@@ -78,7 +78,7 @@ class InstructConfig(FinetuneConfig):
 
     data: str = option("", "instruction file (.json array or .jsonl): alpaca records or chats")
     out_dir: str = option("runs/instruct")
-    template: Literal["auto", "alpaca", "llama3", "chatml", "qwen", "gemma", "plain"] = option(
+    template: Literal["auto", "alpaca", "llama3", "qwen3", "chatml", "qwen", "gemma", "olmo2", "plain"] = option(
         "auto", "prompt format (auto: the model's recorded or chat template, else alpaca)")
     train_on_prompt: bool = option(False, "also put the prompt tokens in the loss")
     packing: bool = option(False, "pack several examples per row (less padding)")

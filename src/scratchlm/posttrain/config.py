@@ -39,7 +39,7 @@ class DPOConfig(FinetuneConfig):
     batch_size: int = option(8, "pairs per micro-batch, per process (the model sees twice as many rows)")
     lr: float | None = option(None, "peak learning rate (default 1e-6; 5e-5 with --lora)")
     eval_every: int = option(50, "validate every N steps (val_reward_accuracy, val_loss, ...)")
-    template: Literal["auto", "alpaca", "llama3", "chatml", "qwen", "gemma", "plain", "raw"] = option(
+    template: Literal["auto", "alpaca", "llama3", "qwen3", "chatml", "qwen", "gemma", "olmo2", "plain", "raw"] = option(
         "auto", "prompt format (auto: the model's recorded or chat template, else alpaca; raw: prompt and "
         "response text as they are, then the end-of-text token)")
     # the objective

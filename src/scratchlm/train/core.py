@@ -14,8 +14,15 @@ One optimizer step, with gradient accumulation over ``grad_accum`` micro-batches
     for micro in range(grad_accum):
         batch = task.micro_batch(step, micro, rank, world, model)   moved to the device
         loss, metrics, tokens = task.loss(model, batch)              under autocast
+        loss += router_aux_loss_coef * load_balancing_loss           a mixture of experts only
         (loss / grad_accum).backward()                               gradients add up
     clip the gradient norm; AdamW step at the scheduled learning rate; zero the gradients
+
+A model with mixture-of-experts layers (moe.py), whatever the task (pretraining,
+fine-tuning, a classifier over a MoE backbone, DPO, GRPO), gets the load-balancing loss of
+the routers its training forwards used (``moe.add_balancing_loss``), and logs it with the
+routers' balance and the task's own loss (``moe_aux_loss``, ``moe_load_max``,
+``moe_load_entropy``, ``task_loss``).
 
 Nothing in a step waits for the device: the loss and the metrics stay on it and are read
 (one host sync) only every ``log_every`` steps, and before an evaluation or a checkpoint.
@@ -90,6 +97,7 @@ from ..checkpoint import (
     save_train_state,
 )
 from ..errors import ConfigError, ScratchLMError
+from ..moe import MoE, add_balancing_loss
 from ..plots import read_metrics
 from .config import LoopConfig
 from .distributed import all_reduce_values, full_state, gradient_sync, init_processes, load_optimizer_state, wrap_model
@@ -189,6 +197,7 @@ class Trainer:
                 raise CheckpointError(f"--resume: no checkpoint in {self.latest}") from None
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.raw_model = task.model(self.latest if cfg.resume else None).to(self.device).train()
+        self.has_experts = any(isinstance(m, MoE) for m in self.raw_model.modules())  # + a balancing loss
         state = load_train_state(self.latest) if cfg.resume else None
         self.wrapped = wrap_model(self.raw_model, self.procs, self.device, cfg.distributed)
         self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
@@ -242,6 +251,9 @@ class Trainer:
             with gradient_sync(self.wrapped, self.procs, self.sharded, last=micro == A - 1):
                 with autocast(self.device, self.autocast_dtype):
                     loss, metrics, n = self.task.loss(self.model, batch)
+                    if self.has_experts:  # + the routers' load-balancing loss, and their metrics
+                        loss, routing = add_balancing_loss(self.raw_model, loss)
+                        metrics = {**metrics, **routing}
                 (loss / A).backward()
             total = loss.detach().float() if total is None else total + loss.detach().float()
             for name, value in metrics.items():

@@ -4,9 +4,9 @@
     logits = model(x)                               (B, T, vocab)
     loss = cross_entropy(logits, y)                 mean over B*T positions of -log p(y_t | x_<=t)
 
-A mixture-of-experts model adds ``router_aux_loss_coef * load_balancing_loss`` to the
-training loss, and logs it (``moe_aux_loss``) with the routers' balance (moe.router_stats)
-and the cross-entropy alone (``ce_loss``).
+A mixture-of-experts model gets ``router_aux_loss_coef * load_balancing_loss`` added to the
+training loss by the core (core.py, as in every task), logged as ``moe_aux_loss`` with the
+routers' balance (moe.router_stats) and the cross-entropy alone (``task_loss``).
 
 Evaluation: the mean loss over fixed validation windows, perplexity exp(loss), and bits per
 byte = loss / ln 2 * tokens per byte (comparable across tokenizers); a sampled
@@ -33,7 +33,6 @@ from ..checkpoint import load_config, load_model, save_model
 from ..config import ModelConfig
 from ..errors import ConfigError, DataError
 from ..model import Transformer
-from ..moe import add_balancing_loss
 from .config import LoopConfig, need, option, positive_ints
 from .core import Task, Trainer, TrainResult
 from .distributed import all_reduce_values, process_group
@@ -164,9 +163,7 @@ class PretrainTask(Task):
         logits = model(x)  # (B, T, vocab)
         # The loss in fp32 whatever the autocast: log-softmax over a large vocabulary needs it.
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        # A mixture of experts: + the load-balancing loss of its routers (moe.py); dense: as is.
-        loss, metrics = add_balancing_loss(self.net, loss)
-        return loss, metrics, x.numel()
+        return loss, {}, x.numel()  # a mixture of experts: the core adds its balancing loss
 
     def evaluate(self, model) -> dict[str, float]:
         """Mean loss over the fixed validation windows (this rank's share, summed over ranks)."""
