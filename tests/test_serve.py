@@ -57,7 +57,9 @@ def guarded(model_and_tokenizer):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=30)
+    # Retries as the SDK's default does: a pooled connection that the server closed after its
+    # 5 s keep-alive can race a new request (RemoteProtocolError); 4xx answers are not retried.
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=2, timeout=30)
 
 
 def expected(model_and_tokenizer, prompt, **options):

@@ -69,6 +69,9 @@ def ollama_template(template: str, end_of_text: str = "") -> str:
         tool += '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
     out.append(f"{{{{ else }}}}{tool}{{{{ end }}}}")
     content = "{{ .Content }}" + _literal(fmt.end_of_turn + fmt.after_turn)
+    if fmt.prompt_end is not None:  # olmo2: system / user / tool messages end otherwise than answers
+        content = ('{{ .Content }}{{ if eq .Role "assistant" }}' + _literal(fmt.end_of_turn + fmt.after_turn)
+                   + "{{ else }}" + _literal(fmt.prompt_end) + "{{ end }}")
     if fmt.system_in_first_user:  # the system message itself writes nothing
         content = '{{ if ne .Role "system" }}' + content + "{{ end }}"
     out += [content, "{{ end }}", _literal(fmt.generation_header)]
