@@ -53,7 +53,9 @@ def hf_char_tokenizer(tok):
     return hf
 
 
-def bench_dpo(args) -> dict:
+def dpo_setup(args):
+    """(our_step, trl_step(i), policy): the two trainers on the same model and pairs, each
+    step function doing one optimizer step and returning its loss (bench_dpo times them)."""
     import torch
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -123,6 +125,12 @@ def bench_dpo(args) -> dict:
         trl.model.zero_grad(set_to_none=True)
         return float(loss)
 
+    return our_step, trl_step, policy
+
+
+def bench_dpo(args) -> dict:
+    our_step, trl_step, policy = dpo_setup(args)
+    n_steps = args.dpo_steps + 1
     times = {"scratchlm": [], "trl": []}
     losses = {"scratchlm": [], "trl": []}
     for i in range(n_steps):

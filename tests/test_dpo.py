@@ -246,10 +246,12 @@ def test_padding_and_prompt_positions_never_count():
         assert torch.isfinite(alone)
 
 
-def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients():
-    """With the response spans each pair's prompt runs once for its two rows (pair_logits):
-    the loss, the metrics and the gradients equal those of the plain forward over 2B rows."""
-    from scratchlm.posttrain.dpo import pair_logits, response_spans
+def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients(monkeypatch):
+    """With the response spans each pair's prompt runs once for its two rows (response_logits):
+    the logits at the response positions, the loss, the metrics and the gradients equal those of
+    the plain forward over 2B rows, in both layouts of shared_prompt.py."""
+    from scratchlm.posttrain import shared_prompt
+    from scratchlm.posttrain.dpo import response_logits, response_spans
 
     tok = char_tokenizer()
     pairs, _ = make_pairs(text_pairs(5, seed=4), tok, "chatml", 200)
@@ -257,22 +259,29 @@ def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients():
     spans = response_spans(y)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=tok.vocab_size, context_length=256))
-    m = y != -100
-    torch.testing.assert_close(pair_logits(model, x, spans)[m], model(x)[m], rtol=1e-5, atol=1e-5)
+    m = (y != -100).flatten()
+    logits, index = response_logits(model, x, spans)
+    assert len(index) < x.numel() and set(m.nonzero()[:, 0].tolist()) <= set(index.tolist())
+    torch.testing.assert_close(logits[m[index]], model(x).flatten(0, 1)[m], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         ref_logits = model(x) + 0.1 * torch.randn(*x.shape, tok.vocab_size)  # any reference
     ref = sequence_logps(ref_logits, y)[0]
+    ref_logits = (ref_logits.flatten(0, 1), torch.arange(x.numel()))  # the plain layout: every position
     results = []
-    for s in (None, spans):
+    for layout in (None, "packed", "cached"):
+        if layout:  # the one layout, whatever the cost estimate says
+            monkeypatch.setattr(shared_prompt, "_layout_cost",
+                                lambda *a, packed, layout=layout: float(packed != (layout == "packed")))
         model.zero_grad()
-        loss, metrics = dpo_loss(model, x, y, ref, ref_logits=ref_logits, spans=s)
+        loss, metrics = dpo_loss(model, x, y, ref, ref_logits=ref_logits, spans=spans if layout else None)
         loss.backward()
         results.append((loss, metrics, [p.grad.clone() for p in model.parameters()]))
-    (loss, metrics, grads), (loss2, metrics2, grads2) = results
-    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
-    assert all(metrics2[k].item() == pytest.approx(metrics[k].item(), abs=1e-5) for k in metrics)
-    for a, b in zip(grads, grads2, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    (loss, metrics, grads) = results[0]
+    for loss2, metrics2, grads2 in results[1:]:
+        assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+        assert all(metrics2[k].item() == pytest.approx(metrics[k].item(), abs=1e-5) for k in metrics)
+        for a, b in zip(grads, grads2, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------

@@ -436,7 +436,8 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                positions: torch.Tensor | None = None, return_hidden: bool = False,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab_size). ids must lie in [0, vocab_size): check
         ids from outside with check_token_ids before (forward does not, to stay sync-free).
 
@@ -444,11 +445,18 @@ class Transformer(nn.Module):
         positions: (B, T) position of each token; by default past .. past + T - 1. Batches of
             left-padded prompts pass their own so that every row starts at position 0.
         return_hidden: return the final normed hidden states (B, T, d_model) instead of logits.
+        attn_mask: (B, T, T) bool, True where query i may attend key j, in place of the causal
+            mask (no cache, no sliding window): a row that packs several sequences, each seeing
+            only its own keys (posttrain/shared_prompt.py). With ``positions`` (each below
+            context_length: the caller's to ensure) the row may be longer than the context.
         """
         B, T = ids.shape
         past = cache.length if cache is not None else 0
         limit = cache.max_length if cache is not None else self.config.context_length
-        if past + T > limit:
+        packed = attn_mask is not None
+        if packed and (cache is not None or positions is None or self.config.sliding_window):
+            raise ScratchLMError("attn_mask takes explicit positions, and neither a cache nor a sliding window")
+        if past + T > limit and not packed:
             raise ScratchLMError(f"sequence of {past + T} tokens exceeds the context length {limit}")
         # ids are not range-checked here (no host sync, no graph break): see check_token_ids.
         default_positions = positions is None
@@ -472,7 +480,9 @@ class Transformer(nn.Module):
         # One mask for all layers, and only when the kernels' built-in causal masking does not
         # cover the case: padded rows in a batch, or several new tokens after a cached prefix.
         mask = None
-        if cache is not None and cache.key_mask is not None:
+        if packed:
+            mask = attn_mask[:, None]  # (B, 1, T, T): the same for every head
+        elif cache is not None and cache.key_mask is not None:
             S = past + T
             mask = causal_mask(T, S, device=ids.device)[None, None] & cache.key_mask[:, None, None, :S]
             # A query on a padding position would see no key at all and give NaN: let it see itself.

@@ -40,7 +40,7 @@ from ..train.core import Task, Trainer, TrainResult, eval_mode
 from ..train.distributed import is_main_process, process_group
 from .config import DPOConfig
 from .preference_data import RAW, collate_pairs, is_chat, load_pairs, make_pairs, pair_order, split_pairs
-from .shared_prompt import can_share, continuation_logits
+from .shared_prompt import can_share, continuation_hidden
 
 
 # ----------------------------------------------------------------------------------------
@@ -51,9 +51,17 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 
     logits (N, T, V), targets (N, T) with -100 where a position is not in the loss (prompt,
     padding). Returns two (N,) tensors. In float32: a log-softmax over the vocabulary."""
-    token_logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none").view(targets.shape)  # (N, T); 0 where ignored
-    return token_logps.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+    flat = torch.arange(targets.numel(), device=targets.device)
+    return response_logps(logits.flatten(0, 1), flat, targets), (targets != IGNORE_INDEX).sum(-1)
+
+
+def response_logps(logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sequence_logps's sums (N,) from logits (n, V) at n positions of the targets (N, T), the
+    flat index of each in ``index`` (n,) (response_logits), every other position out of the loss."""
+    token_logps = -F.cross_entropy(logits.float(), targets.flatten()[index], ignore_index=IGNORE_INDEX,
+                                   reduction="none")  # (n,); 0 where ignored
+    # Back into the (N, T) layout (index_copy: no atomic adds, the same sums on every run).
+    return token_logps.new_zeros(targets.numel()).index_copy(0, index, token_logps).view(targets.shape).sum(-1)
 
 
 def response_spans(y: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -66,15 +74,20 @@ def response_spans(y: torch.Tensor) -> tuple[list[int], list[int]]:
     return (first + 1).tolist(), (last + 2).tolist()
 
 
-def pair_logits(model, x: torch.Tensor, spans: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
-    """model(x), (N, T, V), or with ``spans`` (response_spans) the same logits at the response
-    positions (0 at the prompt's), each pair's prompt run once for its two rows, when the model
-    allows it (shared_prompt.can_share): a pair shares its prompt, so the model reads it once."""
+def response_logits(model, x: torch.Tensor, spans: tuple[list[int], list[int]] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (n, V), index (n,)): the logits of ``model`` over inputs x (N, T) at n of its
+    positions, and the flat index of each in (N, T). Without ``spans``: model(x), every
+    position. With them (response_spans), when the model allows it (shared_prompt.can_share),
+    only the positions that predict a response token, each pair's prompt run once for its two
+    rows: a pair shares its prompt, so the model reads it once, and the output head runs on
+    the responses only (shared_prompt.continuation_hidden)."""
     if spans is not None:
         ids = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)  # the last input of a row is never needed
         if can_share(model, ids, *spans):
-            return continuation_logits(model, ids, *spans)
-    return model(x)
+            hidden, index = continuation_hidden(model, ids, *spans)
+            return model.lm_head(hidden), index
+    return model(x).flatten(0, 1), torch.arange(x.numel(), device=x.device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,9 +140,10 @@ def preference_loss(loss_type: str, chosen_logps: torch.Tensor, rejected_logps: 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """KL(pi || pi_ref) of the next-token distributions, averaged over the response positions
     (targets != -100): at each position the exact sum over the vocabulary, no sampling.
-    logits, ref_logits (N, T, V); detached, in float32; no host sync (a masked mean)."""
+    logits, ref_logits (N, T, V), targets (N, T) (or (n, V) and (n,): any positions); detached,
+    in float32; no host sync (a masked mean)."""
     logp, logq = logits.detach().float().log_softmax(-1), ref_logits.float().log_softmax(-1)
-    per_position = (logp.exp() * (logp - logq)).sum(-1)  # (N, T)
+    per_position = (logp.exp() * (logp - logq)).sum(-1)  # (N, T) or (n,)
     mask = (targets != IGNORE_INDEX).float()
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
@@ -148,15 +162,16 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, l
 
 def dpo_loss(model, x: torch.Tensor, y: torch.Tensor, ref_logps: torch.Tensor | None, loss_type: str = "sigmoid",
              beta: float = 0.1, label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
-             ref_logits: torch.Tensor | None = None, spans: tuple[list[int], list[int]] | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             ref_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+             spans: tuple[list[int], list[int]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss, metrics) of one batch of pairs: one forward of ``model`` over its 2B rows
     (x, y from collate_pairs: the B chosen rows, then the B rejected), ``ref_logps`` (2B,) the
     reference model's log-probs of the same rows (None for SimPO). With the reference's
-    ``ref_logits`` the metrics include ``kl``, the token-level KL(pi || pi_ref) (token_kl).
-    ``spans`` (response_spans(y)): each pair's prompt runs once (pair_logits)."""
-    logits = pair_logits(model, x, spans)
-    logps, tokens = sequence_logps(logits, y)
+    ``ref_logits`` (response_logits: logits and their index) the metrics include ``kl``, the
+    token-level KL(pi || pi_ref) (token_kl). ``spans`` (response_spans(y)): each pair's
+    prompt runs once, and the output head only on the responses (response_logits)."""
+    logits, index = response_logits(model, x, spans)
+    logps, tokens = response_logps(logits, index, y), (y != IGNORE_INDEX).sum(-1)
     B = x.shape[0] // 2
     refs = (ref_logps[:B], ref_logps[B:]) if ref_logps is not None else (None, None)
     losses, chosen_r, rejected_r = preference_loss(loss_type, logps[:B], logps[B:], *refs, tokens[:B], tokens[B:],
@@ -164,7 +179,14 @@ def dpo_loss(model, x: torch.Tensor, y: torch.Tensor, ref_logps: torch.Tensor | 
                                                    simpo_gamma=simpo_gamma)
     metrics = pair_metrics(chosen_r, rejected_r, logps)
     if ref_logits is not None:
-        metrics["kl"] = token_kl(logits, ref_logits, y)
+        ref_logits, ref_index = ref_logits
+        # The same positions on both sides: where one model gave every position (a wrapped
+        # policy, the plain forward) and the other only the responses, the responses' rows.
+        if len(index) > len(ref_index):
+            logits, index = logits.detach()[ref_index], ref_index
+        elif len(ref_index) > len(index):
+            ref_logits = ref_logits[index]
+        metrics["kl"] = token_kl(logits, ref_logits, y.flatten()[index])
     return losses.mean(), metrics
 
 
@@ -256,20 +278,20 @@ class DPOTask(Task):
                   f"of {total:,} parameters" + (f"; {self.cut} pairs cut to fit" if self.cut else ""))
         return self.net
 
-    @torch.no_grad()
-    def reference_logits(self, x: torch.Tensor, spans=None) -> torch.Tensor:
-        """The reference model's logits (2B, T, V) (with ``spans``: at the response positions,
-        pair_logits): the frozen copy, or with LoRA the model itself with its adapters switched
-        off; in eval mode (no dropout), without gradients."""
+    @torch.inference_mode()
+    def reference_logits(self, x: torch.Tensor, spans=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference model's logits and their index (response_logits): the frozen copy, or
+        with LoRA the model itself with its adapters switched off; in eval mode (no dropout),
+        in inference mode (no autograd bookkeeping: nothing here is ever differentiated)."""
         if self.reference is not None:
             with eval_mode(self.reference):
-                return pair_logits(self.reference, x, spans)
+                return response_logits(self.reference, x, spans)
         with adapters_disabled(self.net), eval_mode(self.net):
-            return pair_logits(self.net, x, spans)
+            return response_logits(self.net, x, spans)
 
     def reference_logps(self, x: torch.Tensor, y: torch.Tensor, spans=None) -> torch.Tensor:
         """log pi_ref of each row's response, (2B,)."""
-        return sequence_logps(self.reference_logits(x, spans), y)[0]
+        return response_logps(*self.reference_logits(x, spans), y)
 
     def _reference_table(self, pairs) -> torch.Tensor:
         """(n, 2) reference log-probs of every pair, chosen and rejected, computed once."""
@@ -301,7 +323,7 @@ class DPOTask(Task):
         cfg, ref_logits = self.cfg, None
         if cfg.needs_reference and ref is None:
             ref_logits = self.reference_logits(x, spans)
-            ref = sequence_logps(ref_logits, y)[0]
+            ref = response_logps(*ref_logits, y)  # outside inference mode: a plain tensor
         return dpo_loss(model, x, y, ref if cfg.needs_reference else None, cfg.loss, cfg.beta, cfg.label_smoothing,
                         cfg.simpo_gamma, ref_logits=ref_logits, spans=spans)
 
@@ -343,4 +365,4 @@ def train_dpo(model: str | os.PathLike, data: str | os.PathLike, out_dir: str = 
     return dpo(cfg, quiet=quiet)
 
 
-__all__ = ["sequence_logps", "response_spans", "pair_logits", "preference_loss", "pair_metrics", "token_kl", "dpo_loss", "disable_dropout", "DPOTask", "dpo", "train_dpo"]
+__all__ = ["sequence_logps", "response_logps", "response_spans", "response_logits", "preference_loss", "pair_metrics", "token_kl", "dpo_loss", "disable_dropout", "DPOTask", "dpo", "train_dpo"]
