@@ -103,6 +103,8 @@ class TextAssembler:
         self.tokenizer = tokenizer
         self.stops = [s for s in stop_strings if s]
         self.longest_stop = max((len(s) for s in self.stops), default=0)
+        # Every proper start of a stop string: what the end of the text may be held back for.
+        self.prefixes = {s[:n] for s in self.stops for n in range(1, len(s))}
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # everything decoded so far (cut at a stop string)
         self.sent = 0  # how many characters of text were handed out
@@ -129,9 +131,9 @@ class TextAssembler:
 
     def _held_back(self) -> int:
         """Length of the longest end of the text that is the start of some stop string."""
-        for n in range(min(self.longest_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.stops):
+        text, prefixes = self.text, self.prefixes  # one set lookup per length: this runs per token per row
+        for n in range(min(self.longest_stop - 1, len(text)), 0, -1):
+            if text[-n:] in prefixes:
                 return n
         return 0
 
