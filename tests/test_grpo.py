@@ -206,11 +206,15 @@ def test_right_padding_changes_no_log_prob():
             torch.testing.assert_close(alone, logits.log_softmax(-1).gather(-1, torch.tensor(row[1:])[:, None])[:, 0])
 
 
+@pytest.mark.parametrize("layout", ["packed", "cached"])
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt-tiny", "moe-tiny"])
-def test_shared_prompts_give_the_full_forwards_log_probs_and_gradients(preset):
-    """Each group's prompt runs once (shared_prompt.py): the completions' log-probs and the
-    gradients of a loss on them equal the plain forward's over the full rows."""
+def test_shared_prompts_give_the_full_forwards_log_probs_and_gradients(preset, layout, monkeypatch):
+    """Each group's prompt runs once (shared_prompt.py, in either layout): the completions'
+    log-probs and the gradients of a loss on them equal the plain forward's over the full rows."""
+    from scratchlm.posttrain import shared_prompt
     from scratchlm.posttrain.shared_prompt import can_share
+
+    monkeypatch.setattr(shared_prompt, "_layout_cost", lambda *a, packed: float(packed != (layout == "packed")))
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(preset, vocab_size=50, context_length=64))
