@@ -276,6 +276,21 @@ def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients(monkeypatch):
         loss, metrics = dpo_loss(model, x, y, ref, ref_logits=ref_logits, spans=spans if layout else None)
         loss.backward()
         results.append((loss, metrics, [p.grad.clone() for p in model.parameters()]))
+    # A wrapped policy (DDP: no shared prompt, every position) beside a reference that gives
+    # the responses only: the KL metric compares the same positions.
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    with torch.no_grad():
+        compact = response_logits(model, x, spans)
+        wrapped_kl = dpo_loss(Wrapped(model), x, y, ref, ref_logits=compact, spans=spans)[1]["kl"]
+        plain_kl = dpo_loss(model, x, y, ref, ref_logits=(model(x).flatten(0, 1), torch.arange(x.numel())))[1]["kl"]
+    assert wrapped_kl.item() == pytest.approx(plain_kl.item(), abs=1e-6) and abs(plain_kl.item()) < 1e-5
     (loss, metrics, grads) = results[0]
     for loss2, metrics2, grads2 in results[1:]:
         assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
