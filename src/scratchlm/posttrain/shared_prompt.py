@@ -53,8 +53,7 @@ def can_share(model, ids: torch.Tensor, starts: Sequence[int], ends: Sequence[in
     and both layouts move them), and every position within the context."""
     if not isinstance(model, Transformer) or model.config.sliding_window:
         return False
-    width = max(starts) + max(max(e - s for s, e in zip(starts, ends)), 1)
-    return max(ends) <= model.config.context_length and width <= model.config.context_length
+    return max(ends) <= model.config.context_length
 
 
 def continuation_hidden(model: Transformer, ids: torch.Tensor, starts: Sequence[int], ends: Sequence[int]
@@ -74,8 +73,10 @@ def continuation_hidden(model: Transformer, ids: torch.Tensor, starts: Sequence[
                                                                                         i * (L - 1) + e - 1)],
                         dtype=torch.long)
     packed = _packed_width(prompts, owner, starts, ends)
-    if _layout_cost(model, prompts, starts, ends, packed, packed=True) <= _layout_cost(model, prompts, starts, ends,
-                                                                                      packed, packed=False):
+    # The cache holds the longest prompt and the longest continuation side by side: within the context.
+    fits = max(len(p) for p in prompts) + max(max(e - s for s, e in zip(starts, ends)), 1) <= model.config.context_length
+    if not fits or _layout_cost(model, prompts, starts, ends, packed, packed=True) <= _layout_cost(
+            model, prompts, starts, ends, packed, packed=False):
         hidden = _packed_hidden(model, rows, prompts, owner, starts, ends, packed)
     else:
         hidden = _cached_hidden(model, rows, prompts, owner, starts, ends)
