@@ -114,18 +114,23 @@ class MoE(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, f) each
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
-    def one_token(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """experts_forward for a single token, x (1, d) -> (1, d), the decode step at batch 1:
-        k expert calls on their own weights (views, nothing copied), with no sort, no count
-        and no scatter into a zeroed output, whose few small ops cost as much as the k
-        matmuls in a quantized layout. weights, experts: (1, k). Inference only (the router
-        weights are read as floats: no gradient reaches the router). Reading k ints
-        from a CPU tensor costs nothing; on a GPU it is one sync per layer, as the grouped
-        path's counts are."""
+    def one_token(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The MoE of a single token, x (1, d), logits (1, E) -> (1, d): the decode step at
+        batch 1. The same sum as route + experts_forward, with the fewest ops: at this size
+        each op costs about as much as a quantized expert's matmul, so there is no sort,
+        count or scatter into a zeroed output, only the k experts' calls on their own
+        weights (views, nothing copied). Inference only: the router weights are read as
+        floats, no gradient reaches the router. Reading k ints from a CPU tensor costs
+        nothing; on a GPU it is one sync per layer, as the grouped path's counts are."""
+        if self.norm_topk_prob:  # softmax over the top-k logits = the renormalised top-k probabilities
+            top, experts = logits.topk(self.k, dim=-1)  # (1, k)
+            weights = F.softmax(top, dim=-1, dtype=torch.float32)
+        else:
+            weights, experts = route(logits, self.k, norm_topk_prob=False)
         y = None
         for w, e in zip(weights[0].tolist(), experts[0].tolist()):
-            h = self.expert(e, x) * w  # (1, d)
-            y = h if y is None else y + h
+            h = self.expert(e, x)  # (1, d)
+            y = h * w if y is None else y.add_(h, alpha=w)  # y += w * h, one op
         return y
 
     def set_expert_layers(self, layers: list[list[nn.Module]]) -> None:
@@ -140,10 +145,10 @@ class MoE(nn.Module):
         logits = self.router(x)  # (N, E)
         if self.training:  # kept for the load-balancing loss (Transformer.router_logits)
             self.router_logits = logits
-        weights, experts = route(logits, self.k, self.norm_topk_prob)
         if x.shape[0] == 1 and not torch.is_grad_enabled():  # batch-1 decode: the k experts, nothing else
-            y = self.one_token(x, weights, experts)
+            y = self.one_token(x, logits)
         else:
+            weights, experts = route(logits, self.k, self.norm_topk_prob)
             y = experts_forward(x, weights, experts, self.expert, self.n_experts)
         return self.dropout(y.view(B, T, d))
 
