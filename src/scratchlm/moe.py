@@ -79,6 +79,13 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     return out
 
 
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert, down(silu(gate(x)) * up(x)): x (n, d), gate_up (2f, d) = [gate; up],
+    down (d, f) -> (n, d)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # (n, f) each
+    return F.linear(F.silu(gate) * up, down)
+
+
 class MoE(nn.Module):
     """The mixture-of-experts MLP of a block: router, top-k, grouped SwiGLU experts."""
 
@@ -111,8 +118,7 @@ class MoE(nn.Module):
             gate_up, down = self.expert_layers[e]
             gate, up = gate_up(x).chunk(2, dim=-1)
             return down(F.silu(gate) * up)
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, f) each
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        return swiglu(x, self.gate_up_proj[e], self.down_proj[e])
 
     def one_token(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The MoE of a single token, x (1, d), logits (1, E) -> (1, d): the decode step at
@@ -149,7 +155,17 @@ class MoE(nn.Module):
             y = self.one_token(x, logits)
         else:
             weights, experts = route(logits, self.k, self.norm_topk_prob)
-            y = experts_forward(x, weights, experts, self.expert, self.n_experts)
+            expert = self.expert
+            if self.expert_layers is None and torch.is_grad_enabled():
+                # Training: the experts' matrices as one unbind per forward, not a select
+                # (gate_up_proj[e]) per expert. A select's backward writes its gradient into
+                # a zeroed (E, ...) tensor, E of them per matrix, all added up; unbind's
+                # stacks the E gradients once.
+                gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+
+                def expert(e: int, x_e: torch.Tensor) -> torch.Tensor:
+                    return swiglu(x_e, gate_up[e], down[e])
+            y = experts_forward(x, weights, experts, expert, self.n_experts)
         return self.dropout(y.view(B, T, d))
 
     def extra_repr(self) -> str:
