@@ -18,7 +18,7 @@ a busy machine slows them alike; each figure is the median over the rounds.
 A new family is one more row of MODELS. The mixture of experts has no small published
 model (the smallest, Qwen3-30B-A3B, does not fit a CPU benchmark): its row is Qwen3-MoE's
 architecture at the size of benchmarks/moe.py's, 8 layers of d_model 512 with 8 experts of
-hidden size 1024, 2 per token (71M parameters, 21M active), against Qwen3MoeForCausalLM.
+hidden size 1024, 2 per token (114M parameters, 39M active), against Qwen3MoeForCausalLM.
 """
 
 from __future__ import annotations
