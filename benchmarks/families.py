@@ -13,8 +13,12 @@ a busy machine slows them alike; each figure is the median over the rounds.
     python benchmarks/families.py                    # the smallest preset of each family, 2 threads
     python benchmarks/families.py --quick            # the tiny CPU presets, few tokens: a smoke run
     python benchmarks/families.py --models qwen3-0.6b --rounds 5
+    python benchmarks/families.py --models moe-small   # the mixture of experts only
 
-A new family (the mixture-of-experts models, say) is one more row of MODELS.
+A new family is one more row of MODELS. The mixture of experts has no small published
+model (the smallest, Qwen3-30B-A3B, does not fit a CPU benchmark): its row is Qwen3-MoE's
+architecture at the size of benchmarks/moe.py's, 8 layers of d_model 512 with 8 experts of
+hidden size 1024, 2 per token (114M parameters, 39M active), against Qwen3MoeForCausalLM.
 """
 
 from __future__ import annotations
@@ -35,23 +39,38 @@ MODELS: list[tuple[str, str, str]] = [
     ("qwen3-0.6b", "qwen3-0.6b", "Qwen3ForCausalLM"),
     ("gemma3-270m", "gemma3-270m", "Gemma3ForCausalLM"),
     ("olmo2-1b", "olmo2-1b", "Olmo2ForCausalLM"),
+    ("moe-small", "qwen3-moe-tiny", "Qwen3MoeForCausalLM"),  # resized by SHAPES
     ("qwen3-tiny", "qwen3-tiny", "Qwen3ForCausalLM"),
     ("gemma3-tiny", "gemma3-tiny", "Gemma3ForCausalLM"),
     ("olmo2-tiny", "olmo2-tiny", "Olmo2ForCausalLM"),
+    ("qwen3-moe-tiny", "qwen3-moe-tiny", "Qwen3MoeForCausalLM"),
 ]
-QUICK = ["qwen3-tiny", "gemma3-tiny", "olmo2-tiny"]
-DEFAULT = ["qwen3-0.6b", "gemma3-270m"]
+# Rows that change their preset's sizes: a small mixture of experts, benchmarks/moe.py's size.
+SHAPES: dict[str, dict] = {
+    "moe-small": dict(vocab_size=8192, context_length=512, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
+                      n_experts=8, experts_per_token=2, d_ff_expert=1024),
+}
+QUICK = ["qwen3-tiny", "gemma3-tiny", "olmo2-tiny", "qwen3-moe-tiny"]
+DEFAULT = ["qwen3-0.6b", "gemma3-270m", "moe-small"]
 
 
-def build_pair(preset: str, hf_class: str, context: int):
+def build_pair(preset: str, hf_class: str, context: int, shape: dict | None = None):
     """(scratchlm model, transformers model) in fp32 with the same random weights."""
     import transformers
 
-    config = ModelConfig.preset(preset, dtype="float32")
+    config = ModelConfig.preset(preset, dtype="float32").replace(**(shape or {}))
     # A short context keeps the rope tables small; never shorter than the sliding window.
     config = config.replace(context_length=min(config.context_length, max(context, config.sliding_window or 0)))
     torch.manual_seed(0)
     ours = Transformer(config).eval()
+    if config.n_experts:  # transformers >= 5 stacks the hub's per-expert tensors as it reads a directory
+        import tempfile
+
+        from scratchlm.hf import save_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(tmp, ours)
+            return ours, getattr(transformers, hf_class).from_pretrained(tmp, dtype=torch.float32).eval()
     hf_config = transformers.AutoConfig.for_model(**hf_config_dict(config))
     theirs = getattr(transformers, hf_class)(hf_config).eval()
     state = {k: v.detach() for k, v in ours.state_dict().items()}
@@ -86,7 +105,7 @@ def timed(fn) -> float:
 
 
 def bench(name, preset, hf_class, args) -> dict:
-    ours, theirs = build_pair(preset, hf_class, context=args.prompt + args.new + args.seq + 8)
+    ours, theirs = build_pair(preset, hf_class, context=args.prompt + args.new + args.seq + 8, shape=SHAPES.get(name))
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (args.prompt,), generator=g).tolist()

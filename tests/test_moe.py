@@ -52,7 +52,12 @@ def test_grouped_experts_equal_a_per_token_loop(norm_topk_prob):
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_grouped_experts_gradients_equal_a_per_token_loop():
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "a matmul pair per expert"])
+def test_grouped_experts_gradients_equal_a_per_token_loop(grouped_mm, monkeypatch):
+    if not grouped_mm:  # the path of a PyTorch without F.grouped_mm (< 2.10) or off the CPU
+        monkeypatch.delattr(F, "grouped_mm", raising=False)
+    elif not hasattr(F, "grouped_mm"):
+        pytest.skip("this PyTorch has no F.grouped_mm")
     torch.manual_seed(0)
     moe = MoE(tiny_moe())
     x = torch.randn(11, 64)
@@ -73,6 +78,26 @@ def test_a_single_token_and_unused_experts():
         assert torch.allclose(moe(x)[0], naive_moe(moe, x[0]), atol=1e-6)
     weights, experts = route(moe.router(x[0]), 2)
     assert experts.shape == (1, 2) and torch.allclose(weights.sum(-1), torch.ones(1))
+
+
+@pytest.mark.parametrize("weights", [None, "fp32", "int8", "int4"])
+def test_the_one_token_decode_path_equals_the_grouped_path(weights):
+    """At batch 1 under no_grad MoE.forward runs MoE.one_token (the k experts' calls only):
+    the same sum as experts_forward's sort-and-scatter, in every decode layout."""
+    from scratchlm.decode_weights import prepare_for_decode
+    from scratchlm.moe import experts_forward
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_moe(n_experts=8, experts_per_token=3)).eval()
+    if weights:
+        prepare_for_decode(model, weights, group_size=32)
+    moe = model.blocks[0].mlp
+    x = torch.randn(1, 64).to(model.tok_emb.weight.dtype)
+    with torch.no_grad():
+        got = moe(x[None])[0]
+        want = experts_forward(x, *route(moe.router(x), 3), moe.expert, 8)
+    tol = 1e-6 if x.dtype == torch.float32 else 2e-2  # bf16 activations: the three terms added in another order
+    assert torch.allclose(got, want, atol=tol, rtol=tol)
 
 
 def test_router_stats_balanced_and_collapsed():

@@ -16,7 +16,9 @@ Renormalising the top-k probabilities equals Mixtral's softmax over the top-k lo
 The experts' weights are stacked, ``gate_up_proj`` (E, 2 * d_ff_expert, d_model) and
 ``down_proj`` (E, d_model, d_ff_expert), and computed grouped by expert: the N * k
 (token, expert) assignments are sorted by expert, each expert that received tokens runs
-one matmul over all of them, and the results are added back to their tokens. A token
+one matmul over all of them (on the CPU all experts in one ``F.grouped_mm``, where
+PyTorch has it), and the results are added back to their tokens. A single token at
+decode time skips the sorting and calls its k experts (``MoE.one_token``). A token
 costs k experts' weights, not E: the *active* parameters decide
 the compute per token (``Transformer.num_active_parameters``), the total ones the memory.
 
@@ -79,6 +81,30 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     return out
 
 
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert, down(silu(gate(x)) * up(x)): x (n, d), gate_up (2f, d) = [gate; up],
+    down (d, f) -> (n, d)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # (n, f) each
+    return F.linear(F.silu(gate) * up, down)
+
+
+def grouped_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor) -> torch.Tensor:
+    """experts_forward on the stacked matrices in two grouped matmuls (F.grouped_mm): each
+    expert's sorted rows times its own matrix, one kernel for all experts, and no host sync
+    (the group ends stay a tensor). x (N, d); weights, experts (N, k); gate_up_proj
+    (E, 2f, d), down_proj (E, d, f) -> (N, d)."""
+    N, k = experts.shape
+    flat = experts.flatten()  # (N * k,) the expert of each (token, slot) assignment
+    order = flat.argsort(stable=True)  # assignments grouped by expert
+    tokens = order // k  # the token of each sorted assignment
+    ends = torch.bincount(flat, minlength=gate_up_proj.shape[0]).cumsum(0).to(torch.int32)  # (E,) group ends
+    gate, up = F.grouped_mm(x[tokens], gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # (N * k, f)
+    y = F.grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=ends)  # (N * k, d)
+    scale = weights.flatten()[order].to(x.dtype)[:, None]  # (N * k, 1) the router weights
+    return torch.zeros_like(x).index_add_(0, tokens, y * scale)  # out[tokens] += ...
+
+
 class MoE(nn.Module):
     """The mixture-of-experts MLP of a block: router, top-k, grouped SwiGLU experts."""
 
@@ -111,8 +137,26 @@ class MoE(nn.Module):
             gate_up, down = self.expert_layers[e]
             gate, up = gate_up(x).chunk(2, dim=-1)
             return down(F.silu(gate) * up)
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, f) each
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        return swiglu(x, self.gate_up_proj[e], self.down_proj[e])
+
+    def one_token(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The MoE of a single token, x (1, d), logits (1, E) -> (1, d): the decode step at
+        batch 1. The same sum as route + experts_forward, with the fewest ops: at this size
+        each op costs about as much as a quantized expert's matmul, so there is no sort,
+        count or scatter into a zeroed output, only the k experts' calls on their own
+        weights (views, nothing copied). Inference only: the router weights are read as
+        floats, no gradient reaches the router. Reading k ints from a CPU tensor costs
+        nothing; on a GPU it is one sync per layer, as the grouped path's counts are."""
+        if self.norm_topk_prob:  # softmax over the top-k logits = the renormalised top-k probabilities
+            top, experts = logits.topk(self.k, dim=-1)  # (1, k)
+            weights = F.softmax(top, dim=-1, dtype=torch.float32)
+        else:
+            weights, experts = route(logits, self.k, norm_topk_prob=False)
+        y = None
+        for w, e in zip(weights[0].tolist(), experts[0].tolist()):
+            h = self.expert(e, x)  # (1, d)
+            y = h * w if y is None else y.add_(h, alpha=w)  # y += w * h, one op
+        return y
 
     def set_expert_layers(self, layers: list[list[nn.Module]]) -> None:
         """Replace the stacked expert weights by per-expert layers [gate_up, down] (any
@@ -126,9 +170,25 @@ class MoE(nn.Module):
         logits = self.router(x)  # (N, E)
         if self.training:  # kept for the load-balancing loss (Transformer.router_logits)
             self.router_logits = logits
-        weights, experts = route(logits, self.k, self.norm_topk_prob)
-        y = experts_forward(x, weights, experts, self.expert, self.n_experts)
+        if x.shape[0] == 1 and not torch.is_grad_enabled():  # batch-1 decode: the k experts, nothing else
+            y = self.one_token(x, logits)
+        else:
+            y = self.many_tokens(x, *route(logits, self.k, self.norm_topk_prob))
         return self.dropout(y.view(B, T, d))
+
+    def many_tokens(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """experts_forward for N tokens (training, a prompt, a batch), the fastest way the
+        weights allow. x (N, d); weights, experts (N, k) -> (N, d)."""
+        if self.expert_layers is not None:  # a decode layout: one call per expert that has tokens
+            return experts_forward(x, weights, experts, self.expert, self.n_experts)
+        if x.device.type == "cpu" and hasattr(F, "grouped_mm"):  # PyTorch >= 2.10: two grouped matmuls
+            return grouped_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
+        # Otherwise one matmul pair per expert, on the stacked matrices split by one unbind,
+        # not sliced per expert (gate_up_proj[e]): a slice's backward writes its gradient
+        # into a zeroed (E, ...) tensor, E of them per matrix, all added up; unbind's stacks
+        # the E gradients once.
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        return experts_forward(x, weights, experts, lambda e, x_e: swiglu(x_e, gate_up[e], down[e]), self.n_experts)
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, experts_per_token={self.k}, d_ff_expert={self.d_ff_expert}"
