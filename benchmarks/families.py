@@ -6,7 +6,8 @@ runs the same weights). The transformers model is built from the config scratchl
 compute the same function. They run interleaved, round by round, in one process, so that
 a busy machine slows them alike; each figure is the median over the rounds.
 
-    decode   greedy, batch 1: a 32-token prompt, then --new tokens; tokens/s of the new ones
+    decode   greedy, batch 1: a 32-token prompt, then --new tokens; tokens/s of the new ones,
+             for the model as trained and for its fp32 decode layout (what `generate` runs)
              (scratchlm.generate with its KV cache vs transformers .generate(use_cache=True))
     train    forward + backward + AdamW step on (--batch, --seq) random tokens; tokens/s
 
@@ -24,12 +25,14 @@ hidden size 1024, 2 per token (114M parameters, 39M active), against Qwen3MoeFor
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
 
 from scratchlm import ModelConfig, Transformer
+from scratchlm.decode_weights import prepare_for_decode
 from scratchlm.generate import generate
 from scratchlm.hf import hf_config_dict, to_hf_state_dict
 
@@ -110,13 +113,18 @@ def bench(name, preset, hf_class, args) -> dict:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (args.prompt,), generator=g).tolist()
     batch = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+    # What `scratchlm generate` runs on an fp32 model: the transposed fp32 decode layout (a
+    # copy, since it replaces the Linears in place and the training rounds below need them).
+    ours_decode = prepare_for_decode(copy.deepcopy(ours), "fp32")
     with torch.inference_mode():  # warm-up
         decode_ours(ours, prompt, 2)
+        decode_ours(ours_decode, prompt, 2)
         decode_hf(theirs, prompt, 2)
-    times = {"decode ours": [], "decode hf": [], "train ours": [], "train hf": []}
+    times = {"decode ours": [], "decode layout": [], "decode hf": [], "train ours": [], "train hf": []}
     for _ in range(args.rounds):  # interleaved
         with torch.inference_mode():
             times["decode ours"].append(timed(lambda: decode_ours(ours, prompt, args.new)))
+            times["decode layout"].append(timed(lambda: decode_ours(ours_decode, prompt, args.new)))
             times["decode hf"].append(timed(lambda: decode_hf(theirs, prompt, args.new)))
     opts = {}
     for side, model in (("ours", ours), ("hf", theirs)):
@@ -128,7 +136,8 @@ def bench(name, preset, hf_class, args) -> dict:
         times["train hf"].append(timed(lambda: train_step(theirs, opts["hf"], batch, True)))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": name, "params": ours.num_parameters(),
-            "decode ours": args.new / med["decode ours"], "decode hf": args.new / med["decode hf"],
+            "decode ours": args.new / med["decode ours"], "decode layout": args.new / med["decode layout"],
+            "decode hf": args.new / med["decode hf"],
             "train ours": batch.numel() / med["train ours"], "train hf": batch.numel() / med["train hf"]}
 
 
@@ -149,12 +158,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = {name: (preset, cls) for name, preset, cls in MODELS}
     print(f"{args.threads} threads, {args.rounds} rounds (median), fp32, random weights")
-    print(f"{'model':14s} {'params':>13s} | {'decode tok/s ours':>17s} {'hf':>8s} {'ratio':>6s} | "
+    print("decode: ours = the model as trained (nn.Linear); layout = prepare_for_decode(model, 'fp32'),")
+    print("        what `scratchlm generate` runs on an fp32 model; ratios are against transformers")
+    print(f"{'model':14s} {'params':>13s} | {'decode tok/s ours':>17s} {'layout':>7s} {'hf':>8s} {'ratio':>6s} "
+          f"{'layout':>6s} | "
           f"{'train tok/s ours':>16s} {'hf':>8s} {'ratio':>6s}")
     for name in args.models or DEFAULT:
         r = bench(name, *rows[name], args)
-        print(f"{name:14s} {r['params']:>13,} | {r['decode ours']:>17.1f} {r['decode hf']:>8.1f} "
-              f"{r['decode ours'] / r['decode hf']:>5.2f}x | {r['train ours']:>16.1f} {r['train hf']:>8.1f} "
+        print(f"{name:14s} {r['params']:>13,} | {r['decode ours']:>17.1f} {r['decode layout']:>7.1f} "
+              f"{r['decode hf']:>8.1f} {r['decode ours'] / r['decode hf']:>5.2f}x "
+              f"{r['decode layout'] / r['decode hf']:>5.2f}x | {r['train ours']:>16.1f} {r['train hf']:>8.1f} "
               f"{r['train ours'] / r['train hf']:>5.2f}x", flush=True)
 
 
