@@ -1,4 +1,5 @@
-"""Plots that explain a run: loss curves (and, from other parts, KV-cache timing, attention maps).
+"""Plots that explain a run: loss curves, a GRPO run's accuracy (and, from other parts,
+KV-cache timing, attention maps).
 
 matplotlib with the Agg backend: files only, no window, works on a server.
 
@@ -8,6 +9,9 @@ matplotlib with the Agg backend: files only, no window, works on a server.
 >>> rows.append({"kind": "eval", "tokens": 4000, "train_loss": 1.3, "val_loss": 1.5})
 >>> _ = (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
 >>> plot_loss(d / "metrics.jsonl", d / "loss.png").exists()
+True
+>>> grpo_rows = [{"kind": "train", "step": i, "accuracy": i / 10} for i in range(1, 5)]
+>>> plot_rewards(grpo_rows + [{"kind": "eval", "step": 4, "val_accuracy": 0.5}], d / "grpo.png", baseline=0.1).exists()
 True
 """
 
