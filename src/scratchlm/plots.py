@@ -1,4 +1,5 @@
-"""Plots that explain a run: loss curves (and, from other parts, KV-cache timing, attention maps).
+"""Plots that explain a run: loss curves, a GRPO run's accuracy (and, from other parts,
+KV-cache timing, attention maps).
 
 matplotlib with the Agg backend: files only, no window, works on a server.
 
@@ -8,6 +9,9 @@ matplotlib with the Agg backend: files only, no window, works on a server.
 >>> rows.append({"kind": "eval", "tokens": 4000, "train_loss": 1.3, "val_loss": 1.5})
 >>> _ = (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
 >>> plot_loss(d / "metrics.jsonl", d / "loss.png").exists()
+True
+>>> grpo_rows = [{"kind": "train", "step": i, "accuracy": i / 10} for i in range(1, 5)]
+>>> plot_rewards(grpo_rows + [{"kind": "eval", "step": 4, "val_accuracy": 0.5}], d / "grpo.png", baseline=0.1).exists()
 True
 """
 
@@ -71,6 +75,41 @@ def plot_loss(metrics: str | os.PathLike | list[dict], out: str | os.PathLike, t
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_rewards(metrics: str | os.PathLike | list[dict], out: str | os.PathLike, baseline: float | None = None,
+                 title: str = "") -> Path:
+    """A GRPO run (posttrain/grpo.py) against optimizer steps: the share of right answers
+    among the step's samples (noisy: a few prompts, sampled at temperature), its running
+    mean over 10 steps, and the held-out accuracy (greedy, the same problems every time),
+    with ``baseline`` (e.g. always giving the commonest answer) as a dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics) if not isinstance(metrics, list) else metrics
+    train = [(r["step"], r["accuracy"]) for r in rows if r.get("kind") == "train" and "accuracy" in r]
+    val = [(r["step"], r["val_accuracy"]) for r in rows if r.get("kind") == "eval" and "val_accuracy" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        steps, acc = zip(*train)
+        ax.plot(steps, acc, color="tab:blue", alpha=0.3, lw=1, label="samples right (per step)")
+        smooth = [sum(acc[max(0, i - 9):i + 1]) / len(acc[max(0, i - 9):i + 1]) for i in range(len(acc))]
+        ax.plot(steps, smooth, color="tab:blue", lw=1.5, label="samples right (mean of 10 steps)")
+    if val:
+        ax.plot(*zip(*val), color="tab:orange", marker="o", ms=4, lw=1.5, label="held-out accuracy (greedy)")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label="always the commonest answer")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("share of right answers")
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "GRPO")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
 
