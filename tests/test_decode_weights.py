@@ -60,17 +60,29 @@ def greedy_agreement(model, reference, prompts, n: int = 32) -> float:
     return same / (n * len(prompts))
 
 
+def top1_agreement(model, reference, text: torch.Tensor, window: int = 128) -> float:
+    """Fraction of held-out positions where both models' most likely next token is the same
+    (teacher forcing: every position reads the true text, so one near-tie flips one token,
+    not the rest of a generation as in greedy_agreement)."""
+    chunks = text[: len(text) // window * window].view(-1, window)
+    return (model(chunks).argmax(-1) == reference(chunks).argmax(-1)).float().mean().item()
+
+
 def test_quantized_weights_keep_perplexity_and_greedy_tokens(trained):
     model, held_out = trained
     ppl32 = perplexity(model, held_out)
     assert ppl32 < 12, f"the model did not learn (perplexity {ppl32:.1f} of 256 bytes): the check would be void"
     prompts = [list(b"The "), list(b"def f(x):\n    return"), list(b"An assignment statement")]
-    limits = {"bf16": (1.01, 0.75), "int8": (1.02, 0.75), "int4": (1.05, 0.5)}
+    # (perplexity ratio below, next-token agreement on held-out text at least). The greedy
+    # run of 3 x 32 tokens is printed, not asserted: where it first differs depends on near-ties
+    # that the CPU's kernels (AVX2 or AVX-512 int8 paths) break differently.
+    limits = {"bf16": (1.01, 0.97), "int8": (1.02, 0.95), "int4": (1.05, 0.85)}
     for weights, (max_ratio, min_agreement) in limits.items():
         fast = prepare_for_decode(copy.deepcopy(model), weights, group_size=32)
         ratio = perplexity(fast, held_out) / ppl32
-        agreement = greedy_agreement(fast, model, prompts)
-        print(f"{weights}: perplexity {ratio:.4f}x fp32's {ppl32:.2f}, greedy agreement {agreement:.0%}")
+        agreement = top1_agreement(fast, model, held_out)
+        print(f"{weights}: perplexity {ratio:.4f}x fp32's {ppl32:.2f}, next-token agreement {agreement:.1%}, "
+              f"greedy agreement {greedy_agreement(fast, model, prompts):.0%}")
         assert ratio < max_ratio, weights
         assert agreement >= min_agreement, weights
 

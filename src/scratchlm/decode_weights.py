@@ -44,6 +44,7 @@ A GGUF file's quantized blocks become these layers without a float model in betw
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -178,25 +179,37 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(out_features, in_features), scale, low + 8 * scale
 
 
-# The CPU packing kernel lays rows out in tiles of 32: packing a run of rows that starts at a
-# multiple of 32 gives exactly those rows of the whole matrix packed at once (tests check it).
-INT4_PACK_ROWS = 32
+@functools.cache
+def int4_pack_rows() -> int:
+    """The CPU packing kernel lays rows out in tiles whose height depends on the CPU (32 with
+    AVX2, 64 on AVX-512 machines): packing a run of rows that starts at a multiple of the tile
+    gives exactly those rows of the whole matrix packed at once. Found once by trying, since
+    torch does not say (tests check pieces against the whole)."""
+    q = torch.randint(0, 16, (512, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for rows in (32, 64, 128, 256):
+        parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + rows].contiguous(), 1)
+                 for i in range(0, 512, rows)]
+        if torch.equal(torch.cat(parts), whole):
+            return rows
+    return 1 << 30  # no tiling found: pack the whole matrix at once
 
 
 def pack_int4(pieces, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight_int4, scales_and_zeros) of Int4Linear from ``pieces``: (q, scale, zero) of
     consecutive rows, from the first row on (q (rows, in) int32 in [0, 15], scale and zero
-    (rows, groups)). Rows are packed as soon as a multiple of INT4_PACK_ROWS is pending, so a
+    (rows, groups)). Rows are packed as soon as a multiple of int4_pack_rows() is pending, so a
     big matrix is never held as int32 whole: the peak is the packed matrix plus one piece."""
     packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)  # two weights a byte
     scales, zeros, pending = [], [], []
     done = filled = 0
+    tile = int4_pack_rows()
     for q, scale, zero in pieces:
         scales.append(scale.float())
         zeros.append(zero.float())
         pending.append(q)
         filled += q.shape[0]
-        ready = (filled - done) // INT4_PACK_ROWS * INT4_PACK_ROWS
+        ready = (filled - done) // tile * tile
         if ready or filled == out_features:
             rows = torch.cat(pending) if len(pending) > 1 else pending[0]
             ready = rows.shape[0] if filled == out_features else ready
