@@ -53,20 +53,27 @@ def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-def write_llama_gguf(hf, path, qtype=Q.F32, rope_freqs=None, rng=None, types=None):
-    """``types``: {GGUF tensor name: type} for matrices not in ``qtype`` (a mixed file)."""
-    c = hf.config
-    w = gguf.GGUFWriter(str(path), arch="llama")
+def add_hf_hyperparameters(w: gguf.GGUFWriter, c) -> None:
+    """The hyperparameters llama.cpp's convert_hf_to_gguf.py writes for every family, from a
+    transformers config ``c`` (test_gguf_families.py adds each family's own)."""
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta}
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])  # Gemma 3: the global layers' base
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)  # (real files have a tokenizer, which transformers counts instead)
+
+
+def write_llama_gguf(hf, path, qtype=Q.F32, rope_freqs=None, rng=None, types=None):
+    """``types``: {GGUF tensor name: type} for matrices not in ``qtype`` (a mixed file)."""
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    add_hf_hyperparameters(w, c)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_vocab_size(c.vocab_size)
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}

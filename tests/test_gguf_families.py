@@ -25,7 +25,15 @@ from scratchlm import ModelConfig, Transformer  # noqa: E402
 from scratchlm.gguf_io import GGUFError, GGUFFile, load_gguf, save_gguf  # noqa: E402
 from scratchlm.gguf_io.vocab import PRE_TOKENIZERS  # noqa: E402
 from scratchlm.tokenizer import BPETokenizer  # noqa: E402
-from test_gguf import IDS, _rewrite, llama_cpp_greedy, llama_cpp_vocab, logits, transformers_from_gguf  # noqa: E402
+from test_gguf import (  # noqa: E402
+    IDS,
+    _rewrite,
+    add_hf_hyperparameters,
+    llama_cpp_greedy,
+    llama_cpp_vocab,
+    logits,
+    transformers_from_gguf,
+)
 
 FAMILIES = ["qwen2", "qwen3", "gemma3"]
 WINDOW = 4  # Gemma 3's sliding window in these tests: shorter than IDS (12 tokens)
@@ -80,16 +88,7 @@ def write_family_gguf(hf, family: str, path, qtype=gguf.GGMLQuantizationType.F32
     """``hf`` as llama.cpp's convert_hf_to_gguf.py writes it for ``family``."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch=family)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    rope = getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta}
-    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])  # Gemma 3: the global layers' base
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)  # (real files have a tokenizer, which transformers counts instead)
+    add_hf_hyperparameters(w, c)
     if family in ("qwen3", "gemma3"):  # the converter writes the head size when config.json has one
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
