@@ -56,11 +56,6 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
             continue
         if hasattr(module, "packed"):  # DynamicInt8Linear: int8 matrix + fp32 scales and bias, packed
             total += module.in_features * module.out_features + 8 * module.out_features
-        if hasattr(module, "weight_packed"):  # PackedBF16Linear: an opaque oneDNN tensor, not a buffer
-            total += 2 * module.in_features * module.out_features
-            if module.bias is not None:
-                total += 2 * module.out_features
-            continue
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         for t in tensors:
             if t is None or t.data_ptr() in seen or t.dtype == torch.bool:

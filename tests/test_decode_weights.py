@@ -100,8 +100,9 @@ def test_int4_linear_equals_its_dequantized_matrix():
     lin = torch.nn.Linear(128, 96, bias=True)
     q4 = Int4Linear.from_linear(lin, group_size=32)
     q, scale, zero = quantize_int4(lin.weight.detach(), 32)
-    scale, zero = scale.bfloat16().float(), zero.bfloat16().float()  # as stored
-    w = ((q.view(96, 4, 32).float() - 8) * scale[..., None] + zero[..., None]).view(96, 128)
+    scale, offset = scale.half().float(), (zero - 8 * scale).half().float()  # as stored: fp16
+    w = (q.view(96, 4, 32).float() * scale[..., None] + offset[..., None]).view(96, 128)
+    assert torch.equal(q4.dequantized(torch.float32), w)
     x = torch.randn(3, 5, 128)
     expected = x.bfloat16().float() @ w.t() + lin.bias.detach().bfloat16().float()
     torch.testing.assert_close(q4(x).float(), expected, rtol=0.02, atol=0.02)
@@ -115,12 +116,17 @@ def test_int4_bad_group_size_is_a_clear_error():
         Int4Linear.from_linear(torch.nn.Linear(100, 8), group_size=32)
 
 
-def test_bf16_falls_back_to_fp32_where_the_cpu_lacks_native_bf16(monkeypatch):
+def test_bf16_falls_back_to_fp32_without_our_kernels_or_native_bf16(monkeypatch):
+    import scratchlm.cpu_gemv as cpu_gemv
     import scratchlm.decode_weights as dw
 
     monkeypatch.setattr(dw, "cpu_has_native_bf16", lambda: False)
+    if cpu_gemv.kernels() is not None:  # our kernel widens bf16 itself: no native bf16 needed
+        fast = dw.prepare_for_decode(Transformer(ModelConfig.preset("llama-tiny")).eval(), "bf16")
+        assert type(fast.blocks[0].mlp.up_proj).__name__ == "BF16Linear"
+    monkeypatch.setattr(cpu_gemv, "kernels", lambda: None)
     model = Transformer(ModelConfig.preset("llama-tiny")).eval()
-    with pytest.warns(UserWarning, match="no native bf16"):
+    with pytest.warns(UserWarning, match="native bf16"):
         fast = dw.prepare_for_decode(model, "bf16")
     assert type(fast.blocks[0].mlp.up_proj).__name__ == "TransposedLinear"
     assert fast.tok_emb.weight.dtype == torch.float32

@@ -1,24 +1,28 @@
-"""Weight layouts for fast decoding: transposed fp32, bf16, and int8 weight-only.
+"""Weight layouts for fast decoding: transposed fp32, bf16, int8 and int4 weight-only.
 
 Generating one token at a time is memory-bound: every weight matrix is read once per token
 and each weight feeds a single multiply-add. Speed is then bytes read / bandwidth, plus
-how well the matrix-vector kernel streams those bytes. Three ways to store the weights:
+how well the matrix-vector kernel streams those bytes. The ways to store the weights:
 
     "fp32"  the same numbers, each Linear stored transposed, (in, out). y = x @ W_t walks
             W_t row by row, adding x[k] * W_t[k, :] into y: contiguous, vectorised reads.
             The (out, in) layout of nn.Linear needs one dot product per output instead,
             which streams ~1.4-1.7x slower on CPU (benchmarks/decode.py).
-    "bf16"  half the bytes. Each weight is reordered once into oneDNN's blocked layout
-            (PackedBF16Linear): the plain bf16 F.linear re-plans and re-reads its (out, in)
-            matrix on every call and is slower than fp32 at batch 1 (benchmarks/decode.py).
-            Where the CPU has no native bf16 matmul (AVX512-BF16 or AMX), bf16 emulated in
-            fp32 is slower than fp32 itself: prepare_for_decode warns and uses "fp32".
+    "bf16"  half the bytes (BF16Linear).
     "int8"  a quarter of the fp32 bytes: w ~= scale[n] * q[n, k] with q in [-127, 127], one
-            scale per output row; activations in bf16; torch._weight_int8pack_mm.
+            scale per output row (Int8Linear).
     "int4"  an eighth: each group of ``group_size`` (32-128) inputs of a row has its own scale
-            and offset, w ~= (q - 8) * scale + zero with q in [0, 15] (gpt-fast's and
-            llama.cpp Q4_1's scheme), through PyTorch's tinygemm CPU kernel
-            (torch.ops.aten._weight_int4pack_mm_for_cpu), activations in bf16.
+            and offset, w ~= scale * q + offset with q in [0, 15] (gpt-fast's and llama.cpp
+            Q4_1's scheme; Int4Linear).
+
+    bf16, int8 and int4 decode (1-8 rows of x) through our own CPU kernels (cpu_gemv.py,
+    csrc/gemv.cpp): a dot product per weight row, streamed front to back, the weights widened
+    to fp32 in registers as they are read. PyTorch's kernels at batch 1 stream these formats
+    at a fraction of the read bandwidth: oneDNN's bf16 matmul re-plans on every call and was
+    slower than fp32, torch._weight_int8pack_mm and _weight_int4pack_mm_for_cpu reached about
+    half of our kernels' speed (benchmarks/decode.py). A prompt (more rows) goes to F.linear:
+    oneDNN bf16, or torch's int8 kernel, or the int4 matrix dequantized to bf16 for the call.
+    Where the kernels cannot be built (no C++ compiler), the same PyTorch paths serve decoding.
 
     "int8-dynamic"  int8 weights and int8 activations (each row of x quantized on the fly
             to uint8 with its own range; fbgemm's VNNI kernel). Not weight-only: about
@@ -44,13 +48,13 @@ A GGUF file's quantized blocks become these layers without a float model in betw
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_gemv
 from .errors import ScratchLMError
 
 WEIGHTS = ("fp32", "bf16", "int8", "int4", "int8-dynamic")
@@ -115,6 +119,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.to(scales.dtype))
+        self.scales_fp32 = scales.float()  # the kernel's copy (N floats), not state
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
@@ -123,7 +128,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)  # (M, in)
-        if x2.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+        if cpu_gemv.fits(x2, self.in_features):  # decoding: our kernel (cpu_gemv.py)
+            y = cpu_gemv.linear(x2, self.weight_int8, self.scales_fp32)
+        elif x2.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)  # (M, out), no dequantized copy
         else:  # other devices: dequantize on the fly (correct, not the fast path)
             y = F.linear(x2, self.weight_int8.to(x2.dtype) * self.scales[:, None])
@@ -135,23 +142,27 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class PackedBF16Linear(nn.Module):
-    """A bf16 Linear whose weight oneDNN has reordered once, ahead of time, into the blocked
-    layout its matmul kernel reads (what torch.compile's CPU freezing does); any batch size.
+class BF16Linear(nn.Module):
+    """A Linear with its (out, in) weight in bf16: half the bytes of fp32 to read per token.
 
-    weight_packed: the (out, in) matrix in oneDNN's opaque layout (CPU only, inference only).
+    One to eight rows of x (decoding) go through our kernel (cpu_gemv.py), which widens each
+    bf16 weight to fp32 as it streams it, so it needs no bf16 arithmetic from the CPU; more
+    rows (a prompt) go to F.linear, which is oneDNN's bf16 matmul on the CPU.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().to(torch.bfloat16)
-        self.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)  # packed for batch 1
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight_packed, self.bias,
-                                                  "none", [], "")
+        x = x.to(torch.bfloat16)
+        if cpu_gemv.fits(x, self.in_features):
+            y = cpu_gemv.linear(x.reshape(-1, self.in_features), self.weight)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -179,77 +190,69 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(out_features, in_features), scale, low + 8 * scale
 
 
-@functools.cache
-def int4_pack_rows() -> int:
-    """The CPU packing kernel lays rows out in tiles whose height depends on the CPU (32 with
-    AVX2, 64 on AVX-512 machines): packing a run of rows that starts at a multiple of the tile
-    gives exactly those rows of the whole matrix packed at once. Found once by trying, since
-    torch does not say (tests check pieces against the whole)."""
-    q = torch.randint(0, 16, (512, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    for rows in (32, 64, 128, 256):
-        parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + rows].contiguous(), 1)
-                 for i in range(0, 512, rows)]
-        if torch.equal(torch.cat(parts), whole):
-            return rows
-    return 1 << 30  # no tiling found: pack the whole matrix at once
-
-
-def pack_int4(pieces, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight_int4, scales_and_zeros) of Int4Linear from ``pieces``: (q, scale, zero) of
-    consecutive rows, from the first row on (q (rows, in) int32 in [0, 15], scale and zero
-    (rows, groups)). Rows are packed as soon as a multiple of int4_pack_rows() is pending, so a
-    big matrix is never held as int32 whole: the peak is the packed matrix plus one piece."""
+def pack_int4(pieces, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight_int4, scales, offsets) of Int4Linear from ``pieces``: (q, scale, zero) of
+    consecutive rows, from the first row on (q (rows, in) in [0, 15], scale and zero
+    (rows, groups), w = (q - 8) * scale + zero). Each piece is packed as it comes, so a big
+    matrix is never held unpacked whole."""
     packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)  # two weights a byte
-    scales, zeros, pending = [], [], []
-    done = filled = 0
-    tile = int4_pack_rows()
+    scales, offsets = [], []
+    done = 0
     for q, scale, zero in pieces:
-        scales.append(scale.float())
-        zeros.append(zero.float())
-        pending.append(q)
-        filled += q.shape[0]
-        ready = (filled - done) // tile * tile
-        if ready or filled == out_features:
-            rows = torch.cat(pending) if len(pending) > 1 else pending[0]
-            ready = rows.shape[0] if filled == out_features else ready
-            packed[done:done + ready] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                rows[:ready].contiguous(), 1)
-            pending, done = ([rows[ready:]] if ready < rows.shape[0] else []), done + ready
+        packed[done:done + q.shape[0]] = cpu_gemv.pack_nibbles(q)
+        scales.append(scale.half().view(torch.int16))
+        offsets.append((zero.float() - 8 * scale.float()).half().view(torch.int16))  # w = scale * q + offset
+        done += q.shape[0]
     if done != out_features:
-        raise ValueError(f"pack_int4: pieces gave {filled} rows, expected {out_features}")
-    scales_and_zeros = torch.stack([torch.cat(scales), torch.cat(zeros)], dim=-1)  # (out, groups, 2)
-    return packed, scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+        raise ValueError(f"pack_int4: pieces gave {done} rows, expected {out_features}")
+    return packed, torch.cat(scales).contiguous(), torch.cat(offsets).contiguous()
 
 
 class Int4Linear(nn.Module):
     """A Linear stored in 4 bits: groups of ``group_size`` weights along each row share a
-    scale and a zero point (bf16), packed for the tinygemm CPU kernel.
+    scale and an offset, w = scale * q + offset with q in [0, 15] (fp16 scales and offsets:
+    a GGUF file's Q4_0 / Q4_1 blocks, whose d and m are f16, are held exactly).
 
-    weight_int4: the kernel's packed layout of q (out, in) (two weights per byte);
-    scales_and_zeros: (in / group_size, out, 2) bf16.
+    weight_int4: (out, in / 2) uint8, two q a byte in the order of cpu_gemv.pack_nibbles;
+    scales, offsets: (out, in / group_size), fp16 numbers held as int16 bits, so that
+    ``model.to(dtype)`` (which converts floating-point tensors only) leaves them exact.
+
+    One to eight rows of x (decoding) go through our kernel, which unpacks the nibbles as it
+    streams them; more rows (a prompt), or a machine where the kernel is not built, multiply
+    by the matrix dequantized to bf16 for that call.
     """
 
-    def __init__(self, weight_int4: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 group_size: int):
+    def __init__(self, weight_int4: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                 bias: torch.Tensor | None, group_size: int):
         super().__init__()
-        groups, self.out_features, _ = scales_and_zeros.shape
+        self.out_features, groups = scales.shape
         self.in_features, self.group_size = groups * group_size, group_size
         self.register_buffer("weight_int4", weight_int4)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
-        if linear.in_features % group_size:
+        if not int4_fits(linear.out_features, linear.in_features, group_size):
             raise ScratchLMError(f"int4: group size {group_size} does not divide in_features={linear.in_features}")
         q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
-        weight_int4, scales_and_zeros = pack_int4([(q, scale, zero)], linear.out_features, linear.in_features)
-        return cls(weight_int4, scales_and_zeros, None if linear.bias is None else linear.bias.detach(), group_size)
+        parts = pack_int4([(q, scale, zero)], linear.out_features, linear.in_features)
+        return cls(*parts, None if linear.bias is None else linear.bias.detach(), group_size)
+
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The (out, in) matrix the layer multiplies by."""
+        q = cpu_gemv.unpack_nibbles(self.weight_int4).view(self.out_features, -1, self.group_size)
+        scale, offset = self.scales.view(torch.float16).float(), self.offsets.view(torch.float16).float()
+        w = q.float() * scale[..., None] + offset[..., None]  # (out, groups, group_size)
+        return w.view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in); the kernel needs rows packed
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
+        if cpu_gemv.fits(x2, self.in_features):
+            y = cpu_gemv.linear_int4(x2, self.weight_int4, self.scales, self.offsets, self.group_size)
+        else:
+            y = F.linear(x2, self.dequantized(x2.dtype))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -294,8 +297,8 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
-    """The int4 CPU packing needs whole groups along each row and outputs in tiles of 16."""
-    return in_features % group_size == 0 and out_features % 16 == 0
+    """The int4 layout needs whole groups along each row (and runs of 32 inputs per byte run)."""
+    return in_features % group_size == 0 and group_size % 32 == 0
 
 
 def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64) -> nn.Module:
@@ -317,10 +320,9 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     if group_size not in INT4_GROUP_SIZES:
         raise ScratchLMError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
     on_cpu = next(model.parameters()).device.type == "cpu"
-    packed_bf16 = weights == "bf16" and on_cpu and cpu_has_native_bf16()
-    if weights == "bf16" and on_cpu and not packed_bf16:
-        warnings.warn("this CPU has no native bf16 matmul (AVX512-BF16 or AMX): bf16 would decode "
-                      "slower than fp32, so the fp32 layout is used", stacklevel=2)
+    if weights == "bf16" and on_cpu and cpu_gemv.kernels() is None and not cpu_has_native_bf16():
+        warnings.warn("neither scratchlm's decode kernels (cpu_gemv.py) nor a native bf16 matmul (AVX512-BF16 "
+                      "or AMX) are here: bf16 would decode slower than fp32, so the fp32 layout is used", stacklevel=2)
         weights = "fp32"
     if weights == "int4" and not on_cpu:
         raise ScratchLMError("int4 weights use PyTorch's CPU int4 kernel: move the model to the CPU first")
@@ -335,8 +337,8 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     def swap(linear: nn.Linear) -> nn.Module:
         if weights == "fp32":
             return TransposedLinear.from_linear(linear)
-        if weights == "bf16" and packed_bf16:
-            return PackedBF16Linear(linear)
+        if weights == "bf16" and on_cpu:
+            return BF16Linear(linear)
         if weights == "int8" or (weights == "int4" and not int4_fits(linear.out_features, linear.in_features, group_size)):
             return Int8Linear.from_linear(linear, dtype)
         if weights == "int4":

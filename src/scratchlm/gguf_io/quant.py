@@ -10,9 +10,9 @@ slice of rows at a time) straight into its Int4Linear / Int8Linear. Which types 
     Q8_0        w = d * q,       q in -128..127   no 4-bit match: requantized
     others      (Q5_*, K-quants, F16, F32)      dequantized, then requantized
 
-"Exact" is up to the kernel's bf16 scales_and_zeros: d (an f16) and m + 8 d are rounded
-to bf16 (8 bits of mantissa against f16's 11), which moves a weight by at most
-|q - 8| * |d| * 2^-9 + |zero| * 2^-9, under 1.6% of a quantization step for Q4_0.
+"Exact" is bit for bit: Int4Linear keeps a scale and an offset per group in fp16
+(w = scale * q + offset, offset = zero - 8 * scale = m or -8 d), which holds an f16 d and m
+exactly (-8 d too: a power of two times an f16).
 
 The int8 layout has one scale per row (torch._weight_int8pack_mm), not one per 32 weights,
 so even Q8_0 is requantized: dequantized one slice of rows at a time, rounded to bf16
@@ -102,9 +102,8 @@ def quantized_layer(file: GGUFFile, sources: list[tuple[str, Slot]], shape: tupl
     if keep_8bit and any(file.tensors[name].type_name in WIDE for name, _ in sources):
         layout = "int8"
     if layout == "int4" and int4_fits(out_features, in_features, group_size):
-        weight_int4, scales_and_zeros = pack_int4(_pieces(file, sources, "int4", group_size, config),
-                                                  out_features, in_features)
-        return Int4Linear(weight_int4, scales_and_zeros, bias, group_size)
+        parts = pack_int4(_pieces(file, sources, "int4", group_size, config), out_features, in_features)
+        return Int4Linear(*parts, bias, group_size)
     q = torch.empty(out_features, in_features, dtype=torch.int8)
     scales = torch.empty(out_features)
     start = 0

@@ -1,0 +1,107 @@
+"""Our own CPU matrix-vector kernels for decoding (csrc/gemv.cpp), compiled on first use.
+
+Decoding one token reads every weight once, so a step's speed is how fast the weight
+kernels stream memory. At 1-8 rows of x, PyTorch's CPU kernels (MKL's GEMV, oneDNN, and
+``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``) reach a fraction of the read
+bandwidth that llama.cpp's hand-written dot products do (benchmarks/decode.py). gemv.cpp is
+the plain version of those: each output is one dot product over a contiguous weight row, in
+fp32 accumulators, for fp32, bf16, int8 (one scale per row) and int4 (an fp16 scale and offset
+per group of 32-128 inputs) weights.
+
+The C++ file is built once per machine with torch.utils.cpp_extension (``-O3 -march=native``:
+AVX-512 where the CPU has it; ~1 minute; cached under torch's extension directory, e.g.
+``~/.cache/torch_extensions``). Where no compiler is found, or ``SCRATCHLM_NO_GEMV=1``,
+``kernels()`` is None and decode_weights falls back to PyTorch's kernels.
+
+The ops are registered with torch.library, so ``torch.compile`` sees them as single ops
+(with shapes from the fake implementations below) rather than breaking the graph.
+
+>>> import torch
+>>> if kernels() is not None:
+...     w, x = torch.randn(48, 64), torch.randn(2, 64)
+...     assert torch.allclose(linear(x, w), x @ w.T, atol=1e-4)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 8  # rows of x the kernels take; more is a matrix-matrix product (prefill)
+SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+
+
+@functools.cache
+def kernels():
+    """The compiled extension module, or None where it cannot be built (warned once)."""
+    if os.environ.get("SCRATCHLM_NO_GEMV") == "1":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+        return load(name="scratchlm_gemv", sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+    except Exception as e:  # no compiler, no headers: PyTorch's own kernels still work
+        warnings.warn(f"scratchlm's CPU decode kernels could not be built ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); using PyTorch's slower kernels", stacklevel=2)
+        return None
+
+
+def fits(x: torch.Tensor, in_features: int) -> bool:
+    """Whether x (..., in_features) can go through the kernels: CPU, 1-8 rows, whole vectors."""
+    rows = x.numel() // in_features if in_features else 0
+    return (x.device.type == "cpu" and 1 <= rows <= MAX_ROWS and in_features % 16 == 0
+            and kernels() is not None)
+
+
+@torch.library.custom_op("scratchlm::gemv", mutates_args=())
+def _gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return kernels().linear(x, weight, scale)
+
+
+@_gemv.register_fake
+def _(x, weight, scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("scratchlm::gemv_int4", mutates_args=())
+def _gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    return kernels().linear_int4(x, q, scale, offset, group_size)
+
+
+@_gemv_int4.register_fake
+def _(x, q, scale, offset, group_size):
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) @ weight.T, weight (out, in) fp32, bf16 or int8, times scale (out,) fp32 per
+    output when given -> (M, out) in x's dtype. M <= MAX_ROWS."""
+    return _gemv(x, weight, scale)
+
+
+def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x (M, in) @ W.T with W[n, k] = scale[n, g] * q[n, k] + offset[n, g], g = k // group_size;
+    q packed two a byte as in gemv.cpp (``pack_nibbles``) -> (M, out) in x's dtype."""
+    return _gemv_int4(x, q, scale, offset, group_size)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q (out, in) integers in [0, 15] -> (out, in / 2) uint8 in the kernel's order: in each run
+    of 32 inputs, byte i holds input i in its low nibble and input 16 + i in its high one."""
+    out_features, in_features = q.shape
+    runs = q.to(torch.uint8).reshape(out_features, in_features // 32, 2, 16)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(out_features, in_features // 2)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_nibbles: (out, in / 2) uint8 -> (out, in) uint8 in [0, 15]."""
+    out_features, half = packed.shape
+    runs = packed.reshape(out_features, half // 16, 1, 16)
+    return torch.cat([runs & 15, runs >> 4], dim=2).reshape(out_features, 2 * half)

@@ -1,0 +1,103 @@
+"""Our CPU decode kernels (csrc/gemv.cpp through cpu_gemv.py) against torch's matmul, and the
+layers that use them against the same layers on PyTorch's kernels."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchlm import ModelConfig, Transformer, cpu_gemv
+from scratchlm.decode_weights import BF16Linear, Int4Linear, Int8Linear, prepare_for_decode
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler to build the kernels")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = cpu_gemv.kernels()
+    assert k is not None, "a C++ compiler is here, so the kernels must build"
+    return k
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# N = 37 is not a multiple of the 4 rows a pass takes: the tail rows run one at a time.
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("N,K", [(37, 64), (96, 576), (1536, 48)])
+def test_float_weights_equal_matmul(kernels, M, N, K):
+    w, x = torch.randn(N, K, generator=gen(0)), torch.randn(M, K, generator=gen(1))
+    torch.testing.assert_close(cpu_gemv.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+    wb = w.bfloat16()  # bf16 weights and activations, fp32 sums: what the fp32 math on them gives
+    expected = x.bfloat16().float() @ wb.float().T
+    torch.testing.assert_close(cpu_gemv.linear(x.bfloat16(), wb).float(), expected, rtol=1e-2, atol=2e-2)
+    assert cpu_gemv.linear(x.bfloat16(), wb).dtype == torch.bfloat16  # out in x's dtype
+
+
+@pytest.mark.parametrize("M", [1, 4, 8])
+def test_int8_weights_with_row_scales_equal_the_dequantized_matmul(kernels, M):
+    q = torch.randint(-127, 128, (53, 96), dtype=torch.int8, generator=gen(2))
+    scale, x = torch.rand(53, generator=gen(3)), torch.randn(M, 96, generator=gen(4))
+    torch.testing.assert_close(cpu_gemv.linear(x, q, scale), x @ (q.float() * scale[:, None]).T,
+                               rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_weights_equal_the_dequantized_matmul(kernels, M, group):
+    N, K = 45, 256
+    q = torch.randint(0, 16, (N, K), generator=gen(5))
+    scale = torch.rand(N, K // group, generator=gen(6)).half()
+    offset = torch.randn(N, K // group, generator=gen(7)).half()
+    w = (q.view(N, -1, group).float() * scale.float()[..., None] + offset.float()[..., None]).view(N, K)
+    x = torch.randn(M, K, generator=gen(8))
+    packed = cpu_gemv.pack_nibbles(q)
+    assert packed.shape == (N, K // 2) and torch.equal(cpu_gemv.unpack_nibbles(packed), q.to(torch.uint8))
+    torch.testing.assert_close(cpu_gemv.linear_int4(x, packed, scale, offset, group), x @ w.T,
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_bad_shapes_are_clear_errors(kernels):
+    w = torch.randn(8, 32)
+    with pytest.raises(RuntimeError, match="at most|1 to 8"):
+        cpu_gemv.linear(torch.randn(9, 32), w)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_gemv.linear(torch.randn(1, 40), torch.randn(8, 40))
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu_gemv.linear(torch.randn(1, 32), w.double())
+    assert not cpu_gemv.fits(torch.randn(9, 32), 32) and cpu_gemv.fits(torch.randn(1, 1, 32), 32)
+
+
+def test_torch_compile_sees_one_op_not_a_graph_break(kernels):
+    w, x = torch.randn(48, 64, generator=gen(9)), torch.randn(1, 64, generator=gen(10))
+    step = torch.compile(lambda x: cpu_gemv.linear(x, w).relu(), backend="eager", fullgraph=True)
+    torch.testing.assert_close(step(x), (x @ w.T).relu(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["bf16", "int8", "int4"])
+def test_layers_decode_the_same_with_and_without_the_kernels(kernels, layout, monkeypatch):
+    """A decoding model (1 row) on our kernels against the same layers on PyTorch's: the same
+    weights, so only summation order and the activations' rounding differ."""
+    torch.manual_seed(0)
+    model = prepare_for_decode(Transformer(ModelConfig.preset("llama-tiny")).eval(), layout, group_size=32)
+    layer = model.blocks[0].mlp.up_proj
+    assert type(layer) is {"bf16": BF16Linear, "int8": Int8Linear, "int4": Int4Linear}[layout]
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        model(ids[:, :3], cache=cache)  # a 3-token prompt: PyTorch's kernels
+        fast = model(ids[:, 3:], cache=cache)[:, -1].float()  # one token: ours
+        monkeypatch.setattr(cpu_gemv, "kernels", lambda: None)
+        cache = model.new_cache(1, 8)
+        model(ids[:, :3], cache=cache)
+        slow = model(ids[:, 3:], cache=cache)[:, -1].float()
+        x = torch.randn(1, layer.in_features).bfloat16()
+        reference = F.linear(x, layer.dequantized() if layout == "int4" else
+                             layer.weight_int8.bfloat16() * layer.scales[:, None] if layout == "int8" else layer.weight)
+    assert float((fast - slow).norm() / slow.norm()) < 0.02
+    assert fast.argmax() == slow.argmax()
+    monkeypatch.undo()
+    torch.testing.assert_close(layer(x).float(), reference.float(), rtol=0.02, atol=0.02)
