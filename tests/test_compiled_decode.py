@@ -131,8 +131,7 @@ def test_cli_int4_weights_and_compile(model_dir, capsys, monkeypatch, graphs):
 
     assert main(["generate", str(model_dir), "hello", "--max-new-tokens", "6", "--weights", "int4"]) == 0
     assert capsys.readouterr().out == expected + "\n" and layouts == ["int4"]
-    # A vocabulary of 28 is no multiple of the int4 kernel's 16 outputs: that one layer stays int8.
-    assert type(model.lm_head).__name__ == "Int8Linear" and type(model.blocks[0].mlp.up_proj).__name__ == "Int4Linear"
+    assert type(model.lm_head).__name__ == "Int4Linear" and type(model.blocks[0].mlp.up_proj).__name__ == "Int4Linear"
     assert main(["generate", str(model_dir), "hello", "--max-new-tokens", "6", "--weights", "int4",
                  "--compile", "--compile-backend", "scratchlm_count_graphs"]) == 0
     assert capsys.readouterr().out == expected + "\n" and len(graphs) == 1

@@ -24,7 +24,6 @@ The ops are registered with torch.library, so ``torch.compile`` sees them as sin
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -35,9 +34,20 @@ MAX_ROWS = 8  # rows of x the kernels take; more is a matrix-matrix product (pre
 SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 
 
-@functools.cache
+_built: dict = {}  # "module": the extension, or None where it cannot be built; set on first use
+
+
 def kernels():
-    """The compiled extension module, or None where it cannot be built (warned once)."""
+    """The compiled extension module, or None where it cannot be built (warned once).
+
+    A plain dict, not functools.cache: torch.compile reads it as a constant once it is set,
+    where it would trace into a cached function (prepare_for_decode builds it up front)."""
+    if "module" not in _built:
+        _built["module"] = _build()
+    return _built["module"]
+
+
+def _build():
     if os.environ.get("SCRATCHLM_NO_GEMV") == "1":
         return None
     try:
@@ -47,12 +57,13 @@ def kernels():
         return load(name="scratchlm_gemv", sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
     except Exception as e:  # no compiler, no headers: PyTorch's own kernels still work
         warnings.warn(f"scratchlm's CPU decode kernels could not be built ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); using PyTorch's slower kernels", stacklevel=2)
+                      f"{str(e).splitlines()[0] if str(e) else ''}); using PyTorch's slower kernels", stacklevel=3)
         return None
 
 
 def fits(x: torch.Tensor, in_features: int) -> bool:
-    """Whether x (..., in_features) can go through the kernels: CPU, 1-8 rows, whole vectors."""
+    """Whether x (..., in_features) can go through the kernels: CPU, 1-8 rows, whole vectors
+    (int4 also needs in_features a multiple of 64: decode_weights.int4_fits)."""
     rows = x.numel() // in_features if in_features else 0
     return (x.device.type == "cpu" and 1 <= rows <= MAX_ROWS and in_features % 16 == 0
             and kernels() is not None)
@@ -80,28 +91,33 @@ def _(x, q, scale, offset, group_size):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, in) @ weight.T, weight (out, in) fp32, bf16 or int8, times scale (out,) fp32 per
-    output when given -> (M, out) in x's dtype. M <= MAX_ROWS."""
-    return _gemv(x, weight, scale)
+    """x (M, in) fp32 or bf16 @ weight.T, weight (out, in) fp32, bf16 or int8, times scale
+    (out,) fp32 per output when given -> (M, out) in x's dtype. M <= MAX_ROWS."""
+    if torch.compiler.is_compiling():  # the registered op: one node of the graph
+        return _gemv(x, weight, scale)
+    return kernels().linear(x, weight, scale)  # eager: straight in (the op's dispatch costs ~25 us a call)
 
 
 def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x (M, in) @ W.T with W[n, k] = scale[n, g] * q[n, k] + offset[n, g], g = k // group_size;
     q packed two a byte as in gemv.cpp (``pack_nibbles``) -> (M, out) in x's dtype."""
-    return _gemv_int4(x, q, scale, offset, group_size)
+    if torch.compiler.is_compiling():
+        return _gemv_int4(x, q, scale, offset, group_size)
+    return kernels().linear_int4(x, q, scale, offset, group_size)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """q (out, in) integers in [0, 15] -> (out, in / 2) uint8 in the kernel's order: in each run
-    of 32 inputs, byte i holds input i in its low nibble and input 16 + i in its high one."""
+    """q (out, in) integers in [0, 15], in a multiple of 64 -> (out, in / 2) uint8 in the
+    kernel's order: in each run of 64 inputs, byte i holds input i in its low nibble and input
+    32 + i in its high one (32 bytes unpack to the run's 64 weights in order)."""
     out_features, in_features = q.shape
-    runs = q.to(torch.uint8).reshape(out_features, in_features // 32, 2, 16)
+    runs = q.to(torch.uint8).reshape(out_features, in_features // 64, 2, 32)
     return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(out_features, in_features // 2)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_nibbles: (out, in / 2) uint8 -> (out, in) uint8 in [0, 15]."""
     out_features, half = packed.shape
-    runs = packed.reshape(out_features, half // 16, 1, 16)
+    runs = packed.reshape(out_features, half // 32, 1, 32)
     return torch.cat([runs & 15, runs >> 4], dim=2).reshape(out_features, 2 * half)

@@ -235,7 +235,8 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
         if not int4_fits(linear.out_features, linear.in_features, group_size):
-            raise ScratchLMError(f"int4: group size {group_size} does not divide in_features={linear.in_features}")
+            raise ScratchLMError(f"int4: group size {group_size} does not divide in_features={linear.in_features}, "
+                                 f"or in_features is not a multiple of 64")
         q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
         parts = pack_int4([(q, scale, zero)], linear.out_features, linear.in_features)
         return cls(*parts, None if linear.bias is None else linear.bias.detach(), group_size)
@@ -248,10 +249,11 @@ class Int4Linear(nn.Module):
         return w.view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
-        if cpu_gemv.fits(x2, self.in_features):
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if cpu_gemv.fits(x2, self.in_features):  # any float x: the kernel sums in fp32
             y = cpu_gemv.linear_int4(x2, self.weight_int4, self.scales, self.offsets, self.group_size)
         else:
+            x2 = x2 if x2.dtype == torch.float32 else x2.to(torch.bfloat16)
             y = F.linear(x2, self.dequantized(x2.dtype))
         if self.bias is not None:
             y = y + self.bias
@@ -297,8 +299,9 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
-    """The int4 layout needs whole groups along each row (and runs of 32 inputs per byte run)."""
-    return in_features % group_size == 0 and group_size % 32 == 0
+    """The int4 layout needs whole groups along each row and whole runs of 64 inputs (the
+    packing's and the kernel's unit, cpu_gemv.pack_nibbles)."""
+    return in_features % group_size == 0 and in_features % 64 == 0 and group_size % 32 == 0
 
 
 def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64) -> nn.Module:
@@ -320,6 +323,8 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     if group_size not in INT4_GROUP_SIZES:
         raise ScratchLMError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
     on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu:
+        cpu_gemv.kernels()  # built (once per machine) or found now, not inside a compiled step
     if weights == "bf16" and on_cpu and cpu_gemv.kernels() is None and not cpu_has_native_bf16():
         warnings.warn("neither scratchlm's decode kernels (cpu_gemv.py) nor a native bf16 matmul (AVX512-BF16 "
                       "or AMX) are here: bf16 would decode slower than fp32, so the fp32 layout is used", stacklevel=2)

@@ -2,50 +2,80 @@
 // with W (N, K) row-major as nn.Linear stores it, in fp32, bf16, int8 or int4.
 //
 // Why our own: one token at a time, every weight is read once and feeds one multiply-add per
-// row of x, so speed is how well the weights stream from memory, and the general matmul
-// kernels of MKL / oneDNN / torch's int8 and int4 kernels stream them at 20-45% of the
-// machine's read bandwidth at batch 1 (benchmarks/decode.py). Here each output n is a dot
-// product over the contiguous row W[n, :]; a thread takes a run of rows and streams them front
-// to back, R rows at a time so that each load of x serves R weight rows.
+// row of x, so a step's speed is how fast the weights stream through the cores. Each output n
+// is a dot product over the contiguous row W[n, :]; a thread takes a run of rows and streams
+// them front to back. The arithmetic must keep up with memory, which is why the narrow formats
+// use the CPU's integer and bf16 dot-product instructions, as llama.cpp does, instead of
+// widening every weight to a float:
 //
-// Weight formats (the dot product differs only in how 16 weights become 16 floats):
-//   fp32  W[n, k]
-//   bf16  W[n, k]: the top 16 bits of a float
-//   int8  scale[n] * q[n, k], q in [-127, 127]                  (decode_weights.Int8Linear)
-//   int4  scale[n, g] * q[n, k] + offset[n, g] (fp16 scale and offset: a GGUF Q4_0 / Q4_1 block's own
-//         d and m are f16), q in [0, 15], g = k / group_size, two q a byte:
-//         byte[n, 16*b + i] holds q[n, 32*b + i] in its low nibble and q[n, 32*b + 16 + i] in
-//         its high one (i < 16): one 16-byte load unpacks to two runs of 16 consecutive k.
-// Accumulation is in fp32 for every format; x is converted to fp32 once per call.
-//
-// With AVX-512 (compiled with -march=native where the CPU has it, see cpu_gemv.py) each run of
-// 16 weights is one register; elsewhere the same loops run on plain floats.
+//   fp32  W[n, k]: fused multiply-adds, 16 weights an instruction.
+//   bf16  W[n, k] in bf16. With AVX512-BF16, vdpbf16ps: x rounded to bf16 (what the bf16
+//         layout computes in anyway), 32 products summed into fp32 an instruction.
+//   int8  scale[n] * q[n, k], q in [-127, 127]. With AVX512-VNNI, vpdpwssd: each run of 64
+//         inputs of x is quantized to 16-bit integers with its own scale, the weights widened
+//         to 16 bits, 32 integer products summed into int32 an instruction, then each run's
+//         sums times its scale.
+//   int4  scale[n, g] * q[n, k] + offset[n, g], q in [0, 15], g = k / group_size, the scale and
+//         offset fp16 (a GGUF Q4_0 / Q4_1 block's own d and m); two q a byte: in each run of 64
+//         inputs, byte i (i < 32) holds input i in its low nibble and input 32 + i in its high
+//         one, so 32 bytes unpack to 64 weights in order. With VNNI, q times the 16-bit x as
+//         for int8, plus offset times the sum of that x over the group.
+// Every sum is in int32 or fp32. Without those instructions (or AVX-512 at all) the same loops
+// widen the weights to floats; cpu_gemv.py compiles this file with -march=native.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GEMV_AVX512 1
+#if defined(__AVX512VNNI__)
+#define GEMV_VNNI 1
+#endif
+#if defined(__AVX512BF16__)
+#define GEMV_BF16DOT 1
+#endif
 #endif
 
 namespace {
 
 constexpr int LANES = 16;   // floats per AVX-512 register; K must be a multiple
+constexpr int RUN = 64;     // inputs per quantized run of x, and per int4 byte run
 constexpr int MAX_M = 8;    // rows of x; for more, a matrix-matrix kernel is the better tool
 
+inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+// Rows split among threads in runs of >= ~64 KiB of weights: smaller tasks cost more to hand
+// out than to do (a 576 x 576 fp32 matrix, 1.3 MB, goes to 2 threads as 2 runs).
+inline int64_t grain(int64_t row_bytes) { return std::max<int64_t>(4, (64 << 10) / std::max<int64_t>(1, row_bytes)); }
+
+// M as a compile-time constant, so the accumulators live in registers.
+template <typename F>
+void with_m(int64_t M, F&& f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// ---- the portable path: weights widened to floats, 16 lanes of fp32 multiply-adds -------------
 #ifdef GEMV_AVX512
 using Vec = __m512;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vset(float s) { return _mm512_set1_ps(s); }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
-// 16 weights of each format as 16 floats
-inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 inline Vec load16(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec load16(const uint16_t* p) {  // bf16: widen to 32 bits and shift into the top half
   return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -54,20 +84,12 @@ inline Vec load16(const uint16_t* p) {  // bf16: widen to 32 bits and shift into
 inline Vec load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-// int4: 16 bytes -> q of the 16 low nibbles (lo) and of the 16 high ones (hi)
-inline void load32_int4(const uint8_t* p, Vec& lo, Vec& hi) {
-  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-}
 #else
 struct Vec { float v[LANES]; };
 inline Vec vzero() { return Vec{}; }
 inline Vec vload(const float* p) { Vec r; std::memcpy(r.v, p, sizeof r.v); return r; }
 inline Vec vfma(Vec a, Vec b, Vec c) { for (int i = 0; i < LANES; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
-inline Vec vset(float s) { Vec r; for (int i = 0; i < LANES; ++i) r.v[i] = s; return r; }
 inline float vsum(Vec a) { float s = 0.f; for (int i = 0; i < LANES; ++i) s += a.v[i]; return s; }
-inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 inline Vec load16(const float* p) { return vload(p); }
 inline Vec load16(const uint16_t* p) {
   Vec r;
@@ -75,9 +97,6 @@ inline Vec load16(const uint16_t* p) {
   return r;
 }
 inline Vec load16(const int8_t* p) { Vec r; for (int i = 0; i < LANES; ++i) r.v[i] = p[i]; return r; }
-inline void load32_int4(const uint8_t* p, Vec& lo, Vec& hi) {
-  for (int i = 0; i < LANES; ++i) { lo.v[i] = p[i] & 15; hi.v[i] = p[i] >> 4; }
-}
 #endif
 
 // Weight rows per pass: enough independent accumulators (M * R) to hide the multiply-add
@@ -103,46 +122,8 @@ inline void dot_rows(const T* W, const float* x, int64_t N, int64_t K, const flo
     for (int r = 0; r < R; ++r) y[m * N + n0 + r] = vsum(acc[m][r]) * (scale ? scale[n0 + r] : 1.f);
 }
 
-// int4: per group of G inputs a partial sum, then acc += scale * partial, plus offset * sum(x in group).
-template <int M, int R>
-inline void dot_rows_int4(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const float* x,
-                          const float* xsum, int64_t N, int64_t K, int64_t G, float* y, int64_t n0) {
-  const int64_t groups = K / G;
-  Vec acc[M][R];
-  float extra[M][R] = {};
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = vzero();
-  for (int64_t g = 0; g < groups; ++g) {
-    Vec part[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) part[m][r] = vzero();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 2 * LANES) {
-      Vec lo[R], hi[R];
-      for (int r = 0; r < R; ++r) load32_int4(q + (n0 + r) * (K / 2) + k / 2, lo[r], hi[r]);
-      for (int m = 0; m < M; ++m) {
-        Vec xlo = vload(x + m * K + k), xhi = vload(x + m * K + k + LANES);
-        for (int r = 0; r < R; ++r) part[m][r] = vfma(xhi, hi[r], vfma(xlo, lo[r], part[m][r]));
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const Vec s = vset(half_to_float(scale[(n0 + r) * groups + g]));
-      const float o = half_to_float(offset[(n0 + r) * groups + g]);
-      for (int m = 0; m < M; ++m) {
-        acc[m][r] = vfma(s, part[m][r], acc[m][r]);
-        extra[m][r] += o * xsum[m * groups + g];
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = vsum(acc[m][r]) + extra[m][r];
-}
-
-// Rows split among threads in runs of >= ~64 KiB of weights: smaller tasks cost more to hand
-// out than to do (a 576 x 576 fp32 matrix, 1.3 MB, goes to 2 threads as 2 runs).
-inline int64_t grain(int64_t row_bytes) { return std::max<int64_t>(4, (64 << 10) / std::max<int64_t>(1, row_bytes)); }
-
 template <int M, typename T>
-void gemv(const T* W, const float* x, int64_t N, int64_t K, const float* scale, float* y) {
+void gemv_floats(const T* W, const float* x, int64_t N, int64_t K, const float* scale, float* y) {
   constexpr int R = rows_per_pass<M>();
   at::parallel_for(0, N, grain(K * sizeof(T)), [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
@@ -151,90 +132,288 @@ void gemv(const T* W, const float* x, int64_t N, int64_t K, const float* scale, 
   });
 }
 
+// int4 widened: q[n, k] of a row packed as gemv.cpp's header says.
+inline int nibble(const uint8_t* row, int64_t k) {
+  const int64_t i = k % RUN;
+  const uint8_t b = row[(k / RUN) * (RUN / 2) + i % (RUN / 2)];
+  return i < RUN / 2 ? (b & 15) : (b >> 4);
+}
+
 template <int M>
-void gemv_int4(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const float* x, const float* xsum,
-               int64_t N, int64_t K, int64_t G, float* y) {
-  constexpr int R = rows_per_pass<M>();
+void gemv_int4_floats(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const float* x,
+                      int64_t N, int64_t K, int64_t G, float* y) {
+  const int64_t groups = K / G;
   at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    for (; n + R <= n1; n += R) dot_rows_int4<M, R>(q, scale, offset, x, xsum, N, K, G, y, n);
-    for (; n < n1; ++n) dot_rows_int4<M, 1>(q, scale, offset, x, xsum, N, K, G, y, n);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = q + n * (K / 2);
+      float total[M] = {};
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = half_to_float(scale[n * groups + g]), o = half_to_float(offset[n * groups + g]);
+        for (int m = 0; m < M; ++m) {
+          float dot = 0.f, xs = 0.f;
+          for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+            dot += x[m * K + k] * nibble(row, k);
+            xs += x[m * K + k];
+          }
+          total[m] += s * dot + o * xs;
+        }
+      }
+      for (int m = 0; m < M; ++m) y[m * N + n] = total[m];
+    }
   });
 }
 
-// M as a compile-time constant, so the accumulators live in registers.
-template <typename F>
-void with_m(int64_t M, F&& f) {
-  switch (M) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+#ifdef GEMV_VNNI
+// ---- int8 / int4 with vpdpwssd -------------------------------------------------------------------
+// x quantized per run of 64 inputs to 16 bits: xq = round(x / xs) in [-32767, 32767], xs =
+// max|x| / 32767, so that vpdpwssd multiplies 32 pairs of 16-bit integers into int32 sums an
+// instruction. 16 bits, not llama.cpp's 8: a run holding one of the large activations LLMs
+// have (|x| ~30 next to values ~1) rounds the rest of its run to a few levels in 8 bits, and
+// on SmolLM2 that moved the tied head's logits by ~1% and changed greedy tokens; in 16 bits
+// x is as good as the float path's (tests/test_cpu_gemv.py).
+struct QuantizedX {
+  std::vector<int16_t> xq;     // (M, K)
+  std::vector<float> xs;       // (M, K / 64)
+  std::vector<float> sum32;    // (M, K / 32) sums of the rounded x over each 32 inputs (int4's offsets)
+};
+
+// Into a per-thread buffer: a decode step calls this ~150 times, and allocating each time
+// cost more than the quantization.
+inline const QuantizedX& quantize_runs(const float* x, int64_t M, int64_t K) {
+  thread_local QuantizedX out;
+  const int64_t runs = K / RUN;
+  out.xq.resize(M * K), out.xs.resize(M * runs), out.sum32.resize(M * K / 32);
+  for (int64_t r = 0; r < M * runs; ++r) {
+    const float* p = x + r * RUN;
+    __m512 v[4], amax = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j] = _mm512_loadu_ps(p + 16 * j)));
+    const float scale = _mm512_reduce_max_ps(amax) / 32767.f;
+    const __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+    __m512 rounded[4];
+    for (int j = 0; j < 4; ++j) {  // round to nearest (even), as torch.round
+      rounded[j] = _mm512_roundscale_ps(_mm512_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xq.data() + r * RUN + 16 * j),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(rounded[j])));
+    }
+    // Sums of the rounded x, not of x: int4's offsets then multiply the same x as its q, and the
+    // result is exactly sum_k x'[k] w[k]. (Offset and q * scale are each larger than w when a
+    // group's weights sit away from zero; rounding one and not the other would not cancel.)
+    out.sum32[2 * r] = scale * _mm512_reduce_add_ps(_mm512_add_ps(rounded[0], rounded[1]));
+    out.sum32[2 * r + 1] = scale * _mm512_reduce_add_ps(_mm512_add_ps(rounded[2], rounded[3]));
+    out.xs[r] = scale;
+  }
+  return out;
+}
+
+inline __m512i load_x16(const QuantizedX& x, int64_t at) {
+  return _mm512_loadu_si512(x.xq.data() + at);  // 32 inputs of x in 16 bits
+}
+
+template <int M>
+void gemv_int8_vnni(const int8_t* W, const QuantizedX& x, int64_t N, int64_t K, const float* scale, float* y) {
+  const int64_t runs = K / RUN;
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      __m512 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < runs; ++c) {
+        const int8_t* w = W + n * K + c * RUN;  // 64 weights, widened to 16 bits 32 at a time
+        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32)));
+        for (int m = 0; m < M; ++m) {
+          const int64_t at = m * K + c * RUN;
+          __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, load_x16(x, at));
+          dot = _mm512_dpwssd_epi32(dot, w1, load_x16(x, at + 32));
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.xs[m * runs + c]), acc[m]);
+        }
+      }
+      for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) * scale[n];
+    }
+  });
+}
+
+// A row's fp16 scales and offsets as floats, 16 at a time (the tail masked).
+inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 keep = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, keep, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, h + i)));
   }
 }
+
+template <int M>
+void gemv_int4_vnni(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const QuantizedX& x,
+                    int64_t N, int64_t K, int64_t G, float* y) {
+  const int64_t runs = K / RUN, groups = K / G, per_group = G / 32;
+  // sum of x over each group, for the offsets: sum_k offset[g] x[k] = offset[g] * xsum[g]
+  std::vector<float> xsum(M * groups, 0.f);
+  for (int64_t i = 0; i < M * groups; ++i)
+    for (int64_t j = 0; j < per_group; ++j) xsum[i] += x.sum32[i * per_group + j];
+  const __m256i low4 = _mm256_set1_epi8(15);
+  at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
+    std::vector<float> ws(groups + 16), wo(groups + 16);
+    for (int64_t n = n0; n < n1; ++n) {
+      halves_to_floats(scale + n * groups, groups, ws.data());
+      halves_to_floats(offset + n * groups, groups, wo.data());
+      __m512 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < runs; ++c) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * (K / 2) + c * (RUN / 2)));
+        // inputs 0..31 (low nibbles) and 32..63 (high ones), each widened to 16 bits
+        const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_and_si256(b, low4));
+        const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+        // int32 lane l sums inputs 2l, 2l+1 of each half: one scale per half with groups of 32
+        const float s0 = ws[c * RUN / G], s1 = G == 32 ? ws[2 * c + 1] : s0;
+        for (int m = 0; m < M; ++m) {
+          const int64_t at = m * K + c * RUN;
+          const __m512 xs = _mm512_set1_ps(x.xs[m * runs + c]);
+          if (G == 32) {
+            const __m512i d0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, load_x16(x, at));
+            const __m512i d1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, load_x16(x, at + 32));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(xs, _mm512_set1_ps(s0)), acc[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(xs, _mm512_set1_ps(s1)), acc[m]);
+          } else {
+            __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, load_x16(x, at));
+            d = _mm512_dpwssd_epi32(d, w1, load_x16(x, at + 32));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(xs, _mm512_set1_ps(s0)), acc[m]);
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        float extra = 0.f;
+        for (int64_t g = 0; g < groups; ++g) extra += wo[g] * xsum[m * groups + g];
+        y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + extra;
+      }
+    }
+  });
+}
+#endif
+
+#ifdef GEMV_BF16DOT
+// ---- bf16 with vdpbf16ps: pairs of bf16 products summed into fp32 lanes, 32 weights an instruction
+template <int M>
+void gemv_bf16_dot(const uint16_t* W, const uint16_t* x, int64_t N, int64_t K, float* y) {
+  at::parallel_for(0, N, grain(2 * K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      __m512 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(W + n * K + k);
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), w);
+      }
+      for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
+    }
+  });
+}
+#endif
 
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "gemv: x must be (M, ", K, "), got ", x.sizes());
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_M, "gemv: 1 to ", MAX_M, " rows of x, got ", x.size(0));
   TORCH_CHECK(K % LANES == 0, "gemv: in_features must be a multiple of ", LANES, ", got ", K);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "gemv: x must be float32 or bfloat16, got ", x.scalar_type());
 }
 
-// x (M, K) any float dtype; w (N, K) fp32, bf16 or int8; scale (N,) or None -> y (M, N) in x's dtype.
-torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale) {
-  const int64_t N = w.size(0), K = w.size(1), M = x_in.size(0);
-  check_x(x_in, K);
-  TORCH_CHECK(w.is_contiguous(), "gemv: the weight must be contiguous");
-  const torch::Tensor x = x_in.to(torch::kFloat32).contiguous();
+// x as M * K floats: itself if it is fp32 and contiguous, else widened into a per-thread buffer
+// (no torch op: at ~150 calls a step, each op's dispatch shows).
+inline const float* floats_of(const torch::Tensor& x, std::vector<float>& buffer) {
+  if (x.scalar_type() == torch::kFloat32 && x.is_contiguous()) return x.data_ptr<float>();
+  const torch::Tensor xc = x.contiguous();
+  buffer.resize(xc.numel());
+  const auto* h = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < xc.numel(); ++i) {
+    const uint32_t bits = uint32_t(h[i]) << 16;
+    std::memcpy(&buffer[i], &bits, 4);
+  }
+  return buffer.data();
+}
+
+// y (M, N) in x's dtype from the kernels' fp32 sums.
+inline torch::Tensor output(const torch::Tensor& x, const std::vector<float>& sums, int64_t M, int64_t N) {
   torch::Tensor y = torch::empty({M, N}, x.options());
-  torch::Tensor sf;
+  if (x.scalar_type() == torch::kFloat32) {
+    std::memcpy(y.data_ptr<float>(), sums.data(), M * N * sizeof(float));
+  } else {
+    at::BFloat16* out = y.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < M * N; ++i) out[i] = at::BFloat16(sums[i]);  // round to nearest even
+  }
+  return y;
+}
+
+// x (M, K) fp32 or bf16; w (N, K) fp32, bf16 or int8; scale (N,) fp32 or None -> y (M, N) in x's dtype.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale) {
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(w.is_contiguous(), "gemv: the weight must be contiguous");
+  const auto kind = w.scalar_type();
+  TORCH_CHECK(kind == torch::kFloat32 || kind == torch::kBFloat16 || kind == torch::kChar,
+              "gemv: weight dtype must be float32, bfloat16 or int8, got ", kind);
   const float* s = nullptr;
   if (scale.has_value()) {
-    sf = scale->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(sf.numel() == N, "gemv: one scale per output row");
-    s = sf.data_ptr<float>();
+    TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() && scale->numel() == N,
+                "gemv: one float32 scale per output row");
+    s = scale->data_ptr<float>();
   }
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  thread_local std::vector<float> sums, widened;
+  sums.resize(M * N);
+  float* yp = sums.data();
+#ifdef GEMV_BF16DOT
+  if (kind == torch::kBFloat16 && K % 32 == 0 && s == nullptr) {
+    const torch::Tensor xb = x.scalar_type() == torch::kBFloat16 ? x.contiguous() : x.to(torch::kBFloat16);
+    with_m(M, [&](auto m) {
+      gemv_bf16_dot<decltype(m)::value>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+                                        reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), N, K, yp);
+    });
+    return output(x, sums, M, N);
+  }
+#endif
+  const float* xp = floats_of(x, widened);
+#ifdef GEMV_VNNI
+  if (kind == torch::kChar && K % RUN == 0 && s != nullptr) {
+    const QuantizedX& xq = quantize_runs(xp, M, K);
+    with_m(M, [&](auto m) { gemv_int8_vnni<decltype(m)::value>(w.data_ptr<int8_t>(), xq, N, K, s, yp); });
+    return output(x, sums, M, N);
+  }
+#endif
   with_m(M, [&](auto m) {
     constexpr int MM = decltype(m)::value;
-    switch (w.scalar_type()) {
-      case torch::kFloat32: gemv<MM>(w.data_ptr<float>(), xp, N, K, s, yp); break;
-      case torch::kBFloat16:
-        gemv<MM>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xp, N, K, s, yp);
-        break;
-      case torch::kChar: gemv<MM>(w.data_ptr<int8_t>(), xp, N, K, s, yp); break;
-      default: TORCH_CHECK(false, "gemv: weight dtype must be float32, bfloat16 or int8, got ", w.scalar_type());
-    }
+    if (kind == torch::kFloat32) gemv_floats<MM>(w.data_ptr<float>(), xp, N, K, s, yp);
+    else if (kind == torch::kBFloat16)
+      gemv_floats<MM>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xp, N, K, s, yp);
+    else gemv_floats<MM>(w.data_ptr<int8_t>(), xp, N, K, s, yp);
   });
-  return y.scalar_type() == x_in.scalar_type() ? y : y.to(x_in.scalar_type());
+  return output(x, sums, M, N);
 }
 
-// x (M, K); q (N, K / 2) uint8; scale, offset (N, K / G) fp16 -> y (M, N) in x's dtype.
-torch::Tensor linear_int4(const torch::Tensor& x_in, const torch::Tensor& q, const torch::Tensor& scale,
+// x (M, K) fp32 or bf16; q (N, K / 2) uint8; scale, offset (N, K / G) fp16 -> y (M, N) in x's dtype.
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                           const torch::Tensor& offset, int64_t G) {
-  const int64_t N = q.size(0), K = 2 * q.size(1), M = x_in.size(0);
-  check_x(x_in, K);
-  TORCH_CHECK(G % (2 * LANES) == 0 && K % G == 0, "gemv int4: the group size must divide in_features and be "
-              "a multiple of ", 2 * LANES);
+  const int64_t N = q.size(0), K = 2 * q.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(K % RUN == 0 && G % 32 == 0 && K % G == 0, "gemv int4: in_features must be a multiple of ", RUN,
+              " and of the group size, a multiple of 32");
   // scale and offset: fp16, or fp16 bits held as int16 (decode_weights.Int4Linear)
   auto half_bits = [](const torch::Tensor& t) { return t.scalar_type() == torch::kHalf || t.scalar_type() == torch::kShort; };
   TORCH_CHECK(q.scalar_type() == torch::kByte && half_bits(scale) && half_bits(offset),
               "gemv int4: q uint8, scale and offset float16 (or its bits as int16)");
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && offset.is_contiguous(), "gemv int4: contiguous parts");
   TORCH_CHECK(scale.numel() == N * (K / G) && offset.numel() == N * (K / G), "gemv int4: (N, K / G) scales");
-  const torch::Tensor x = x_in.to(torch::kFloat32).contiguous();
-  const torch::Tensor xsum = x.view({M, K / G, G}).sum(-1).contiguous();  // (M, groups)
-  torch::Tensor y = torch::empty({M, N}, x.options());
+  thread_local std::vector<float> sums, widened;
+  sums.resize(M * N);
+  const float* xp = floats_of(x, widened);
+  const auto* sp = static_cast<const uint16_t*>(scale.data_ptr());
+  const auto* op = static_cast<const uint16_t*>(offset.data_ptr());
+#ifdef GEMV_VNNI
+  const QuantizedX& xq = quantize_runs(xp, M, K);
   with_m(M, [&](auto m) {
-    gemv_int4<decltype(m)::value>(q.data_ptr<uint8_t>(), static_cast<const uint16_t*>(scale.data_ptr()),
-                                  static_cast<const uint16_t*>(offset.data_ptr()),
-                                  x.data_ptr<float>(), xsum.data_ptr<float>(), N, K, G, y.data_ptr<float>());
+    gemv_int4_vnni<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xq, N, K, G, sums.data());
   });
-  return y.scalar_type() == x_in.scalar_type() ? y : y.to(x_in.scalar_type());
+#else
+  with_m(M, [&](auto m) {
+    gemv_int4_floats<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xp, N, K, G, sums.data());
+  });
+#endif
+  return output(x, sums, M, N);
 }
 
 }  // namespace
@@ -243,9 +422,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ W^T (times one scale per output row) for 1-8 rows of x; W fp32, bf16 or int8");
   m.def("linear_int4", &linear_int4, "y = x @ (scale * q + offset)^T, group-wise, for 1-8 rows of x");
   m.attr("MAX_M") = MAX_M;
-#ifdef GEMV_AVX512
-  m.attr("AVX512") = true;
+#ifdef GEMV_VNNI
+  m.attr("VNNI") = true;
 #else
-  m.attr("AVX512") = false;
+  m.attr("VNNI") = false;
+#endif
+#ifdef GEMV_BF16DOT
+  m.attr("BF16DOT") = true;
+#else
+  m.attr("BF16DOT") = false;
 #endif
 }
