@@ -568,6 +568,11 @@ def llama_cpp_greedy(path, prompts: list[list[int]], n_new: int) -> list[list[in
     if run.returncode == -signal.SIGILL:
         pytest.skip("llama-cpp-python was built for another CPU (illegal instruction); rebuild it with "
                     "CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --no-binary llama-cpp-python llama-cpp-python")
+    if run.returncode == -signal.SIGSEGV and "q8_0" in str(path).lower():
+        # A native build's AMX int8 kernels crash in VMs that do not grant the AMX tile state
+        # (seen on this project's Sapphire Rapids machines); F16 and our Q4 files still run.
+        pytest.skip("llama-cpp-python crashed on Q8_0 (SIGSEGV): a native build's AMX kernels in a VM without "
+                    "AMX state; rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF'")
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

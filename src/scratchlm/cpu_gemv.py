@@ -30,7 +30,11 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 8  # rows of x the kernels take; more is a matrix-matrix product (prefill)
+# Rows of x up to which the kernels beat the alternative: 8 a pass over the weights, so for
+# bf16 (oneDNN's matmul, AMX where there is one) a prompt is F.linear's; for int8 and int4 a
+# short prompt is still a few passes, cheaper than torch's int8 kernel or dequantizing int4.
+MAX_ROWS = 8
+MAX_ROWS_QUANTIZED = 64
 SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 
 
@@ -61,11 +65,11 @@ def _build():
         return None
 
 
-def fits(x: torch.Tensor, in_features: int) -> bool:
-    """Whether x (..., in_features) can go through the kernels: CPU, 1-8 rows, whole vectors
-    (int4 also needs in_features a multiple of 64: decode_weights.int4_fits)."""
+def fits(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
+    """Whether x (..., in_features) goes through the kernels: CPU, 1 to max_rows rows, whole
+    vectors (int4 also needs in_features a multiple of 64: decode_weights.int4_fits)."""
     rows = x.numel() // in_features if in_features else 0
-    return (x.device.type == "cpu" and 1 <= rows <= MAX_ROWS and in_features % 16 == 0
+    return (x.device.type == "cpu" and 1 <= rows <= max_rows and in_features % 16 == 0
             and kernels() is not None)
 
 
@@ -92,7 +96,7 @@ def _(x, q, scale, offset, group_size):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, in) fp32 or bf16 @ weight.T, weight (out, in) fp32, bf16 or int8, times scale
-    (out,) fp32 per output when given -> (M, out) in x's dtype. M <= MAX_ROWS."""
+    (out,) fp32 per output when given -> (M, out) in x's dtype."""
     if torch.compiler.is_compiling():  # the registered op: one node of the graph
         return _gemv(x, weight, scale)
     return kernels().linear(x, weight, scale)  # eager: straight in (the op's dispatch costs ~25 us a call)

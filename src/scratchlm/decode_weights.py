@@ -128,7 +128,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)  # (M, in)
-        if cpu_gemv.fits(x2, self.in_features):  # decoding: our kernel (cpu_gemv.py)
+        if cpu_gemv.fits(x2, self.in_features, cpu_gemv.MAX_ROWS_QUANTIZED):  # decoding: our kernel (cpu_gemv.py)
             y = cpu_gemv.linear(x2, self.weight_int8, self.scales_fp32)
         elif x2.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)  # (M, out), no dequantized copy
@@ -250,7 +250,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if cpu_gemv.fits(x2, self.in_features):  # any float x: the kernel sums in fp32
+        if cpu_gemv.fits(x2, self.in_features, cpu_gemv.MAX_ROWS_QUANTIZED):  # any float x: fp32 sums
             y = cpu_gemv.linear_int4(x2, self.weight_int4, self.scales, self.offsets, self.group_size)
         else:
             x2 = x2 if x2.dtype == torch.float32 else x2.to(torch.bfloat16)

@@ -1,4 +1,4 @@
-// Matrix-vector products for decoding: y (M, N) = x (M, K) @ W^T for a few rows of x (M <= 8),
+// Matrix-vector products for decoding: y (M, N) = x (M, K) @ W^T for a few rows of x (8 at a time),
 // with W (N, K) row-major as nn.Linear stores it, in fp32, bf16, int8 or int4.
 //
 // Why our own: one token at a time, every weight is read once and feeds one multiply-add per
@@ -46,7 +46,7 @@ namespace {
 
 constexpr int LANES = 16;   // floats per AVX-512 register; K must be a multiple
 constexpr int RUN = 64;     // inputs per quantized run of x, and per int4 byte run
-constexpr int MAX_M = 8;    // rows of x; for more, a matrix-matrix kernel is the better tool
+constexpr int MAX_M = 8;    // rows of x per pass over the weights (more rows: more passes)
 
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
@@ -308,7 +308,7 @@ void gemv_bf16_dot(const uint16_t* W, const uint16_t* x, int64_t N, int64_t K, f
 
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "gemv: x must be (M, ", K, "), got ", x.sizes());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_M, "gemv: 1 to ", MAX_M, " rows of x, got ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1, "gemv: x has no rows");
   TORCH_CHECK(K % LANES == 0, "gemv: in_features must be a multiple of ", LANES, ", got ", K);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
               "gemv: x must be float32 or bfloat16, got ", x.scalar_type());
@@ -356,32 +356,39 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
   }
   thread_local std::vector<float> sums, widened;
   sums.resize(M * N);
-  float* yp = sums.data();
+  // Rows of x MAX_M at a time (a short prompt is a few passes over the weights).
 #ifdef GEMV_BF16DOT
   if (kind == torch::kBFloat16 && K % 32 == 0 && s == nullptr) {
     const torch::Tensor xb = x.scalar_type() == torch::kBFloat16 ? x.contiguous() : x.to(torch::kBFloat16);
-    with_m(M, [&](auto m) {
-      gemv_bf16_dot<decltype(m)::value>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
-                                        reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), N, K, yp);
-    });
+    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_M)
+      with_m(std::min<int64_t>(MAX_M, M - m0), [&](auto m) {
+        gemv_bf16_dot<decltype(m)::value>(wp, xp + m0 * K, N, K, sums.data() + m0 * N);
+      });
     return output(x, sums, M, N);
   }
 #endif
   const float* xp = floats_of(x, widened);
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+    const int64_t rows = std::min<int64_t>(MAX_M, M - m0);
+    const float* xc = xp + m0 * K;
+    float* yc = sums.data() + m0 * N;
 #ifdef GEMV_VNNI
-  if (kind == torch::kChar && K % RUN == 0 && s != nullptr) {
-    const QuantizedX& xq = quantize_runs(xp, M, K);
-    with_m(M, [&](auto m) { gemv_int8_vnni<decltype(m)::value>(w.data_ptr<int8_t>(), xq, N, K, s, yp); });
-    return output(x, sums, M, N);
-  }
+    if (kind == torch::kChar && K % RUN == 0 && s != nullptr) {
+      const QuantizedX& xq = quantize_runs(xc, rows, K);
+      with_m(rows, [&](auto m) { gemv_int8_vnni<decltype(m)::value>(w.data_ptr<int8_t>(), xq, N, K, s, yc); });
+      continue;
+    }
 #endif
-  with_m(M, [&](auto m) {
-    constexpr int MM = decltype(m)::value;
-    if (kind == torch::kFloat32) gemv_floats<MM>(w.data_ptr<float>(), xp, N, K, s, yp);
-    else if (kind == torch::kBFloat16)
-      gemv_floats<MM>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xp, N, K, s, yp);
-    else gemv_floats<MM>(w.data_ptr<int8_t>(), xp, N, K, s, yp);
-  });
+    with_m(rows, [&](auto m) {
+      constexpr int MM = decltype(m)::value;
+      if (kind == torch::kFloat32) gemv_floats<MM>(w.data_ptr<float>(), xc, N, K, s, yc);
+      else if (kind == torch::kBFloat16)
+        gemv_floats<MM>(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), xc, N, K, s, yc);
+      else gemv_floats<MM>(w.data_ptr<int8_t>(), xc, N, K, s, yc);
+    });
+  }
   return output(x, sums, M, N);
 }
 
@@ -403,24 +410,26 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q, const 
   const float* xp = floats_of(x, widened);
   const auto* sp = static_cast<const uint16_t*>(scale.data_ptr());
   const auto* op = static_cast<const uint16_t*>(offset.data_ptr());
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+    const int64_t rows = std::min<int64_t>(MAX_M, M - m0);
+    float* yc = sums.data() + m0 * N;
 #ifdef GEMV_VNNI
-  const QuantizedX& xq = quantize_runs(xp, M, K);
-  with_m(M, [&](auto m) {
-    gemv_int4_vnni<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xq, N, K, G, sums.data());
-  });
+    const QuantizedX& xq = quantize_runs(xp + m0 * K, rows, K);
+    with_m(rows, [&](auto m) { gemv_int4_vnni<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xq, N, K, G, yc); });
 #else
-  with_m(M, [&](auto m) {
-    gemv_int4_floats<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xp, N, K, G, sums.data());
-  });
+    with_m(rows, [&](auto m) {
+      gemv_int4_floats<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xp + m0 * K, N, K, G, yc);
+    });
 #endif
+  }
   return output(x, sums, M, N);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "y = x @ W^T (times one scale per output row) for 1-8 rows of x; W fp32, bf16 or int8");
-  m.def("linear_int4", &linear_int4, "y = x @ (scale * q + offset)^T, group-wise, for 1-8 rows of x");
+  m.def("linear", &linear, "y = x @ W^T (times one scale per output row), 8 rows of x a pass; W fp32, bf16 or int8");
+  m.def("linear_int4", &linear_int4, "y = x @ (scale * q + offset)^T, group-wise, 8 rows of x a pass");
   m.attr("MAX_M") = MAX_M;
 #ifdef GEMV_VNNI
   m.attr("VNNI") = true;
