@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/posttrain.py                 # DPO: 8 pairs per step, 6 timed rounds
     .venv/bin/python benchmarks/posttrain.py --dpo-steps 10 --hidden 512
     .venv/bin/python benchmarks/posttrain.py --precompute   # both: reference log-probs once, up front
+    .venv/bin/python benchmarks/posttrain.py --prompt-length 96  # prompts 3x the responses, as in HH-RLHF
 
 DPO (``bench_dpo``): a transformers Llama with random weights is the policy; its weights
 are imported into scratchlm (hf.from_hf_model) so both trainers start from the same
@@ -32,13 +33,17 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz .,:;?"
 SPECIALS = ["<|endoftext|>"]
 
 
-def make_pairs(n: int, seed: int, length: int) -> list[dict]:
+def make_pairs(n: int, seed: int, length: int, prompt_length: int | None = None) -> list[dict]:
+    """n pairs of random text: responses of length/2 .. length characters, prompts of
+    prompt_length/2 .. prompt_length (default: as long as the responses)."""
     rng = random.Random(seed)
+    prompt_length = prompt_length or length
 
     def text(k):
         return "".join(rng.choice(LETTERS) for _ in range(k))
 
-    return [{"prompt": text(rng.randint(length // 2, length)), "chosen": text(rng.randint(length // 2, length)),
+    return [{"prompt": text(rng.randint(prompt_length // 2, prompt_length)),
+             "chosen": text(rng.randint(length // 2, length)),
              "rejected": text(rng.randint(length // 2, length))} for _ in range(n)]
 
 
@@ -74,13 +79,14 @@ def dpo_setup(args):
     torch.manual_seed(0)
     hf_config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                             num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
-                            num_key_value_heads=args.hidden // 64, max_position_embeddings=4 * args.length,
+                            num_key_value_heads=args.hidden // 64,
+                            max_position_embeddings=4 * max(args.length, args.prompt_length or 0),
                             tie_word_embeddings=False, attn_implementation="sdpa")
     policy = LlamaForCausalLM(hf_config).float()
     reference = LlamaForCausalLM(hf_config).float()
     reference.load_state_dict(policy.state_dict())
     n_steps = args.dpo_steps + 1
-    rows = make_pairs(args.batch * n_steps, seed=1, length=args.length)
+    rows = make_pairs(args.batch * n_steps, seed=1, length=args.length, prompt_length=args.prompt_length)
 
     work = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     base = work / "base"
@@ -142,8 +148,10 @@ def bench_dpo(args) -> dict:
             losses[name].append(loss)
     steps_per_s = {k: 1 / statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in policy.parameters())
+    pl = args.prompt_length or args.length
     print(f"DPO: Llama {args.layers} x {args.hidden} ({params / 1e6:.1f}M parameters, random weights), "
-          f"{args.batch} pairs per step (~{args.length}-{2 * args.length} tokens per row), CPU {args.threads} "
+          f"{args.batch} pairs per step (prompts {pl // 2}-{pl}, responses {args.length // 2}-{args.length} tokens), "
+          f"CPU {args.threads} "
           f"threads, fp32, reference {'precomputed' if args.precompute else 'a frozen copy'}; median of "
           f"{args.dpo_steps} alternating steps")
     print(f"{'':10} {'steps/s':>8} {'s/step':>7}   first losses")
@@ -166,7 +174,10 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8, help="DPO: pairs per step")
-    ap.add_argument("--length", type=int, default=32, help="DPO: prompt and response lengths, in characters")
+    ap.add_argument("--length", type=int, default=32, help="DPO: response lengths (and by default prompt lengths), in characters")
+    ap.add_argument("--prompt-length", type=int, default=None,
+                    help="DPO: prompt lengths, in characters (default: --length). Preference sets with "
+                    "multi-turn context (HH-RLHF) have prompts longer than their responses: 96 with --length 32")
     ap.add_argument("--dpo-steps", type=int, default=6, help="DPO: timed steps per trainer (after one warm-up)")
     ap.add_argument("--precompute", action="store_true", help="DPO: reference log-probs computed once, up front "
                     "(ours: --precompute-ref; TRL: precompute_ref_log_probs), not timed")
