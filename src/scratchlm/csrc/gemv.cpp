@@ -250,10 +250,9 @@ void gemv_int4_vnni(const uint8_t* q, const uint16_t* scale, const uint16_t* off
     for (int64_t j = 0; j < per_group; ++j) xsum[i] += x.sum32[i * per_group + j];
   const __m256i low4 = _mm256_set1_epi8(15);
   at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
-    std::vector<float> ws(groups + 16), wo(groups + 16);
+    std::vector<float> ws(groups + 16);
     for (int64_t n = n0; n < n1; ++n) {
       halves_to_floats(scale + n * groups, groups, ws.data());
-      halves_to_floats(offset + n * groups, groups, wo.data());
       __m512 acc[M];
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
       for (int64_t c = 0; c < runs; ++c) {
@@ -278,11 +277,13 @@ void gemv_int4_vnni(const uint8_t* q, const uint16_t* scale, const uint16_t* off
           }
         }
       }
-      for (int m = 0; m < M; ++m) {
-        float extra = 0.f;
-        for (int64_t g = 0; g < groups; ++g) extra += wo[g] * xsum[m * groups + g];
-        y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + extra;
+      // + sum_g offset[g] * xsum[g], 16 groups a vector, into the same sum (one reduction a row)
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 keep = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
+        const __m512 o = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, offset + n * groups + g));
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(keep, xsum.data() + m * groups + g), acc[m]);
       }
+      for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
     }
   });
 }

@@ -1,0 +1,95 @@
+"""Our decode kernels (cpu_gemv.py) against PyTorch's, matrix by matrix, in one process.
+
+One pass = every weight matrix of a model shape (smollm2-135m by default: 30 layers of
+qkv, out, gate, up, down, and the tied head) times one row of x, as one decode step does.
+Each layout runs ours and PyTorch's kernel on the same quantized weights, interleaved
+round by round; the best pass of each is printed with the read rate it implies.
+
+    python benchmarks/decode_kernels.py
+    python benchmarks/decode_kernels.py --preset qwen3-0.6b --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from scratchlm import ModelConfig, Transformer, cpu_gemv
+from scratchlm.decode_weights import quantize_int4, quantize_int8
+
+
+def matrices(preset: str) -> list[tuple[int, int]]:
+    """(out, in) of every Linear one decode step multiplies by (the tied head included)."""
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.preset(preset))
+    return [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--group-size", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    kernels = cpu_gemv.kernels()
+    if kernels is None:
+        raise SystemExit("the kernels could not be built here (no C++ compiler?)")
+    G = args.group_size
+    shapes = matrices(args.preset)
+    gen = torch.Generator().manual_seed(0)
+    layouts = {"bf16": [], "int8": [], "int4": []}
+    for N, K in shapes:
+        w = torch.randn(N, K, generator=gen) * 0.02
+        layouts["bf16"].append(w.bfloat16())
+        q8, s8 = quantize_int8(w)
+        layouts["int8"].append((q8, s8, s8.bfloat16()))
+        q4, s4, z4 = quantize_int4(w, G)
+        ours = (cpu_gemv.pack_nibbles(q4), s4.half().view(torch.int16), (z4 - 8 * s4).half().view(torch.int16))
+        theirs = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1),
+                  torch.stack([s4, z4], -1).transpose(0, 1).contiguous().bfloat16())
+        layouts["int4"].append((ours, theirs))
+    xs = {K: torch.randn(1, K, generator=gen).bfloat16() for _, K in shapes}
+
+    def bf16(ours):
+        for (_, K), w in zip(shapes, layouts["bf16"]):
+            kernels.linear(xs[K], w, None) if ours else F.linear(xs[K], w)
+
+    def int8(ours):
+        for (_, K), (q, s, sb) in zip(shapes, layouts["int8"]):
+            kernels.linear(xs[K], q, s) if ours else torch._weight_int8pack_mm(xs[K], q, sb)
+
+    def int4(ours):
+        for (_, K), (mine, theirs) in zip(shapes, layouts["int4"]):
+            if ours:
+                kernels.linear_int4(xs[K], *mine, G)
+            else:
+                torch.ops.aten._weight_int4pack_mm_for_cpu(xs[K], theirs[0], G, theirs[1])
+
+    runs = {("bf16", "oneDNN F.linear"): lambda: bf16(False), ("bf16", "ours"): lambda: bf16(True),
+            ("int8", "torch._weight_int8pack_mm"): lambda: int8(False), ("int8", "ours"): lambda: int8(True),
+            ("int4", "torch._weight_int4pack_mm_for_cpu"): lambda: int4(False), ("int4", "ours"): lambda: int4(True)}
+    weight_bytes = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+    n_weights = sum(N * K for N, K in shapes)
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(args.rounds):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[key] = min(best[key], time.perf_counter() - start)
+    print(f"{args.preset}: {len(shapes)} matrices, {n_weights / 1e6:.1f}M weights, one row of x, "
+          f"{args.threads} threads, best of {args.rounds} interleaved passes "
+          f"(VNNI {kernels.VNNI}, BF16 dot {kernels.BF16DOT})")
+    print(f"{'layout':6s} {'kernel':36s} {'ms / pass':>10s} {'GB/s':>7s} {'ours x':>7s}")
+    for (layout, name), t in best.items():
+        ours = best[layout, "ours"]
+        print(f"{layout:6s} {name:36s} {t * 1e3:10.2f} {n_weights * weight_bytes[layout] / t / 1e9:7.1f} "
+              f"{t / ours:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
