@@ -527,10 +527,12 @@ class Transformer(nn.Module):
 
         The head and the loss in one step, a chunk of positions at a time (loss.py): at
         vocabularies of 150k-260k the (B, T, vocab) logits and their gradient are the largest
-        tensors of a training step. Under autocast, or with a head that is not a plain Linear
-        (LoRA on lm_head), the logits are made as usual and the loss taken in fp32."""
+        tensors of a training step. Under autocast, under torch.compile (which fuses the plain
+        path itself), or with a head that is not a plain Linear (LoRA on lm_head), the logits
+        are made as usual and the loss taken in fp32."""
         head = self.lm_head
-        if type(head) is nn.Linear and head.bias is None and not torch.is_autocast_enabled(x.device.type):
+        plain = torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()
+        if type(head) is nn.Linear and head.bias is None and not plain:
             return linear_cross_entropy(x, head.weight, targets)
         return F.cross_entropy(head(x).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
