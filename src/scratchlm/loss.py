@@ -58,16 +58,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             end = start + chunk_size
             h = hidden[start:end]  # (n, d)
             logits = (h @ weight.T).float()  # (n, V), in fp32 whatever the weights' dtype
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
             target_logit = logits.gather(1, safe_targets[start:end])[:, 0]  # (n,)
-            total += ((lse - target_logit) * valid[start:end]).sum()
+            # log-sum-exp written out, in place (torch.logsumexp makes two (n, V) temporaries):
+            # e = exp(logits - max) overwrites the logits, which are not needed any more.
+            top = logits.amax(dim=-1)  # (n,)
+            e = logits.sub_(top[:, None]).exp_()  # (n, V)
+            sum_e = e.sum(dim=-1)  # (n,)
+            total += ((top + sum_e.log() - target_logit) * valid[start:end]).sum()  # -log softmax[target]
             if not (want_h or want_w):
                 continue
-            # softmax - onehot(target), in place: the logits are not needed any more.
-            g = logits.sub_(lse[:, None]).exp_()
-            g.scatter_add_(1, safe_targets[start:end], -torch.ones_like(target_logit)[:, None])
-            g = g.to(hidden.dtype)  # (n, V)
-            scale = row_scale[start:end]  # (n, 1)
+            # softmax - onehot(target) = (e - sum_e * onehot) / sum_e: subtract at the targets,
+            # and leave the division by sum_e (a per-row factor) to the small side of the matmuls.
+            g = e.scatter_add_(1, safe_targets[start:end], -sum_e[:, None]).to(hidden.dtype)  # (n, V)
+            scale = row_scale[start:end] / sum_e[:, None].to(hidden.dtype)  # (n, 1)
             if want_h:
                 grad_h[start:end] = (g @ weight) * scale  # (n, d)
             if want_w:
