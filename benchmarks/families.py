@@ -9,7 +9,8 @@ a busy machine slows them alike; each figure is the median over the rounds.
     decode   greedy, batch 1: a 32-token prompt, then --new tokens; tokens/s of the new ones,
              for the model as trained and for its fp32 decode layout (what `generate` runs)
              (scratchlm.generate with its KV cache vs transformers .generate(use_cache=True))
-    train    forward + backward + AdamW step on (--batch, --seq) random tokens; tokens/s
+    train    forward + loss + backward + fused AdamW step on (--batch, --seq) random tokens;
+             tokens/s (each side's own training loss: see train_step)
 
     python benchmarks/families.py                    # the smallest preset of each family, 2 threads
     python benchmarks/families.py --quick            # the tiny CPU presets, few tokens: a smoke run
@@ -93,9 +94,16 @@ def decode_hf(model, prompt, new):
                    min_new_tokens=new, eos_token_id=None, pad_token_id=0)
 
 
-def train_step(model, optimizer, ids, hf: bool):
-    logits = model(ids).logits if hf else model(ids)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def train_step(model, optimizer, ids, hf: bool, plain_loss: bool = False):
+    # Each side's own training loss, the mean next-token cross-entropy over the B * (T - 1)
+    # positions that have a next token: transformers' labels= (ForCausalLMLoss: the logits,
+    # shifted), scratchlm's targets= (the head and the loss in one step, loss.py).
+    if hf:
+        loss = model(ids, labels=ids).loss
+    elif plain_loss:  # --plain-loss: the loss of scratchlm's full logits, to see what loss.py buys
+        loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    else:
+        loss = model(ids, targets=torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -116,12 +124,13 @@ def bench(name, preset, hf_class, args) -> dict:
     # What `scratchlm generate` runs on an fp32 model: the transposed fp32 decode layout (a
     # copy, since it replaces the Linears in place and the training rounds below need them).
     ours_decode = prepare_for_decode(copy.deepcopy(ours), "fp32")
-    with torch.inference_mode():  # warm-up
-        decode_ours(ours, prompt, 2)
-        decode_ours(ours_decode, prompt, 2)
-        decode_hf(theirs, prompt, 2)
     times = {"decode ours": [], "decode layout": [], "decode hf": [], "train ours": [], "train hf": []}
-    for _ in range(args.rounds):  # interleaved
+    if args.only != "train":
+        with torch.inference_mode():  # warm-up
+            decode_ours(ours, prompt, 2)
+            decode_ours(ours_decode, prompt, 2)
+            decode_hf(theirs, prompt, 2)
+    for _ in range(args.rounds if args.only != "train" else 0):  # interleaved
         with torch.inference_mode():
             times["decode ours"].append(timed(lambda: decode_ours(ours, prompt, args.new)))
             times["decode layout"].append(timed(lambda: decode_ours(ours_decode, prompt, args.new)))
@@ -129,12 +138,14 @@ def bench(name, preset, hf_class, args) -> dict:
     opts = {}
     for side, model in (("ours", ours), ("hf", theirs)):
         model.train()
-        opts[side] = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        train_step(model, opts[side], batch, side == "hf")  # warm-up (and the optimizer's state)
-    for _ in range(args.rounds):
-        times["train ours"].append(timed(lambda: train_step(ours, opts["ours"], batch, False)))
+        # fused AdamW on both sides: what scratchlm's loop (train/optim.py) and transformers'
+        # Trainer (optim="adamw_torch_fused", its default on torch >= 2.8) both run.
+        opts[side] = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        train_step(model, opts[side], batch, side == "hf", args.plain_loss)  # warm-up (and the optimizer's state)
+    for _ in range(args.rounds if args.only != "decode" else 0):
+        times["train ours"].append(timed(lambda: train_step(ours, opts["ours"], batch, False, args.plain_loss)))
         times["train hf"].append(timed(lambda: train_step(theirs, opts["hf"], batch, True)))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     return {"model": name, "params": ours.num_parameters(),
             "decode ours": args.new / med["decode ours"], "decode layout": args.new / med["decode layout"],
             "decode hf": args.new / med["decode hf"],
@@ -145,6 +156,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help=f"rows of MODELS (default {DEFAULT})")
     parser.add_argument("--quick", action="store_true", help="the tiny presets, few tokens and rounds")
+    parser.add_argument("--only", choices=["decode", "train"], help="run only the decode or the training rounds")
+    parser.add_argument("--plain-loss", action="store_true",
+                        help="train: scratchlm takes F.cross_entropy of its full logits instead of targets=")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=32)

@@ -8,6 +8,7 @@ OLMo 2 (docs/families.md lists what differs and where), and with a mixture-of-ex
     for each Block:   x = x + attn(norm(x))      # RoPE (and QK-norm) applied to q, k inside attn
                       x = x + mlp(norm(x))       # OLMo 2 norms the branch's output, Gemma 3 both
     final_norm -> lm_head -> logits (B, T, vocab_size)
+                  (training, with targets: lm_head and cross-entropy in one step, loss.py)
 
 A layer is global (every earlier key) or local (the last ``sliding_window`` keys); a local
 layer's KV cache keeps only its window (kv_cache.py).
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import ScratchLMError
 from .kv_cache import KVCache
+from .loss import linear_cross_entropy
 from .moe import MoE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -450,7 +452,7 @@ class Transformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, return_hidden: bool = False,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab_size). ids must lie in [0, vocab_size): check
         ids from outside with check_token_ids before (forward does not, to stay sync-free).
 
@@ -462,6 +464,9 @@ class Transformer(nn.Module):
             mask (no cache, no sliding window): a row that packs several sequences, each seeing
             only its own keys (posttrain/shared_prompt.py). With ``positions`` (each below
             context_length: the caller's to ensure) the row may be longer than the context.
+        targets: (B, T) the next token of each position, -100 where there is none: return the
+            training loss, the mean cross-entropy over the other positions (a scalar, fp32),
+            instead of the logits, without making the (B, T, vocab_size) logits (loss.py).
         """
         B, T = ids.shape
         past = cache.length if cache is not None else 0
@@ -513,7 +518,23 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if return_hidden:
             return x
+        if targets is not None:
+            return self._loss(x, targets)
         return self.lm_head(x)
+
+    def _loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of lm_head(x) (B, T, vocab) against targets (B, T), -100 ignored.
+
+        The head and the loss in one step, a chunk of positions at a time (loss.py): at
+        vocabularies of 150k-260k the (B, T, vocab) logits and their gradient are the largest
+        tensors of a training step. Under autocast, under torch.compile (which fuses the plain
+        path itself), or with a head that is not a plain Linear (LoRA on lm_head), the logits
+        are made as usual and the loss taken in fp32."""
+        head = self.lm_head
+        plain = torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()
+        if type(head) is nn.Linear and head.bias is None and not plain:
+            return linear_cross_entropy(x, head.weight, targets)
+        return F.cross_entropy(head(x).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
     @staticmethod

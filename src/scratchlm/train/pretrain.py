@@ -1,8 +1,8 @@
 """Pretraining as a task of the core: next-token prediction on token shards.
 
     x, y = windows of the shards (B, T), (B, T)    y is x shifted left by one token
-    logits = model(x)                               (B, T, vocab)
-    loss = cross_entropy(logits, y)                 mean over B*T positions of -log p(y_t | x_<=t)
+    loss = model(x, targets=y)                      mean over B*T positions of -log p(y_t | x_<=t):
+                                                    cross_entropy(logits (B, T, vocab), y) (loss.py)
 
 A mixture-of-experts model gets ``router_aux_loss_coef * load_balancing_loss`` added to the
 training loss by the core (core.py, as in every task), logged as ``moe_aux_loss`` with the
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import load_config, load_model, save_model
 from ..config import ModelConfig
@@ -160,9 +159,9 @@ class PretrainTask(Task):
 
     def loss(self, model, batch):
         x, y = batch
-        logits = model(x)  # (B, T, vocab)
-        # The loss in fp32 whatever the autocast: log-softmax over a large vocabulary needs it.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        # The mean cross-entropy in fp32 whatever the autocast (log-softmax over a large
+        # vocabulary needs it), the head and the loss in one step: no (B, T, vocab) logits (loss.py).
+        loss = model(x, targets=y)
         return loss, {}, x.numel()  # a mixture of experts: the core adds its balancing loss
 
     def evaluate(self, model) -> dict[str, float]:
@@ -171,8 +170,7 @@ class PretrainTask(Task):
         total = torch.zeros((), device=device, dtype=torch.float64)
         count = 0
         for x, y in self.val:
-            logits = model(x.to(device))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
+            loss = model(x.to(device), targets=y.to(device))
             total += loss.double() * x.shape[0]
             count += x.shape[0]
         total, count = all_reduce_values([total.item(), count], device, self.run.procs)
