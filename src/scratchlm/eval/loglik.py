@@ -190,7 +190,7 @@ def _score_batch(model, inputs: list[list[int]], continuations: list[list[int]],
         read = model.new_cache(G, P, ring=False)  # copied by column below
         read.key_mask = key_mask[:, :P] if padded else None
         model(prefix_ids.to(device), cache=read, positions=all_positions[:, :P] if padded else None,
-              return_hidden=True)
+              cache_only=True)  # nothing reads the prefix's outputs, only its keys and values
         index = torch.tensor(owners, device=device)  # (B,) the prefix of each row
         cache = model.new_cache(B, P + T, ring=False)
         for layer in range(len(cache.k)):  # every row starts from its prefix's keys and values
