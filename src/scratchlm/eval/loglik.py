@@ -25,6 +25,8 @@ Speed, without changing a number:
 - requests that share a context (the choices of one question) read it once: the context
   is run through the model into a KV cache, which every choice then continues (several
   questions per batch, their contexts left-padded and masked, as ``generate`` pads prompts).
+  That pass only fills the cache (``cache_only``): nothing reads the context's outputs,
+  so the last layer computes the context's keys and values and skips attention and MLP.
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer
