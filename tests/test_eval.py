@@ -43,9 +43,11 @@ class Bigram(torch.nn.Module):
             k, v, length = [], [], 0
         return Cache()
 
-    def forward(self, ids, cache=None, positions=None, return_hidden=False):
+    def forward(self, ids, cache=None, positions=None, return_hidden=False, cache_only=False):
         if cache is not None:
             cache.length += ids.shape[1]
+        if cache_only:
+            return None
         hidden = self.tok_emb(ids)
         return hidden if return_hidden else self.lm_head(hidden)
 

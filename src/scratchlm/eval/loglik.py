@@ -25,6 +25,8 @@ Speed, without changing a number:
 - requests that share a context (the choices of one question) read it once: the context
   is run through the model into a KV cache, which every choice then continues (several
   questions per batch, their contexts left-padded and masked, as ``generate`` pads prompts).
+  That pass only fills the cache (``cache_only``): nothing reads the context's outputs,
+  so the last layer computes the context's keys and values and skips attention and MLP.
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer
@@ -137,8 +139,12 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
         bar.update(len(chunk))
     # Groups of one context: the context but its last token goes into the cache; the last one
     # is where the first continuation token is predicted, so it is read with the continuations.
-    # Several groups share a batch (their contexts left-padded), up to batch_size rows.
-    shared.sort(key=lambda members: -len(rows[members[0]][0]))
+    # Several groups share a batch (their contexts left-padded), up to batch_size rows. Every
+    # row of a batch is padded to its longest continuation, and a batch's B rows outnumber
+    # its G contexts (B = G x choices): groups are sorted by their longest continuation
+    # first, by context length second (on benchmarks/eval.py's items, 26% fewer padded
+    # positions than by context length alone, where 63% of the continuation rows were padding).
+    shared.sort(key=lambda members: (-max(len(rows[i][1]) for i in members), -len(rows[members[0]][0])))
     parts = [members[i:i + batch_size] for members in shared for i in range(0, len(members), batch_size)]
     batch: list[list[int]] = []
 
@@ -190,7 +196,7 @@ def _score_batch(model, inputs: list[list[int]], continuations: list[list[int]],
         read = model.new_cache(G, P, ring=False)  # copied by column below
         read.key_mask = key_mask[:, :P] if padded else None
         model(prefix_ids.to(device), cache=read, positions=all_positions[:, :P] if padded else None,
-              return_hidden=True)
+              cache_only=True)  # nothing reads the prefix's outputs, only its keys and values
         index = torch.tensor(owners, device=device)  # (B,) the prefix of each row
         cache = model.new_cache(B, P + T, ring=False)
         for layer in range(len(cache.k)):  # every row starts from its prefix's keys and values
