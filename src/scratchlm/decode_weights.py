@@ -323,7 +323,7 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     if group_size not in INT4_GROUP_SIZES:
         raise ScratchLMError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if on_cpu:
+    if on_cpu and weights in ("bf16", "int8", "int4"):
         cpu_gemv.kernels()  # built (once per machine) or found now, not inside a compiled step
     if weights == "bf16" and on_cpu and cpu_gemv.kernels() is None and not cpu_has_native_bf16():
         warnings.warn("neither scratchlm's decode kernels (cpu_gemv.py) nor a native bf16 matmul (AVX512-BF16 "
