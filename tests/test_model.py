@@ -231,6 +231,27 @@ def test_cache_only_fills_the_cache_a_full_forward_fills(preset):
                                    model(more, cache=full, positions=after), atol=0, rtol=0)
 
 
+def test_cache_only_keeps_a_lora_update_of_the_qkv_projection():
+    """With LoRA on qkv_proj (a fine-tuning run's end-of-training eval, adapters not merged),
+    the last layer's keys and values include the adapters' update, as a full forward's do."""
+    from scratchlm.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-tiny", dtype="float32")).eval()
+    apply_lora(model, rank=4, targets=["qkv_proj"])
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B, std=0.5)  # a trained (non-zero) update
+    ids = torch.randint(1, 256, (1, 12))
+    with torch.no_grad():
+        full, only = model.new_cache(1, 16, ring=False), model.new_cache(1, 16, ring=False)
+        model(ids, cache=full)
+        model(ids, cache=only, cache_only=True)
+    last = len(full.k) - 1
+    torch.testing.assert_close(only.k[last][:, :, :12], full.k[last][:, :, :12], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(only.v[last][:, :, :12], full.v[last][:, :, :12], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("positions", POSITION_KINDS)
 def test_left_padded_row_equals_unpadded(positions):
     """A batch row padded on the left (masked keys, positions from 0) gives the same logits."""

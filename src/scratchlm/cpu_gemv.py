@@ -3,7 +3,8 @@
 Decoding one token reads every weight once, so a step's speed is how fast the weight
 kernels stream memory. At 1-8 rows of x, PyTorch's CPU kernels (MKL's GEMV, oneDNN, and
 ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``) reach a fraction of the read
-bandwidth that llama.cpp's hand-written dot products do (benchmarks/decode.py). gemv.cpp is
+bandwidth that llama.cpp's hand-written dot products do (benchmarks/decode.py; kernel against
+kernel: benchmarks/decode_kernels.py). gemv.cpp is
 the plain version of those: each output is one dot product over a contiguous weight row, in
 fp32 accumulators, for fp32, bf16, int8 (one scale per row) and int4 (an fp16 scale and offset
 per group of 32-128 inputs) weights.

@@ -15,14 +15,15 @@ how well the matrix-vector kernel streams those bytes. The ways to store the wei
             and offset, w ~= scale * q + offset with q in [0, 15] (gpt-fast's and llama.cpp
             Q4_1's scheme; Int4Linear).
 
-    bf16, int8 and int4 decode (1-8 rows of x) through our own CPU kernels (cpu_gemv.py,
-    csrc/gemv.cpp): a dot product per weight row, streamed front to back, the weights widened
-    to fp32 in registers as they are read. PyTorch's kernels at batch 1 stream these formats
-    at a fraction of the read bandwidth: oneDNN's bf16 matmul re-plans on every call and was
-    slower than fp32, torch._weight_int8pack_mm and _weight_int4pack_mm_for_cpu reached about
-    half of our kernels' speed (benchmarks/decode.py). A prompt (more rows) goes to F.linear:
-    oneDNN bf16, or torch's int8 kernel, or the int4 matrix dequantized to bf16 for the call.
-    Where the kernels cannot be built (no C++ compiler), the same PyTorch paths serve decoding.
+    bf16, int8 and int4 decode through our own CPU kernels (cpu_gemv.py, csrc/gemv.cpp): a
+    dot product per weight row, streamed front to back, with the CPU's bf16 and 16-bit integer
+    dot-product instructions where it has them. Per matrix at one row of x, against PyTorch's
+    kernels on the same weights (benchmarks/decode_kernels.py, one 2-core Sapphire Rapids
+    machine): bf16 1.7x oneDNN's F.linear, int8 1.2x torch._weight_int8pack_mm, int4 0.86x
+    torch's int4 kernel. Up to 8 rows of x (bf16) or 64 (int8, int4: a short prompt) go
+    through the kernels; more go to F.linear (oneDNN bf16), torch's int8 kernel, or the int4
+    matrix dequantized to bf16 for the call. Where the kernels cannot be built (no C++
+    compiler), those PyTorch paths serve decoding too.
 
     "int8-dynamic"  int8 weights and int8 activations (each row of x quantized on the fly
             to uint8 with its own range; fbgemm's VNNI kernel). Not weight-only: about
@@ -145,9 +146,9 @@ class Int8Linear(nn.Module):
 class BF16Linear(nn.Module):
     """A Linear with its (out, in) weight in bf16: half the bytes of fp32 to read per token.
 
-    One to eight rows of x (decoding) go through our kernel (cpu_gemv.py), which widens each
-    bf16 weight to fp32 as it streams it, so it needs no bf16 arithmetic from the CPU; more
-    rows (a prompt) go to F.linear, which is oneDNN's bf16 matmul on the CPU.
+    One to eight rows of x (decoding) go through our kernel (cpu_gemv.py): vdpbf16ps where the
+    CPU has AVX512-BF16, else each bf16 weight widened to fp32 as it is streamed, so no native
+    bf16 matmul is needed; more rows (a prompt) go to F.linear, oneDNN's bf16 matmul.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -217,9 +218,9 @@ class Int4Linear(nn.Module):
     scales, offsets: (out, in / group_size), fp16 numbers held as int16 bits, so that
     ``model.to(dtype)`` (which converts floating-point tensors only) leaves them exact.
 
-    One to eight rows of x (decoding) go through our kernel, which unpacks the nibbles as it
-    streams them; more rows (a prompt), or a machine where the kernel is not built, multiply
-    by the matrix dequantized to bf16 for that call.
+    Up to 64 rows of x (decoding, a short prompt) go through our kernel, which unpacks the
+    nibbles as it streams them; more rows, or a machine where the kernel is not built,
+    multiply by the matrix dequantized (bf16, or fp32 for fp32 x) for that call.
     """
 
     def __init__(self, weight_int4: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,

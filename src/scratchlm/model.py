@@ -219,9 +219,12 @@ class Attention(nn.Module):
     def project_keys_values(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """project() without the queries: k and v (B, n_kv_heads, T, head_dim) from the k and v
         rows of qkv_proj only (what a KV cache keeps of a position nothing will read from)."""
-        q_dim = self.n_heads * self.head_dim
-        bias = self.qkv_proj.bias[q_dim:] if self.qkv_proj.bias is not None else None
-        k, v = F.linear(x, self.qkv_proj.weight[q_dim:], bias).split(self.n_kv_heads * self.head_dim, dim=-1)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if type(self.qkv_proj) is nn.Linear:
+            bias = self.qkv_proj.bias[q_dim:] if self.qkv_proj.bias is not None else None
+            k, v = F.linear(x, self.qkv_proj.weight[q_dim:], bias).split(kv_dim, dim=-1)
+        else:  # a LoRA-wrapped or decode-layout projection: its own forward, then the k, v columns
+            k, v = self.qkv_proj(x)[..., q_dim:].split(kv_dim, dim=-1)
         return self._keys_values(k, v, rope)
 
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, rope):
