@@ -10,7 +10,8 @@ round in one process so that a busy machine slows them alike:
     llama.cpp   llama-cpp-python on the same weights written as GGUF F16, Q8_0 and Q4_0 with
                 the gguf package's writer (smollm2 shape only; skipped if not installed)
     ours        scratchlm.generate on the model as trained (nn.Linear, fp32), then after
-                decode_weights.prepare_for_decode: fp32 transposed, bf16, int8, int4
+                decode_weights.prepare_for_decode: fp32 transposed, bf16, int8, int4, each
+                with the small ops fused (decode_block.py), and fp32 without them
 
 Tokens/s counts the new tokens over the whole call (a 32-token prefill included). Prefill
 tokens/s is a 512-token prompt read once (the time to the first token). The memory-bandwidth
@@ -373,9 +374,11 @@ def main() -> None:
             print(f"--- {layout}")
             profile_step(prepare_for_decode(copy.deepcopy(plain), layout))
         return
-    models = {"hf fp32": hf, "ours fp32 (Linear)": plain}
+    models = {"hf fp32": hf, "ours fp32 (Linear)": plain,
+              # fp32 fuses its small ops only where our kernels are built (fused=True builds them)
+              "ours fp32 unfused": prepare_for_decode(copy.deepcopy(plain), "fp32", fused=False)}
     for layout in ("fp32", "bf16", "int8", "int4"):
-        models[f"ours {layout}"] = prepare_for_decode(copy.deepcopy(plain), layout)
+        models[f"ours {layout}"] = prepare_for_decode(copy.deepcopy(plain), layout, fused=True)
     n = args.new_tokens
     peers = {"hf fp32": hf_peer(hf, n)}
     if args.model == "gpt2":

@@ -36,7 +36,7 @@ import torch
 # short prompt is still a few passes, cheaper than torch's int8 kernel or dequantizing int4.
 MAX_ROWS = 8
 MAX_ROWS_QUANTIZED = 64
-SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "decode_ops.cpp")]
 
 
 _built: dict = {}  # "module": the extension, or None where it cannot be built; set on first use
@@ -52,14 +52,19 @@ def kernels():
     return _built["module"]
 
 
+def built() -> bool:
+    """Whether the extension is already loaded in this process (kernels() would not wait)."""
+    return _built.get("module") is not None
+
+
 def _build():
     if os.environ.get("SCRATCHLM_NO_GEMV") == "1":
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
-        return load(name="scratchlm_gemv", sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+        flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno"]
+        return load(name="scratchlm_gemv", sources=[str(p) for p in SOURCES], extra_cflags=flags, verbose=False)
     except Exception as e:  # no compiler, no headers: PyTorch's own kernels still work
         warnings.warn(f"scratchlm's CPU decode kernels could not be built ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); using PyTorch's slower kernels", stacklevel=3)

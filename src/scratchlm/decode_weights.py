@@ -305,7 +305,8 @@ def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
     return in_features % group_size == 0 and in_features % 64 == 0 and group_size % 32 == 0
 
 
-def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64) -> nn.Module:
+def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64,
+                       fused: bool | None = None) -> nn.Module:
     """Store ``model``'s weights the fast way for decoding (one of WEIGHTS), in
     place. Only the Transformer's own Linear layers are swapped (merge LoRA adapters first).
 
@@ -315,6 +316,10 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     group_size: inputs per scale for "int4" (one of INT4_GROUP_SIZES); a layer whose input
     size it does not divide, or whose output size is not a multiple of 16 (the packing
     kernel's tile), keeps int8 weights.
+
+    fused: run one-token steps through decode_block.DecodeBlock (the small ops between the
+    matrices fused in C++). None: for the layouts that build our kernels anyway (bf16, int8,
+    int4, on the CPU), or wherever they are already built in this process.
     """
     from .model import MLP, Attention, Transformer
     from .moe import MoE
@@ -362,6 +367,12 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
         if isinstance(module, MoE):  # each expert's two matrices become layers of the layout
             module.set_expert_layers([[swap(_linear(w)) for w in pair]
                                       for pair in zip(module.gate_up_proj.detach(), module.down_proj.detach())])
+    if fused is None:
+        fused = on_cpu and (weights in ("bf16", "int8", "int4") or cpu_gemv.built())
+    if fused and on_cpu and isinstance(model, Transformer) and cpu_gemv.kernels() is not None:
+        from .decode_block import DecodeBlock
+
+        model.blocks = nn.ModuleList(DecodeBlock(b) for b in model.blocks)
     model.requires_grad_(False)
     if hasattr(model, "config"):
         model.config = model.config.replace(dtype="float32" if dtype == torch.float32 else "bfloat16")

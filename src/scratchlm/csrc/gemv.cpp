@@ -209,26 +209,43 @@ inline __m512i load_x16(const QuantizedX& x, int64_t at) {
   return _mm512_loadu_si512(x.xq.data() + at);  // 32 inputs of x in 16 bits
 }
 
+// R weight rows at a time, as the float path: M * R independent accumulators, so that the
+// multiply-add chains (each 2 instructions a run deep) overlap instead of waiting on each other.
+template <int M, int R>
+inline void int8_rows(const int8_t* W, const QuantizedX& x, int64_t N, int64_t K, const float* scale, float* y,
+                      int64_t n0) {
+  const int64_t runs = K / RUN;
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < runs; ++c) {
+    __m512i w0[R], w1[R];  // each row's 64 weights, widened to 16 bits 32 at a time
+    for (int r = 0; r < R; ++r) {
+      const int8_t* w = W + (n0 + r) * K + c * RUN;
+      w0[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+      w1[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32)));
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t at = m * K + c * RUN;
+      const __m512i x0 = load_x16(x, at), x1 = load_x16(x, at + 32);
+      const __m512 xs = _mm512_set1_ps(x.xs[m * runs + c]);
+      for (int r = 0; r < R; ++r) {
+        const __m512i dot = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0[r], x0), w1[r], x1);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) * scale[n0 + r];
+}
+
 template <int M>
 void gemv_int8_vnni(const int8_t* W, const QuantizedX& x, int64_t N, int64_t K, const float* scale, float* y) {
-  const int64_t runs = K / RUN;
+  constexpr int R = rows_per_pass<M>();
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      __m512 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < runs; ++c) {
-        const int8_t* w = W + n * K + c * RUN;  // 64 weights, widened to 16 bits 32 at a time
-        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32)));
-        for (int m = 0; m < M; ++m) {
-          const int64_t at = m * K + c * RUN;
-          __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, load_x16(x, at));
-          dot = _mm512_dpwssd_epi32(dot, w1, load_x16(x, at + 32));
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.xs[m * runs + c]), acc[m]);
-        }
-      }
-      for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) * scale[n];
-    }
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) int8_rows<M, R>(W, x, N, K, scale, y, n);
+    for (; n < n1; ++n) int8_rows<M, 1>(W, x, N, K, scale, y, n);
   });
 }
 
@@ -240,51 +257,66 @@ inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
   }
 }
 
+// R weight rows at a time (see int8_rows); ws: room for R rows of scales as floats.
+template <int M, int R>
+inline void int4_rows(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const QuantizedX& x,
+                      const float* xsum, int64_t N, int64_t K, int64_t G, float* y, int64_t n0, float* ws) {
+  const int64_t runs = K / RUN, groups = K / G, stride = groups + 16;
+  for (int r = 0; r < R; ++r) halves_to_floats(scale + (n0 + r) * groups, groups, ws + r * stride);
+  const __m256i low4 = _mm256_set1_epi8(15);
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < runs; ++c) {
+    __m512i w0[R], w1[R];  // inputs 0..31 (low nibbles) and 32..63 (high ones), widened to 16 bits
+    for (int r = 0; r < R; ++r) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n0 + r) * (K / 2) + c * (RUN / 2)));
+      w0[r] = _mm512_cvtepu8_epi16(_mm256_and_si256(b, low4));
+      w1[r] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t at = m * K + c * RUN;
+      const __m512i x0 = load_x16(x, at), x1 = load_x16(x, at + 32);
+      const float xs = x.xs[m * runs + c];
+      for (int r = 0; r < R; ++r) {
+        const float* s = ws + r * stride;
+        if (G == 32) {  // one scale per half of the run
+          const __m512i d0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0[r], x0);
+          const __m512i d1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1[r], x1);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs * s[2 * c]), acc[m][r]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(xs * s[2 * c + 1]), acc[m][r]);
+        } else {
+          const __m512i d = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0[r], x0), w1[r], x1);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs * s[c * RUN / G]), acc[m][r]);
+        }
+      }
+    }
+  }
+  // + sum_g offset[g] * xsum[g], 16 groups a vector, into the same sum (one reduction a row)
+  for (int r = 0; r < R; ++r) {
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 keep = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
+      const __m512 o = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, offset + (n0 + r) * groups + g));
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(keep, xsum + m * groups + g), acc[m][r]);
+    }
+    for (int m = 0; m < M; ++m) y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
+  }
+}
+
 template <int M>
 void gemv_int4_vnni(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const QuantizedX& x,
                     int64_t N, int64_t K, int64_t G, float* y) {
-  const int64_t runs = K / RUN, groups = K / G, per_group = G / 32;
+  constexpr int R = rows_per_pass<M>();
+  const int64_t groups = K / G, per_group = G / 32;
   // sum of x over each group, for the offsets: sum_k offset[g] x[k] = offset[g] * xsum[g]
   std::vector<float> xsum(M * groups, 0.f);
   for (int64_t i = 0; i < M * groups; ++i)
     for (int64_t j = 0; j < per_group; ++j) xsum[i] += x.sum32[i * per_group + j];
-  const __m256i low4 = _mm256_set1_epi8(15);
   at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
-    std::vector<float> ws(groups + 16);
-    for (int64_t n = n0; n < n1; ++n) {
-      halves_to_floats(scale + n * groups, groups, ws.data());
-      __m512 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < runs; ++c) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * (K / 2) + c * (RUN / 2)));
-        // inputs 0..31 (low nibbles) and 32..63 (high ones), each widened to 16 bits
-        const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_and_si256(b, low4));
-        const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
-        // int32 lane l sums inputs 2l, 2l+1 of each half: one scale per half with groups of 32
-        const float s0 = ws[c * RUN / G], s1 = G == 32 ? ws[2 * c + 1] : s0;
-        for (int m = 0; m < M; ++m) {
-          const int64_t at = m * K + c * RUN;
-          const __m512 xs = _mm512_set1_ps(x.xs[m * runs + c]);
-          if (G == 32) {
-            const __m512i d0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, load_x16(x, at));
-            const __m512i d1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, load_x16(x, at + 32));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(xs, _mm512_set1_ps(s0)), acc[m]);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(xs, _mm512_set1_ps(s1)), acc[m]);
-          } else {
-            __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, load_x16(x, at));
-            d = _mm512_dpwssd_epi32(d, w1, load_x16(x, at + 32));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(xs, _mm512_set1_ps(s0)), acc[m]);
-          }
-        }
-      }
-      // + sum_g offset[g] * xsum[g], 16 groups a vector, into the same sum (one reduction a row)
-      for (int64_t g = 0; g < groups; g += 16) {
-        const __mmask16 keep = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
-        const __m512 o = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, offset + n * groups + g));
-        for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(keep, xsum.data() + m * groups + g), acc[m]);
-      }
-      for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
-    }
+    std::vector<float> ws(R * (groups + 16));
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) int4_rows<M, R>(q, scale, offset, x, xsum.data(), N, K, G, y, n, ws.data());
+    for (; n < n1; ++n) int4_rows<M, 1>(q, scale, offset, x, xsum.data(), N, K, G, y, n, ws.data());
   });
 }
 #endif
@@ -428,7 +460,10 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q, const 
 
 }  // namespace
 
+void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: the small ops between the matrices
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_decode_ops(m);
   m.def("linear", &linear, "y = x @ W^T (times one scale per output row), 8 rows of x a pass; W fp32, bf16 or int8");
   m.def("linear_int4", &linear_int4, "y = x @ (scale * q + offset)^T, group-wise, 8 rows of x a pass");
   m.attr("MAX_M") = MAX_M;

@@ -1,0 +1,417 @@
+// The small operations of a one-token decode step, fused: norms with the residual add, the
+// attention of one new query per row (QK-norm, rotary, the cache write and the softmax over the
+// cached keys), and the gated activation of the MLP. decode_block.py calls them between the
+// weight matrices, which stay gemv.cpp's (or PyTorch's) kernels.
+//
+// Why: at one token a step, each of these is a few hundred to a few thousand numbers, and
+// written as PyTorch ops (model.py) a layer is ~45 of them, each costing its dispatch (~3-6 us
+// on a small CPU) more than its arithmetic: ~11-20 ms of a SmolLM2-135M step, as much as the
+// weights themselves. Here a layer is 4 calls.
+//
+// Numbers: everything is computed in fp32 and rounded to the activations' dtype (fp32 or bf16)
+// where model.py's ops would round it, so a bf16 step gives model.py's bf16 numbers up to the
+// order of the sums (tests/test_decode_block.py).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// model.py's norms: NONE is an Identity (a placement without that norm), RMS Llama's (the
+// weight multiplies after the cast back), RMS_PLUS_ONE Gemma's (1 + weight, before the cast),
+// LAYER nn.LayerNorm (weight and an optional bias).
+enum NormKind : int64_t { NONE = 0, RMS = 1, RMS_PLUS_ONE = 2, LAYER = 3 };
+enum Activation : int64_t { SILU = 0, GELU_TANH = 1, RELU = 2 };
+
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// v to bf16 bits, rounded to nearest even as c10::BFloat16 does (NaN stays NaN), written
+// without a call so that loops over it vectorize.
+inline uint16_t float_to_bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(r);
+}
+
+// sum of a[i] * b[i] in 16 lanes (the compiler vectorizes the lanes; their order of summing
+// is not model.py's, hence differences in the last bits).
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#else
+  float lanes[16] = {};
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
+  for (int l = 0; l < 16; ++l) s += lanes[l];
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y[0:n] += p * x[0:n]
+inline void axpy(float p, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
+// e^x within ~2 ulp for x in [-87, 88] (0 below), written so that loops over it vectorize
+// (std::exp is a library call per element): e^x = 2^n e^r, |r| <= ln2 / 2, e^r by Cephes'
+// polynomial, 2^n put straight into the exponent bits.
+inline float exp_approx(float x) {
+  const float xc = std::min(std::max(x, -87.f), 88.f);
+  const float n = std::floor(xc * 1.44269504f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.f ? 0.f : p * scale;
+}
+
+// A float32 or bfloat16 buffer, read and written as floats (bf16 rounded to nearest even).
+struct Floats {
+  void* p = nullptr;
+  bool bf16 = false;
+  Floats() = default;
+  explicit Floats(const torch::Tensor& t) : p(t.data_ptr()), bf16(t.scalar_type() == torch::kBFloat16) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 || bf16, "decode ops: float32 or bfloat16 tensors, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "decode ops: contiguous tensors");
+  }
+  float get(int64_t i) const {
+    return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+  void set(int64_t i, float v) const {
+    if (bf16) static_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v);
+    else static_cast<float*>(p)[i] = v;
+  }
+  // n values from element `from` into out, and back: the dtype branch outside the loop.
+  void load(int64_t from, int64_t n, float* out) const {
+    if (!bf16) {
+      std::memcpy(out, static_cast<const float*>(p) + from, n * 4);
+      return;
+    }
+    const uint16_t* h = static_cast<const uint16_t*>(p) + from;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits_to_float(h[i]);
+  }
+  void store(int64_t from, int64_t n, const float* in) const {
+    if (!bf16) {
+      std::memcpy(static_cast<float*>(p) + from, in, n * 4);
+      return;
+    }
+    uint16_t* h = static_cast<uint16_t*>(p) + from;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) h[i] = float_to_bf16_bits(in[i]);
+  }
+};
+
+// v rounded to the dtype model.py computes in (a no-op for fp32).
+inline float rounded(float v, bool bf16) { return bf16 ? bf16_bits_to_float(float_to_bf16_bits(v)) : v; }
+
+struct Norm {
+  int64_t kind = NONE;
+  std::vector<float> weight, bias;  // as floats, read once a call
+  double eps = 1e-5;
+};
+
+Norm make_norm(int64_t kind, const c10::optional<torch::Tensor>& weight, const c10::optional<torch::Tensor>& bias,
+               double eps, int64_t dim) {
+  Norm n;
+  n.kind = kind, n.eps = eps;
+  if (kind == NONE) return n;
+  TORCH_CHECK(weight.has_value() && weight->numel() == dim, "decode ops: a norm weight of ", dim, " features");
+  n.weight.resize(dim);
+  Floats(*weight).load(0, dim, n.weight.data());
+  n.bias.assign(dim, 0.f);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == dim, "decode ops: a norm bias of ", dim, " features");
+    Floats(*bias).load(0, dim, n.bias.data());
+  }
+  if (kind == RMS_PLUS_ONE)
+    for (auto& w : n.weight) w += 1.f;  // Gemma: 1 + weight, in fp32
+  return n;
+}
+
+// out[0:d] = norm(x[0:d]) rounded as model.py rounds it (x already holds the dtype's values).
+void norm_row(const float* x, float* out, int64_t d, const Norm& n, bool bf16) {
+  if (n.kind == NONE) {
+    std::copy(x, x + d, out);
+    return;
+  }
+  if (n.kind == LAYER) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < d; ++i) mean += x[i];
+    mean /= d;
+    for (int64_t i = 0; i < d; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float m = float(mean), r = float(1.0 / std::sqrt(var / d + n.eps));
+    const float *w = n.weight.data(), *b = n.bias.data();
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) out[i] = rounded((x[i] - m) * r * w[i] + b[i], bf16);
+    return;
+  }
+  const float ss = dot(x, x, d);
+  const float r = 1.f / std::sqrt(ss / float(d) + float(n.eps));
+  const float* w = n.weight.data();
+  if (n.kind == RMS_PLUS_ONE) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) out[i] = rounded(x[i] * r * w[i], bf16);
+  } else if (bf16) {  // Llama: weight * (normed cast back to bf16), in bf16
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) out[i] = rounded(w[i] * rounded(x[i] * r, true), true);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) out[i] = x[i] * r * w[i];
+  }
+}
+
+// x (..., d); delta (..., d) or None -> [x + post(delta), pre(x + post(delta))] in x's dtype:
+// one residual branch landing (post: its output norm, OLMo 2 / Gemma 3) and the next one's input
+// norm (pre). Without delta: [x, pre(x)].
+std::vector<torch::Tensor> residual_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
+                                         int64_t post_kind, const c10::optional<torch::Tensor>& post_weight,
+                                         const c10::optional<torch::Tensor>& post_bias, int64_t pre_kind,
+                                         const c10::optional<torch::Tensor>& pre_weight,
+                                         const c10::optional<torch::Tensor>& pre_bias, double eps) {
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  const Norm post = make_norm(post_kind, post_weight, post_bias, eps, d);
+  const Norm pre = make_norm(pre_kind, pre_weight, pre_bias, eps, d);
+  const Floats xs(x);
+  torch::Tensor out = x;
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->sizes() == x.sizes() && delta->scalar_type() == x.scalar_type(),
+                "residual_norm: delta must match x");
+    out = torch::empty_like(x);
+  }
+  torch::Tensor h = pre_kind == NONE ? out : torch::empty_like(x);
+  const Floats outs(out), hs(h);
+  thread_local std::vector<float> row, branch, normed;
+  row.resize(d), branch.resize(d), normed.resize(d);
+  const bool bf16 = xs.bf16;
+  for (int64_t r = 0; r < rows; ++r) {
+    xs.load(r * d, d, row.data());
+    if (delta.has_value()) {
+      Floats(*delta).load(r * d, d, branch.data());
+      norm_row(branch.data(), normed.data(), d, post, bf16);
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) row[i] = rounded(row[i] + normed[i], bf16);
+      outs.store(r * d, d, row.data());
+    }
+    if (pre_kind != NONE) {
+      norm_row(row.data(), normed.data(), d, pre, bf16);
+      hs.store(r * d, d, normed.data());
+    }
+  }
+  return {out, h};
+}
+
+// Rotate each (x_i, x_{i+D/2}) pair of one head in place, as model.apply_rope does:
+// x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype.
+inline void rope_head(float* x, const float* cos, const float* sin, int64_t D, bool bf16) {
+  const int64_t half = D / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = rounded(rounded(x1 * cos[i], bf16) + rounded(-x2 * sin[i], bf16), bf16);
+    x[i + half] = rounded(rounded(x2 * cos[i + half], bf16) + rounded(x1 * sin[i + half], bf16), bf16);
+  }
+}
+
+// One new token per row attending to the cache (model.Attention.forward at T = 1):
+//   qkv (B, (H + 2 Hkv) D): the qkv_proj output;  cos, sin (1 or B, D), or None (no rotary);
+//   k_cache, v_cache (B, Hkv, C, D): the layer's buffers; the new key and value go to column
+//   `column`, then the query reads columns [0, keys);  mask: None, or bool with keys (every
+//   row) or B * keys entries, True where a key may be read;  qk_norm: 0 none, 1 per head,
+//   2 over the whole projection (OLMo 2), with q_weight / k_weight of norm kind qk_norm_kind.
+// -> y (B, H D): the heads side by side, ready for out_proj.
+torch::Tensor attend_one(const torch::Tensor& qkv, const c10::optional<torch::Tensor>& cos,
+                         const c10::optional<torch::Tensor>& sin, const torch::Tensor& k_cache,
+                         const torch::Tensor& v_cache, int64_t column, int64_t keys,
+                         const c10::optional<torch::Tensor>& mask, int64_t n_heads, int64_t n_kv_heads,
+                         double scale, int64_t qk_norm, int64_t qk_norm_kind,
+                         const c10::optional<torch::Tensor>& q_weight, const c10::optional<torch::Tensor>& k_weight,
+                         double eps) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "attend_one: (B, Hkv, C, D) caches");
+  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  const int64_t H = n_heads, group = H / Hkv, Q = H * D, KV = Hkv * D;
+  TORCH_CHECK(Hkv == n_kv_heads && H % Hkv == 0 && D % 2 == 0, "attend_one: head counts do not fit the cache");
+  TORCH_CHECK(qkv.numel() == B * (Q + 2 * KV), "attend_one: qkv must be (B, (H + 2 Hkv) D)");
+  TORCH_CHECK(0 <= column && column < C && 1 <= keys && keys <= C, "attend_one: column or keys outside the cache");
+  TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type(), "attend_one: qkv and cache dtypes differ");
+  const Floats in(qkv), kc(k_cache), vc(v_cache);
+  const bool bf16 = in.bf16;
+  std::vector<float> cs, sn;  // (rope_rows, D) as floats
+  int64_t rope_rows = 0;
+  if (cos.has_value()) {
+    TORCH_CHECK(sin.has_value() && cos->numel() == sin->numel() && (cos->numel() == D || cos->numel() == B * D),
+                "attend_one: cos and sin must be (1 or B, D)");
+    rope_rows = cos->numel() / D;
+    cs.resize(rope_rows * D), sn.resize(rope_rows * D);
+    Floats(*cos).load(0, rope_rows * D, cs.data()), Floats(*sin).load(0, rope_rows * D, sn.data());
+  }
+  const bool* mk = nullptr;
+  int64_t mask_stride = 0;
+  torch::Tensor mask_c;
+  if (mask.has_value()) {
+    mask_c = mask->contiguous();
+    TORCH_CHECK(mask_c.scalar_type() == torch::kBool && (mask_c.numel() == keys || mask_c.numel() == B * keys),
+                "attend_one: a bool mask of keys or B * keys entries");
+    mk = mask_c.data_ptr<bool>(), mask_stride = mask_c.numel() == keys ? 0 : keys;
+  }
+  Norm qn, kn;
+  if (qk_norm != 0) {
+    qn = make_norm(qk_norm_kind, q_weight, c10::nullopt, eps, qk_norm == 1 ? D : Q);
+    kn = make_norm(qk_norm_kind, k_weight, c10::nullopt, eps, qk_norm == 1 ? D : KV);
+  }
+  torch::Tensor y = torch::empty({B, Q}, qkv.options());
+  const Floats out(y);
+  std::vector<float> q(B * Q), row(Q + 2 * KV), tmp(std::max(Q, KV));
+
+  // 1. q, k: QK-norm and rotary; k and v into the cache (column `column` of row b).
+  for (int64_t b = 0; b < B; ++b) {
+    in.load(b * (Q + 2 * KV), Q + 2 * KV, row.data());
+    float *qb = row.data(), *kb = row.data() + Q, *vb = row.data() + Q + KV;
+    if (qk_norm == 2) {
+      norm_row(qb, tmp.data(), Q, qn, bf16), std::copy(tmp.begin(), tmp.begin() + Q, qb);
+      norm_row(kb, tmp.data(), KV, kn, bf16), std::copy(tmp.begin(), tmp.begin() + KV, kb);
+    }
+    for (int64_t h = 0; h < H + Hkv; ++h) {  // the H query heads, then the Hkv key heads
+      float* x = h < H ? qb + h * D : kb + (h - H) * D;
+      if (qk_norm == 1) norm_row(x, tmp.data(), D, h < H ? qn : kn, bf16), std::copy(tmp.begin(), tmp.begin() + D, x);
+      if (rope_rows) {
+        const int64_t r = rope_rows == 1 ? 0 : b;
+        rope_head(x, cs.data() + r * D, sn.data() + r * D, D, bf16);
+      }
+    }
+    std::copy(qb, qb + Q, q.data() + b * Q);
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t at = ((b * Hkv + g) * C + column) * D;
+      kc.store(at, D, kb + g * D), vc.store(at, D, vb + g * D);
+    }
+  }
+
+  // 2. Each (row, kv head): its `group` queries against the keys, softmax, values (fp32).
+  const float s = scale > 0 ? float(scale) : 1.f / std::sqrt(float(D));
+  const int64_t work = B * Hkv, cost = group * keys * D * 2;
+  // Threads only for long caches: waking the second core costs more than ~1M multiply-adds.
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, cost));
+  at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * keys), total(group), acc(group * D), row_f(D);  // total: 1 / sum
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / Hkv, g = w % Hkv;
+      const int64_t base = (b * Hkv + g) * C * D;
+      const float* qg = q.data() + b * Q + g * group * D;  // the group's queries, side by side
+      auto row_of = [&](const Floats& cache, int64_t t) -> const float* {  // key or value t as floats
+        if (!cache.bf16) return static_cast<const float*>(cache.p) + base + t * D;
+        cache.load(base + t * D, D, row_f.data());
+        return row_f.data();
+      };
+      // scores (group, keys): each key row is read once for the group's queries
+      for (int64_t t = 0; t < keys; ++t) {
+        const bool masked = mk && !mk[b * mask_stride + t];
+        const float* kr = masked ? nullptr : row_of(kc, t);
+        for (int64_t j = 0; j < group; ++j)
+          scores[j * keys + t] = masked ? -std::numeric_limits<float>::infinity() : dot(qg + j * D, kr, D) * s;
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        float* sj = scores.data() + j * keys;
+        float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+        for (int64_t t = 0; t < keys; ++t) top = std::max(top, sj[t]);
+#pragma omp simd
+        for (int64_t t = 0; t < keys; ++t) sj[t] = exp_approx(sj[t] - top);  // a masked key: 0
+        for (int64_t t = 0; t < keys; ++t) sum += sj[t];
+        total[j] = 1.f / sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < keys; ++t) {
+        if (mk && !mk[b * mask_stride + t]) continue;
+        const float* vr = row_of(vc, t);
+        for (int64_t j = 0; j < group; ++j) {
+          const float p = scores[j * keys + t] * total[j];
+          axpy(p, vr, acc.data() + j * D, D);
+        }
+      }
+      out.store(b * Q + g * group * D, group * D, acc.data());
+    }
+  });
+  return y;
+}
+
+// act(a) * b (b given: a gated MLP, SwiGLU / GeGLU) or act(a), in a's dtype; act 0 silu, 1 the
+// tanh-approximated gelu, 2 relu. The activation is rounded before the product, as model.py's two ops.
+torch::Tensor activation(const torch::Tensor& a, const c10::optional<torch::Tensor>& b, int64_t act) {
+  const Floats as(a);
+  torch::Tensor y = torch::empty_like(a);
+  const Floats ys(y);
+  Floats bs;
+  if (b.has_value()) {
+    TORCH_CHECK(b->sizes() == a.sizes() && b->scalar_type() == a.scalar_type(), "activation: gate and up must match");
+    bs = Floats(*b);
+  }
+  const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
+  const int64_t n = a.numel();
+  const bool bf16 = as.bf16;
+  thread_local std::vector<float> fa, fb;
+  fa.resize(n), fb.resize(n);
+  as.load(0, n, fa.data());
+  float *va = fa.data(), *vb = fb.data();
+  if (act == SILU) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) va[i] = rounded(va[i] / (1.f + exp_approx(-va[i])), bf16);
+  } else if (act == GELU_TANH) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = va[i];
+      const float t = 2.f / (1.f + exp_approx(-2.f * k0 * (x + 0.044715f * x * x * x))) - 1.f;  // tanh
+      va[i] = rounded(0.5f * x * (1.f + t), bf16);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) va[i] = va[i] > 0.f ? va[i] : 0.f;
+  }
+  if (b.has_value()) {
+    bs.load(0, n, vb);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) va[i] *= vb[i];
+  }
+  ys.store(0, n, va);
+  return y;
+}
+
+}  // namespace
+
+void register_decode_ops(pybind11::module& m) {
+  m.def("residual_norm", &residual_norm, "[x + post(delta), pre(x + post(delta))]: a residual add and the next norm");
+  m.def("attend_one", &attend_one, "one query per row: QK-norm, rotary, cache write, attention over the cache");
+  m.def("activation", &activation, "act(a) * b or act(a): silu, tanh gelu, relu");
+}

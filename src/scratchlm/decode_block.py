@@ -1,0 +1,128 @@
+"""A Block whose one-token steps run the small ops fused (csrc/decode_ops.cpp).
+
+A decode step multiplies each weight matrix by one row per sequence, and between the
+matrices model.py's Block runs ~45 small PyTorch ops a layer: norms, the q/k/v split, QK-norm,
+rotary, the cache write, attention, the activation, the residual adds. On a small CPU each
+op's dispatch (~3-6 us) costs more than its arithmetic; for SmolLM2-135M (30 layers) that was
+11-20 ms of every step, as much as reading the weights (benchmarks/decode.py). DecodeBlock
+runs the same block as 4 fused calls between the weight matrices:
+
+    x, h = residual_norm(x, None, attn_norm)              # h = attn_norm(x)
+    y    = attend_one(qkv_proj(h), rope, cache, mask)     # QK-norm, rotary, cache write, attention
+    x, h = residual_norm(x, out_proj(y), attn_post_norm, mlp_norm)
+    x, _ = residual_norm(x, down_proj(act(gate_proj(h), up_proj(h))), mlp_post_norm)
+
+The weight matrices are the model's own modules (any decode layout, a LoRA wrapper, a MoE
+layer), so a DecodeBlock holds no weights of its own. Anything else (a prompt of several
+tokens, training, autograd, torch.compile, which fuses these ops itself, a chunked ring
+cache, the reference attention) runs Block.forward unchanged.
+
+prepare_for_decode installs it (``fused=True``, the default where our kernels are built).
+
+>>> import torch
+>>> from scratchlm import ModelConfig, Transformer, cpu_gemv
+>>> model = Transformer(ModelConfig.preset("llama-tiny")).eval()
+>>> if cpu_gemv.kernels() is not None:
+...     fast = Transformer(model.config).eval()
+...     _ = fast.load_state_dict(model.state_dict())
+...     fast.blocks = torch.nn.ModuleList(DecodeBlock(b) for b in fast.blocks)
+...     caches = [model.new_cache(1, 8), fast.new_cache(1, 8)]
+...     with torch.inference_mode():
+...         for ids in ([[1, 2, 3]], [[4]], [[5]]):
+...             a, b = (m(torch.tensor(ids), cache=c) for m, c in zip((model, fast), caches))
+...     assert torch.allclose(a, b, atol=1e-5)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import cpu_gemv
+from .model import MLP, Block, RMSNorm
+
+# decode_ops.cpp's norm kinds and activations
+NONE, RMS, RMS_PLUS_ONE, LAYER = 0, 1, 2, 3
+ACTIVATIONS = {"swiglu": 0, "geglu": 1, "gelu": 1, "relu": 2}  # silu, tanh gelu, relu
+QK_NORMS = {None: 0, "head": 1, "projection": 2}
+
+
+def _norm_kind(norm: nn.Module) -> int | None:
+    """decode_ops.cpp's kind of a model.py norm, or None for a norm it does not compute."""
+    if type(norm) is nn.Identity:
+        return NONE
+    if type(norm) is RMSNorm:
+        return RMS_PLUS_ONE if norm.plus_one else RMS
+    if type(norm) is nn.LayerNorm and norm.elementwise_affine:
+        return LAYER
+    return None
+
+
+def _norm(norm: nn.Module) -> tuple:
+    """(kind, weight, bias) as residual_norm takes them."""
+    kind = _norm_kind(norm)
+    if kind == NONE:
+        return NONE, None, None
+    return kind, norm.weight, getattr(norm, "bias", None)
+
+
+class DecodeBlock(Block):
+    """``block`` (its own submodules, not copies) with fused one-token steps."""
+
+    def __init__(self, block: Block):
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.training = block.training
+        attn = self.attn
+        norms = [self.attn_norm, self.attn_post_norm, self.mlp_norm, self.mlp_post_norm]
+        if attn.qk_norm is not None:
+            norms += [attn.q_norm, attn.k_norm]
+        kinds = [_norm_kind(n) for n in norms]
+        epsilons = {n.eps for n, k in zip(norms, kinds) if k not in (None, NONE)}
+        # One eps for every norm of the block (a config has one norm_eps); 2 * D rotary halves.
+        self.fusable = None not in kinds and len(epsilons) <= 1 and attn.head_dim % 2 == 0
+        self.eps = epsilons.pop() if epsilons else 1e-5
+        self.qk_norm = QK_NORMS[attn.qk_norm]
+        self.qk_norm_kind = kinds[4] if attn.qk_norm is not None else NONE
+        self.activation = ACTIVATIONS.get(self.mlp.kind) if type(self.mlp) is MLP else None  # None: MoE, own forward
+
+    def fused(self, x: torch.Tensor, cache) -> bool:
+        """Whether this call is a one-token step that the fused ops compute exactly as Block does."""
+        if not (self.fusable and cache is not None and x.shape[1] == 1 and x.device.type == "cpu"):
+            return False
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling() or not self.attn.use_sdpa:
+            return False
+        k = cache.k[self.attn.layer]
+        return (x.dtype in (torch.float32, torch.bfloat16) and k.dtype == x.dtype and k.is_contiguous()
+                and cache.v[self.attn.layer].is_contiguous() and cache._layout(self.attn.layer, 1) != "chunk"
+                and cpu_gemv.kernels() is not None)
+
+    def forward(self, x, rope, mask, cache):
+        if not self.fused(x, cache):
+            return super().forward(x, rope, mask, cache)
+        ops, attn, eps = cpu_gemv.kernels(), self.attn, self.eps
+        B = x.shape[0]
+        _, h = ops.residual_norm(x, None, NONE, None, None, *_norm(self.attn_norm), eps)
+        # The new key goes to the cache column of its position (a ring: position mod columns), and
+        # the query reads every column filled so far (a ring: all of them, the window).
+        layer, start = attn.layer, cache.length
+        columns = cache.k[layer].shape[2]
+        column, keys = (start, start + 1) if start < columns else (start % columns, columns)
+        cos, sin = rope if rope is not None else (None, None)
+        q_weight = attn.q_norm.weight if self.qk_norm else None
+        k_weight = attn.k_norm.weight if self.qk_norm else None
+        y = ops.attend_one(attn.qkv_proj(h), cos, sin, cache.k[layer], cache.v[layer], column, keys, mask,
+                           attn.n_heads, attn.n_kv_heads, attn.scale or 0.0, self.qk_norm, self.qk_norm_kind,
+                           q_weight, k_weight, eps)  # (B, n_heads * head_dim)
+        x, h = ops.residual_norm(x, attn.out_proj(y.view(B, 1, -1)), *_norm(self.attn_post_norm),
+                                 *_norm(self.mlp_norm), eps)
+        mlp = self.mlp
+        if self.activation is None:
+            out = mlp(h)
+        elif mlp.kind in ("swiglu", "geglu"):
+            out = mlp.down_proj(ops.activation(mlp.gate_proj(h), mlp.up_proj(h), self.activation))
+        else:
+            out = mlp.down_proj(ops.activation(mlp.up_proj(h), None, self.activation))
+        x, _ = ops.residual_norm(x, out, *_norm(self.mlp_post_norm), NONE, None, None, eps)
+        return x

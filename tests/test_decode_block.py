@@ -1,0 +1,172 @@
+"""decode_block.DecodeBlock: one-token steps through the fused ops of csrc/decode_ops.cpp give
+model.py's Block numbers, for every family, past a sliding window, with padding, in fp32 and bf16."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchlm import ModelConfig, Transformer, cpu_gemv
+from scratchlm.decode_block import DecodeBlock
+from scratchlm.decode_weights import prepare_for_decode
+from scratchlm.generate import generate
+
+pytestmark = pytest.mark.skipif(cpu_gemv.kernels() is None, reason="the decode kernels cannot be built here")
+
+FAMILIES = ["gpt-tiny", "llama-tiny", "moe-tiny", "qwen3-tiny", "gemma3-tiny", "olmo2-tiny"]
+
+
+def pair(preset: str, dtype=torch.float32, seed: int = 0):
+    """(plain model, the same weights with DecodeBlocks). Weights nudged off their init, so that
+    norms' weights and biases are not all ones and zeros."""
+    torch.manual_seed(seed)
+    plain = Transformer(ModelConfig.preset(preset)).eval().to(dtype)
+    for p in plain.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    fast = Transformer(plain.config).eval().to(dtype)
+    fast.load_state_dict(plain.state_dict())
+    fast.blocks = torch.nn.ModuleList(DecodeBlock(b) for b in fast.blocks)
+    return plain, fast
+
+
+class Counting:
+    """The kernels module, counting calls of the fused attention (to prove the path is taken)."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, 0
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def attend_one(self, *args):
+        self.calls += 1
+        return self.ops.attend_one(*args)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    spy = Counting(cpu_gemv.kernels())
+    monkeypatch.setitem(cpu_gemv._built, "module", spy)
+    return spy
+
+
+def steps(model, prompt, new_ids, padded_mask=None):
+    """Logits of a prefill then one cached step per column of new_ids (B, n): [(B, 1, V), ...]."""
+    B = prompt.shape[0]
+    cache = model.new_cache(B, prompt.shape[1] + new_ids.shape[1])
+    positions = None
+    if padded_mask is not None:
+        full = torch.cat([padded_mask, torch.ones_like(new_ids, dtype=torch.bool)], 1)
+        cache.key_mask = full
+        all_positions = (full.long().cumsum(1) - 1).clamp(min=0)
+        positions = all_positions[:, :prompt.shape[1]]
+    out = []
+    with torch.inference_mode():
+        model(prompt, cache=cache, positions=positions)
+        for t in range(new_ids.shape[1]):
+            p = None if padded_mask is None else all_positions[:, prompt.shape[1] + t:prompt.shape[1] + t + 1]
+            out.append(model(new_ids[:, t:t + 1], cache=cache, positions=p))
+    return out, cache
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_fp32_steps_equal_the_plain_block_past_the_window(preset, counting):
+    plain, fast = pair(preset)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 500, (2, 3), generator=gen)
+    new = torch.randint(0, 500, (2, 40), generator=gen)  # gemma3-tiny's window is 16
+    a, cache_a = steps(plain, prompt, new)
+    b, cache_b = steps(fast, prompt, new)
+    assert counting.calls == 40 * plain.config.n_layers
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    for x, y in zip(cache_a.k + cache_a.v, cache_b.k + cache_b.v):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gemma3-tiny", "gpt-tiny"])
+def test_left_padded_rows_equal_the_plain_block(preset, counting):
+    plain, fast = pair(preset, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 500, (3, 5), generator=gen)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True], [False] * 4 + [True]])
+    new = torch.randint(0, 500, (3, 25), generator=gen)
+    a, _ = steps(plain, prompt, new, mask)
+    b, _ = steps(fast, prompt, new, mask)
+    assert counting.calls == 25 * plain.config.n_layers
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny", "gemma3-tiny", "olmo2-tiny"])
+def test_bf16_steps_are_as_close_to_fp32_as_the_plain_bf16_block(preset):
+    """bf16 rounds at the same places as model.py, but sums in another order: the fused
+    step's distance to the fp32 logits is that of model.py's own bf16 step, not more."""
+    reference, _ = pair(preset)
+    plain, fast = pair(preset, torch.bfloat16)
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 500, (2, 3), generator=gen)
+    new = torch.randint(0, 500, (2, 30), generator=gen)
+    ref, _ = steps(reference, prompt, new)
+    a, _ = steps(plain, prompt, new)
+    b, _ = steps(fast, prompt, new)
+    err = lambda out: max((o.float() - r).abs().max().item() for o, r in zip(out, ref))  # noqa: E731
+    scale = max(r.abs().max().item() for r in ref)
+    assert err(b) <= 1.5 * err(a) + 1e-3 * scale
+
+
+def test_prompts_training_and_autograd_take_model_py(counting):
+    plain, fast = pair("llama-tiny")
+    ids = torch.randint(0, 500, (1, 6))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids, cache=fast.new_cache(1, 8)), plain(ids, cache=plain.new_cache(1, 8)))
+    assert counting.calls == 0  # a prompt of 6 tokens is Block.forward's
+    cache = fast.new_cache(1, 8)
+    with torch.inference_mode():
+        fast(ids, cache=cache)
+    fast.train()
+    fast(ids[:, :1], cache=cache)  # one token, but training (and autograd on)
+    assert counting.calls == 0
+    fast.eval()
+    fast.use_sdpa = False  # the written-out reference attention stays the reference
+    with torch.inference_mode():
+        fast(ids[:, :1], cache=cache)
+    assert counting.calls == 0
+
+
+@pytest.mark.parametrize("layout", ["fp32", "bf16", "int8", "int4"])
+def test_prepare_for_decode_fuses_and_keeps_greedy_tokens(layout, counting):
+    config = ModelConfig.preset("llama-tiny")
+    torch.manual_seed(5)
+    base = Transformer(config).eval()
+    fused = Transformer(config).eval()
+    fused.load_state_dict(base.state_dict())
+    prepare_for_decode(base, layout, fused=False)
+    prepare_for_decode(fused, layout, fused=True)
+    assert all(type(b) is DecodeBlock for b in fused.blocks)
+    assert not any(type(b) is DecodeBlock for b in base.blocks)
+    prompts = [[1, 2, 3, 4], [7, 8]]  # left-padded batch
+    want = [c.token_ids for c in generate(base, None, prompts, max_new_tokens=12)]
+    calls = counting.calls
+    got = [c.token_ids for c in generate(fused, None, prompts, max_new_tokens=12)]
+    assert counting.calls > calls
+    if layout == "fp32":
+        assert got == want
+    else:  # the sums' order differs: most tokens agree
+        agree = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
+        assert agree >= 0.8 * sum(len(w) for w in want)
+
+
+def test_bf16_int8_int4_layouts_fuse_by_default():
+    model = prepare_for_decode(Transformer(ModelConfig.preset("llama-tiny")).eval(), "int4")
+    assert all(type(b) is DecodeBlock for b in model.blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations_equal_torch_over_a_wide_range(dtype):
+    ops = cpu_gemv.kernels()
+    a = torch.linspace(-120, 120, 4801).to(dtype)[None]
+    b = torch.randn(a.shape).to(dtype)
+    tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ops.activation(a, b, 0), F.silu(a) * b, **tol)
+    torch.testing.assert_close(ops.activation(a, b, 1), F.gelu(a, approximate="tanh") * b, **tol)
+    torch.testing.assert_close(ops.activation(a, None, 2), F.relu(a), **tol)
