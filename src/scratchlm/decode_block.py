@@ -59,11 +59,13 @@ def _norm_kind(norm: nn.Module) -> int | None:
 
 
 def _norm(norm: nn.Module) -> tuple:
-    """(kind, weight, bias) as residual_norm takes them."""
+    """(kind, weight, bias) as residual_norm takes them (read from the parameter dict: a step
+    makes ~120 of these reads, and nn.Module.__getattr__ costs ~1 us each)."""
     kind = _norm_kind(norm)
     if kind == NONE:
         return NONE, None, None
-    return kind, norm.weight, getattr(norm, "bias", None)
+    parameters = norm._parameters
+    return kind, parameters["weight"], parameters.get("bias")
 
 
 class DecodeBlock(Block):
@@ -92,9 +94,9 @@ class DecodeBlock(Block):
         """Whether this call is a one-token step that the fused ops compute exactly as Block does."""
         if not (self.fusable and cache is not None and x.shape[1] == 1 and x.device.type == "cpu"):
             return False
-        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling() or not self.attn.use_sdpa:
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling() or not self._modules["attn"].use_sdpa:
             return False
-        layer = self.attn.layer
+        layer = self._modules["attn"].layer
         k = cache.k[layer]
         return (x.dtype in (torch.float32, torch.bfloat16) and k.dtype == x.dtype and k.is_contiguous()
                 and cache.v[layer].is_contiguous() and cache._layout(layer, 1) != "chunk"
@@ -103,29 +105,32 @@ class DecodeBlock(Block):
     def forward(self, x, rope, mask, cache):
         if not self.fused(x, cache):
             return super().forward(x, rope, mask, cache)
-        # The submodules' forward, not their __call__: no hooks to run, ~1 us less a call.
-        ops, attn, mlp, eps = cpu_gemv.kernels(), self.attn, self.mlp, self.eps
+        # Submodules from the dict and their forward, not __call__ (no hooks to run): a step
+        # makes ~300 of these calls, and each nn.Module indirection costs about a microsecond.
+        ops, eps, modules = cpu_gemv.kernels(), self.eps, self._modules
+        attn, mlp = modules["attn"], modules["mlp"]
+        linears = attn._modules
         B = x.shape[0]
-        _, h = ops.residual_norm(x, None, NONE, None, None, *_norm(self.attn_norm), eps)
+        _, h = ops.residual_norm(x, None, NONE, None, None, *_norm(modules["attn_norm"]), eps)
         # The new key goes to the cache column of its position (a ring: position mod columns), and
         # the query reads every column filled so far (a ring: all of them, the window).
         layer, start = attn.layer, cache.length
         columns = cache.k[layer].shape[2]
         column, keys = (start, start + 1) if start < columns else (start % columns, columns)
         cos, sin = rope if rope is not None else (None, None)
-        q_weight = attn.q_norm.weight if self.qk_norm else None
-        k_weight = attn.k_norm.weight if self.qk_norm else None
-        y = ops.attend_one(attn.qkv_proj.forward(h), cos, sin, cache.k[layer], cache.v[layer], column, keys, mask,
-                           attn.n_heads, attn.n_kv_heads, attn.scale or 0.0, self.qk_norm, self.qk_norm_kind,
+        q_weight = linears["q_norm"]._parameters["weight"] if self.qk_norm else None
+        k_weight = linears["k_norm"]._parameters["weight"] if self.qk_norm else None
+        y = ops.attend_one(linears["qkv_proj"].forward(h), cos, sin, cache.k[layer], cache.v[layer], column, keys,
+                           mask, attn.n_heads, attn.n_kv_heads, attn.scale or 0.0, self.qk_norm, self.qk_norm_kind,
                            q_weight, k_weight, eps)  # (B, n_heads * head_dim)
-        x, h = ops.residual_norm(x, attn.out_proj.forward(y.view(B, 1, -1)), *_norm(self.attn_post_norm),
-                                 *_norm(self.mlp_norm), eps)
+        x, h = ops.residual_norm(x, linears["out_proj"].forward(y.view(B, 1, -1)), *_norm(modules["attn_post_norm"]),
+                                 *_norm(modules["mlp_norm"]), eps)
         if self.activation is None:
             out = mlp(h)
-        elif self.gated:
-            out = mlp.down_proj.forward(ops.activation(mlp.gate_proj.forward(h), mlp.up_proj.forward(h),
-                                                       self.activation))
         else:
-            out = mlp.down_proj.forward(ops.activation(mlp.up_proj.forward(h), None, self.activation))
-        x, _ = ops.residual_norm(x, out, *_norm(self.mlp_post_norm), NONE, None, None, eps)
+            m = mlp._modules
+            gate = m["gate_proj"].forward(h) if self.gated else m["up_proj"].forward(h)
+            out = m["down_proj"].forward(ops.activation(gate, m["up_proj"].forward(h) if self.gated else None,
+                                                        self.activation))
+        x, _ = ops.residual_norm(x, out, *_norm(modules["mlp_post_norm"]), NONE, None, None, eps)
         return x

@@ -82,8 +82,10 @@ class TransposedLinear(nn.Module):
         return cls(linear.weight.detach().t().contiguous(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._buffers  # as a dict: see Int8Linear.forward
+        weight_t, bias = b["weight_t"], b["bias"]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -128,15 +130,19 @@ class Int8Linear(nn.Module):
         return cls(q, scales.to(dtype), None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)  # (M, in)
+        b = self._buffers  # read as a dict: nn.Module.__getattr__ costs ~1 us a buffer, at ~150 calls a step
+        weight, scales, bias = b["weight_int8"], b["scales"], b["bias"]
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if x2.dtype != scales.dtype:
+            x2 = x2.to(scales.dtype)
         if cpu_gemv.fits(x2, self.in_features, cpu_gemv.MAX_ROWS_QUANTIZED):  # decoding: our kernel (cpu_gemv.py)
-            y = cpu_gemv.linear(x2, self.weight_int8, self.scales_fp32)
+            y = cpu_gemv.linear(x2, weight, self.scales_fp32)
         elif x2.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
-            y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)  # (M, out), no dequantized copy
+            y = torch._weight_int8pack_mm(x2, weight, scales)  # (M, out), no dequantized copy
         else:  # other devices: dequantize on the fly (correct, not the fast path)
-            y = F.linear(x2, self.weight_int8.to(x2.dtype) * self.scales[:, None])
-        if self.bias is not None:
-            y = y + self.bias
+            y = F.linear(x2, weight.to(x2.dtype) * scales[:, None])
+        if bias is not None:
+            y = y + bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -158,12 +164,15 @@ class BF16Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.bfloat16)
+        b = self._buffers  # as a dict: see Int8Linear.forward
+        weight, bias = b["weight"], b["bias"]
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.bfloat16)
         if cpu_gemv.fits(x, self.in_features):
-            y = cpu_gemv.linear(x.reshape(-1, self.in_features), self.weight)
+            y = cpu_gemv.linear(x.reshape(-1, self.in_features), weight)
             y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+            return y if bias is None else y + bias
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -250,14 +259,15 @@ class Int4Linear(nn.Module):
         return w.view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._buffers  # as a dict: see Int8Linear.forward
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if cpu_gemv.fits(x2, self.in_features, cpu_gemv.MAX_ROWS_QUANTIZED):  # any float x: fp32 sums
-            y = cpu_gemv.linear_int4(x2, self.weight_int4, self.scales, self.offsets, self.group_size)
+            y = cpu_gemv.linear_int4(x2, b["weight_int4"], b["scales"], b["offsets"], self.group_size)
         else:
             x2 = x2 if x2.dtype == torch.float32 else x2.to(torch.bfloat16)
             y = F.linear(x2, self.dequantized(x2.dtype))
-        if self.bias is not None:
-            y = y + self.bias
+        if b["bias"] is not None:
+            y = y + b["bias"]
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
