@@ -171,29 +171,43 @@ void gemv_int4_floats(const uint8_t* q, const uint16_t* scale, const uint16_t* o
 // have (|x| ~30 next to values ~1) rounds the rest of its run to a few levels in 8 bits, and
 // on SmolLM2 that moved the tied head's logits by ~1% and changed greedy tokens; in 16 bits
 // x is as good as the float path's (tests/test_cpu_gemv.py).
+//
+// int4 takes x in 15 bits (levels = 16383), each split into two bytes, xq = 128 hi + lo with hi
+// in [-128, 127] and lo in [0, 127]: vpdpbusd then multiplies the 64 unsigned nibbles of a run
+// by 64 signed bytes of x an instruction, twice (hi, lo) a run, where 16-bit x took two
+// widenings and two vpdpwssd; the step is still 2^-14 of the run's max|x|.
 struct QuantizedX {
   std::vector<int16_t> xq;     // (M, K)
+  std::vector<int8_t> hi, lo;  // (M, K), int4's halves of xq: xq = 128 hi + lo
   std::vector<float> xs;       // (M, K / 64)
   std::vector<float> sum32;    // (M, K / 32) sums of the rounded x over each 32 inputs (int4's offsets)
 };
 
 // Into a per-thread buffer: a decode step calls this ~150 times, and allocating each time
 // cost more than the quantization.
-inline const QuantizedX& quantize_runs(const float* x, int64_t M, int64_t K) {
+inline const QuantizedX& quantize_runs(const float* x, int64_t M, int64_t K, float levels = 32767.f) {
   thread_local QuantizedX out;
   const int64_t runs = K / RUN;
+  const bool split = levels < 32767.f;  // int4: the bytes too
   out.xq.resize(M * K), out.xs.resize(M * runs), out.sum32.resize(M * K / 32);
+  if (split) out.hi.resize(M * K), out.lo.resize(M * K);
   for (int64_t r = 0; r < M * runs; ++r) {
     const float* p = x + r * RUN;
     __m512 v[4], amax = _mm512_setzero_ps();
     for (int j = 0; j < 4; ++j) amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j] = _mm512_loadu_ps(p + 16 * j)));
-    const float scale = _mm512_reduce_max_ps(amax) / 32767.f;
+    const float scale = _mm512_reduce_max_ps(amax) / levels;
     const __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
     __m512 rounded[4];
     for (int j = 0; j < 4; ++j) {  // round to nearest (even), as torch.round
       rounded[j] = _mm512_roundscale_ps(_mm512_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xq.data() + r * RUN + 16 * j),
-                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(rounded[j])));
+      const __m512i xi = _mm512_cvtps_epi32(rounded[j]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.xq.data() + r * RUN + 16 * j), _mm512_cvtsepi32_epi16(xi));
+      if (split) {  // hi = floor(xq / 128), lo = xq - 128 hi
+        const __m512i hi = _mm512_srai_epi32(xi, 7);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out.hi.data() + r * RUN + 16 * j), _mm512_cvtepi32_epi8(hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out.lo.data() + r * RUN + 16 * j),
+                         _mm512_cvtepi32_epi8(_mm512_sub_epi32(xi, _mm512_slli_epi32(hi, 7))));
+      }
     }
     // Sums of the rounded x, not of x: int4's offsets then multiply the same x as its q, and the
     // result is exactly sum_k x'[k] w[k]. (Offset and q * scale are each larger than w when a
@@ -257,38 +271,37 @@ inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
   }
 }
 
-// R weight rows at a time (see int8_rows); ws: room for R rows of scales as floats.
+// R weight rows at a time (see int8_rows); ws: room for R rows of scales as floats. Each run of
+// a row: its 32 bytes become the 64 nibbles in input order (low nibbles, then high ones), one
+// vpdpbusd with x's high bytes, a shift by 7, one with its low bytes: the run's exact integer
+// dot product, then times x's scale and the group's.
 template <int M, int R>
 inline void int4_rows(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const QuantizedX& x,
                       const float* xsum, int64_t N, int64_t K, int64_t G, float* y, int64_t n0, float* ws) {
   const int64_t runs = K / RUN, groups = K / G, stride = groups + 16;
   for (int r = 0; r < R; ++r) halves_to_floats(scale + (n0 + r) * groups, groups, ws + r * stride);
-  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m512i low4 = _mm512_set1_epi8(15);
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < runs; ++c) {
-    __m512i w0[R], w1[R];  // inputs 0..31 (low nibbles) and 32..63 (high ones), widened to 16 bits
+    __m512i w[R];
     for (int r = 0; r < R; ++r) {
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n0 + r) * (K / 2) + c * (RUN / 2)));
-      w0[r] = _mm512_cvtepu8_epi16(_mm256_and_si256(b, low4));
-      w1[r] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+      w[r] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1), low4);
     }
     for (int m = 0; m < M; ++m) {
       const int64_t at = m * K + c * RUN;
-      const __m512i x0 = load_x16(x, at), x1 = load_x16(x, at + 32);
-      const float xs = x.xs[m * runs + c];
+      const __m512i xh = _mm512_loadu_si512(x.hi.data() + at), xl = _mm512_loadu_si512(x.lo.data() + at);
+      const __m512 xs = _mm512_set1_ps(x.xs[m * runs + c]);
       for (int r = 0; r < R; ++r) {
         const float* s = ws + r * stride;
-        if (G == 32) {  // one scale per half of the run
-          const __m512i d0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0[r], x0);
-          const __m512i d1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1[r], x1);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xs * s[2 * c]), acc[m][r]);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(xs * s[2 * c + 1]), acc[m][r]);
-        } else {
-          const __m512i d = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0[r], x0), w1[r], x1);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs * s[c * RUN / G]), acc[m][r]);
-        }
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], xh);
+        d = _mm512_dpbusd_epi32(_mm512_slli_epi32(d, 7), w[r], xl);
+        // int32 lane l holds inputs 4l..4l+3: lanes 0-7 the run's first 32 inputs, 8-15 the rest
+        const __m512 gs = G == 32 ? _mm512_mask_mov_ps(_mm512_set1_ps(s[2 * c]), 0xFF00, _mm512_set1_ps(s[2 * c + 1]))
+                                  : _mm512_set1_ps(s[c * RUN / G]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), gs), xs, acc[m][r]);
       }
     }
   }
@@ -447,7 +460,7 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q, const 
     const int64_t rows = std::min<int64_t>(MAX_M, M - m0);
     float* yc = sums.data() + m0 * N;
 #ifdef GEMV_VNNI
-    const QuantizedX& xq = quantize_runs(xp + m0 * K, rows, K);
+    const QuantizedX& xq = quantize_runs(xp + m0 * K, rows, K, 16383.f);
     with_m(rows, [&](auto m) { gemv_int4_vnni<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xq, N, K, G, yc); });
 #else
     with_m(rows, [&](auto m) {
