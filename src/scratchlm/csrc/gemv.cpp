@@ -18,8 +18,9 @@
 //   int4  scale[n, g] * q[n, k] + offset[n, g], q in [0, 15], g = k / group_size, the scale and
 //         offset fp16 (a GGUF Q4_0 / Q4_1 block's own d and m); two q a byte: in each run of 64
 //         inputs, byte i (i < 32) holds input i in its low nibble and input 32 + i in its high
-//         one, so 32 bytes unpack to 64 weights in order. With VNNI, q times the 16-bit x as
-//         for int8, plus offset times the sum of that x over the group.
+//         one, so 32 bytes unpack to 64 weights in order. With VNNI, x in 15 bits split into a
+//         high and a low byte, vpdpbusd of the 64 nibbles with each (64 products an
+//         instruction), plus offset times the sum of that x over the group.
 // Every sum is in int32 or fp32. Without those instructions (or AVX-512 at all) the same loops
 // widen the weights to floats; cpu_gemv.py compiles this file with -march=native.
 #include <torch/extension.h>
