@@ -339,16 +339,29 @@ void gemv_int4_vnni(const uint8_t* q, const uint16_t* scale, const uint16_t* off
 // ---- bf16 with vdpbf16ps: pairs of bf16 products summed into fp32 lanes, 32 weights an instruction
 template <int M>
 void gemv_bf16_dot(const uint16_t* W, const uint16_t* x, int64_t N, int64_t K, float* y) {
-  at::parallel_for(0, N, grain(2 * K), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      __m512 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) {
-        const __m512bh w = (__m512bh)_mm512_loadu_si512(W + n * K + k);
-        for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), w);
+  // R rows a pass, as the float path: R streams of weights in flight per core keep more memory
+  // requests outstanding than one (measured: one row at a time read ~7.4 GB/s a core).
+  constexpr int R = rows_per_pass<M>();
+  auto rows = [&](auto r_const, int64_t n) {
+    constexpr int RR = decltype(r_const)::value;
+    __m512 acc[M][RR];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      __m512bh w[RR];
+      for (int r = 0; r < RR; ++r) w[r] = (__m512bh)_mm512_loadu_si512(W + (n + r) * K + k);
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xm = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+        for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xm, w[r]);
       }
-      for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
     }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < RR; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+  };
+  at::parallel_for(0, N, grain(2 * K), [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) rows(std::integral_constant<int, R>{}, n);
+    for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
   });
 }
 #endif
