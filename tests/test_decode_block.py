@@ -170,3 +170,11 @@ def test_activations_equal_torch_over_a_wide_range(dtype):
     torch.testing.assert_close(ops.activation(a, b, 0), F.silu(a) * b, **tol)
     torch.testing.assert_close(ops.activation(a, b, 1), F.gelu(a, approximate="tanh") * b, **tol)
     torch.testing.assert_close(ops.activation(a, None, 2), F.relu(a), **tol)
+
+
+def test_nan_activations_stay_nan():
+    """A NaN (a diverged model) must show in the logits, not be turned into a number."""
+    ops = cpu_gemv.kernels()
+    x = torch.full((1, 40), float("nan"))
+    for act in (0, 1):
+        assert torch.isnan(ops.activation(x, None, act)).all()

@@ -82,6 +82,7 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {
 // (std::exp is a library call per element): e^x = 2^n e^r, |r| <= ln2 / 2, e^r by Cephes'
 // polynomial, 2^n put straight into the exponent bits.
 inline float exp_approx(float x) {
+  if (x != x) return x;  // NaN stays NaN
   const float xc = std::min(std::max(x, -87.f), 88.f);
   const float n = std::floor(xc * 1.44269504f + 0.5f);
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
@@ -97,6 +98,35 @@ inline float exp_approx(float x) {
   std::memcpy(&scale, &bits, 4);
   return x < -87.f ? 0.f : p * scale;
 }
+
+#ifdef __AVX512F__
+// exp_approx, 16 lanes (GCC does not vectorize the scalar one).
+inline __m512 exp_approx16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512 scale = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), _mm512_mul_ps(p, scale));
+  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  // NaN stays NaN
+}
+
+// v rounded to bf16 and back, 16 lanes, as float_to_bf16_bits (NaN stays NaN).
+inline __m512 round_bf16_16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bump = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  const __m512 r = _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, bump), _mm512_set1_epi32(int(0xFFFF0000u))));
+  return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+#endif
 
 // A float32 or bfloat16 buffer, read and written as floats (bf16 rounded to nearest even).
 struct Floats {
@@ -347,9 +377,17 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const c10::optional<torch::Te
         float* sj = scores.data() + j * keys;
         float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
         for (int64_t t = 0; t < keys; ++t) top = std::max(top, sj[t]);
-#pragma omp simd
-        for (int64_t t = 0; t < keys; ++t) sj[t] = exp_approx(sj[t] - top);  // a masked key: 0
-        for (int64_t t = 0; t < keys; ++t) sum += sj[t];
+        int64_t t0 = 0;
+#ifdef __AVX512F__
+        __m512 sums = _mm512_setzero_ps();
+        for (; t0 + 16 <= keys; t0 += 16) {
+          const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), _mm512_set1_ps(top)));
+          _mm512_storeu_ps(sj + t0, e);
+          sums = _mm512_add_ps(sums, e);
+        }
+        sum = _mm512_reduce_add_ps(sums);
+#endif
+        for (int64_t t = t0; t < keys; ++t) sum += sj[t] = exp_approx(sj[t] - top);  // a masked key: 0
         total[j] = 1.f / sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -385,19 +423,33 @@ torch::Tensor activation(const torch::Tensor& a, const c10::optional<torch::Tens
   fa.resize(n), fb.resize(n);
   as.load(0, n, fa.data());
   float *va = fa.data(), *vb = fb.data();
-  if (act == SILU) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) va[i] = rounded(va[i] / (1.f + exp_approx(-va[i])), bf16);
-  } else if (act == GELU_TANH) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = va[i];
-      const float t = 2.f / (1.f + exp_approx(-2.f * k0 * (x + 0.044715f * x * x * x))) - 1.f;  // tanh
-      va[i] = rounded(0.5f * x * (1.f + t), bf16);
+  int64_t i0 = 0;
+#ifdef __AVX512F__
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  for (; i0 + 16 <= n; i0 += 16) {
+    const __m512 x = _mm512_loadu_ps(va + i0);
+    __m512 v;
+    if (act == SILU) {
+      v = _mm512_div_ps(x, _mm512_add_ps(one, exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    } else if (act == GELU_TANH) {
+      const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(k0), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x),
+                                                                           _mm512_mul_ps(x, x), x));
+      const __m512 t = _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, exp_approx16(
+                                         _mm512_mul_ps(_mm512_set1_ps(-2.f), inner)))), one);  // tanh
+      v = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
+    } else {
+      v = _mm512_max_ps(x, _mm512_setzero_ps());
     }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) va[i] = va[i] > 0.f ? va[i] : 0.f;
+    _mm512_storeu_ps(va + i0, bf16 ? round_bf16_16(v) : v);
+  }
+#endif
+  for (int64_t i = i0; i < n; ++i) {
+    const float x = va[i];
+    float v;
+    if (act == SILU) v = x / (1.f + exp_approx(-x));
+    else if (act == GELU_TANH) v = 0.5f * x * (1.f + (2.f / (1.f + exp_approx(-2.f * k0 * (x + 0.044715f * x * x * x))) - 1.f));
+    else v = x > 0.f ? x : 0.f;
+    va[i] = rounded(v, bf16);
   }
   if (b.has_value()) {
     bs.load(0, n, vb);
