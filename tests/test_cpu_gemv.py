@@ -93,7 +93,7 @@ def test_bad_shapes_are_clear_errors(kernels):
     with pytest.raises(RuntimeError, match="dtype"):
         cpu_gemv.linear(torch.randn(1, 32), w.double())
     assert not cpu_gemv.fits(torch.randn(9, 32), 32) and cpu_gemv.fits(torch.randn(1, 1, 32), 32)
-    assert cpu_gemv.fits(torch.randn(64, 32), 32, cpu_gemv.MAX_ROWS_QUANTIZED)
+    assert cpu_gemv.fits(torch.randn(16, 32), 32, cpu_gemv.MAX_ROWS_QUANTIZED)
 
 
 def test_torch_compile_sees_one_op_not_a_graph_break(kernels):
@@ -126,3 +126,22 @@ def test_layers_decode_the_same_with_and_without_the_kernels(kernels, layout, mo
     assert fast.argmax() == slow.argmax()
     monkeypatch.undo()
     torch.testing.assert_close(layer(x).float(), reference.float(), rtol=0.02, atol=0.02)
+
+
+def test_dequantize_gives_the_layers_own_matrices(kernels):
+    """The bf16 matrices a prompt multiplies by: exactly the int8 / int4 weights times their
+    scales (plus offsets), each rounded to bf16 once."""
+    from scratchlm.decode_weights import Int4Linear, Int8Linear
+
+    linear = torch.nn.Linear(192, 80, bias=False)
+    int8 = Int8Linear.from_linear(linear)
+    want = (int8.weight_int8.float() * int8.scales_fp32[:, None]).bfloat16()
+    assert torch.equal(cpu_gemv.dequantize(int8.weight_int8, int8.scales_fp32), want)
+    for group in (32, 64):
+        int4 = Int4Linear.from_linear(linear, group)
+        q = cpu_gemv.unpack_nibbles(int4.weight_int4).view(80, -1, group).float()
+        s, o = int4.scales.view(torch.float16).float(), int4.offsets.view(torch.float16).float()
+        want = (q * s[..., None] + o[..., None]).view(80, 192).bfloat16()
+        assert torch.equal(cpu_gemv.dequantize(int4.weight_int4, int4.scales, int4.offsets, group), want)
+        x = torch.randn(40, 192).bfloat16()  # a prompt of 40 rows: through the dequantized matrix
+        torch.testing.assert_close(int4(x).float(), (x.float() @ want.float().T), rtol=2e-2, atol=2e-2)

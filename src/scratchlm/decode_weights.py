@@ -19,11 +19,11 @@ how well the matrix-vector kernel streams those bytes. The ways to store the wei
     dot product per weight row, streamed front to back, with the CPU's bf16 and 16-bit integer
     dot-product instructions where it has them. Per matrix at one row of x, against PyTorch's
     kernels on the same weights (benchmarks/decode_kernels.py, one 2-core Sapphire Rapids
-    machine): bf16 1.7x oneDNN's F.linear, int8 1.2x torch._weight_int8pack_mm, int4 0.86x
-    torch's int4 kernel. Up to 8 rows of x (bf16) or 64 (int8, int4: a short prompt) go
-    through the kernels; more go to F.linear (oneDNN bf16), torch's int8 kernel, or the int4
-    matrix dequantized to bf16 for the call. Where the kernels cannot be built (no C++
-    compiler), those PyTorch paths serve decoding too.
+    machine): bf16 ~2.3x oneDNN's F.linear, int8 ~1.6x torch._weight_int8pack_mm, int4 ~1.1x
+    torch's int4 kernel. Up to 8 rows of x (bf16) or 16 (int8, int4) go through the kernels;
+    a longer prompt multiplies the matrix dequantized to bf16 for the call (our
+    ``cpu_gemv.dequantize``) with oneDNN's bf16 matmul, AMX where the CPU has it. Where the
+    kernels cannot be built (no C++ compiler), PyTorch's kernels serve decoding too.
 
     "int8-dynamic"  int8 weights and int8 activations (each row of x quantized on the fly
             to uint8 with its own range; fbgemm's VNNI kernel). Not weight-only: about
@@ -49,6 +49,7 @@ A GGUF file's quantized blocks become these layers without a float model in betw
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -62,6 +63,7 @@ WEIGHTS = ("fp32", "bf16", "int8", "int4", "int8-dynamic")
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True where oneDNN runs bf16 matmuls natively (AVX512-BF16 / AMX), not emulated."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -137,6 +139,8 @@ class Int8Linear(nn.Module):
             x2 = x2.to(scales.dtype)
         if cpu_gemv.fits(x2, self.in_features, cpu_gemv.MAX_ROWS_QUANTIZED):  # decoding: our kernel (cpu_gemv.py)
             y = cpu_gemv.linear(x2, weight, self.scales_fp32)
+        elif _dequantizes(x2):  # a prompt: the matrix in bf16 for this call, oneDNN's matmul
+            y = F.linear(x2.to(torch.bfloat16), cpu_gemv.dequantize(weight, self.scales_fp32)).to(x2.dtype)
         elif x2.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
             y = torch._weight_int8pack_mm(x2, weight, scales)  # (M, out), no dequantized copy
         else:  # other devices: dequantize on the fly (correct, not the fast path)
@@ -147,6 +151,12 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _dequantizes(x: torch.Tensor) -> bool:
+    """Whether a prompt x goes to an int8 matrix dequantized to bf16 for the call: on a CPU with
+    native bf16 matmuls and our kernels (which dequantize it)."""
+    return x.device.type == "cpu" and cpu_has_native_bf16() and cpu_gemv.kernels() is not None
 
 
 class BF16Linear(nn.Module):
@@ -253,6 +263,8 @@ class Int4Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (out, in) matrix the layer multiplies by."""
+        if dtype == torch.bfloat16 and self.weight_int4.device.type == "cpu" and cpu_gemv.kernels() is not None:
+            return cpu_gemv.dequantize(self.weight_int4, self.scales, self.offsets, self.group_size)  # the same numbers
         q = cpu_gemv.unpack_nibbles(self.weight_int4).view(self.out_features, -1, self.group_size)
         scale, offset = self.scales.view(torch.float16).float(), self.offsets.view(torch.float16).float()
         w = q.float() * scale[..., None] + offset[..., None]  # (out, groups, group_size)

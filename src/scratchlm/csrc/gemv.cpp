@@ -497,6 +497,68 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q, const 
   return output(x, sums, M, N);
 }
 
+// The matrix of an int8 or int4 layer as bf16 (N, K), for a prompt: oneDNN's bf16 matmul (AMX
+// where the CPU has it) then does its many rows, where passes of our 8-row kernels would redo
+// the integer work once per 8 rows. Each weight is rounded to bf16 once.
+#ifdef GEMV_AVX512
+inline void store_bf16(uint16_t* out, __m512 v) {  // 16 floats, rounded to nearest even
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bump = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, bump), 16)));
+}
+#endif
+
+torch::Tensor dequantize(const torch::Tensor& q, const torch::Tensor& scale, const c10::optional<torch::Tensor>& offset,
+                         int64_t G) {
+  const bool int4 = offset.has_value();
+  const int64_t N = q.size(0), K = int4 ? 2 * q.size(1) : q.size(1);
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && K % RUN == 0, "dequantize: contiguous, K a multiple of 64");
+  TORCH_CHECK(int4 ? (q.scalar_type() == torch::kByte && G % 32 == 0 && K % G == 0 && scale.numel() == N * (K / G))
+                   : (q.scalar_type() == torch::kChar && scale.scalar_type() == torch::kFloat32 && scale.numel() == N),
+              "dequantize: int8 (N, K) with N float32 scales, or int4 (N, K / 2) uint8 with (N, K / G) fp16 scales and offsets");
+  torch::Tensor w = torch::empty({N, K}, torch::dtype(torch::kBFloat16));
+  auto* out = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
+  const int64_t groups = int4 ? K / G : 1;
+  at::parallel_for(0, N, grain(int4 ? K / 2 : K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      uint16_t* row = out + n * K;
+      if (!int4) {
+        const int8_t* qr = q.data_ptr<int8_t>() + n * K;
+        const float s = scale.data_ptr<float>()[n];
+#ifdef GEMV_AVX512
+        for (int64_t k = 0; k < K; k += 16)
+          store_bf16(row + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                                reinterpret_cast<const __m128i*>(qr + k)))), _mm512_set1_ps(s)));
+#else
+        for (int64_t k = 0; k < K; ++k) row[k] = c10::BFloat16(s * float(qr[k])).x;
+#endif
+        continue;
+      }
+      const uint8_t* qr = q.data_ptr<uint8_t>() + n * (K / 2);
+      const auto* sp = static_cast<const uint16_t*>(scale.data_ptr()) + n * groups;
+      const auto* op = static_cast<const uint16_t*>(offset->data_ptr()) + n * groups;
+      for (int64_t k0 = 0; k0 < K; k0 += RUN) {  // a run of 64: byte i holds inputs k0 + i and k0 + 32 + i
+        for (int half = 0; half < 2; ++half)
+          for (int64_t j = 0; j < RUN / 2; j += 16) {
+            const int64_t k = k0 + half * (RUN / 2) + j, g = k / G;
+            const float s = half_to_float(sp[g]), o = half_to_float(op[g]);
+#ifdef GEMV_AVX512
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k0 / 2 + j));
+            const __m128i v = half ? _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)) : _mm_and_si128(b, _mm_set1_epi8(15));
+            store_bf16(row + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), _mm512_set1_ps(s), _mm512_set1_ps(o)));
+#else
+            for (int64_t i = 0; i < 16; ++i) {
+              const uint8_t byte = qr[k0 / 2 + j + i];
+              row[k + i] = c10::BFloat16(s * float(half ? byte >> 4 : byte & 15) + o).x;
+            }
+#endif
+          }
+      }
+    }
+  });
+  return w;
+}
+
 }  // namespace
 
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: the small ops between the matrices
@@ -504,6 +566,7 @@ void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: the small ops
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
   m.def("linear", &linear, "y = x @ W^T (times one scale per output row), 8 rows of x a pass; W fp32, bf16 or int8");
+  m.def("dequantize", &dequantize, "an int8 (N, K) or int4 (N, K / 2) matrix as bf16 (N, K), for prompts");
   m.def("linear_int4", &linear_int4, "y = x @ (scale * q + offset)^T, group-wise, 8 rows of x a pass");
   m.attr("MAX_M") = MAX_M;
 #ifdef GEMV_VNNI
