@@ -152,8 +152,13 @@ struct Floats {
       return;
     }
     const uint16_t* h = static_cast<const uint16_t*>(p) + from;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits_to_float(h[i]);
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)  // widen to 32 bits, shift into the top half
+      _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))), 16)));
+#endif
+    for (; i < n; ++i) out[i] = bf16_bits_to_float(h[i]);
   }
   void store(int64_t from, int64_t n, const float* in) const {
     if (!bf16) {
@@ -161,8 +166,13 @@ struct Floats {
       return;
     }
     uint16_t* h = static_cast<uint16_t*>(p) + from;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) h[i] = float_to_bf16_bits(in[i]);
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + i),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16_16(_mm512_loadu_ps(in + i))), 16)));
+#endif
+    for (; i < n; ++i) h[i] = float_to_bf16_bits(in[i]);
   }
 };
 
