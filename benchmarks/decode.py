@@ -375,7 +375,7 @@ def main() -> None:
             profile_step(prepare_for_decode(copy.deepcopy(plain), layout))
         return
     models = {"hf fp32": hf, "ours fp32 (Linear)": plain,
-              # fp32 fuses its small ops only where our kernels are built (fused=True builds them)
+              # model.py's Block for the one-token steps too: what the fused small ops gain
               "ours fp32 unfused": prepare_for_decode(copy.deepcopy(plain), "fp32", fused=False)}
     for layout in ("fp32", "bf16", "int8", "int4"):
         models[f"ours {layout}"] = prepare_for_decode(copy.deepcopy(plain), layout, fused=True)

@@ -26,6 +26,7 @@ The ops are registered with torch.library, so ``torch.compile`` sees them as sin
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -53,17 +54,15 @@ def kernels():
     return _built["module"]
 
 
-def built() -> bool:
-    """Whether the extension is already loaded in this process (kernels() would not wait)."""
-    return _built.get("module") is not None
-
-
 def _build():
     if os.environ.get("SCRATCHLM_NO_GEMV") == "1":
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        if not (Path(_get_build_directory("scratchlm_gemv", verbose=False)) / "scratchlm_gemv.so").exists():
+            print("scratchlm: compiling the CPU decode kernels, once for this machine (about a minute)",
+                  file=sys.stderr, flush=True)
         flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno"]
         return load(name="scratchlm_gemv", sources=[str(p) for p in SOURCES], extra_cflags=flags, verbose=False)
     except Exception as e:  # no compiler, no headers: PyTorch's own kernels still work

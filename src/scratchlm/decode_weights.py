@@ -340,8 +340,9 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     kernel's tile), keeps int8 weights.
 
     fused: run one-token steps through decode_block.DecodeBlock (the small ops between the
-    matrices fused in C++). None: for the layouts that build our kernels anyway (bf16, int8,
-    int4, on the CPU), or wherever they are already built in this process.
+    matrices fused in C++: 1.4-1.8x a step of smollm2-135m). None: on the CPU. That builds our
+    kernels the first time on a machine (about a minute, cached after; a line on stderr says
+    so); where they cannot be built, the model's own Block runs.
     """
     from .model import MLP, Attention, Transformer
     from .moe import MoE
@@ -351,7 +352,7 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     if group_size not in INT4_GROUP_SIZES:
         raise ScratchLMError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if on_cpu and weights in ("bf16", "int8", "int4"):
+    if on_cpu and (fused is not False or weights in ("bf16", "int8", "int4")):
         cpu_gemv.kernels()  # built (once per machine) or found now, not inside a compiled step
     if weights == "bf16" and on_cpu and cpu_gemv.kernels() is None and not cpu_has_native_bf16():
         warnings.warn("neither scratchlm's decode kernels (cpu_gemv.py) nor a native bf16 matmul (AVX512-BF16 "
@@ -390,7 +391,7 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
             module.set_expert_layers([[swap(_linear(w)) for w in pair]
                                       for pair in zip(module.gate_up_proj.detach(), module.down_proj.detach())])
     if fused is None:
-        fused = on_cpu and (weights in ("bf16", "int8", "int4") or cpu_gemv.built())
+        fused = on_cpu
     if fused and on_cpu and isinstance(model, Transformer) and cpu_gemv.kernels() is not None:
         from .decode_block import DecodeBlock
 
