@@ -156,7 +156,8 @@ class Int8Linear(nn.Module):
 def _dequantizes(x: torch.Tensor) -> bool:
     """Whether a prompt x goes to an int8 matrix dequantized to bf16 for the call: on a CPU with
     native bf16 matmuls and our kernels (which dequantize it)."""
-    return x.device.type == "cpu" and cpu_has_native_bf16() and cpu_gemv.kernels() is not None
+    return (x.device.type == "cpu" and x.shape[-1] % 64 == 0 and cpu_has_native_bf16()
+            and cpu_gemv.kernels() is not None)  # the dequantizer's unit: runs of 64 inputs
 
 
 class BF16Linear(nn.Module):
