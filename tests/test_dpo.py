@@ -250,7 +250,7 @@ def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients(monkeypatch):
     """With the response spans each pair's prompt runs once for its two rows (response_logits):
     the logits at the response positions, the loss, the metrics and the gradients equal those of
     the plain forward over 2B rows, in both layouts of shared_prompt.py."""
-    from scratchlm.posttrain import shared_prompt
+    from scratchlm import shared_prompt
     from scratchlm.posttrain.dpo import response_logits, response_spans
 
     tok = char_tokenizer()

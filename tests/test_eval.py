@@ -38,16 +38,7 @@ class Bigram(torch.nn.Module):
         with torch.no_grad():
             self.lm_head.weight[b, a] += by  # logits = W @ onehot(a): column a is "after a"
 
-    def new_cache(self, batch_size, max_length=None, ring=True, slack=0):
-        class Cache:
-            k, v, length = [], [], 0
-        return Cache()
-
-    def forward(self, ids, cache=None, positions=None, return_hidden=False, cache_only=False):
-        if cache is not None:
-            cache.length += ids.shape[1]
-        if cache_only:
-            return None
+    def forward(self, ids, return_hidden=False):  # not a Transformer: scored without prompt sharing
         hidden = self.tok_emb(ids)
         return hidden if return_hidden else self.lm_head(hidden)
 
@@ -97,7 +88,11 @@ def tiny(request):
     return Transformer(ModelConfig.preset(request.param)).eval()
 
 
-def test_shared_prefix_and_batching_change_no_number(tiny):
+def test_shared_prefix_and_batching_change_no_number(tiny, monkeypatch):
+    from scratchlm.eval import loglik
+    packed_rows = []  # the shared path must run (packed: gemma3's window of 16 is inside the rows)
+    real = loglik.continuation_hidden
+    monkeypatch.setattr(loglik, "continuation_hidden", lambda model, ids, *a: packed_rows.append(len(ids)) or real(model, ids, *a))
     g = torch.Generator().manual_seed(1)
     ctx = torch.randint(0, 512, (40,), generator=g).tolist()
     requests = [(ctx, torch.randint(0, 512, (n,), generator=g).tolist()) for n in (1, 3, 7, 2)]
@@ -108,6 +103,7 @@ def test_shared_prefix_and_batching_change_no_number(tiny):
             got = score_continuations(tiny, requests, batch_size=batch, share_prefix=shared)
             assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in plain], abs=1e-4)
             assert [g for _, g in got] == [g for _, g in plain]
+    assert packed_rows and max(packed_rows) == 4  # the context's four continuations in one batch of 16
     # and against the plain forward pass written out
     ctx, cont = requests[1]
     with torch.no_grad():

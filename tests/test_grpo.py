@@ -211,8 +211,8 @@ def test_right_padding_changes_no_log_prob():
 def test_shared_prompts_give_the_full_forwards_log_probs_and_gradients(preset, layout, monkeypatch):
     """Each group's prompt runs once (shared_prompt.py, in either layout): the completions'
     log-probs and the gradients of a loss on them equal the plain forward's over the full rows."""
-    from scratchlm.posttrain import shared_prompt
-    from scratchlm.posttrain.shared_prompt import can_share
+    from scratchlm import shared_prompt
+    from scratchlm.shared_prompt import can_share
 
     monkeypatch.setattr(shared_prompt, "_layout_cost", lambda *a, packed: float(packed != (layout == "packed")))
 

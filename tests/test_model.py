@@ -375,3 +375,23 @@ def test_tables_are_shared_not_copied_per_layer():
     buffers = dict(model.named_buffers())
     assert set(buffers) == {"rope_cos", "rope_sin"}  # one table for the model, none per layer
     assert "rope_cos" not in model.state_dict()  # rebuilt on load, never stored
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gemma3-tiny"])
+def test_a_packed_row_gives_each_sequence_its_own_forward(preset):
+    """Two sequences in one row (attn_mask block-diagonal, positions from 0 for each) give
+    the logits of their separate forwards; for gemma3-tiny the sequences are longer than
+    its sliding window, so the packed window (a gap in positions) is exercised."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, vocab_size=64)).eval()
+    window = model.config.sliding_window
+    n = 2 * window if window else 20
+    a, b = torch.randint(0, 64, (1, n)), torch.randint(0, 64, (1, n - 3))
+    row = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(n), torch.arange(n - 3)])[None]
+    segment = torch.tensor([0] * n + [1] * (n - 3))
+    mask = (segment[:, None] == segment[None, :]) & torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    with torch.no_grad():
+        packed = model(row, positions=positions, attn_mask=mask[None])
+        torch.testing.assert_close(packed[:, :n], model(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed[:, n:], model(b), atol=1e-5, rtol=0)

@@ -482,9 +482,10 @@ class Transformer(nn.Module):
             left-padded prompts pass their own so that every row starts at position 0.
         return_hidden: return the final normed hidden states (B, T, d_model) instead of logits.
         attn_mask: (B, T, T) bool, True where query i may attend key j, in place of the causal
-            mask (no cache, no sliding window): a row that packs several sequences, each seeing
-            only its own keys (posttrain/shared_prompt.py). With ``positions`` (each below
-            context_length: the caller's to ensure) the row may be longer than the context.
+            mask (no cache; a sliding window also hides keys W or more positions back): a row
+            that packs several sequences, each seeing only its own keys (shared_prompt.py).
+            With ``positions`` (each below context_length: the caller's to ensure) the row may
+            be longer than the context.
         targets: (B, T) the next token of each position, -100 where there is none: return the
             training loss, the mean cross-entropy over the other positions (a scalar, fp32),
             instead of the logits, without making the (B, T, vocab_size) logits (loss.py).
@@ -496,8 +497,8 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         limit = cache.max_length if cache is not None else self.config.context_length
         packed = attn_mask is not None
-        if packed and (cache is not None or positions is None or self.config.sliding_window):
-            raise ScratchLMError("attn_mask takes explicit positions, and neither a cache nor a sliding window")
+        if packed and (cache is not None or positions is None):
+            raise ScratchLMError("attn_mask takes explicit positions and no cache")
         if past + T > limit and not packed:
             raise ScratchLMError(f"sequence of {past + T} tokens exceeds the context length {limit}")
         # ids are not range-checked here (no host sync, no graph break): see check_token_ids.
@@ -532,7 +533,13 @@ class Transformer(nn.Module):
         elif cache is not None and T > 1 and past > 0:
             mask = causal_mask(T, past + T, device=ids.device)
 
-        local_mask = self._local_mask(T, past, cache, mask, ids.device) if self.config.sliding_window else None
+        local_mask = None
+        if self.config.sliding_window and packed:
+            # Within a packed sequence positions count tokens, so the window is a position gap.
+            gap = positions[:, :, None] - positions[:, None, :]  # (B, T, T): query i minus key j
+            local_mask = mask & (gap < self.config.sliding_window)[:, None]
+        elif self.config.sliding_window:
+            local_mask = self._local_mask(T, past, cache, mask, ids.device)
 
         if cache_only and cache is None:
             raise ScratchLMError("cache_only needs a cache to fill")

@@ -22,11 +22,12 @@ Speed, without changing a number:
   looks right, so padding after a row cannot change it, and no mask is needed);
 - the output head runs only at the scored positions (the head is the largest matrix of a
   small model with a big vocabulary), the log-softmax only there, in float32;
-- requests that share a context (the choices of one question) read it once: the context
-  is run through the model into a KV cache, which every choice then continues (several
-  questions per batch, their contexts left-padded and masked, as ``generate`` pads prompts).
-  That pass only fills the cache (``cache_only``): nothing reads the context's outputs,
-  so the last layer computes the context's keys and values and skips attention and MLP.
+- requests that share a context (the choices of one question) read it once
+  (shared_prompt.py): one packed row holds the context and then every choice, an attention
+  mask letting each choice see the context and itself only, positions counting on from
+  the context for each choice. No padding between a question's choices, no copies of the
+  context's keys and values: 1.46x the items/s of running the context into a KV cache
+  that every choice continues (benchmarks/eval.py's items, 32 requests a batch).
 
 >>> import torch
 >>> from scratchlm import ModelConfig, Transformer
@@ -46,6 +47,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ScratchLMError
+from ..shared_prompt import can_share, continuation_hidden
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
@@ -124,105 +126,63 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, (context, _) in enumerate(rows):
         groups[tuple(context)].append(i)
-    shared = [ids for ctx, ids in groups.items() if share_prefix and len(ids) > 1 and len(ctx) > 1]
-    alone = sorted((i for ctx, ids in groups.items() if not (share_prefix and len(ids) > 1 and len(ctx) > 1)
-                    for i in ids), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+    shared = [ids for ids in groups.values() if share_prefix and len(ids) > 1]
+    alone = sorted((i for ids in groups.values() if not (share_prefix and len(ids) > 1) for i in ids),
+                   key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(rows), desc="scoring", unit="req", disable=not progress, leave=False)
     for start in range(0, len(alone), batch_size):
         chunk = alone[start:start + batch_size]
-        inputs = [rows[i][0] + rows[i][1][:-1] for i in chunk]
-        for i, result in zip(chunk, _score_batch(model, inputs, [rows[i][1] for i in chunk])):
+        for i, result in zip(chunk, _score_rows(model, [rows[i] for i in chunk], shared=False)):
             results[i] = result
         bar.update(len(chunk))
-    # Groups of one context: the context but its last token goes into the cache; the last one
-    # is where the first continuation token is predicted, so it is read with the continuations.
-    # Several groups share a batch (their contexts left-padded), up to batch_size rows. Every
-    # row of a batch is padded to its longest continuation, and a batch's B rows outnumber
-    # its G contexts (B = G x choices): groups are sorted by their longest continuation
-    # first, by context length second (on benchmarks/eval.py's items, 26% fewer padded
-    # positions than by context length alone, where 63% of the continuation rows were padding).
-    shared.sort(key=lambda members: (-max(len(rows[i][1]) for i in members), -len(rows[members[0]][0])))
+    # Requests with one context (the choices of a question) read it once (shared_prompt.py):
+    # packed, one row per context holds it and each continuation after it. Groups are sorted
+    # by that row's length, longest first, so that a batch's rows pad little; a batch takes
+    # whole groups, up to batch_size requests (a group larger than that is split).
+    shared.sort(key=lambda members: -(len(rows[members[0]][0]) + sum(len(rows[i][1]) for i in members)))
     parts = [members[i:i + batch_size] for members in shared for i in range(0, len(members), batch_size)]
-    batch: list[list[int]] = []
-
-    def fits(groups: list[list[int]]) -> bool:  # the padded prefix + the longest continuation row
-        longest_prefix = max(len(rows[g[0]][0]) - 1 for g in groups)
-        longest_row = max(len(rows[i][1]) for g in groups for i in g)
-        return sum(map(len, groups)) <= batch_size and longest_prefix + longest_row <= limit
-
+    batch: list[int] = []
     for part in parts + [None]:
-        if batch and (part is None or not fits(batch + [part])):
-            members = [i for group in batch for i in group]
-            inputs = [rows[i][0][-1:] + rows[i][1][:-1] for i in members]
-            owners = [g for g, group in enumerate(batch) for _ in group]
-            prefixes = [rows[group[0]][0][:-1] for group in batch]
-            scored = _score_batch(model, inputs, [rows[i][1] for i in members], prefixes, owners)
-            for i, result in zip(members, scored):
+        if batch and (part is None or len(batch) + len(part) > batch_size):
+            for i, result in zip(batch, _score_rows(model, [rows[i] for i in batch], shared=True)):
                 results[i] = result
-            bar.update(len(members))
+            bar.update(len(batch))
             batch = []
         if part is not None:
-            batch.append(part)
+            batch += part
     bar.close()
     return results  # type: ignore[return-value]
 
 
-def _score_batch(model, inputs: list[list[int]], continuations: list[list[int]],
-                 prefixes: list[list[int]] | None = None, owners: list[int] | None = None) -> list[tuple[float, bool]]:
-    """One forward over right-padded ``inputs``; with ``prefixes``, row b continues
-    ``prefixes[owners[b]]``, which is read once per prefix into the KV cache first."""
+def _score_rows(model, requests: list[Request], shared: bool) -> list[tuple[float, bool]]:
+    """One forward over the right-padded rows context + continuation (their last token is
+    never read); with ``shared``, rows with one context read it once (shared_prompt.py)."""
     device = model.tok_emb.weight.device
-    B, T = len(inputs), max(len(r) for r in inputs)
-    ids = torch.zeros(B, T, dtype=torch.long)  # right padding: id 0 is never scored
-    for b, row in enumerate(inputs):
+    full = [context + continuation for context, continuation in requests]
+    B, L = len(full), max(map(len, full))
+    ids = torch.zeros(B, L, dtype=torch.long)  # right padding: id 0 is never scored
+    for b, row in enumerate(full):
         ids[b, :len(row)] = torch.tensor(row)
-    ids = ids.to(device)
-    cache = positions = None
-    if prefixes:
-        # Prefixes left-padded to one length P: padding keys are masked out and each row's
-        # positions start at 0 at its first real token (as generate() pads prompts).
-        G, P = len(prefixes), max(len(p) for p in prefixes)
-        pad = torch.tensor([P - len(p) for p in prefixes], device=device)  # (G,)
-        padded = bool((pad > 0).any())
-        prefix_ids = torch.zeros(G, P, dtype=torch.long)
-        for g, p in enumerate(prefixes):
-            prefix_ids[g, P - len(p):] = torch.tensor(p)
-        cols = torch.arange(P + T, device=device)
-        key_mask = cols[None, :] >= pad[:, None]  # (G, P + T)
-        all_positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # (G, P + T)
-        read = model.new_cache(G, P, ring=False)  # copied by column below
-        read.key_mask = key_mask[:, :P] if padded else None
-        model(prefix_ids.to(device), cache=read, positions=all_positions[:, :P] if padded else None,
-              cache_only=True)  # nothing reads the prefix's outputs, only its keys and values
-        index = torch.tensor(owners, device=device)  # (B,) the prefix of each row
-        cache = model.new_cache(B, P + T, ring=False)
-        for layer in range(len(cache.k)):  # every row starts from its prefix's keys and values
-            cache.k[layer][:, :, :P] = read.k[layer][index]
-            cache.v[layer][:, :, :P] = read.v[layer][index]
-        cache.length = P
-        if padded:
-            cache.key_mask = key_mask[index]
-            positions = all_positions[index, P:]
-    hidden = model(ids, cache=cache, positions=positions, return_hidden=True)  # (B, T, d_model)
-
-    # The continuation of row b is scored at its last len(cont) input positions.
-    rows, cols, targets = [], [], []
-    for b, (row, cont) in enumerate(zip(inputs, continuations)):
-        n = len(row)
-        rows += [b] * len(cont)
-        cols += range(n - len(cont), n)
-        targets += cont
-    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, d_model)
+    starts = [len(context) for context, _ in requests]
+    ends = [len(row) for row in full]
+    if shared and can_share(model, ids, starts, ends):
+        picked, _ = continuation_hidden(model, ids.to(device), starts, ends)  # (N, d_model), row by row
+    else:  # a causal model never looks right, so padding after a row changes nothing: no mask
+        hidden = model(ids[:, :-1].to(device), return_hidden=True)  # (B, L - 1, d_model)
+        # The continuation of row b is predicted at columns start - 1 .. end - 2.
+        rows = torch.tensor([b for b, (s, e) in enumerate(zip(starts, ends)) for _ in range(s, e)])
+        cols = torch.tensor([c for s, e in zip(starts, ends) for c in range(s - 1, e - 1)])
+        picked = hidden[rows.to(device), cols.to(device)]  # (N, d_model)
     logprobs = model.lm_head(picked).float().log_softmax(-1)  # (N, vocab)
-    targets_t = torch.tensor(targets, device=device)
-    token_lp = logprobs.gather(1, targets_t[:, None])[:, 0]  # (N,)
-    greedy = logprobs.argmax(-1) == targets_t
-    token_lp, greedy = token_lp.tolist(), greedy.tolist()
+    targets = torch.tensor([t for context, continuation in requests for t in continuation], device=device)
+    token_lp = logprobs.gather(1, targets[:, None])[:, 0].tolist()  # (N,)
+    greedy = (logprobs.argmax(-1) == targets).tolist()
     out, k = [], 0
-    for cont in continuations:
-        out.append((float(sum(token_lp[k:k + len(cont)])), all(greedy[k:k + len(cont)])))
-        k += len(cont)
+    for _, continuation in requests:
+        n = len(continuation)
+        out.append((float(sum(token_lp[k:k + n])), all(greedy[k:k + n])))
+        k += n
     return out

@@ -4,7 +4,7 @@ learning with verifiable rewards (GRPO).
     config.py           DPOConfig: fine-tuning's options + the objective (loss, beta, ...)
     preference_data.py  pairs (prompt, chosen, rejected) -> masked rows -> batches of 2B rows
     dpo.py              the objectives (DPO, robust DPO, hinge, IPO, SimPO) and DPOTask
-    shared_prompt.py    rows that share a prompt (a pair, a group) run it through the model once
+    ../shared_prompt.py rows that share a prompt (a pair, a group) run it through the model once
     ../train/core.py    the loop they plug into (schedule, optimizer, DDP, checkpoints, resume)
     grpo_config.py      GRPOConfig: the loop's options + sampling, clipping, KL, loss type
     rewards.py          verifiable tasks (arithmetic, GSM8K files, a user function) and rewards

@@ -36,11 +36,11 @@ from ..errors import ConfigError
 from ..finetune.instruct import load_base, save_tuned, tuned_model
 from ..finetune.instruct_data import IGNORE_INDEX
 from ..lora import adapters_disabled, count_parameters
+from ..shared_prompt import can_share, continuation_hidden
 from ..train.core import Task, Trainer, TrainResult, eval_mode
 from ..train.distributed import is_main_process, process_group
 from .config import DPOConfig
 from .preference_data import RAW, collate_pairs, is_chat, load_pairs, make_pairs, pair_order, split_pairs
-from .shared_prompt import can_share, continuation_hidden
 
 
 # ----------------------------------------------------------------------------------------

@@ -39,11 +39,11 @@ from ..chat import chat_stops, read_prompt_format, render_chat, resolve_template
 from ..errors import ConfigError
 from ..finetune.instruct import load_base, save_tuned, tuned_model
 from ..lora import adapters_disabled, count_parameters
+from ..shared_prompt import can_share, continuation_logprobs
 from ..train.core import Task, Trainer, TrainResult, eval_mode
 from ..train.distributed import is_main_process, process_group
 from .grpo_config import GRPOConfig
 from .rewards import ArithmeticTask, GSM8KTask, call_reward, correct_reward, format_reward, load_reward_function
-from .shared_prompt import can_share, continuation_logprobs
 
 # How a raw (not chat) prompt asks for the answer; a chat prompt says the same in the user turn.
 RAW_PROMPT = "Question: {question}\nAnswer:"

@@ -43,15 +43,14 @@ from collections.abc import Sequence
 
 import torch
 
-from ..kv_cache import KVCache
-from ..model import Transformer
+from .kv_cache import KVCache
+from .model import Transformer
 
 
 def can_share(model, ids: torch.Tensor, starts: Sequence[int], ends: Sequence[int]) -> bool:
     """Whether the shared-prompt forward applies: a plain Transformer (not a DDP or compiled
-    wrapper, which expect one forward per step), no sliding window (its mask counts columns,
-    and both layouts move them), and every position within the context."""
-    if not isinstance(model, Transformer) or model.config.sliding_window:
+    wrapper, which expect one forward per step) and every position within the context."""
+    if not isinstance(model, Transformer):
         return False
     return max(ends) <= model.config.context_length
 
@@ -75,7 +74,9 @@ def continuation_hidden(model: Transformer, ids: torch.Tensor, starts: Sequence[
     packed = _packed_width(prompts, owner, starts, ends)
     # The cache holds the longest prompt and the longest continuation side by side: within the context.
     fits = max(len(p) for p in prompts) + max(max(e - s for s, e in zip(starts, ends)), 1) <= model.config.context_length
-    if not fits or _layout_cost(model, prompts, starts, ends, packed, packed=True) <= _layout_cost(
+    # A sliding window: the packed mask measures it in positions (model.py); the cached
+    # layout is kept to models without one.
+    if not fits or model.config.sliding_window or _layout_cost(model, prompts, starts, ends, packed, packed=True) <= _layout_cost(
             model, prompts, starts, ends, packed, packed=False):
         hidden = _packed_hidden(model, rows, prompts, owner, starts, ends, packed)
     else:
