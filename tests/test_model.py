@@ -206,52 +206,6 @@ def test_cache_is_written_in_place_and_chunked_prefill_works():
     assert cache.k[0].shape == (2, 2, 40, 16)  # (batch, n_kv_heads, max_length, head_dim)
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "qwen3-tiny", "gemma3-tiny", "olmo2-tiny"])
-def test_cache_only_fills_the_cache_a_full_forward_fills(preset):
-    """cache_only skips the last layer's attention and MLP: the keys and values, and what
-    later tokens read from them, are those of a full forward (sliding window, QK-norm, padding)."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset(preset, dtype="float32")).eval()
-    ids = torch.randint(1, 512, (2, 24))
-    key_mask = torch.ones(2, 40, dtype=torch.bool)
-    key_mask[1, :3] = False  # row 1 left-padded by 3
-    positions = (torch.arange(24)[None] - torch.tensor([[0], [3]])).clamp(min=0)
-    with torch.no_grad():
-        full, only = model.new_cache(2, 40, ring=False), model.new_cache(2, 40, ring=False)
-        full.key_mask = only.key_mask = key_mask
-        model(ids, cache=full, positions=positions)
-        assert model(ids, cache=only, positions=positions, cache_only=True) is None
-        assert only.length == full.length == 24
-        for layer in range(len(full.k)):
-            torch.testing.assert_close(only.k[layer][:, :, :24], full.k[layer][:, :, :24], atol=0, rtol=0)
-            torch.testing.assert_close(only.v[layer][:, :, :24], full.v[layer][:, :, :24], atol=0, rtol=0)
-        more = torch.randint(1, 512, (2, 5))
-        after = positions[:, -1:] + 1 + torch.arange(5)
-        torch.testing.assert_close(model(more, cache=only, positions=after),
-                                   model(more, cache=full, positions=after), atol=0, rtol=0)
-
-
-def test_cache_only_keeps_a_lora_update_of_the_qkv_projection():
-    """With LoRA on qkv_proj (a fine-tuning run's end-of-training eval, adapters not merged),
-    the last layer's keys and values include the adapters' update, as a full forward's do."""
-    from scratchlm.lora import apply_lora
-
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("llama-tiny", dtype="float32")).eval()
-    apply_lora(model, rank=4, targets=["qkv_proj"])
-    for module in model.modules():
-        if hasattr(module, "lora_B"):
-            torch.nn.init.normal_(module.lora_B, std=0.5)  # a trained (non-zero) update
-    ids = torch.randint(1, 256, (1, 12))
-    with torch.no_grad():
-        full, only = model.new_cache(1, 16, ring=False), model.new_cache(1, 16, ring=False)
-        model(ids, cache=full)
-        model(ids, cache=only, cache_only=True)
-    last = len(full.k) - 1
-    torch.testing.assert_close(only.k[last][:, :, :12], full.k[last][:, :, :12], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(only.v[last][:, :, :12], full.v[last][:, :, :12], atol=1e-6, rtol=1e-5)
-
-
 @pytest.mark.parametrize("positions", POSITION_KINDS)
 def test_left_padded_row_equals_unpadded(positions):
     """A batch row padded on the left (masked keys, positions from 0) gives the same logits."""

@@ -214,31 +214,15 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         if rope is not None:
             q = apply_rope(q, *rope)
-        return (q, *self._keys_values(k, v, rope))
-
-    def project_keys_values(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
-        """project() without the queries: k and v (B, n_kv_heads, T, head_dim) from the k and v
-        rows of qkv_proj only (what a KV cache keeps of a position nothing will read from)."""
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        if type(self.qkv_proj) is nn.Linear:
-            bias = self.qkv_proj.bias[q_dim:] if self.qkv_proj.bias is not None else None
-            k, v = F.linear(x, self.qkv_proj.weight[q_dim:], bias).split(kv_dim, dim=-1)
-        else:  # a LoRA-wrapped or decode-layout projection: its own forward, then the k, v columns
-            k, v = self.qkv_proj(x)[..., q_dim:].split(kv_dim, dim=-1)
-        return self._keys_values(k, v, rope)
-
-    def _keys_values(self, k: torch.Tensor, v: torch.Tensor, rope):
-        """k, v (B, T, n_kv_heads * head_dim) -> (B, n_kv_heads, T, head_dim), k QK-normed and rotated."""
-        B, T, _ = k.shape
         if self.qk_norm == "projection":
             k = self.k_norm(k)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = k.view(*x.shape[:2], self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = v.view(*x.shape[:2], self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             k = self.k_norm(k)
         if rope is not None:
             k = apply_rope(k, *rope)
-        return k, v
+        return q, k, v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
@@ -472,8 +456,8 @@ class Transformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, return_hidden: bool = False,
-                attn_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                cache_only: bool = False) -> torch.Tensor | None:
+                attn_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab_size). ids must lie in [0, vocab_size): check
         ids from outside with check_token_ids before (forward does not, to stay sync-free).
 
@@ -489,9 +473,6 @@ class Transformer(nn.Module):
         targets: (B, T) the next token of each position, -100 where there is none: return the
             training loss, the mean cross-entropy over the other positions (a scalar, fp32),
             instead of the logits, without making the (B, T, vocab_size) logits (loss.py).
-        cache_only: only fill ``cache`` and return None. Nothing reads the last layer's output
-            at these positions, so that layer computes only their keys and values (a prefix
-            that later tokens continue: eval/loglik.py); the other layers run in full.
         """
         B, T = ids.shape
         past = cache.length if cache is not None else 0
@@ -541,19 +522,11 @@ class Transformer(nn.Module):
         elif self.config.sliding_window:
             local_mask = self._local_mask(T, past, cache, mask, ids.device)
 
-        if cache_only and cache is None:
-            raise ScratchLMError("cache_only needs a cache to fill")
-        *body, last = self.blocks
-        for block in body if cache_only else self.blocks:
+        for block in self.blocks:
             local = block.attn.local
             x = block(x, rope_local if local else rope, local_mask if local else mask, cache)
-        if cache_only:
-            k, v = last.attn.project_keys_values(last.attn_norm(x), rope_local if last.attn.local else rope)
-            cache.update(last.attn.layer, k, v)
         if cache is not None:
             cache.length = past + T
-        if cache_only:
-            return None
         x = self.final_norm(x)
         if return_hidden:
             return x
