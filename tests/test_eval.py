@@ -112,6 +112,25 @@ def test_shared_prefix_and_batching_change_no_number(tiny, monkeypatch):
     assert plain[1][0] == pytest.approx(expected, abs=1e-4)
 
 
+def test_repeated_choices_get_one_score_and_the_first_wins_a_tie(tiny, monkeypatch):
+    # A question may list one ending twice (benchmarks/eval.py's item 301 does). lm-eval gives
+    # both copies one number and argmax takes the first; copies at two places of a packed row
+    # would differ in float32 rounding and could pick the second.
+    from scratchlm.eval import loglik
+    scored = []
+    real = loglik._score_rows
+    monkeypatch.setattr(loglik, "_score_rows", lambda model, reqs, shared: scored.extend(reqs) or real(model, reqs, shared))
+    g = torch.Generator().manual_seed(2)
+    ctx = torch.randint(0, 512, (60,), generator=g).tolist()
+    a, b = (torch.randint(0, 512, (9,), generator=g).tolist() for _ in range(2))
+    requests = [(ctx, a), (ctx, b), (ctx, a), (ctx, a), ([5, 6], a), ([5, 6], a)]
+    got = score_continuations(tiny, requests, batch_size=16)
+    assert got[0] == got[2] == got[3] and got[4] == got[5]  # exactly, not approximately
+    assert len(scored) == 3  # each distinct request ran once
+    plain = [score_continuations(tiny, [r], share_prefix=False)[0][0] for r in requests[:2]]
+    assert [got[0][0], got[1][0]] == pytest.approx(plain, abs=1e-4)
+
+
 def test_bits_per_byte_counts_every_byte_once_whatever_the_stride(tiny):
     tok = CharTokenizer.train("abcdxyz é", special_tokens=["<|endoftext|>"])
     text = "abcd xyz é " * 30  # 330 characters, 360 bytes: é is two

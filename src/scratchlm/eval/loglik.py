@@ -104,7 +104,11 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
 
     truncate: a request longer than the context (context + continuation - 1 tokens) is cut
         from the left, as lm-eval does; False raises ContextTooLong naming the request.
-    share_prefix: requests with the same context read it once through the KV cache.
+    share_prefix: requests with the same context read it once (one packed row, shared_prompt.py).
+
+    Equal requests (a question whose choices repeat one ending) are scored once, so they get
+    the same number, as they do in lm-eval: two copies at different places in a packed row
+    would differ in float32 rounding and could break a tie the other way.
     """
     limit = model.config.context_length
     rows: list[Request] = []
@@ -122,17 +126,20 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
             context = (context + continuation)[-(limit + 1):][:-len(continuation)]
         rows.append((context, continuation))
 
+    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}  # a request -> its first index
+    copy_of = [first.setdefault((tuple(c), tuple(x)), i) for i, (c, x) in enumerate(rows)]
     results: list[tuple[float, bool] | None] = [None] * len(rows)
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, (context, _) in enumerate(rows):
-        groups[tuple(context)].append(i)
+        if copy_of[i] == i:
+            groups[tuple(context)].append(i)
     shared = [ids for ids in groups.values() if share_prefix and len(ids) > 1]
     alone = sorted((i for ids in groups.values() if not (share_prefix and len(ids) > 1) for i in ids),
                    key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(rows), desc="scoring", unit="req", disable=not progress, leave=False)
+    bar = tqdm(total=len(first), desc="scoring", unit="req", disable=not progress, leave=False)
     for start in range(0, len(alone), batch_size):
         chunk = alone[start:start + batch_size]
         for i, result in zip(chunk, _score_rows(model, [rows[i] for i in chunk], shared=False)):
@@ -154,7 +161,7 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
         if part is not None:
             batch += part
     bar.close()
-    return results  # type: ignore[return-value]
+    return [results[i] for i in copy_of]  # type: ignore[misc]
 
 
 def _score_rows(model, requests: list[Request], shared: bool) -> list[tuple[float, bool]]:
