@@ -349,3 +349,51 @@ def test_a_packed_row_gives_each_sequence_its_own_forward(preset):
         packed = model(row, positions=positions, attn_mask=mask[None])
         torch.testing.assert_close(packed[:, :n], model(a), atol=1e-5, rtol=0)
         torch.testing.assert_close(packed[:, n:], model(b), atol=1e-5, rtol=0)
+
+
+def test_training_norm_and_rope_backward_equal_autograd_of_the_plain_ops():
+    # RMSNorm and apply_rope take a hand-written backward when they need a gradient
+    # (model._RMSNormWithBackward, model._RopeWithBackward): gradcheck in float64 against
+    # finite differences, and the float32 values and gradients against autograd through
+    # F.rms_norm and the written-out rotation (what inference runs).
+    from scratchlm.model import RMSNorm, _RMSNormWithBackward, _RopeWithBackward
+
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(2, 3, 8, dtype=torch.float64, generator=g).requires_grad_()
+    w64 = torch.randn(8, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormWithBackward.apply(x, w, 1e-5), (x64, w64))
+    cos, sin = (t[:5][None, None].double() for t in rope_table(ModelConfig.preset("llama-tiny").replace(head_dim=8), 5))
+    q64 = torch.randn(2, 3, 5, 8, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q: _RopeWithBackward.apply(q, cos, sin), (q64,))
+
+    for plus_one in (False, True):
+        norm = RMSNorm(64, eps=1e-6, plus_one=plus_one)
+        with torch.no_grad():
+            norm.weight.normal_(generator=g)
+        x = torch.randn(4, 7, 64, generator=g).requires_grad_()
+        up = torch.randn(4, 7, 64, generator=g)
+        y = norm(x)
+        y.backward(up)
+        x2 = x.detach().clone().requires_grad_()
+        w2 = norm.weight.detach().clone().requires_grad_()
+        y2 = F.rms_norm(x2, (64,), (1 + w2) if plus_one else w2, 1e-6)
+        y2.backward(up)
+        assert torch.equal(y, y2)  # the same numbers as inference's F.rms_norm
+        torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm.weight.grad, w2.grad, atol=1e-4, rtol=1e-5)
+
+    cos, sin = (t[:9][None, None] for t in rope_table(ModelConfig.preset("llama-tiny").replace(head_dim=16), 9))
+    q = torch.randn(3, 4, 9, 16, generator=g).transpose(1, 2).transpose(1, 2).requires_grad_()  # a strided view too
+    k = torch.randn(3, 4, 16, 9, generator=g).transpose(-1, -2).detach().requires_grad_()
+    for x in (q, k):
+        up = torch.randn(x.shape, generator=g)
+        y = apply_rope(x, cos, sin)
+        y.backward(up)
+        x2 = x.detach().clone().requires_grad_()
+        half = 8
+        y2 = x2 * cos + torch.cat([-x2[..., half:], x2[..., :half]], -1) * sin
+        y2.backward(up)
+        assert torch.equal(y, y2)  # the same numbers as the written-out form, with or without autograd
+        torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-5)
+        with torch.no_grad():
+            assert torch.equal(apply_rope(x, cos, sin), y2)

@@ -63,11 +63,43 @@ class RMSNorm(nn.Module):
         # before it. Where that is float32 arithmetic anyway, the weight goes inside the call:
         # the same numbers, one op less per norm (a decode step runs dozens of norms).
         dim = (x.shape[-1],)
+        weight = 1.0 + self.weight.float() if self.plus_one else self.weight
+        if x.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled() and (
+                x.requires_grad or weight.requires_grad):
+            return _RMSNormWithBackward.apply(x, weight, self.eps)  # training: half the time of autograd's
         if self.plus_one:
-            return F.rms_norm(x.float(), dim, 1.0 + self.weight.float(), self.eps).to(x.dtype)
+            return F.rms_norm(x.float(), dim, weight, self.eps).to(x.dtype)
         if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, dim, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), dim, eps=self.eps).to(x.dtype)
+
+
+class _RMSNormWithBackward(torch.autograd.Function):
+    """F.rms_norm(x, weight) in float32, the same numbers (the same ops in the same order as
+    PyTorch's CPU composite), with its backward written out. Autograd through the composite
+    goes back through each of its ops; the gradient in closed form takes four passes.
+    x (..., D), weight (D,):
+
+        y = xhat * w,  xhat = x * r,  r = 1 / sqrt(mean(x^2) + eps)        (r: one per row)
+        dL/dw = sum over rows of g * xhat
+        dL/dx = r * (g w - xhat * mean(g w * xhat))
+
+    Fwd + bwd at (2, 256, 1024), 2 threads: about half the time of autograd through F.rms_norm."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # (..., 1)
+        xhat = x * r  # (..., D)
+        ctx.save_for_backward(xhat, r, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, r, weight = ctx.saved_tensors
+        grad_w = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None  # (D,)
+        gw = g * weight  # (..., D)
+        grad_x = gw.addcmul_(xhat, (gw * xhat).mean(-1, keepdim=True), value=-1).mul_(r)
+        return grad_x, grad_w, None
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -120,11 +152,44 @@ def rope_table(config: ModelConfig, length: int, local: bool = False) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i+d/2}) pair by its angle. x: (B, H, T, D); cos, sin: (B, 1, T, D)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)  # the 90-degree turn of each pair
-    return x * cos + rotated * sin
+    """Rotate each (x_i, x_{i+d/2}) pair by its angle. x: (B, H, T, D); cos, sin: (B, 1, T, D).
+
+    With x = (x1, x2) its halves and c, s the cos and sin (each half repeats the frequencies):
+
+        y1 = x1 c - x2 s,   y2 = x2 c + x1 s
+
+    written into one output tensor (the same numbers as x * cos + cat(-x2, x1) * sin, which
+    makes five tensors). Training takes the backward written out, the rotation by -angle."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RopeWithBackward.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    y = x * cos
+    y[..., :h].sub_(x[..., h:] * sin[..., :h])
+    y[..., h:].add_(x[..., :h] * sin[..., h:])
+    return y
+
+
+class _RopeWithBackward(torch.autograd.Function):
+    """apply_rope with its gradient in closed form: dx1 = g1 c + g2 s, dx2 = g2 c - g1 s.
+    Fwd + bwd at (2, 16, 256, 128), 2 threads: under half the time of autograd's."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        dx = g * cos
+        dx[..., :h].addcmul_(g[..., h:], sin[..., h:])
+        dx[..., h:].addcmul_(g[..., :h], sin[..., :h], value=-1)
+        return dx, None, None
 
 
 def check_token_ids(ids, vocab_size: int) -> None:
