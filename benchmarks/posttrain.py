@@ -164,127 +164,7 @@ def bench_dpo(args) -> dict:
     return {"steps_per_s": steps_per_s, "losses": losses, "loss_diff": diff}
 
 
-def grpo_setup(args):
-    """(our_step, trl_step(i), policy): one GRPO step each (sample a generation, score it,
-    one update on it), returning (seconds sampling, seconds updating, completions, tokens)."""
-    import torch
-    from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from trl import GRPOConfig as TRLConfig
-    from trl import GRPOTrainer
-
-    from scratchlm.checkpoint import save_model
-    from scratchlm.hf import from_hf_model
-    from scratchlm.posttrain.grpo import GRPOTask
-    from scratchlm.posttrain.grpo_config import GRPOConfig
-    from scratchlm.posttrain.rewards import ArithmeticTask, correct_reward, format_reward
-    from scratchlm.tokenizer import CharTokenizer
-    from scratchlm.train.core import Trainer
-    from scratchlm.train.metrics import Window
-
-    P, G, M = args.grpo_prompts, args.group_size, args.max_new_tokens
-    work = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
-    lr = 1e-5
-    common = dict(task="arithmetic", out_dir=str(work / "ours"), template="raw", batch_size=P, group_size=G,
-                  max_new_tokens=M, temperature=1.0, beta=0.0, num_iterations=1, loss_type="dapo", lr=lr, min_lr=lr,
-                  warmup_steps=0, weight_decay=0.0, beta2=0.999, max_steps=args.grpo_steps + 1, eval_every=10**6,
-                  save_every=10**6, n_samples=0, progress=False, plot=False, threads=args.threads, device="cpu")
-    # The vocabulary: every character the prompts and answers use (a character tokenizer).
-    problems = ArithmeticTask(20, "+-", 0, 0.1)
-    sample_text = "".join(f"Question: {p.question}\nAnswer: #### {p.answer}\n" for p in problems.heldout(200))
-    tok = CharTokenizer.train(sample_text + LETTERS + "0123456789#", special_tokens=SPECIALS)
-    torch.manual_seed(0)
-    hf_config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
-                            num_key_value_heads=args.hidden // 64, max_position_embeddings=256,
-                            tie_word_embeddings=False, attn_implementation="sdpa",
-                            eos_token_id=tok.eot_id, pad_token_id=tok.eot_id, bos_token_id=None)
-    policy = LlamaForCausalLM(hf_config).float()
-    base = work / "base"
-    save_model(base, from_hf_model(policy), tok)
-    cfg = GRPOConfig.from_dict(dict(model=str(base), **common))
-    task = GRPOTask(cfg, quiet=True)
-    ours = Trainer(cfg, task, quiet=True)
-
-    # TRL gets the prompts that our rollout of each generation draws (rollout's seeded rng),
-    # rendered the same way, each repeated G times in a row as its RepeatSampler does.
-    def prompts_of(generation):
-        chosen = task.problems.train(P, random.Random(f"{cfg.seed}-{generation}-0"))
-        return [{"prompt": task.prompt_text(p.question), "answer": p.answer} for p in chosen for _ in range(G)]
-
-    generations = [prompts_of(i) for i in range(args.grpo_steps + 1)]
-    trl_args = TRLConfig(output_dir=str(work / "trl"), per_device_train_batch_size=P * G, num_generations=G,
-                         max_completion_length=M, temperature=1.0, top_p=1.0, beta=0.0, num_iterations=1,
-                         loss_type="dapo", scale_rewards="group", learning_rate=lr, lr_scheduler_type="constant",
-                         weight_decay=0.0, max_grad_norm=1.0, adam_beta2=0.999, reward_weights=[1.0, 0.1],
-                         report_to="none", use_cpu=True, bf16=False, max_steps=args.grpo_steps + 1, logging_steps=1,
-                         gradient_checkpointing=False)
-
-    trl = GRPOTrainer(model=LlamaForCausalLM(hf_config).float(), reward_funcs=[correct_reward, format_reward],
-                      args=trl_args, train_dataset=Dataset.from_list(generations[0]),
-                      processing_class=hf_char_tokenizer(tok))
-    trl.model.load_state_dict(policy.state_dict())
-    trl.create_optimizer_and_scheduler(num_training_steps=args.grpo_steps + 1)
-    trl.current_gradient_accumulation_steps = 1
-    trl.model.train()
-    torch.set_num_threads(args.threads)
-
-    def our_step():
-        before = task.times["sample_time_s"]
-        start = time.perf_counter()
-        ours.train_step(Window(0))
-        total = time.perf_counter() - start
-        sampling = task.times["sample_time_s"] - before
-        b = task.buffer
-        return sampling, total - sampling, len(b["ids"]), sum(e - s for s, e in zip(b["starts"], b["ends"]))
-
-    def trl_step(i):
-        start = time.perf_counter()
-        batch = trl._generate_and_score_completions(generations[i])  # sample, score, advantages
-        sampled = time.perf_counter()
-        loss = trl.compute_loss(trl.model, batch)
-        trl.accelerator.backward(loss)
-        torch.nn.utils.clip_grad_norm_(trl.model.parameters(), 1.0)
-        trl.optimizer.step()
-        trl.lr_scheduler.step()
-        trl.model.zero_grad(set_to_none=True)
-        return sampled - start, time.perf_counter() - sampled, len(batch["completion_ids"]), \
-            int(batch["completion_mask"].sum())
-
-    return our_step, trl_step, policy
-
-
-def bench_grpo(args) -> dict:
-    our_step, trl_step, policy = grpo_setup(args)
-    P, G, M = args.grpo_prompts, args.group_size, args.max_new_tokens
-    runs = {"scratchlm": [], "trl": []}
-    for i in range(args.grpo_steps + 1):
-        for name in ("scratchlm", "trl"):
-            result = our_step() if name == "scratchlm" else trl_step(i)
-            if i:  # the first step of each warms up
-                runs[name].append(result)
-    params = sum(p.numel() for p in policy.parameters())
-    print(f"GRPO: Llama {args.layers} x {args.hidden} ({params / 1e6:.1f}M parameters, random weights), "
-          f"{P} arithmetic prompts x {G} completions of up to {M} tokens per step (temperature 1), one update "
-          f"per generation, no reference (beta 0), CPU {args.threads} threads, fp32; median of {args.grpo_steps} "
-          f"alternating steps")
-    print(f"{'':10} {'sampling samples/s':>19} {'update samples/s':>17} {'step samples/s':>15} {'tokens/sample':>14}")
-    rates = {}
-    for k, rs in runs.items():
-        sample_s = statistics.median(r[0] for r in rs)
-        update_s = statistics.median(r[1] for r in rs)
-        step_s = statistics.median(r[0] + r[1] for r in rs)
-        n = rs[0][2]
-        rates[k] = (n / sample_s, n / update_s, n / step_s)
-        print(f"{k:10} {rates[k][0]:>19.1f} {rates[k][1]:>17.1f} {rates[k][2]:>15.1f} "
-              f"{statistics.mean(r[3] / r[2] for r in rs):>14.1f}")
-    ratio = [a / b for a, b in zip(rates["scratchlm"], rates["trl"])]
-    print(f"scratchlm / TRL: sampling x{ratio[0]:.2f}, update x{ratio[1]:.2f}, whole step x{ratio[2]:.2f} "
-          f"(the loss itself equals TRL's: tests/test_grpo.py)")
-    return {"rates": rates, "ratio": ratio}
-
-
-BENCHES = {"dpo": bench_dpo, "grpo": bench_grpo}
+BENCHES = {"dpo": bench_dpo}
 
 
 def main() -> None:
@@ -299,10 +179,6 @@ def main() -> None:
                     help="DPO: prompt lengths, in characters (default: --length). Preference sets with "
                     "multi-turn context (HH-RLHF) have prompts longer than their responses: 96 with --length 32")
     ap.add_argument("--dpo-steps", type=int, default=6, help="DPO: timed steps per trainer (after one warm-up)")
-    ap.add_argument("--grpo-steps", type=int, default=4, help="GRPO: timed steps per trainer (after one warm-up)")
-    ap.add_argument("--grpo-prompts", type=int, default=8, help="GRPO: prompts per step")
-    ap.add_argument("--group-size", type=int, default=8, help="GRPO: completions per prompt (G)")
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="GRPO: the longest completion")
     ap.add_argument("--precompute", action="store_true", help="DPO: reference log-probs computed once, up front "
                     "(ours: --precompute-ref; TRL: precompute_ref_log_probs), not timed")
     args = ap.parse_args()
