@@ -73,6 +73,13 @@ void with_m(int64_t M, F&& f) {
 // ---- the portable path: weights widened to floats, 16 lanes of fp32 multiply-adds -------------
 #ifdef GEMV_AVX512
 using Vec = __m512;
+// `bytes` from p into the cache, a 64-byte line at a time: the weight rows two passes ahead,
+// fetched while these are computed. The loads of the weights were where the loops waited: a
+// row of 576 inputs is only 288 bytes (int4), too short a stream for the hardware prefetcher.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(c + at, _MM_HINT_T0);
+}
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
@@ -230,9 +237,7 @@ template <int M, int R>
 inline void int8_rows(const int8_t* W, const QuantizedX& x, int64_t N, int64_t K, const float* scale, float* y,
                       int64_t n0) {
   const int64_t runs = K / RUN;
-  if (n0 + 3 * R <= N)  // the rows two passes ahead (see int4_rows)
-    for (int64_t at = 0; at < R * K; at += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(W + (n0 + 2 * R) * K + at), _MM_HINT_T0);
+  if (n0 + 3 * R <= N) prefetch_bytes(W + (n0 + 2 * R) * K, R * K);  // the rows two passes ahead
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -284,12 +289,7 @@ inline void int4_rows(const uint8_t* q, const uint16_t* scale, const uint16_t* o
                       const float* xsum, int64_t N, int64_t K, int64_t G, float* y, int64_t n0, float* ws) {
   const int64_t runs = K / RUN, groups = K / G, stride = groups + 16;
   for (int r = 0; r < R; ++r) halves_to_floats(scale + (n0 + r) * groups, groups, ws + r * stride);
-  // The rows two passes ahead, into the cache while these are computed (the loads of the
-  // weights were where the loop waited: a row of 576 inputs is only 288 bytes, too short a
-  // stream for the hardware prefetcher to run ahead of).
-  if (n0 + 3 * R <= N)
-    for (int64_t at = 0; at < R * (K / 2); at += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(q + (n0 + 2 * R) * (K / 2) + at), _MM_HINT_T0);
+  if (n0 + 3 * R <= N) prefetch_bytes(q + (n0 + 2 * R) * (K / 2), R * (K / 2));  // two passes ahead
   const __m512i low4 = _mm512_set1_epi8(15);
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
@@ -353,9 +353,7 @@ void gemv_bf16_dot(const uint16_t* W, const uint16_t* x, int64_t N, int64_t K, f
   constexpr int R = rows_per_pass<M>();
   auto rows = [&](auto r_const, int64_t n) {
     constexpr int RR = decltype(r_const)::value;
-    if (n + 3 * RR <= N)  // the rows two passes ahead (see int4_rows)
-      for (int64_t at = 0; at < RR * K; at += 32)
-        _mm_prefetch(reinterpret_cast<const char*>(W + (n + 2 * RR) * K + at), _MM_HINT_T0);
+    if (n + 3 * RR <= N) prefetch_bytes(W + (n + 2 * RR) * K, RR * K * 2);  // two passes ahead (bf16: 2 bytes)
     __m512 acc[M][RR];
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < RR; ++r) acc[m][r] = _mm512_setzero_ps();
