@@ -12,7 +12,8 @@ import transformers
 from scratchlm import ModelConfig, Transformer
 from scratchlm.errors import ScratchLMError
 from scratchlm.hf import from_hf_model
-from scratchlm.model import KVCache, apply_rope, causal_mask, check_token_ids, rope_table
+from scratchlm.model import KVCache, causal_mask, check_token_ids
+from scratchlm.positions import apply_rope, rope_table
 
 transformers.logging.set_verbosity_error()
 ATOL = 1e-4
@@ -93,7 +94,7 @@ def test_rope_scaling_changes_only_low_frequencies():
     base = ModelConfig.preset("llama-tiny", context_length=256)
     scaled = base.replace(rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                         "original_context_length": 32})
-    from scratchlm.model import rope_frequencies
+    from scratchlm.positions import rope_frequencies
 
     f0, f1 = rope_frequencies(base), rope_frequencies(scaled)
     assert torch.equal(f0[0], f1[0])  # the fastest rotation is kept
@@ -353,10 +354,11 @@ def test_a_packed_row_gives_each_sequence_its_own_forward(preset):
 
 def test_training_norm_and_rope_backward_equal_autograd_of_the_plain_ops():
     # RMSNorm and apply_rope take a hand-written backward when they need a gradient
-    # (model._RMSNormWithBackward, model._RopeWithBackward): gradcheck in float64 against
+    # (norms._RMSNormWithBackward, positions._RopeWithBackward): gradcheck in float64 against
     # finite differences, and the float32 values and gradients against autograd through
     # F.rms_norm and the written-out rotation (what inference runs).
-    from scratchlm.model import RMSNorm, _RMSNormWithBackward, _RopeWithBackward
+    from scratchlm.norms import RMSNorm, _RMSNormWithBackward
+    from scratchlm.positions import _RopeWithBackward
 
     g = torch.Generator().manual_seed(0)
     x64 = torch.randn(2, 3, 8, dtype=torch.float64, generator=g).requires_grad_()

@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 
 from . import cpu_gemv
-from .model import MLP, Block, RMSNorm
+from .model import MLP, Block
+from .norms import RMSNorm
 
 # decode_ops.cpp's norm kinds and activations
 NONE, RMS, RMS_PLUS_ONE, LAYER = 0, 1, 2, 3

@@ -42,7 +42,7 @@ attention, Llama's the one before the MLP).
 
 GPT-2 stores its linear layers as ``Conv1D`` with weight (in, out), the transpose of
 ``nn.Linear``'s (out, in). The Hugging Face Llama q/k weights are already permuted for the
-half-split rotary layout that model.apply_rope uses, so they load as they are.
+half-split rotary layout that positions.apply_rope uses, so they load as they are.
 """
 
 from __future__ import annotations

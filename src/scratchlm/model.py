@@ -1,4 +1,5 @@
-"""The whole Transformer in one file: norms, positions, attention, MLPs, block, model, KV cache.
+"""The whole Transformer: attention, MLPs, block, model (norms.py and positions.py hold its norms and
+position encodings, kv_cache.py its cache, moe.py the mixture-of-experts MLP).
 
 One configurable model covers GPT-2, Llama 2 / 3 / 3.1 / 3.2, Qwen2.5 / Qwen3, Gemma 3 and
 OLMo 2 (docs/families.md lists what differs and where), and with a mixture-of-experts MLP
@@ -37,161 +38,15 @@ from .errors import ScratchLMError
 from .kv_cache import KVCache
 from .loss import linear_cross_entropy
 from .moe import MoE
+from .norms import make_norm
+from .positions import apply_rope, rope_table, sinusoidal_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------
-# Norms
+# Token ids
 # ----------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight. Llama's norm: no mean subtraction and no bias.
-
-    Computed in float32 whatever the input dtype, as Llama does, because the mean of
-    squares overflows/underflows easily in half precision. Gemma's (``plus_one``) scales by
-    (1 + weight), its weight stored around 0, and multiplies before the cast back.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5, plus_one: bool = False):
-        super().__init__()
-        self.eps, self.plus_one = eps, plus_one
-        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm is x * rsqrt(mean(x^2) + eps) [* weight] in one call (five ops written out).
-        # Llama's weight multiplies after the cast back, in the input dtype; Gemma's 1 + weight
-        # before it. Where that is float32 arithmetic anyway, the weight goes inside the call:
-        # the same numbers, one op less per norm (a decode step runs dozens of norms).
-        dim = (x.shape[-1],)
-        weight = 1.0 + self.weight.float() if self.plus_one else self.weight
-        if x.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled() and (
-                x.requires_grad or weight.requires_grad):
-            return _RMSNormWithBackward.apply(x, weight, self.eps)  # training: half the time of autograd's
-        if self.plus_one:
-            return F.rms_norm(x.float(), dim, weight, self.eps).to(x.dtype)
-        if x.dtype == self.weight.dtype == torch.float32:
-            return F.rms_norm(x, dim, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), dim, eps=self.eps).to(x.dtype)
-
-
-class _RMSNormWithBackward(torch.autograd.Function):
-    """F.rms_norm(x, weight) in float32, the same numbers (the same ops in the same order as
-    PyTorch's CPU composite), with its backward written out. Autograd through the composite
-    goes back through each of its ops; the gradient in closed form takes four passes.
-    x (..., D), weight (D,):
-
-        y = xhat * w,  xhat = x * r,  r = 1 / sqrt(mean(x^2) + eps)        (r: one per row)
-        dL/dw = sum over rows of g * xhat
-        dL/dx = r * (g w - xhat * mean(g w * xhat))
-
-    Fwd + bwd at (2, 256, 1024), 2 threads: about half the time of autograd through F.rms_norm."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        r = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # (..., 1)
-        xhat = x * r  # (..., D)
-        ctx.save_for_backward(xhat, r, weight)
-        return xhat * weight
-
-    @staticmethod
-    def backward(ctx, g):
-        xhat, r, weight = ctx.saved_tensors
-        grad_w = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None  # (D,)
-        gw = g * weight  # (..., D)
-        grad_x = gw.addcmul_(xhat, (gw * xhat).mean(-1, keepdim=True), value=-1).mul_(r)
-        return grad_x, grad_w, None
-
-
-def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
-    """The config's norm over the last ``dim`` (default d_model) features."""
-    dim = dim or config.d_model
-    if config.norm == "rmsnorm":
-        return RMSNorm(dim, eps=config.norm_eps, plus_one=config.norm_plus_one)
-    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
-
-
-# ----------------------------------------------------------------------------------------
-# Positions. Each table is built once per model and shared by every layer.
-# ----------------------------------------------------------------------------------------
-def rope_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/head_dim), i = 0..head_dim/2-1, shape (head_dim/2,).
-
-    With Llama 3.1 ``rope_scaling``, low frequencies (wavelength longer than
-    original_context / low_freq_factor) are divided by ``factor``, high frequencies
-    (wavelength shorter than original_context / high_freq_factor) are kept, and the band
-    in between is blended smoothly. This lets a model trained on 8k positions read 128k.
-    ``local``: the frequencies of the sliding-window layers, base ``rope_local_theta`` (Gemma 3:
-    1e4 against the global layers' 1e6), never scaled (they never see far-apart positions).
-    """
-    head_dim = config.head_dim
-    theta = config.rope_local_theta if local else config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    s = config.rope_scaling
-    if s is None or local:
-        return inv_freq
-    factor, low, high, original = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_context_length"]
-    wavelen = 2 * math.pi / inv_freq
-    low_freq_wavelen, high_freq_wavelen = original / low, original / high
-    smooth = (original / wavelen - low) / (high - low)  # 0 at the low edge, 1 at the high edge
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    is_mid = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
-    return torch.where(is_mid, blended, scaled)
-
-
-def rope_table(config: ModelConfig, length: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each (length, head_dim).
-
-    The half-split layout (frequencies repeated as [f0..f_{d/2-1}, f0..f_{d/2-1}]) pairs
-    dimension i with i + head_dim/2, the convention of the Hugging Face Llama weights.
-    """
-    inv_freq = rope_frequencies(config, local)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i+d/2}) pair by its angle. x: (B, H, T, D); cos, sin: (B, 1, T, D).
-
-    With x = (x1, x2) its halves and c, s the cos and sin (each half repeats the frequencies):
-
-        y1 = x1 c - x2 s,   y2 = x2 c + x1 s
-
-    written into one output tensor (the same numbers as x * cos + cat(-x2, x1) * sin, which
-    makes five tensors). Training takes the backward written out, the rotation by -angle."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _RopeWithBackward.apply(x, cos, sin)
-    return _rotate(x, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    y = x * cos
-    y[..., :h].sub_(x[..., h:] * sin[..., :h])
-    y[..., h:].add_(x[..., :h] * sin[..., h:])
-    return y
-
-
-class _RopeWithBackward(torch.autograd.Function):
-    """apply_rope with its gradient in closed form: dx1 = g1 c + g2 s, dx2 = g2 c - g1 s.
-    Fwd + bwd at (2, 16, 256, 128), 2 threads: under half the time of autograd's."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        h = g.shape[-1] // 2
-        dx = g * cos
-        dx[..., :h].addcmul_(g[..., h:], sin[..., h:])
-        dx[..., h:].addcmul_(g[..., :h], sin[..., :h], value=-1)
-        return dx, None, None
-
-
 def check_token_ids(ids, vocab_size: int) -> None:
     """Raise a ScratchLMError naming the first id outside [0, vocab_size).
 
@@ -220,17 +75,6 @@ def check_token_ids(ids, vocab_size: int) -> None:
             stack.extend(reversed(item))
         elif not 0 <= item < vocab_size:
             raise ScratchLMError(f"token id {item} is outside the vocabulary [0, {vocab_size})")
-
-
-def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
-    """The fixed positions of "Attention Is All You Need", (length, d_model):
-    PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(length, d_model)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq)
-    return table
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ and where each GGUF tensor goes in our model::
     rope_freqs.weight               (llama: Llama 3.1 frequency divisors -> config.rope_scaling)
 
 Why the Q and K rows move (llama only): llama.cpp's llama graph turns adjacent pairs
-(x0, x1), (x2, x3), ... while the Hugging Face weights (and model.apply_rope) pair x_i with
+(x0, x1), (x2, x3), ... while the Hugging Face weights (and positions.apply_rope) pair x_i with
 x_{i + d/2}. llama.cpp's converter reorders the rows of W_q and W_k inside each head so
 that its pairs are the same numbers: per head, rows [0, d/2, 1, d/2 + 1, ...]. Reading
 undoes it (``unpermute_rows``), writing does it (``permute_rows``). qwen2, qwen3 and gemma3
@@ -51,7 +51,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ScratchLMError
-from ..model import rope_frequencies
+from ..positions import rope_frequencies
 from .container import GGUFError
 
 # ---- the Q/K row order of llama.cpp's rotary layers -----------------------------------------
