@@ -131,6 +131,26 @@ def test_repeated_choices_get_one_score_and_the_first_wins_a_tie(tiny, monkeypat
     assert [got[0][0], got[1][0]] == pytest.approx(plain, abs=1e-4)
 
 
+def test_a_question_that_fills_the_context_exactly_is_scored_on_plain_rows(tiny, monkeypatch):
+    # context + continuation = context_length + 1 tokens: the model reads context_length of
+    # them (the last is never read), which fits, but the packed row's positions would not
+    # (can_share). That batch goes back to plain rows; its numbers must not change.
+    from scratchlm.eval import loglik
+    packed = []
+    real = loglik.continuation_hidden
+    monkeypatch.setattr(loglik, "continuation_hidden", lambda model, ids, *a: packed.append(len(ids)) or real(model, ids, *a))
+    limit = tiny.config.context_length
+    g = torch.Generator().manual_seed(3)
+    full = torch.randint(0, 512, (limit - 3,), generator=g).tolist()
+    short = torch.randint(0, 512, (20,), generator=g).tolist()
+    requests = [(full, [5, 6, 7, 8]), (full, [9, 10, 11, 12]),   # limit + 1 tokens each
+                (short, [1, 2]), (short, [3, 4, 5])]             # an ordinary question
+    got = score_continuations(tiny, requests, batch_size=2)
+    alone = [score_continuations(tiny, [r], share_prefix=False)[0] for r in requests]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in alone], abs=1e-4)
+    assert packed == [2]  # one packed batch: the ordinary question's two requests, not the full ones
+
+
 def test_bits_per_byte_counts_every_byte_once_whatever_the_stride(tiny):
     tok = CharTokenizer.train("abcdxyz é", special_tokens=["<|endoftext|>"])
     text = "abcd xyz é " * 30  # 330 characters, 360 bytes: é is two
