@@ -246,7 +246,8 @@ def test_padding_and_prompt_positions_never_count():
         assert torch.isfinite(alone)
 
 
-def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients(monkeypatch):
+@pytest.mark.parametrize("preset", ["llama-tiny", "gemma3-tiny"])  # gemma3: rows past its window of 16
+def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients(monkeypatch, preset):
     """With the response spans each pair's prompt runs once for its two rows (response_logits):
     the logits at the response positions, the loss, the metrics and the gradients equal those of
     the plain forward over 2B rows, in both layouts of shared_prompt.py."""
@@ -258,7 +259,8 @@ def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients(monkeypatch):
     x, y = collate_pairs(pairs, tok.eot_id)
     spans = response_spans(y)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=tok.vocab_size, context_length=256))
+    model = Transformer(ModelConfig.preset(preset, vocab_size=tok.vocab_size, context_length=256))
+    assert x.shape[1] > 2 * (model.config.sliding_window or 0)
     m = (y != -100).flatten()
     logits, index = response_logits(model, x, spans)
     assert len(index) < x.numel() and set(m.nonzero()[:, 0].tolist()) <= set(index.tolist())
@@ -267,7 +269,9 @@ def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients(monkeypatch):
         ref_logits = model(x) + 0.1 * torch.randn(*x.shape, tok.vocab_size)  # any reference
     ref = sequence_logps(ref_logits, y)[0]
     ref_logits = (ref_logits.flatten(0, 1), torch.arange(x.numel()))  # the plain layout: every position
-    results = []
+    results, cached = [], []
+    real_cached = shared_prompt._cached_hidden
+    monkeypatch.setattr(shared_prompt, "_cached_hidden", lambda *a: cached.append(1) or real_cached(*a))
     for layout in (None, "packed", "cached"):
         if layout:  # the one layout, whatever the cost estimate says
             monkeypatch.setattr(shared_prompt, "_layout_cost",
@@ -291,6 +295,7 @@ def test_a_pairs_prompt_runs_once_with_the_same_loss_and_gradients(monkeypatch):
         wrapped_kl = dpo_loss(Wrapped(model), x, y, ref, ref_logits=compact, spans=spans)[1]["kl"]
         plain_kl = dpo_loss(model, x, y, ref, ref_logits=(model(x).flatten(0, 1), torch.arange(x.numel())))[1]["kl"]
     assert wrapped_kl.item() == pytest.approx(plain_kl.item(), abs=1e-6) and abs(plain_kl.item()) < 1e-5
+    assert cached  # the cached layout ran (with a sliding window too)
     (loss, metrics, grads) = results[0]
     for loss2, metrics2, grads2 in results[1:]:
         assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)

@@ -74,9 +74,7 @@ def continuation_hidden(model: Transformer, ids: torch.Tensor, starts: Sequence[
     packed = _packed_width(prompts, owner, starts, ends)
     # The cache holds the longest prompt and the longest continuation side by side: within the context.
     fits = max(len(p) for p in prompts) + max(max(e - s for s, e in zip(starts, ends)), 1) <= model.config.context_length
-    # A sliding window: the packed mask measures it in positions (model.py); the cached
-    # layout is kept to models without one.
-    if not fits or model.config.sliding_window or _layout_cost(model, prompts, starts, ends, packed, packed=True) <= _layout_cost(
+    if not fits or _layout_cost(model, prompts, starts, ends, packed, packed=True) <= _layout_cost(
             model, prompts, starts, ends, packed, packed=False):
         hidden = _packed_hidden(model, rows, prompts, owner, starts, ends, packed)
     else:
