@@ -399,3 +399,30 @@ def test_training_norm_and_rope_backward_equal_autograd_of_the_plain_ops():
         torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-5)
         with torch.no_grad():
             assert torch.equal(apply_rope(x, cos, sin), y2)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gemma3-tiny"])  # SwiGLU, GeGLU
+def test_training_runs_gate_and_up_as_one_matmul_with_the_same_numbers(preset, monkeypatch):
+    # MLP._gate_and_up stacks the two weights while a gradient is needed: the output equals
+    # inference's two matmuls exactly, the gradients those of the two layers run apart.
+    from scratchlm.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(ModelConfig.preset(preset))
+    x = torch.randn(3, 7, mlp.up_proj.in_features, requires_grad=True)
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+    y = mlp(x)
+    assert calls  # the stacked path ran
+    with torch.no_grad():
+        assert torch.equal(y, mlp(x))
+    up = torch.randn(y.shape)
+    y.backward(up)
+    grads = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x.grad = None
+    mlp.zero_grad()
+    act = F.silu if mlp.kind == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+    (mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x)) * up).sum().backward()
+    for a, b in zip(grads, [x.grad] + [p.grad for p in mlp.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

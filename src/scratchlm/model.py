@@ -230,14 +230,28 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            gate, up = self._gate_and_up(x)
+            h = F.silu(gate) * up
         elif self.kind == "geglu":
-            h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
+            gate, up = self._gate_and_up(x)
+            h = F.gelu(gate, approximate="tanh") * up
         elif self.kind == "gelu":
             h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's "gelu_new"
         else:
             h = F.relu(self.up_proj(x))
         return self.dropout(self.down_proj(h))
+
+    def _gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_proj(x), up_proj(x). In training, one matmul with the two weights stacked,
+        (2 d_ff, d_model), copied each step: x is read once each way and the backward does
+        one matmul fewer, 7-14% of their forward + backward on 2 threads (qwen3-0.6b's MLP, a
+        tiny one), the same numbers. Inference keeps two: a decode step reads each weight
+        once, and the copy would read it again."""
+        g, u = self.gate_proj, self.up_proj
+        if torch.is_grad_enabled() and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None \
+                and u.bias is None:
+            return F.linear(x, torch.cat([g.weight, u.weight])).split(g.out_features, dim=-1)
+        return g(x), u(x)
 
 
 # ----------------------------------------------------------------------------------------
