@@ -105,14 +105,21 @@ class TextAssembler:
         self.longest_stop = max((len(s) for s in self.stops), default=0)
         # Every proper start of a stop string: what the end of the text may be held back for.
         self.prefixes = {s[:n] for s in self.stops for n in range(1, len(s))}
+        self.first_chars = {s[0] for s in self.stops if len(s) > 1}  # what a held-back end starts with
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # everything decoded so far (cut at a stop string)
         self.sent = 0  # how many characters of text were handed out
+        self.token_bytes: dict[int, bytes] = {}  # this runs per token per row: each id decoded once
 
     def _bytes(self, token_id: int) -> bytes:
-        if hasattr(self.tokenizer, "decode_bytes"):
-            return self.tokenizer.decode_bytes([token_id])
-        return self.tokenizer.decode([token_id]).encode("utf-8")
+        piece = self.token_bytes.get(token_id)
+        if piece is None:
+            if hasattr(self.tokenizer, "decode_bytes"):
+                piece = self.tokenizer.decode_bytes([token_id])
+            else:
+                piece = self.tokenizer.decode([token_id]).encode("utf-8")
+            self.token_bytes[token_id] = piece
+        return piece
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text now safe to hand out, whether a stop string ended it)."""
@@ -122,17 +129,24 @@ class TextAssembler:
         self.text += self.utf8.decode(self._bytes(token_id))
         if self.stops:
             # A stop string completed by this token ends at or after old_length.
-            start = max(0, old_length - self.longest_stop + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                return self._take(len(self.text)), True
+            start, hit = max(0, old_length - self.longest_stop + 1), -1
+            for stop in self.stops:
+                at = self.text.find(stop, start)
+                if at >= 0 and (hit < 0 or at < hit):
+                    hit = at
+            if hit >= 0:
+                self.text = self.text[:hit]
+                return self._take(hit), True
         return self._take(len(self.text) - self._held_back()), False
 
     def _held_back(self) -> int:
         """Length of the longest end of the text that is the start of some stop string."""
         text, prefixes = self.text, self.prefixes  # one set lookup per length: this runs per token per row
-        for n in range(min(self.longest_stop - 1, len(text)), 0, -1):
+        longest = min(self.longest_stop - 1, len(text))
+        tail = text[len(text) - longest:]
+        if not any(c in tail for c in self.first_chars):  # no stop string can start in the tail
+            return 0
+        for n in range(longest, 0, -1):
             if text[-n:] in prefixes:
                 return n
         return 0
