@@ -195,6 +195,36 @@ def test_held_back_stop_prefix_is_released():
     assert asm.text == "xENda"
 
 
+def test_text_assembler_equals_the_rule_written_out_on_random_streams():
+    # Against the rule in its plainest form, on random byte streams over a small alphabet
+    # (so stop strings and their starts occur often): the text handed out is the whole text
+    # cut at the first stop string, the stop is reported at the token that completes it, and
+    # nothing handed out before then could still be part of a stop string.
+    from scratchlm.generate import TextAssembler
+
+    tok = ByteTok()
+    g = torch.Generator().manual_seed(0)
+    alphabet = "ab\nc"
+    for stops in (["ab"], ["bca", "\n\n"], ["aab", "b", "cc\na"], ["abca", "c"]):  # "c" ends first inside "abca"
+        for _ in range(200):
+            text = "".join(alphabet[i] for i in torch.randint(0, len(alphabet), (12,), generator=g).tolist())
+            ends = [i + len(st) for i in range(len(text)) for st in stops if text.startswith(st, i)]
+            cut = min(ends, default=None)  # the token (character) that completes the first stop
+            done = text[:cut] if cut else text  # the text when the first stop completes
+            expected = done[:min(done.find(st) for st in stops if st in done)] if cut else text
+            asm, out, hit_at = TextAssembler(tok, stops), [], None
+            for k, t in enumerate(tok.encode(text)):
+                piece, hit = asm.add(t)
+                out.append(piece)
+                assert not any(st in "".join(out) for st in stops)
+                if hit:
+                    hit_at = k + 1
+                    break
+            if hit_at is None:
+                out.append(asm.flush())
+            assert hit_at == cut and "".join(out) == expected, (stops, text)
+
+
 # ---- sampling: seeds and filters ---------------------------------------------------------
 def test_same_seed_same_sample_different_seed_differs():
     model = byte_model()
