@@ -36,13 +36,12 @@ class RMSNorm(nn.Module):
         # the same numbers, one op less per norm (a decode step runs dozens of norms).
         dim = (x.shape[-1],)
         weight = 1.0 + self.weight.float() if self.plus_one else self.weight
-        if x.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled() and (
-                x.requires_grad or weight.requires_grad):
-            return _RMSNormWithBackward.apply(x, weight, self.eps)  # training: half the time of autograd's
+        if x.dtype == weight.dtype == torch.float32:
+            if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                return _RMSNormWithBackward.apply(x, weight, self.eps)  # training: half autograd's time
+            return F.rms_norm(x, dim, weight, self.eps)
         if self.plus_one:
             return F.rms_norm(x.float(), dim, weight, self.eps).to(x.dtype)
-        if x.dtype == self.weight.dtype == torch.float32:
-            return F.rms_norm(x, dim, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), dim, eps=self.eps).to(x.dtype)
 
 
