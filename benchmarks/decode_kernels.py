@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm import ModelConfig, Transformer, cpu_gemv
-from scratchlm.decode_weights import quantize_int4, quantize_int8
+from scratchlm.decode_weights import pack_int4, quantize_int4, quantize_int8
 
 
 def matrices(preset: str) -> list[tuple[int, int]]:
@@ -49,7 +49,7 @@ def main() -> None:
         q8, s8 = quantize_int8(w)
         layouts["int8"].append((q8, s8, s8.bfloat16()))
         q4, s4, z4 = quantize_int4(w, G)
-        ours = (cpu_gemv.pack_nibbles(q4), s4.half().view(torch.int16), (z4 - 8 * s4).half().view(torch.int16))
+        ours = pack_int4([(q4, s4, z4)], N, K)
         theirs = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1),
                   torch.stack([s4, z4], -1).transpose(0, 1).contiguous().bfloat16())
         layouts["int4"].append((ours, theirs))

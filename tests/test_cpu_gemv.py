@@ -68,7 +68,7 @@ def test_int8_weights_with_row_scales_equal_the_dequantized_matmul(kernels, M, K
 @pytest.mark.parametrize("M", [1, 3, 8, 21])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_weights_equal_the_dequantized_matmul(kernels, M, group):
-    N, K = 45, 256
+    N, K = 48, 256  # three tiles of 16 rows
     q = torch.randint(0, 16, (N, K), generator=gen(5))
     scale = torch.rand(N, K // group, generator=gen(6)).half()
     offset = torch.randn(N, K // group, generator=gen(7)).half()
@@ -76,12 +76,30 @@ def test_int4_weights_equal_the_dequantized_matmul(kernels, M, group):
     x = torch.randn(M, K, generator=gen(8))
     packed = cpu_gemv.pack_nibbles(q)
     assert packed.shape == (N, K // 2) and torch.equal(cpu_gemv.unpack_nibbles(packed), q.to(torch.uint8))
+    scale, offset = cpu_gemv.tile_groups(scale), cpu_gemv.tile_groups(offset)  # the kernel's order
     expected = as_the_kernel_sees(x, kernels, 16383) @ w.T
     torch.testing.assert_close(cpu_gemv.linear_int4(x, packed, scale, offset, group), expected,
                                rtol=0, atol=2e-5 * float(expected.abs().max()))
     x[:, 7] = 40.0  # one large activation: 15 bits of x (int4) are half as fine as int8's 16
     exact = x @ w.T
     assert float((cpu_gemv.linear_int4(x, packed, scale, offset, group) - exact).norm() / exact.norm()) < 2e-4
+
+
+def test_int4_tiles_hold_the_documented_bytes():
+    """pack_nibbles' order, written out: for row n = 16t + l and input k = 64c + 32h + 4j + b,
+    byte ((t * runs + c) * 8 + j) * 64 + 4l + b of the buffer, low nibble for h = 0, high for 1;
+    tile_groups puts a group's 16 rows side by side."""
+    N, K = 32, 128
+    q = torch.randint(0, 16, (N, K), generator=gen(11))
+    flat = cpu_gemv.pack_nibbles(q).flatten()
+    for n, k in [(0, 0), (5, 3), (17, 36), (31, 127), (16, 64), (9, 95)]:
+        t, l, c, h, j, b = n // 16, n % 16, k // 64, (k % 64) // 32, (k % 32) // 4, k % 4
+        byte = int(flat[((t * (K // 64) + c) * 8 + j) * 64 + 4 * l + b])
+        assert (byte >> 4 if h else byte & 15) == int(q[n, k])
+    groups = torch.arange(N * 3).view(N, 3)
+    tiled = cpu_gemv.tile_groups(groups).flatten()
+    assert int(tiled[(1 * 3 + 2) * 16 + 4]) == int(groups[20, 2])
+    assert torch.equal(cpu_gemv.untile_groups(cpu_gemv.tile_groups(groups)), groups)
 
 
 def test_bad_shapes_are_clear_errors(kernels):
@@ -94,6 +112,10 @@ def test_bad_shapes_are_clear_errors(kernels):
         cpu_gemv.linear(torch.randn(1, 32), w.double())
     assert not cpu_gemv.fits(torch.randn(9, 32), 32) and cpu_gemv.fits(torch.randn(1, 1, 32), 32)
     assert cpu_gemv.fits(torch.randn(16, 32), 32, cpu_gemv.MAX_ROWS_QUANTIZED)
+    q = torch.zeros(40, 32, dtype=torch.uint8)  # 40 rows: not whole tiles of 16
+    halves = torch.zeros(40, 1, dtype=torch.int16)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_gemv.linear_int4(torch.randn(1, 64), q, halves, halves, 64)
 
 
 def test_torch_compile_sees_one_op_not_a_graph_break(kernels):
@@ -140,7 +162,7 @@ def test_dequantize_gives_the_layers_own_matrices(kernels):
     for group in (32, 64):
         int4 = Int4Linear.from_linear(linear, group)
         q = cpu_gemv.unpack_nibbles(int4.weight_int4).view(80, -1, group).float()
-        s, o = int4.scales.view(torch.float16).float(), int4.offsets.view(torch.float16).float()
+        s, o = (cpu_gemv.untile_groups(t).view(torch.float16).float() for t in (int4.scales, int4.offsets))
         want = (q * s[..., None] + o[..., None]).view(80, 192).bfloat16()
         assert torch.equal(cpu_gemv.dequantize(int4.weight_int4, int4.scales, int4.offsets, group), want)
         x = torch.randn(40, 192).bfloat16()  # a prompt of 40 rows: through the dequantized matrix

@@ -16,6 +16,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
+from scratchlm import cpu_gemv  # noqa: E402
 from scratchlm.decode_weights import Int4Linear, Int8Linear, pack_int4, prepare_for_decode  # noqa: E402
 from scratchlm.errors import ScratchLMError  # noqa: E402
 from scratchlm.generate import generate  # noqa: E402
@@ -129,8 +130,9 @@ def test_packed_int4_weights_equal_gguf_dequantize(files, type_name):
         w = linears(floats)[name].weight.detach()
         d, m = by_layer[name]
         # What the layer stores: the file's own d, and the offset (-8 d, or m), in fp16 as in the file.
-        assert torch.equal(layer.scales.view(torch.float16).float(), d), name
-        assert torch.equal(layer.offsets.view(torch.float16).float(), -8 * d if type_name == "Q4_0" else m), name
+        scales, offsets = (cpu_gemv.untile_groups(t).view(torch.float16).float() for t in (layer.scales, layer.offsets))
+        assert torch.equal(scales, d), name
+        assert torch.equal(offsets, -8 * d if type_name == "Q4_0" else m), name
         stored = layer.dequantized(torch.float32)
         if type_name == "Q4_0":
             assert torch.equal(stored, w), name  # bit for bit: q d - 8 d = (q - 8) d is exact in fp32

@@ -111,30 +111,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
 def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x (M, in) @ W.T with W[n, k] = scale[n, g] * q[n, k] + offset[n, g], g = k // group_size;
-    q packed two a byte as in gemv.cpp (``pack_nibbles``) -> (M, out) in x's dtype."""
+    q packed two a byte in tiles of 16 rows (``pack_nibbles``), scale and offset fp16 in the
+    tiles' order (``tile_groups``) -> (M, out) in x's dtype."""
     if torch.compiler.is_compiling():
         return _gemv_int4(x, q, scale, offset, group_size)
     return kernels().linear_int4(x, q, scale, offset, group_size)
 
 
+TILE = 16  # output rows of an int4 tile (gemv.cpp): out_features must be a multiple
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """q (out, in) integers in [0, 15], in a multiple of 64 -> (out, in / 2) uint8 in the
-    kernel's order: in each run of 64 inputs, byte i holds input i in its low nibble and input
-    32 + i in its high one (32 bytes unpack to the run's 64 weights in order)."""
+    """q (out, in) integers in [0, 15], out a multiple of 16 and in of 64 -> (out, in / 2) uint8
+    in the kernel's tiles of 16 rows: for tile t, run c of 64 inputs and step j < 8, 64 bytes
+    hold row 16t + l's inputs 64c + 4j + b (b < 4) at byte 4l + b, in the low nibble, and its
+    inputs 64c + 32 + 4j + b in the high one. One 64-byte load is then 4 weights of each of
+    the tile's 16 rows, one vector lane a row (gemv.cpp's header)."""
     out_features, in_features = q.shape
-    runs = q.to(torch.uint8).reshape(out_features, in_features // 64, 2, 32)
-    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(out_features, in_features // 2)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
-               group_size: int = 0) -> torch.Tensor:
-    """The bf16 (out, in) matrix of int8 weights q (out, in) times scale (out,) fp32, or of int4
-    weights packed as ``pack_nibbles`` with fp16 scale and offset (out, in / group_size)."""
-    return kernels().dequantize(q, scale, offset, group_size)
+    v = q.to(torch.uint8).reshape(out_features // TILE, TILE, in_features // 64, 2, 8, 4)  # t, l, c, half, j, b
+    packed = v[:, :, :, 0] | (v[:, :, :, 1] << 4)  # (t, l, c, j, b)
+    return packed.permute(0, 2, 3, 1, 4).reshape(out_features, in_features // 2)  # (t, c, j, l, b)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_nibbles: (out, in / 2) uint8 -> (out, in) uint8 in [0, 15]."""
     out_features, half = packed.shape
-    runs = packed.reshape(out_features, half // 32, 1, 32)
-    return torch.cat([runs & 15, runs >> 4], dim=2).reshape(out_features, 2 * half)
+    v = packed.reshape(out_features // TILE, half // 32, 8, TILE, 4).permute(0, 3, 1, 2, 4)  # t, l, c, j, b
+    return torch.stack([v & 15, v >> 4], dim=3).reshape(out_features, 2 * half)  # (t, l, c, half, j, b)
+
+
+def tile_groups(a: torch.Tensor) -> torch.Tensor:
+    """Per-group numbers (out, groups) of int4 scales or offsets -> the kernel's order, the 16
+    rows of a tile side by side for each group (same shape)."""
+    out_features, groups = a.shape
+    return a.reshape(out_features // TILE, TILE, groups).transpose(1, 2).reshape(out_features, groups)
+
+
+def untile_groups(a: torch.Tensor) -> torch.Tensor:
+    """The inverse of tile_groups: (out, groups) in row order."""
+    out_features, groups = a.shape
+    return a.reshape(out_features // TILE, groups, TILE).transpose(1, 2).reshape(out_features, groups)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+               group_size: int = 0) -> torch.Tensor:
+    """The bf16 (out, in) matrix of int8 weights q (out, in) times scale (out,) fp32, or of int4
+    weights packed as ``pack_nibbles`` with fp16 scale and offset (out, in / group_size) in
+    ``tile_groups`` order."""
+    return kernels().dequantize(q, scale, offset, group_size)

@@ -214,19 +214,27 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 def pack_int4(pieces, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weight_int4, scales, offsets) of Int4Linear from ``pieces``: (q, scale, zero) of
     consecutive rows, from the first row on (q (rows, in) in [0, 15], scale and zero
-    (rows, groups), w = (q - 8) * scale + zero). Each piece is packed as it comes, so a big
+    (rows, groups), w = (q - 8) * scale + zero). Pieces of any size: each is packed as it
+    comes, in whole tiles of 16 rows (the rows left over wait for the next piece), so a big
     matrix is never held unpacked whole."""
     packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)  # two weights a byte
-    scales, offsets = [], []
-    done = 0
+    parts, done, rows, waiting = [], 0, 0, None  # waiting: (q, scale, offset) rows short of a whole tile
     for q, scale, zero in pieces:
-        packed[done:done + q.shape[0]] = cpu_gemv.pack_nibbles(q)
-        scales.append(scale.half().view(torch.int16))
-        offsets.append((zero.float() - 8 * scale.float()).half().view(torch.int16))  # w = scale * q + offset
-        done += q.shape[0]
+        rows += q.shape[0]
+        if rows > out_features:
+            break
+        piece = (q.to(torch.uint8), scale.float(), zero.float() - 8 * scale.float())  # w = scale * q + offset
+        if waiting is not None:
+            piece = tuple(torch.cat([w, p]) for w, p in zip(waiting, piece))
+        whole = piece[0].shape[0] // cpu_gemv.TILE * cpu_gemv.TILE
+        waiting = tuple(t[whole:] for t in piece) if whole < piece[0].shape[0] else None
+        if whole:
+            packed[done:done + whole] = cpu_gemv.pack_nibbles(piece[0][:whole])
+            parts.append(tuple(cpu_gemv.tile_groups(t[:whole].half().view(torch.int16)) for t in piece[1:]))
+            done += whole
     if done != out_features:
-        raise ValueError(f"pack_int4: pieces gave {done} rows, expected {out_features}")
-    return packed, torch.cat(scales).contiguous(), torch.cat(offsets).contiguous()
+        raise ValueError(f"pack_int4: pieces gave {rows} rows, expected {out_features} (a multiple of {cpu_gemv.TILE})")
+    return packed, torch.cat([p[0] for p in parts]).contiguous(), torch.cat([p[1] for p in parts]).contiguous()
 
 
 class Int4Linear(nn.Module):
@@ -234,9 +242,10 @@ class Int4Linear(nn.Module):
     scale and an offset, w = scale * q + offset with q in [0, 15] (fp16 scales and offsets:
     a GGUF file's Q4_0 / Q4_1 blocks, whose d and m are f16, are held exactly).
 
-    weight_int4: (out, in / 2) uint8, two q a byte in the order of cpu_gemv.pack_nibbles;
-    scales, offsets: (out, in / group_size), fp16 numbers held as int16 bits, so that
-    ``model.to(dtype)`` (which converts floating-point tensors only) leaves them exact.
+    weight_int4: (out, in / 2) uint8, two q a byte in tiles of 16 rows (cpu_gemv.pack_nibbles);
+    scales, offsets: (out, in / group_size) in the tiles' order (cpu_gemv.tile_groups), fp16
+    numbers held as int16 bits, so that ``model.to(dtype)`` (which converts floating-point
+    tensors only) leaves them exact.
 
     Up to 64 rows of x (decoding, a short prompt) go through our kernel, which unpacks the
     nibbles as it streams them; more rows, or a machine where the kernel is not built,
@@ -257,7 +266,8 @@ class Int4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
         if not int4_fits(linear.out_features, linear.in_features, group_size):
             raise ScratchLMError(f"int4: group size {group_size} does not divide in_features={linear.in_features}, "
-                                 f"or in_features is not a multiple of 64")
+                                 f"in_features is not a multiple of 64, or out_features={linear.out_features} "
+                                 f"is not a multiple of {cpu_gemv.TILE}")
         q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
         parts = pack_int4([(q, scale, zero)], linear.out_features, linear.in_features)
         return cls(*parts, None if linear.bias is None else linear.bias.detach(), group_size)
@@ -267,7 +277,7 @@ class Int4Linear(nn.Module):
         if dtype == torch.bfloat16 and self.weight_int4.device.type == "cpu" and cpu_gemv.kernels() is not None:
             return cpu_gemv.dequantize(self.weight_int4, self.scales, self.offsets, self.group_size)  # the same numbers
         q = cpu_gemv.unpack_nibbles(self.weight_int4).view(self.out_features, -1, self.group_size)
-        scale, offset = self.scales.view(torch.float16).float(), self.offsets.view(torch.float16).float()
+        scale, offset = (cpu_gemv.untile_groups(t).view(torch.float16).float() for t in (self.scales, self.offsets))
         w = q.float() * scale[..., None] + offset[..., None]  # (out, groups, group_size)
         return w.view(self.out_features, self.in_features).to(dtype)
 
@@ -323,9 +333,10 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
 
 
 def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
-    """The int4 layout needs whole groups along each row and whole runs of 64 inputs (the
-    packing's and the kernel's unit, cpu_gemv.pack_nibbles)."""
-    return in_features % group_size == 0 and in_features % 64 == 0 and group_size % 32 == 0
+    """The int4 layout needs whole groups along each row, whole runs of 64 inputs and whole
+    tiles of 16 rows (the packing's and the kernel's units, cpu_gemv.pack_nibbles)."""
+    return (in_features % group_size == 0 and in_features % 64 == 0 and group_size % 32 == 0
+            and out_features % cpu_gemv.TILE == 0)
 
 
 def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64,

@@ -16,11 +16,14 @@
 //         to 16 bits, 32 integer products summed into int32 an instruction, then each run's
 //         sums times its scale.
 //   int4  scale[n, g] * q[n, k] + offset[n, g], q in [0, 15], g = k / group_size, the scale and
-//         offset fp16 (a GGUF Q4_0 / Q4_1 block's own d and m); two q a byte: in each run of 64
-//         inputs, byte i (i < 32) holds input i in its low nibble and input 32 + i in its high
-//         one, so 32 bytes unpack to 64 weights in order. With VNNI, x in 15 bits split into a
-//         high and a low byte, vpdpbusd of the 64 nibbles with each (64 products an
-//         instruction), plus offset times the sum of that x over the group.
+//         offset fp16 (a GGUF Q4_0 / Q4_1 block's own d and m), stored in tiles of 16 rows (the
+//         order cpu_gemv.pack_nibbles writes): for tile t (rows 16t..16t+15), run c of 64
+//         inputs and step j < 8, 64 bytes hold lane l's (row 16t + l) inputs 64c + 4j + b
+//         (b < 4) in their low nibbles and 64c + 32 + 4j + b in their high ones; the scales and
+//         offsets likewise, the 16 rows of a tile side by side for each group. Then each
+//         output lane of a vector is one row: with VNNI, vpdpbusd multiplies 16 rows' 4 nibbles
+//         by the same 4 bytes of x (x in 15 bits, split into a high and a low byte), a group's
+//         16 scales are one load, and no sum is reduced across lanes.
 // Every sum is in int32 or fp32. Without those instructions (or AVX-512 at all) the same loops
 // widen the weights to floats; cpu_gemv.py compiles this file with -march=native.
 #include <torch/extension.h>
@@ -140,12 +143,17 @@ void gemv_floats(const T* W, const float* x, int64_t N, int64_t K, const float* 
   });
 }
 
-// int4 widened: q[n, k] of a row packed as gemv.cpp's header says.
-inline int nibble(const uint8_t* row, int64_t k) {
+// int4 in tiles of 16 rows (the header): where q[n, k] and the scale and offset of (n, g) are.
+constexpr int TILE = 16;
+inline int64_t nibble_byte(int64_t n, int64_t k, int64_t K) {
   const int64_t i = k % RUN;
-  const uint8_t b = row[(k / RUN) * (RUN / 2) + i % (RUN / 2)];
-  return i < RUN / 2 ? (b & 15) : (b >> 4);
+  return (((n / TILE) * (K / RUN) + k / RUN) * 8 + (i % (RUN / 2)) / 4) * 64 + (n % TILE) * 4 + i % 4;
 }
+inline int nibble(const uint8_t* q, int64_t n, int64_t k, int64_t K) {
+  const uint8_t b = q[nibble_byte(n, k, K)];
+  return k % RUN < RUN / 2 ? (b & 15) : (b >> 4);
+}
+inline int64_t group_at(int64_t n, int64_t g, int64_t groups) { return ((n / TILE) * groups + g) * TILE + n % TILE; }
 
 template <int M>
 void gemv_int4_floats(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const float* x,
@@ -153,14 +161,13 @@ void gemv_int4_floats(const uint8_t* q, const uint16_t* scale, const uint16_t* o
   const int64_t groups = K / G;
   at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = q + n * (K / 2);
       float total[M] = {};
       for (int64_t g = 0; g < groups; ++g) {
-        const float s = half_to_float(scale[n * groups + g]), o = half_to_float(offset[n * groups + g]);
+        const float s = half_to_float(scale[group_at(n, g, groups)]), o = half_to_float(offset[group_at(n, g, groups)]);
         for (int m = 0; m < M; ++m) {
           float dot = 0.f, xs = 0.f;
           for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-            dot += x[m * K + k] * nibble(row, k);
+            dot += x[m * K + k] * nibble(q, n, k, K);
             xs += x[m * K + k];
           }
           total[m] += s * dot + o * xs;
@@ -272,74 +279,90 @@ void gemv_int8_vnni(const int8_t* W, const QuantizedX& x, int64_t N, int64_t K, 
   });
 }
 
-// A row's fp16 scales and offsets as floats, 16 at a time (the tail masked).
-inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 keep = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(out + i, keep, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, h + i)));
-  }
-}
-
-// R weight rows at a time (see int8_rows); ws: room for R rows of scales as floats. Each run of
-// a row: its 32 bytes become the 64 nibbles in input order (low nibbles, then high ones), one
-// vpdpbusd with x's high bytes, a shift by 7, one with its low bytes: the run's exact integer
-// dot product, then times x's scale and the group's.
-template <int M, int R>
-inline void int4_rows(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const QuantizedX& x,
-                      const float* xsum, int64_t N, int64_t K, int64_t G, float* y, int64_t n0, float* ws) {
-  const int64_t runs = K / RUN, groups = K / G, stride = groups + 16;
-  for (int r = 0; r < R; ++r) halves_to_floats(scale + (n0 + r) * groups, groups, ws + r * stride);
-  if (n0 + 3 * R <= N) prefetch_bytes(q + (n0 + 2 * R) * (K / 2), R * (K / 2));  // two passes ahead
+// T tiles of 16 rows (T * M <= 4: four int32 sums each, in registers) times rows m0..m0+M-1
+// of x. For each run of 64 inputs and each of its 8 steps, one 64-byte load holds the tile's
+// 4 nibbles of inputs 4j.. (low) and 32 + 4j.. (high) for each of its 16 rows; vpdpbusd
+// multiplies them by the 4 bytes of x broadcast, four sums (low / high nibbles times x's high /
+// low bytes) so that the chains of dependent vpdpbusd overlap. A run's exact integer dot
+// product is then 128 * high-byte sum + low-byte sum, times the group's 16 scales (one load)
+// and x's scale, into one fp32 accumulator per (tile, row of x) whose lanes are the outputs.
+template <int M, int T, int G>
+inline void int4_tiles(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const QuantizedX& x,
+                       const float* xsum, int64_t N, int64_t K, float* y, int64_t tile0, int64_t m0) {
+  const int64_t runs = K / RUN, groups = K / G, tile_bytes = TILE * K / 2;
   const __m512i low4 = _mm512_set1_epi8(15);
-  __m512 acc[M][R];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  __m512 acc[T][M];
+  for (int t = 0; t < T; ++t)
+    for (int m = 0; m < M; ++m) acc[t][m] = _mm512_setzero_ps();
   for (int64_t c = 0; c < runs; ++c) {
-    __m512i w[R];
-    for (int r = 0; r < R; ++r) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n0 + r) * (K / 2) + c * (RUN / 2)));
-      w[r] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1), low4);
+    __m512i sum[T][M][4];  // [0] low nibbles x high bytes, [1] x low bytes, [2] [3] the high nibbles
+    for (int t = 0; t < T; ++t)
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < 4; ++i) sum[t][m][i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      __m512i lo[T], hi[T];
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* line = q + (((tile0 + t) * runs + c) * 8 + j) * 64;
+        if (tile0 + t + 2 * T < N / TILE) _mm_prefetch(reinterpret_cast<const char*>(line + 2 * T * tile_bytes), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(line);
+        lo[t] = _mm512_and_si512(v, low4);
+        hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      }
+      for (int m = 0; m < M; ++m) {
+        const int64_t at = (m0 + m) * K + c * RUN + 4 * j;
+        int32_t xb[4];  // x's 4 high bytes and 4 low bytes of inputs 4j.., then of 32 + 4j..
+        std::memcpy(&xb[0], x.hi.data() + at, 4), std::memcpy(&xb[1], x.lo.data() + at, 4);
+        std::memcpy(&xb[2], x.hi.data() + at + 32, 4), std::memcpy(&xb[3], x.lo.data() + at + 32, 4);
+        for (int t = 0; t < T; ++t)
+          for (int i = 0; i < 4; ++i) sum[t][m][i] = _mm512_dpbusd_epi32(sum[t][m][i], i < 2 ? lo[t] : hi[t], _mm512_set1_epi32(xb[i]));
+      }
     }
-    for (int m = 0; m < M; ++m) {
-      const int64_t at = m * K + c * RUN;
-      const __m512i xh = _mm512_loadu_si512(x.hi.data() + at), xl = _mm512_loadu_si512(x.lo.data() + at);
-      const __m512 xs = _mm512_set1_ps(x.xs[m * runs + c]);
-      for (int r = 0; r < R; ++r) {
-        const float* s = ws + r * stride;
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], xh);
-        d = _mm512_dpbusd_epi32(_mm512_slli_epi32(d, 7), w[r], xl);
-        // int32 lane l holds inputs 4l..4l+3: lanes 0-7 the run's first 32 inputs, 8-15 the rest
-        const __m512 gs = G == 32 ? _mm512_mask_mov_ps(_mm512_set1_ps(s[2 * c]), 0xFF00, _mm512_set1_ps(s[2 * c + 1]))
-                                  : _mm512_set1_ps(s[c * RUN / G]);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), gs), xs, acc[m][r]);
+    for (int t = 0; t < T; ++t) {
+      const uint16_t* st = scale + (tile0 + t) * groups * TILE;
+      auto scales_of = [&](int64_t g) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + g * TILE))); };
+      for (int m = 0; m < M; ++m) {
+        const __m512i first = _mm512_add_epi32(_mm512_slli_epi32(sum[t][m][0], 7), sum[t][m][1]);  // inputs 0-31
+        const __m512i second = _mm512_add_epi32(_mm512_slli_epi32(sum[t][m][2], 7), sum[t][m][3]);  // 32-63
+        const __m512 dot = G == 32 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(first), scales_of(2 * c),
+                                                     _mm512_mul_ps(_mm512_cvtepi32_ps(second), scales_of(2 * c + 1)))
+                                   : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(first, second)), scales_of(c * RUN / G));
+        acc[t][m] = _mm512_fmadd_ps(dot, _mm512_set1_ps(x.xs[(m0 + m) * runs + c]), acc[t][m]);
       }
     }
   }
-  // + sum_g offset[g] * xsum[g], 16 groups a vector, into the same sum (one reduction a row)
-  for (int r = 0; r < R; ++r) {
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 keep = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
-      const __m512 o = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, offset + (n0 + r) * groups + g));
-      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(keep, xsum + m * groups + g), acc[m][r]);
+  // + sum_g offset[g] * xsum[g], the tile's 16 offsets a group
+  for (int t = 0; t < T; ++t) {
+    const uint16_t* ot = offset + (tile0 + t) * groups * TILE;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ot + g * TILE)));
+      for (int m = 0; m < M; ++m) acc[t][m] = _mm512_fmadd_ps(o, _mm512_set1_ps(xsum[(m0 + m) * groups + g]), acc[t][m]);
     }
-    for (int m = 0; m < M; ++m) y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + (m0 + m) * N + (tile0 + t) * TILE, acc[t][m]);
   }
 }
 
-template <int M>
+template <int G>
 void gemv_int4_vnni(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, const QuantizedX& x,
-                    int64_t N, int64_t K, int64_t G, float* y) {
-  constexpr int R = rows_per_pass<M>();
+                    int64_t M, int64_t N, int64_t K, float* y) {
   const int64_t groups = K / G, per_group = G / 32;
   // sum of x over each group, for the offsets: sum_k offset[g] x[k] = offset[g] * xsum[g]
   std::vector<float> xsum(M * groups, 0.f);
   for (int64_t i = 0; i < M * groups; ++i)
     for (int64_t j = 0; j < per_group; ++j) xsum[i] += x.sum32[i * per_group + j];
-  at::parallel_for(0, N, grain(K / 2), [&](int64_t n0, int64_t n1) {
-    std::vector<float> ws(R * (groups + 16));
-    int64_t n = n0;
-    for (; n + R <= n1; n += R) int4_rows<M, R>(q, scale, offset, x, xsum.data(), N, K, G, y, n, ws.data());
-    for (; n < n1; ++n) int4_rows<M, 1>(q, scale, offset, x, xsum.data(), N, K, G, y, n, ws.data());
+  const float* xs = xsum.data();
+  at::parallel_for(0, N / TILE, std::max<int64_t>(1, grain(K / 2) / TILE), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1;) {
+      if (M == 1 && t + 2 <= t1) {  // two tiles a pass: eight chains of vpdpbusd
+        int4_tiles<1, 2, G>(q, scale, offset, x, xs, N, K, y, t, 0);
+        t += 2;
+        continue;
+      }
+      int64_t m = 0;  // rows of x four at a time (the tile's bytes stay in L1 between them)
+      for (; m + 4 <= M; m += 4) int4_tiles<4, 1, G>(q, scale, offset, x, xs, N, K, y, t, m);
+      for (; m + 2 <= M; m += 2) int4_tiles<2, 1, G>(q, scale, offset, x, xs, N, K, y, t, m);
+      for (; m < M; ++m) int4_tiles<1, 1, G>(q, scale, offset, x, xs, N, K, y, t, m);
+      ++t;
+    }
   });
 }
 #endif
@@ -467,8 +490,9 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q, const 
                           const torch::Tensor& offset, int64_t G) {
   const int64_t N = q.size(0), K = 2 * q.size(1), M = x.size(0);
   check_x(x, K);
-  TORCH_CHECK(K % RUN == 0 && G % 32 == 0 && K % G == 0, "gemv int4: in_features must be a multiple of ", RUN,
-              " and of the group size, a multiple of 32");
+  TORCH_CHECK(K % RUN == 0 && G % 32 == 0 && G <= 128 && K % G == 0, "gemv int4: in_features must be a multiple of ",
+              RUN, " and of the group size (32, 64 or 128)");
+  TORCH_CHECK(N % TILE == 0, "gemv int4: out_features must be a multiple of ", TILE, " (the tiles), got ", N);
   // scale and offset: fp16, or fp16 bits held as int16 (decode_weights.Int4Linear)
   auto half_bits = [](const torch::Tensor& t) { return t.scalar_type() == torch::kHalf || t.scalar_type() == torch::kShort; };
   TORCH_CHECK(q.scalar_type() == torch::kByte && half_bits(scale) && half_bits(offset),
@@ -480,18 +504,20 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& q, const 
   const float* xp = floats_of(x, widened);
   const auto* sp = static_cast<const uint16_t*>(scale.data_ptr());
   const auto* op = static_cast<const uint16_t*>(offset.data_ptr());
+#ifdef GEMV_VNNI
+  const QuantizedX& xq = quantize_runs(xp, M, K, 16383.f);
+  auto* qp = q.data_ptr<uint8_t>();
+  if (G == 32) gemv_int4_vnni<32>(qp, sp, op, xq, M, N, K, sums.data());
+  else if (G == 64) gemv_int4_vnni<64>(qp, sp, op, xq, M, N, K, sums.data());
+  else gemv_int4_vnni<128>(qp, sp, op, xq, M, N, K, sums.data());
+#else
   for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
     const int64_t rows = std::min<int64_t>(MAX_M, M - m0);
-    float* yc = sums.data() + m0 * N;
-#ifdef GEMV_VNNI
-    const QuantizedX& xq = quantize_runs(xp + m0 * K, rows, K, 16383.f);
-    with_m(rows, [&](auto m) { gemv_int4_vnni<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xq, N, K, G, yc); });
-#else
     with_m(rows, [&](auto m) {
-      gemv_int4_floats<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xp + m0 * K, N, K, G, yc);
+      gemv_int4_floats<decltype(m)::value>(q.data_ptr<uint8_t>(), sp, op, xp + m0 * K, N, K, G, sums.data() + m0 * N);
     });
-#endif
   }
+#endif
   return output(x, sums, M, N);
 }
 
@@ -511,9 +537,9 @@ torch::Tensor dequantize(const torch::Tensor& q, const torch::Tensor& scale, con
   const bool int4 = offset.has_value();
   const int64_t N = q.size(0), K = int4 ? 2 * q.size(1) : q.size(1);
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && K % RUN == 0, "dequantize: contiguous, K a multiple of 64");
-  TORCH_CHECK(int4 ? (q.scalar_type() == torch::kByte && G % 32 == 0 && K % G == 0 && scale.numel() == N * (K / G))
+  TORCH_CHECK(int4 ? (q.scalar_type() == torch::kByte && G % 32 == 0 && K % G == 0 && N % TILE == 0 && scale.numel() == N * (K / G))
                    : (q.scalar_type() == torch::kChar && scale.scalar_type() == torch::kFloat32 && scale.numel() == N),
-              "dequantize: int8 (N, K) with N float32 scales, or int4 (N, K / 2) uint8 with (N, K / G) fp16 scales and offsets");
+              "dequantize: int8 (N, K) with N float32 scales, or int4 (N, K / 2) uint8 with (N, K / G) fp16 scales and offsets, N a multiple of 16");
   torch::Tensor w = torch::empty({N, K}, torch::dtype(torch::kBFloat16));
   auto* out = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
   const int64_t groups = int4 ? K / G : 1;
@@ -532,21 +558,26 @@ torch::Tensor dequantize(const torch::Tensor& q, const torch::Tensor& scale, con
 #endif
         continue;
       }
-      const uint8_t* qr = q.data_ptr<uint8_t>() + n * (K / 2);
-      const auto* sp = static_cast<const uint16_t*>(scale.data_ptr()) + n * groups;
-      const auto* op = static_cast<const uint16_t*>(offset->data_ptr()) + n * groups;
-      for (int64_t k0 = 0; k0 < K; k0 += RUN) {  // a run of 64: byte i holds inputs k0 + i and k0 + 32 + i
+      const uint8_t* qp = q.data_ptr<uint8_t>();
+      const auto* sp = static_cast<const uint16_t*>(scale.data_ptr());
+      const auto* op = static_cast<const uint16_t*>(offset->data_ptr());
+      for (int64_t k0 = 0; k0 < K; k0 += RUN) {
+        // the row's 32 bytes of this run, from the tile's 8 steps (4 bytes each, 64 apart):
+        // byte i holds input k0 + i in its low nibble and k0 + 32 + i in its high one
+        uint8_t qr[RUN / 2];
+        const uint8_t* first = qp + nibble_byte(n, k0, K);
+        for (int j = 0; j < 8; ++j) std::memcpy(qr + 4 * j, first + 64 * j, 4);
         for (int half = 0; half < 2; ++half)
           for (int64_t j = 0; j < RUN / 2; j += 16) {
             const int64_t k = k0 + half * (RUN / 2) + j, g = k / G;
-            const float s = half_to_float(sp[g]), o = half_to_float(op[g]);
+            const float s = half_to_float(sp[group_at(n, g, groups)]), o = half_to_float(op[group_at(n, g, groups)]);
 #ifdef GEMV_AVX512
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k0 / 2 + j));
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + j));
             const __m128i v = half ? _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)) : _mm_and_si128(b, _mm_set1_epi8(15));
             store_bf16(row + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), _mm512_set1_ps(s), _mm512_set1_ps(o)));
 #else
             for (int64_t i = 0; i < 16; ++i) {
-              const uint8_t byte = qr[k0 / 2 + j + i];
+              const uint8_t byte = qr[j + i];
               row[k + i] = c10::BFloat16(s * float(half ? byte >> 4 : byte & 15) + o).x;
             }
 #endif
