@@ -93,8 +93,8 @@ def test_int4_tiles_hold_the_documented_bytes():
     q = torch.randint(0, 16, (N, K), generator=gen(11))
     flat = cpu_gemv.pack_nibbles(q).flatten()
     for n, k in [(0, 0), (5, 3), (17, 36), (31, 127), (16, 64), (9, 95)]:
-        t, l, c, h, j, b = n // 16, n % 16, k // 64, (k % 64) // 32, (k % 32) // 4, k % 4
-        byte = int(flat[((t * (K // 64) + c) * 8 + j) * 64 + 4 * l + b])
+        t, lane, c, h, j, b = n // 16, n % 16, k // 64, (k % 64) // 32, (k % 32) // 4, k % 4
+        byte = int(flat[((t * (K // 64) + c) * 8 + j) * 64 + 4 * lane + b])
         assert (byte >> 4 if h else byte & 15) == int(q[n, k])
     groups = torch.arange(N * 3).view(N, 3)
     tiled = cpu_gemv.tile_groups(groups).flatten()
