@@ -41,6 +41,15 @@ class Counting:
         self.calls += 1
         return self.ops.attend_one(*args)
 
+    def FusedBlock(self, *args):  # noqa: N802 (the extension's class)
+        block, spy = self.ops.FusedBlock(*args), self
+
+        class Step:
+            def step(self, *step_args):
+                spy.calls += 1
+                return block.step(*step_args)
+        return Step()
+
 
 @pytest.fixture
 def counting(monkeypatch):
@@ -154,6 +163,40 @@ def test_prepare_for_decode_fuses_and_keeps_greedy_tokens(layout, counting):
     else:  # the sums' order differs: most tokens agree
         agree = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
         assert agree >= 0.8 * sum(len(w) for w in want)
+
+
+@pytest.mark.parametrize("layout", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny", "gemma3-tiny", "olmo2-tiny", "gpt-tiny"])
+def test_the_cpp_block_step_gives_the_fused_python_steps_exactly(preset, layout, monkeypatch):
+    """FusedBlock (the whole one-token step of a block in one C++ call) makes the same kernel
+    calls as DecodeBlock.forward's Python, in the same order: the same bits, for every family's
+    norms, QK-norm, activation and bias, on every decode layout, batched and left-padded."""
+    config = ModelConfig.preset(preset)
+    torch.manual_seed(3)
+    model = prepare_for_decode(Transformer(config).eval(), layout, group_size=32)
+    prompt, new = torch.tensor([[3, 1, 4, 1], [0, 0, 5, 9]]), torch.tensor([[2, 6, 5], [3, 5, 8]])
+    padded = torch.tensor([[True] * 4, [False, False, True, True]])
+    with_plan, cache_a = steps(model, prompt, new, padded)
+    assert all(b._plan is not None for b in model.blocks)  # the C++ step ran
+    monkeypatch.setattr(DecodeBlock, "_fused_plan", lambda self: None)
+    without, cache_b = steps(model, prompt, new, padded)
+    for a, b in zip(with_plan, without):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(cache_a.k + cache_a.v, cache_b.k + cache_b.v))
+
+
+def test_the_block_step_is_rebuilt_when_a_layer_or_its_tensors_change():
+    model = prepare_for_decode(Transformer(ModelConfig.preset("llama-tiny")).eval(), "bf16")
+    steps(model, torch.tensor([[1, 2]]), torch.tensor([[3]]))
+    block = model.blocks[0]
+    first = block._plan
+    assert first is not None and block._fused_plan() is first  # built once
+    model.to(torch.bfloat16)  # .to() may give new tensors: the plan holding the old ones is dropped
+    assert block._plan is None
+    steps(model, torch.tensor([[1, 2]]), torch.tensor([[3]]))
+    assert block._plan is not None and block._plan is not first
+    block.mlp.up_proj = torch.nn.Linear(block.mlp.up_proj.in_features, block.mlp.up_proj.out_features, bias=False)
+    assert block._fused_plan() is None  # a layer FusedBlock does not run: the Python step
 
 
 def test_bf16_int8_int4_layouts_fuse_by_default():

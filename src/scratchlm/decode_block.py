@@ -90,6 +90,47 @@ class DecodeBlock(Block):
         self.qk_norm_kind = kinds[4] if attn.qk_norm is not None else NONE
         self.activation = ACTIVATIONS.get(self.mlp.kind) if type(self.mlp) is MLP else None  # None: MoE, own forward
         self.gated = self.activation is not None and self.mlp.kind in ("swiglu", "geglu")
+        self._plan, self._plan_parts = None, None  # the C++ step (_fused_plan) and what it was built from
+
+    def _parts(self) -> tuple:
+        """The submodules a FusedBlock holds the tensors of (to notice one replaced)."""
+        modules, attn = self._modules, self._modules["attn"]._modules
+        mlp = self._modules["mlp"]._modules
+        return (modules["attn_norm"], modules["attn_post_norm"], modules["mlp_norm"], modules["mlp_post_norm"],
+                attn.get("q_norm"), attn.get("k_norm"), attn["qkv_proj"], attn["out_proj"], mlp.get("gate_proj"),
+                mlp.get("up_proj"), mlp.get("down_proj"))
+
+    def _fused_plan(self):
+        """decode_ops.cpp's FusedBlock for this block: the whole one-token step in one call, or
+        None where a piece is not a decode layer it runs (a MoE, a LoRA wrapper, nn.Linear).
+        Built once; again when a submodule is replaced or the tensors move (``_apply``)."""
+        parts = self._parts()
+        if parts == self._plan_parts:
+            return self._plan
+        self._plan, self._plan_parts = self._build_plan(parts), parts
+        return self._plan
+
+    def _build_plan(self, parts):
+        if self.activation is None:
+            return None
+        *norms, qkv, out, gate, up, down = parts
+        layers = (qkv, out, gate if self.gated else None, up, down)
+        specs = []
+        for layer in layers:
+            spec = getattr(layer, "decode_spec", None) if layer is not None else (lambda: (-1,) + (None,) * 4 + (0, 0))
+            spec = spec() if spec is not None else None
+            if spec is None or (spec[0] != 2 and layer is not None and layer.in_features % 16):
+                return None
+            specs.append(spec)
+        norm_specs = [_norm(n) for n in norms[:4]]
+        norm_specs += [_norm(n) if self.qk_norm else (NONE, None, None) for n in norms[4:]]
+        attn = self._modules["attn"]
+        return cpu_gemv.kernels().FusedBlock(norm_specs, specs, attn.n_heads, attn.n_kv_heads, attn.scale or 0.0,
+                                             self.qk_norm, self.qk_norm_kind, self.activation, self.eps)
+
+    def _apply(self, fn, recurse=True):
+        self._plan, self._plan_parts = None, None  # .to() and friends replace the tensors it holds
+        return super()._apply(fn, recurse)
 
     def fused(self, x: torch.Tensor, cache) -> bool:
         """Whether this call is a one-token step that the fused ops compute exactly as Block does."""
@@ -112,13 +153,16 @@ class DecodeBlock(Block):
         attn, mlp = modules["attn"], modules["mlp"]
         linears = attn._modules
         B = x.shape[0]
-        _, h = ops.residual_norm(x, None, NONE, None, None, *_norm(modules["attn_norm"]), eps)
         # The new key goes to the cache column of its position (a ring: position mod columns), and
         # the query reads every column filled so far (a ring: all of them, the window).
         layer, start = attn.layer, cache.length
         columns = cache.k[layer].shape[2]
         column, keys = (start, start + 1) if start < columns else (start % columns, columns)
         cos, sin = rope if rope is not None else (None, None)
+        plan = self._fused_plan() if B <= cpu_gemv.MAX_ROWS else None
+        if plan is not None:  # the same calls as below, from C++
+            return plan.step(x, cos, sin, cache.k[layer], cache.v[layer], column, keys, mask)
+        _, h = ops.residual_norm(x, None, NONE, None, None, *_norm(modules["attn_norm"]), eps)
         q_weight = linears["q_norm"]._parameters["weight"] if self.qk_norm else None
         k_weight = linears["k_norm"]._parameters["weight"] if self.qk_norm else None
         y = ops.attend_one(linears["qkv_proj"].forward(h), cos, sin, cache.k[layer], cache.v[layer], column, keys,

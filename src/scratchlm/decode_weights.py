@@ -90,6 +90,11 @@ class TransposedLinear(nn.Module):
         y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def decode_spec(self) -> tuple:
+        """This layer as decode_ops.cpp's FusedBlock runs it (its Projection's fields)."""
+        b = self._buffers
+        return 2, b["weight_t"], None, None, b["bias"], 0, 0
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -149,6 +154,12 @@ class Int8Linear(nn.Module):
             y = y + bias
         return y.view(*x.shape[:-1], self.out_features)
 
+    def decode_spec(self) -> tuple | None:
+        """This layer as decode_ops.cpp's FusedBlock runs it (a step of 1-8 rows: our kernel)."""
+        b = self._buffers
+        cast = {torch.bfloat16: 1, torch.float32: 2}.get(b["scales"].dtype)
+        return None if cast is None else (0, b["weight_int8"], self.scales_fp32, None, b["bias"], 0, cast)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -184,6 +195,11 @@ class BF16Linear(nn.Module):
             y = y.view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
         return F.linear(x, weight, bias)
+
+    def decode_spec(self) -> tuple:
+        """This layer as decode_ops.cpp's FusedBlock runs it (a step of 1-8 rows: our kernel)."""
+        b = self._buffers
+        return 0, b["weight"], None, None, b["bias"], 0, 1
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -292,6 +308,11 @@ class Int4Linear(nn.Module):
         if b["bias"] is not None:
             y = y + b["bias"]
         return y.view(*x.shape[:-1], self.out_features)
+
+    def decode_spec(self) -> tuple:
+        """This layer as decode_ops.cpp's FusedBlock runs it (a step of 1-8 rows: our kernel)."""
+        b = self._buffers
+        return 1, b["weight_int4"], b["scales"], b["offsets"], b["bias"], self.group_size, 0
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

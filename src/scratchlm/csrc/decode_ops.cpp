@@ -470,10 +470,116 @@ torch::Tensor activation(const torch::Tensor& a, const c10::optional<torch::Tens
   return y;
 }
 
+
+// ---- one block's whole one-token step, in one call -------------------------------------------
+// decode_block.py's DecodeBlock step is 5 weight matrices and 5 of the ops above; from Python,
+// each call costs its argument parsing and the Python around it (~40 us a layer, ~1.2 ms of a
+// SmolLM2-135M step). FusedBlock holds the block's tensors (references, not copies: the
+// model's own buffers) and runs the same calls in the same order from C++.
+
+}  // namespace
+
+// gemv.cpp's kernels
+torch::Tensor gemv_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale);
+torch::Tensor gemv_linear_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                               const torch::Tensor& offset, int64_t G);
+
+namespace {
+
+// One decode layer of decode_weights.py, as its decode_spec() describes it:
+//   (kind, a, b, c, bias, group_size, cast) with kind 0 gemv (a the bf16 / fp32 / int8 weight,
+//   b the int8 layer's fp32 scales), 1 int4 (a, b, c: q, scales, offsets), 2 fp32 transposed
+//   (a the (in, out) weight, MKL's GEMV as TransposedLinear); cast 1 / 2: x to bf16 / fp32 first.
+struct Projection {
+  int64_t kind = -1;
+  torch::Tensor a;
+  c10::optional<torch::Tensor> b, c, bias;
+  int64_t group = 0, cast = 0;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {  // x (B, in) -> (B, out)
+    torch::Tensor x2 = x;
+    if (cast == 1 && x2.scalar_type() != torch::kBFloat16) x2 = x2.to(torch::kBFloat16);
+    if (cast == 2 && x2.scalar_type() != torch::kFloat32) x2 = x2.to(torch::kFloat32);
+    torch::Tensor y;
+    if (kind == 0) y = gemv_linear(x2, a, b);
+    else if (kind == 1) y = gemv_linear_int4(x2, a, *b, *c, group);
+    else return bias.has_value() ? at::addmm(*bias, x2, a) : at::mm(x2, a);
+    return bias.has_value() ? y + *bias : y;
+  }
+};
+
+using ProjectionSpec = std::tuple<int64_t, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                                  c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t, int64_t>;
+using NormSpec = std::tuple<int64_t, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>;  // kind, weight, bias
+
+Projection projection(const ProjectionSpec& p) {
+  Projection out;
+  out.kind = std::get<0>(p);
+  if (out.kind < 0) return out;  // absent (the gate of an ungated MLP)
+  TORCH_CHECK(out.kind <= 2 && std::get<1>(p).has_value(), "FusedBlock: a projection of kind 0, 1 or 2");
+  out.a = *std::get<1>(p), out.b = std::get<2>(p), out.c = std::get<3>(p), out.bias = std::get<4>(p);
+  out.group = std::get<5>(p), out.cast = std::get<6>(p);
+  TORCH_CHECK(out.kind != 1 || (out.b.has_value() && out.c.has_value()), "FusedBlock: int4 needs scales and offsets");
+  return out;
+}
+
+class FusedBlock {
+ public:
+  // norms: attn_norm, attn_post_norm, mlp_norm, mlp_post_norm, q_norm, k_norm (kind, weight, bias);
+  // projections: qkv_proj, out_proj, gate_proj (kind -1 without a gate), up_proj, down_proj;
+  // attention: n_heads, n_kv_heads, scale (0: 1 / sqrt(head_dim)), qk_norm, qk_norm_kind;
+  // activation as decode_ops' activation, eps of every norm.
+  FusedBlock(std::vector<NormSpec> norms, std::vector<ProjectionSpec> projections, int64_t n_heads,
+             int64_t n_kv_heads, double scale, int64_t qk_norm, int64_t qk_norm_kind, int64_t act, double eps)
+      : norms_(std::move(norms)), n_heads_(n_heads), n_kv_heads_(n_kv_heads), scale_(scale), qk_norm_(qk_norm),
+        qk_norm_kind_(qk_norm_kind), act_(act), eps_(eps) {
+    TORCH_CHECK(norms_.size() == 6 && projections.size() == 5, "FusedBlock: 6 norms and 5 projections");
+    for (const auto& p : projections) projections_.push_back(projection(p));
+  }
+
+  // x (B, 1, d): the block's one-token step, as DecodeBlock.forward's fused path.
+  torch::Tensor step(const torch::Tensor& x, const c10::optional<torch::Tensor>& cos,
+                     const c10::optional<torch::Tensor>& sin, const torch::Tensor& k_cache,
+                     const torch::Tensor& v_cache, int64_t column, int64_t keys,
+                     const c10::optional<torch::Tensor>& mask) const {
+    const int64_t B = x.size(0);
+    const NormSpec none{NONE, c10::nullopt, c10::nullopt};
+    // [x + post(delta), pre(x + post(delta))], as residual_norm
+    auto land = [&](const torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const NormSpec& post,
+                    const NormSpec& pre) {
+      return residual_norm(x, delta, std::get<0>(post), std::get<1>(post), std::get<2>(post), std::get<0>(pre),
+                           std::get<1>(pre), std::get<2>(pre), eps_);
+    };
+    const Projection &qkv_proj = projections_[0], &out_proj = projections_[1], &gate_proj = projections_[2],
+                     &up_proj = projections_[3], &down_proj = projections_[4];
+    const torch::Tensor h = land(x, c10::nullopt, none, norms_[0])[1].view({B, -1});  // attn_norm(x)
+    const torch::Tensor y = attend_one(qkv_proj(h), cos, sin, k_cache, v_cache, column, keys, mask, n_heads_,
+                                       n_kv_heads_, scale_, qk_norm_, qk_norm_kind_, std::get<1>(norms_[4]),
+                                       std::get<1>(norms_[5]), eps_);  // (B, n_heads * head_dim)
+    const auto xh = land(x, out_proj(y).view(x.sizes()), norms_[1], norms_[2]);  // x, mlp_norm(x)
+    const torch::Tensor h2 = xh[1].view({B, -1});
+    const torch::Tensor a = gate_proj.kind >= 0 ? activation(gate_proj(h2), up_proj(h2), act_)
+                                                : activation(up_proj(h2), c10::nullopt, act_);
+    return land(xh[0], down_proj(a).view(x.sizes()), norms_[3], none)[0];
+  }
+
+ private:
+  std::vector<NormSpec> norms_;
+  std::vector<Projection> projections_;
+  int64_t n_heads_, n_kv_heads_;
+  double scale_;
+  int64_t qk_norm_, qk_norm_kind_, act_;
+  double eps_;
+};
+
 }  // namespace
 
 void register_decode_ops(pybind11::module& m) {
   m.def("residual_norm", &residual_norm, "[x + post(delta), pre(x + post(delta))]: a residual add and the next norm");
   m.def("attend_one", &attend_one, "one query per row: QK-norm, rotary, cache write, attention over the cache");
   m.def("activation", &activation, "act(a) * b or act(a): silu, tanh gelu, relu");
+  pybind11::class_<FusedBlock>(m, "FusedBlock", "a block's one-token step in one call (decode_block.py)")
+      .def(pybind11::init<std::vector<NormSpec>, std::vector<ProjectionSpec>, int64_t, int64_t, double, int64_t,
+                          int64_t, int64_t, double>())
+      .def("step", &FusedBlock::step, "x (B, 1, d) -> the block's output, the new key and value cached");
 }

@@ -588,7 +588,20 @@ torch::Tensor dequantize(const torch::Tensor& q, const torch::Tensor& scale, con
   return w;
 }
 
+// Names for the wrappers below (torch has its own linear).
+constexpr auto linear_any = &linear;
+constexpr auto linear_int4_any = &linear_int4;
+
 }  // namespace
+
+// For decode_ops.cpp's FusedBlock: the same kernels, called from C++.
+torch::Tensor gemv_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale) {
+  return linear_any(x, w, scale);
+}
+torch::Tensor gemv_linear_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                               const torch::Tensor& offset, int64_t G) {
+  return linear_int4_any(x, q, scale, offset, G);
+}
 
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: the small ops between the matrices
 
