@@ -131,7 +131,9 @@ def test_cli_int4_weights_and_compile(model_dir, capsys, monkeypatch, graphs):
 
     assert main(["generate", str(model_dir), "hello", "--max-new-tokens", "6", "--weights", "int4"]) == 0
     assert capsys.readouterr().out == expected + "\n" and layouts == ["int4"]
-    assert type(model.lm_head).__name__ == "Int4Linear" and type(model.blocks[0].mlp.up_proj).__name__ == "Int4Linear"
+    assert type(model.blocks[0].mlp.up_proj).__name__ == "Int4Linear"
+    # a vocabulary of 28 is not whole tiles of 16 rows: the head keeps int8
+    assert type(model.lm_head).__name__ == ("Int4Linear" if tok.vocab_size % 16 == 0 else "Int8Linear")
     assert main(["generate", str(model_dir), "hello", "--max-new-tokens", "6", "--weights", "int4",
                  "--compile", "--compile-backend", "scratchlm_count_graphs"]) == 0
     assert capsys.readouterr().out == expected + "\n" and len(graphs) == 1
