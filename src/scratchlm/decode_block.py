@@ -46,6 +46,10 @@ from .norms import RMSNorm
 NONE, RMS, RMS_PLUS_ONE, LAYER = 0, 1, 2, 3
 ACTIVATIONS = {"swiglu": 0, "geglu": 1, "gelu": 1, "relu": 2}  # silu, tanh gelu, relu
 QK_NORMS = {None: 0, "head": 1, "projection": 2}
+# decode_ops.cpp's FusedBlock projections: a decode layer's decode_spec() is
+# (kind, a, b, c, bias, group_size, cast); kind TRANSPOSED is TransposedLinear's fp32 GEMV
+TRANSPOSED = 2
+ABSENT = (-1, None, None, None, None, 0, 0)  # no gate: an ungated MLP
 
 
 def _norm_kind(norm: nn.Module) -> int | None:
@@ -114,12 +118,13 @@ class DecodeBlock(Block):
         if self.activation is None:
             return None
         *norms, qkv, out, gate, up, down = parts
-        layers = (qkv, out, gate if self.gated else None, up, down)
         specs = []
-        for layer in layers:
-            spec = getattr(layer, "decode_spec", None) if layer is not None else (lambda: (-1,) + (None,) * 4 + (0, 0))
-            spec = spec() if spec is not None else None
-            if spec is None or (spec[0] != 2 and layer is not None and layer.in_features % 16):
+        for layer in (qkv, out, gate if self.gated else None, up, down):
+            if layer is None:
+                specs.append(ABSENT)
+                continue
+            spec = layer.decode_spec() if hasattr(type(layer), "decode_spec") else None
+            if spec is None or (spec[0] != TRANSPOSED and layer.in_features % 16):  # our kernels' unit
                 return None
             specs.append(spec)
         norm_specs = [_norm(n) for n in norms[:4]]

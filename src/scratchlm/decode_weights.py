@@ -263,7 +263,7 @@ class Int4Linear(nn.Module):
     numbers held as int16 bits, so that ``model.to(dtype)`` (which converts floating-point
     tensors only) leaves them exact.
 
-    Up to 64 rows of x (decoding, a short prompt) go through our kernel, which unpacks the
+    Up to 16 rows of x (decoding, a short prompt) go through our kernel, which unpacks the
     nibbles as it streams them; more rows, or a machine where the kernel is not built,
     multiply by the matrix dequantized (bf16, or fp32 for fp32 x) for that call.
     """

@@ -470,13 +470,6 @@ torch::Tensor activation(const torch::Tensor& a, const c10::optional<torch::Tens
   return y;
 }
 
-
-// ---- one block's whole one-token step, in one call -------------------------------------------
-// decode_block.py's DecodeBlock step is 5 weight matrices and 5 of the ops above; from Python,
-// each call costs its argument parsing and the Python around it (~40 us a layer, ~1.2 ms of a
-// SmolLM2-135M step). FusedBlock holds the block's tensors (references, not copies: the
-// model's own buffers) and runs the same calls in the same order from C++.
-
 }  // namespace
 
 // gemv.cpp's kernels
@@ -485,6 +478,12 @@ torch::Tensor gemv_linear_int4(const torch::Tensor& x, const torch::Tensor& q, c
                                const torch::Tensor& offset, int64_t G);
 
 namespace {
+
+// ---- one block's whole one-token step, in one call -------------------------------------------
+// decode_block.py's DecodeBlock step is 5 weight matrices and 5 of the ops above; from Python,
+// each call costs its argument parsing and the Python around it (~40 us a layer, ~1.2 ms of a
+// SmolLM2-135M step). FusedBlock holds the block's tensors (references, not copies: the
+// model's own buffers) and runs the same calls in the same order from C++.
 
 // One decode layer of decode_weights.py, as its decode_spec() describes it:
 //   (kind, a, b, c, bias, group_size, cast) with kind 0 gemv (a the bf16 / fp32 / int8 weight,

@@ -188,9 +188,9 @@ void gemv_int4_floats(const uint8_t* q, const uint16_t* scale, const uint16_t* o
 // x is as good as the float path's (tests/test_cpu_gemv.py).
 //
 // int4 takes x in 15 bits (levels = 16383), each split into two bytes, xq = 128 hi + lo with hi
-// in [-128, 127] and lo in [0, 127]: vpdpbusd then multiplies the 64 unsigned nibbles of a run
-// by 64 signed bytes of x an instruction, twice (hi, lo) a run, where 16-bit x took two
-// widenings and two vpdpwssd; the step is still 2^-14 of the run's max|x|.
+// in [-128, 127] and lo in [0, 127]: vpdpbusd then multiplies unsigned nibbles by signed bytes
+// of x, once with the high bytes and once with the low ones (int4_tiles), where 16-bit x took
+// two widenings and two vpdpwssd; the step is still 2^-14 of the run's max|x|.
 struct QuantizedX {
   std::vector<int16_t> xq;     // (M, K)
   std::vector<int8_t> hi, lo;  // (M, K), int4's halves of xq: xq = 128 hi + lo
@@ -588,19 +588,15 @@ torch::Tensor dequantize(const torch::Tensor& q, const torch::Tensor& scale, con
   return w;
 }
 
-// Names for the wrappers below (torch has its own linear).
-constexpr auto linear_any = &linear;
-constexpr auto linear_int4_any = &linear_int4;
-
 }  // namespace
 
 // For decode_ops.cpp's FusedBlock: the same kernels, called from C++.
 torch::Tensor gemv_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale) {
-  return linear_any(x, w, scale);
+  return (linear)(x, w, scale);  // parenthesized: not at::linear, which lookup by argument type also finds
 }
 torch::Tensor gemv_linear_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                                const torch::Tensor& offset, int64_t G) {
-  return linear_int4_any(x, q, scale, offset, G);
+  return linear_int4(x, q, scale, offset, G);
 }
 
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: the small ops between the matrices
