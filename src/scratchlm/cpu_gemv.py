@@ -25,12 +25,9 @@ The ops are registered with torch.library, so ``torch.compile`` sees them as sin
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-from pathlib import Path
-
 import torch
+
+from .extension import build
 
 # Rows of x up to which the kernels beat the alternative: 8 a pass over the weights, so for
 # bf16 (oneDNN's matmul, AMX where there is one) a prompt is F.linear's; for int8 and int4 two
@@ -38,7 +35,7 @@ import torch
 # wins from ~16 rows on (measured per smollm2-135m matrix: 0.2-0.5 against 0.4-0.8 ms at 32 rows).
 MAX_ROWS = 8
 MAX_ROWS_QUANTIZED = 16
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "decode_ops.cpp")]
+SOURCES = ["gemv.cpp", "decode_ops.cpp"]  # in csrc/
 
 
 _built: dict = {}  # "module": the extension, or None where it cannot be built; set on first use
@@ -55,20 +52,7 @@ def kernels():
 
 
 def _build():
-    if os.environ.get("SCRATCHLM_NO_GEMV") == "1":
-        return None
-    try:
-        from torch.utils.cpp_extension import _get_build_directory, load
-
-        if not (Path(_get_build_directory("scratchlm_gemv", verbose=False)) / "scratchlm_gemv.so").exists():
-            print("scratchlm: compiling the CPU decode kernels, once for this machine (about a minute)",
-                  file=sys.stderr, flush=True)
-        flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno"]
-        return load(name="scratchlm_gemv", sources=[str(p) for p in SOURCES], extra_cflags=flags, verbose=False)
-    except Exception as e:  # no compiler, no headers: PyTorch's own kernels still work
-        warnings.warn(f"scratchlm's CPU decode kernels could not be built ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); using PyTorch's slower kernels", stacklevel=3)
-        return None
+    return build("scratchlm_gemv", SOURCES, "the CPU decode kernels", "SCRATCHLM_NO_GEMV")
 
 
 def fits(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:

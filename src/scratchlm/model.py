@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused_ops
 from .config import ModelConfig
 from .errors import ScratchLMError
 from .kv_cache import KVCache
@@ -230,8 +231,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
-            gate, up = self._gate_and_up(x)
-            h = F.silu(gate) * up
+            h = self._swiglu(x)
         elif self.kind == "geglu":
             gate, up = self._gate_and_up(x)
             h = F.gelu(gate, approximate="tanh") * up
@@ -241,17 +241,39 @@ class MLP(nn.Module):
             h = F.relu(self.up_proj(x))
         return self.dropout(self.down_proj(h))
 
-    def _gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_proj(x), up_proj(x). In training, one matmul with the two weights stacked,
-        (2 d_ff, d_model), copied each step: x is read once each way and the backward does
-        one matmul fewer: 7% less forward + backward time at qwen3-0.6b's MLP, 14% at a tiny one
-        (2 threads), the same numbers. Inference keeps two: a decode step reads each weight
-        once, and the copy would read it again."""
+    def _stacked_gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
+        """In training, gate_proj(x) and up_proj(x) side by side (..., 2 d_ff) from one matmul
+        with the two weights stacked (2 d_ff, d_model), copied each step: x is read once each
+        way and the backward does one matmul fewer: 7% less forward + backward time at
+        qwen3-0.6b's MLP, 14% at a tiny one (2 threads), the same numbers. None in inference,
+        which keeps two: a decode step reads each weight once, and the copy would read it again."""
         g, u = self.gate_proj, self.up_proj
         if torch.is_grad_enabled() and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None \
                 and u.bias is None:
-            return F.linear(x, torch.cat([g.weight, u.weight])).split(g.out_features, dim=-1)
-        return g(x), u(x)
+            return F.linear(x, torch.cat([g.weight, u.weight]))
+        return None
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate_proj(x)) * up_proj(x); on the CPU in float32 one pass each way (fused_ops.py),
+        the same numbers in training (stacked) and inference (two matmuls)."""
+        stacked = self._stacked_gate_up(x)
+        if stacked is not None and fused_ops.usable(stacked):
+            return fused_ops.swiglu(stacked)
+        gate, up = self._gate_and_up(x, stacked)
+        if not fused_ops.usable(gate, up):
+            return F.silu(gate) * up
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):  # adapters on gate / up
+            return fused_ops.swiglu(torch.cat([gate, up], dim=-1))
+        return fused_ops.silu_mul(gate, up)
+
+    def _gate_and_up(self, x: torch.Tensor, stacked: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_proj(x), up_proj(x): the halves of ``stacked`` where there is one (training)."""
+        if stacked is None:
+            stacked = self._stacked_gate_up(x)
+        if stacked is not None:
+            return stacked.split(self.gate_proj.out_features, dim=-1)
+        return self.gate_proj(x), self.up_proj(x)
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused_ops
 from .config import ModelConfig
 
 
@@ -37,6 +38,8 @@ class RMSNorm(nn.Module):
         dim = (x.shape[-1],)
         weight = 1.0 + self.weight.float() if self.plus_one else self.weight
         if x.dtype == weight.dtype == torch.float32:
+            if fused_ops.usable(x, weight):
+                return fused_ops.rms_norm(x, weight, self.eps)  # one pass each way, on the CPU
             if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                 return _RMSNormWithBackward.apply(x, weight, self.eps)  # training: half autograd's time
             return F.rms_norm(x, dim, weight, self.eps)

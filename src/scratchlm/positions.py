@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from . import fused_ops
 from .config import ModelConfig
 
 
@@ -66,6 +67,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     written into one output tensor (the same numbers as x * cos + cat(-x2, x1) * sin, which
     makes five tensors). Training takes the backward written out, the rotation by -angle."""
+    if fused_ops.rotate_fits(x, cos, sin):  # CPU float32: one pass each way, the same numbers
+        return fused_ops.rotate(x, cos, sin)
     if torch.is_grad_enabled() and x.requires_grad:
         return _RopeWithBackward.apply(x, cos, sin)
     return _rotate(x, cos, sin)

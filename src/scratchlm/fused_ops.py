@@ -1,0 +1,157 @@
+"""Training's small ops fused on the CPU: RMSNorm, the rotary embedding and the SwiGLU gate,
+each forward and backward one pass over memory (csrc/train_ops.cpp, compiled on first use).
+
+Around a block's matrices a training step runs dozens of elementwise ops: an RMSNorm is six
+forward and seven backward, a rotation five and three, the gate two and four. On a CPU at the
+sizes a small model trains at, each op's pass, dispatch and thread wake-up add up to as much
+as the matmuls (a DPO step of benchmarks/posttrain.py). Here each is one C++ loop over rows,
+wrapped in an autograd Function with its gradient in closed form.
+
+norms.py, positions.py and model.py's MLP call these where ``usable``: CPU, float32, not
+under torch.compile (which fuses the plain ops itself), the extension built. Elsewhere (a
+GPU, bf16, no compiler, ``SCRATCHLM_NO_FUSED_OPS=1``) they keep their PyTorch ops. The
+rotation is bit for bit PyTorch's; the norm and the gate agree to float32 rounding
+(tests/test_fused_ops.py checks values and gradients against autograd through the plain ops).
+
+>>> import torch
+>>> x, w = torch.randn(3, 8), torch.ones(8)
+>>> torch.allclose(rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (8,), w, 1e-6), atol=1e-6)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .extension import build
+
+_built: dict = {}  # "module": the extension, or None where it cannot be built; set on first use
+
+
+def kernels():
+    """The compiled extension, or None where it cannot be built (warned once)."""
+    if "module" not in _built:
+        # -ffp-contract=off: no fused multiply-adds, so the rotation rounds as PyTorch's ops do.
+        # -ffast-math (finite math kept) lets the compiler vectorize the sums and the gate's exp.
+        flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffast-math",
+                 "-fno-finite-math-only", "-ffp-contract=off"]
+        _built["module"] = build("scratchlm_train_ops", ["train_ops.cpp"], "the CPU training kernels",
+                                 "SCRATCHLM_NO_FUSED_OPS", flags)
+    return _built["module"]
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels take these tensors: all float32 on the CPU, outside
+    torch.compile, and the extension built."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.compiler.is_compiling() and kernels() is not None)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------
+# RMSNorm: y = x / rms(x) * weight
+# ----------------------------------------------------------------------------------------
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = kernels().rms_norm_forward(x, weight, eps)  # rstd (rows,): 1 / rms of each row
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = kernels().rms_norm_backward(g.contiguous(), x, weight, rstd, ctx.needs_input_grad[1])
+        return dx, dweight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (D,), weight, eps) for x (..., D), weight (D,), in one pass each way."""
+    x, weight = x.contiguous(), weight.contiguous()
+    if _needs_grad(x, weight):
+        return _RMSNorm.apply(x, weight, eps)
+    return kernels().rms_norm_forward(x, weight, eps)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# The rotary embedding: each (x_i, x_{i + D/2}) turned by its angle
+# ----------------------------------------------------------------------------------------
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return kernels().rotate(x, cos, sin, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        g = g if g.stride(-1) == 1 else g.contiguous()
+        return kernels().rotate(g, cos, sin, -1), None, None  # the transpose: a turn back
+
+
+def rotate_fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether rotate takes these: x (B, H, T, D), tables (B or 1, 1, T, D), each with its
+    last dimension contiguous, all float32 CPU tensors."""
+    return (x.dim() == cos.dim() == sin.dim() == 4 and cos.shape[-1] == x.shape[-1] and x.shape[-1] % 2 == 0
+            and cos.shape[1] == sin.shape[1] == 1 and cos.shape[2] == sin.shape[2] == x.shape[2]
+            and cos.shape[0] in (1, x.shape[0]) and sin.shape[0] in (1, x.shape[0])
+            and x.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1 and usable(x, cos, sin))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """positions.apply_rope's rotation (its numbers exactly) in one pass; x may be a strided
+    view (the transposed q or k projection). Returns (B, H, T, D) contiguous."""
+    if _needs_grad(x):
+        return _Rotate.apply(x, cos, sin)
+    return kernels().rotate(x, cos, sin, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# SwiGLU: silu(gate) * up, from the stacked gate-and-up matmul
+# ----------------------------------------------------------------------------------------
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _silu_mul(*gate_up.chunk(2, dim=-1))
+
+    @staticmethod
+    def backward(ctx, g):
+        (gate_up,) = ctx.saved_tensors
+        # The gradient of both halves side by side: what the stacked matmul's backward takes
+        # (no cat of two separate gradients).
+        return kernels().swiglu_backward(g.contiguous(), gate_up)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    F_ = gate.shape[-1]
+    gate, up = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate, up))
+    return kernels().swiglu_forward(gate.reshape(-1, F_), up.reshape(-1, F_)).view(*gate.shape)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (..., F) from gate_up (..., 2F), the gate's F numbers first: in
+    training, the stacked matmul's output (its gradient comes back stacked too)."""
+    gate_up = gate_up.contiguous()
+    if _needs_grad(gate_up):
+        return _SwiGLU.apply(gate_up)
+    return _silu_mul(*gate_up.chunk(2, dim=-1))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of two separate (..., F) tensors, no gradient: inference's
+    two matmuls, the same numbers as swiglu on them stacked."""
+    return _silu_mul(gate, up)
+
+
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """The same with PyTorch's ops: what swiglu computes, for the tests and where it is not usable."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+__all__ = ["kernels", "usable", "rms_norm", "rotate", "rotate_fits", "swiglu", "silu_mul", "swiglu_reference"]
