@@ -22,7 +22,6 @@ True
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .extension import build
 
@@ -148,10 +147,4 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _silu_mul(gate, up)
 
 
-def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """The same with PyTorch's ops: what swiglu computes, for the tests and where it is not usable."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-__all__ = ["kernels", "usable", "rms_norm", "rotate", "rotate_fits", "swiglu", "silu_mul", "swiglu_reference"]
+__all__ = ["kernels", "usable", "rms_norm", "rotate", "rotate_fits", "swiglu", "silu_mul"]
