@@ -352,6 +352,53 @@ def test_a_packed_row_gives_each_sequence_its_own_forward(preset):
         torch.testing.assert_close(packed[:, n:], model(b), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt-tiny", "moe-tiny", "gemma3-tiny", "olmo2-tiny", "qwen3-tiny"])
+def test_unpadded_forward_equals_the_padded_one_at_the_real_tokens(preset):
+    """real_index: the token-wise layers run on the real tokens only. A right-padded batch
+    (causal: no real query sees the padding) gives the padded forward's logits at those
+    positions, the loss over their targets, and the same gradients of every weight."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, vocab_size=50)).train()
+    model.config.dropout = 0.0
+    lengths = [9, 4, 6]
+    ids = torch.randint(0, 50, (3, 9))
+    real = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]  # (3, 9)
+    index = real.flatten().nonzero()[:, 0]
+    targets = torch.randint(0, 50, (3, 9)).masked_fill(~real, -100)
+
+    def grads(loss):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    with torch.no_grad():
+        padded, unpadded = model(ids).flatten(0, 1)[index], model(ids, real_index=index)
+    assert unpadded.shape == (len(index), 50)
+    torch.testing.assert_close(unpadded, padded, atol=1e-5, rtol=0)
+    weights = torch.randn(len(index), model.config.d_model)
+    g_padded = grads((model(ids, return_hidden=True).flatten(0, 1)[index] * weights).sum())
+    g_unpadded = grads((model(ids, return_hidden=True, real_index=index) * weights).sum())
+    for a, b in zip(g_padded, g_unpadded):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model(ids, targets=targets, real_index=index), model(ids, targets=targets),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ScratchLMError, match="no cache"):
+        model(ids, cache=model.new_cache(3, 16), real_index=index)
+
+
+def test_pad_and_unpad_are_each_others_backward():
+    from scratchlm.unpadding import Unpadded, pad, unpad
+
+    u = Unpadded.of(torch.tensor([0, 1, 2, 3, 6]), 3, 3)  # rows of 3, 1 and 1 real tokens
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = pad(x, u)
+    assert y.shape == (3, 3, 4) and y[1, 1:].abs().sum() == 0 and y[2, 1:].abs().sum() == 0
+    assert torch.equal(y[2, 0], x[4])
+    torch.autograd.gradcheck(lambda t: pad(t, u), (x,))
+    torch.autograd.gradcheck(lambda t: unpad(t, u), (torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True),))
+
+
 def test_training_norm_and_rope_backward_equal_autograd_of_the_plain_ops():
     # RMSNorm and apply_rope take a hand-written backward when they need a gradient
     # (norms._RMSNormWithBackward, positions._RopeWithBackward): gradcheck in float64 against

@@ -149,9 +149,9 @@ class DecodeBlock(Block):
                 and cache.v[layer].is_contiguous() and cache._layout(layer, 1) != "chunk"
                 and cpu_gemv.kernels() is not None)
 
-    def forward(self, x, rope, mask, cache):
+    def forward(self, x, rope, mask, cache, unpadded=None):
         if not self.fused(x, cache):
-            return super().forward(x, rope, mask, cache)
+            return super().forward(x, rope, mask, cache, unpadded)
         # Submodules from the dict and their forward, not __call__ (no hooks to run): a step
         # makes ~300 of these calls, and each nn.Module indirection costs about a microsecond.
         ops, eps, modules = cpu_gemv.kernels(), self.eps, self._modules

@@ -41,6 +41,7 @@ from .loss import linear_cross_entropy
 from .moe import MoE
 from .norms import make_norm
 from .positions import apply_rope, rope_table, sinusoidal_table
+from .unpadding import Unpadded, pad, unpad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,22 +113,29 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = True  # False: the reference path written out below
 
-    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                unpadded: Unpadded | None = None):
         """x (B, T, d_model) -> q (B, n_heads, T, head_dim), k and v (B, n_kv_heads, T, head_dim),
-        QK-normed and rotated."""
-        q, k, v = self.qkv_proj(x).split(
+        QK-normed and rotated. ``unpadded``: x is (n, d_model), the real tokens of a (B, T) batch
+        (Transformer.forward's real_index); their projections go back into the (B, T) layout,
+        zeros at the padding, for the attention kernel (unpadding.py)."""
+        qkv = self.qkv_proj(x)
+        if unpadded is not None:
+            qkv = pad(qkv, unpadded)  # (B, T, q_dim + 2 kv_dim)
+        B, T = qkv.shape[:2]
+        q, k, v = qkv.split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         if self.qk_norm == "projection":  # OLMo 2: one norm over all the heads of q, one over k's
             q = self.q_norm(q)
-        q = q.view(*x.shape[:2], self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         if self.qk_norm == "head":  # Qwen3, Gemma 3: each head's vector normed on its own
             q = self.q_norm(q)
         if rope is not None:
             q = apply_rope(q, *rope)
         if self.qk_norm == "projection":
             k = self.k_norm(k)
-        k = k.view(*x.shape[:2], self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-        v = v.view(*x.shape[:2], self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             k = self.k_norm(k)
         if rope is not None:
@@ -135,9 +143,10 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.project(x, rope)
+                mask: torch.Tensor | None, cache: KVCache | None,
+                unpadded: Unpadded | None = None) -> torch.Tensor:
+        q, k, v = self.project(x, rope, unpadded)
+        B, T = q.shape[0], q.shape[2]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim), S = past + T
 
@@ -148,6 +157,8 @@ class Attention(nn.Module):
         else:
             y = self._reference(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # heads side by side
+        if unpadded is not None:  # back to the real positions: (n, n_heads * head_dim)
+            y = unpad(y, unpadded)
         return self.resid_dropout(self.out_proj(y))
 
     def _reference(self, q, k, v, mask):
@@ -296,8 +307,8 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.n_experts else MLP(config)  # mixture of experts: moe.py
         self.mlp_post_norm = make_norm(config) if post else nn.Identity()
 
-    def forward(self, x, rope, mask, cache):
-        x = x + self.attn_post_norm(self.attn(self.attn_norm(x), rope, mask, cache))
+    def forward(self, x, rope, mask, cache, unpadded=None):
+        x = x + self.attn_post_norm(self.attn(self.attn_norm(x), rope, mask, cache, unpadded))
         return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
 
 
@@ -401,8 +412,8 @@ class Transformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, return_hidden: bool = False,
-                attn_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                real_index: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab_size). ids must lie in [0, vocab_size): check
         ids from outside with check_token_ids before (forward does not, to stay sync-free).
 
@@ -418,6 +429,13 @@ class Transformer(nn.Module):
         targets: (B, T) the next token of each position, -100 where there is none: return the
             training loss, the mean cross-entropy over the other positions (a scalar, fp32),
             instead of the logits, without making the (B, T, vocab_size) logits (loss.py).
+        real_index: (n,) the flat positions (row * T + column, ascending) of the real tokens of a
+            padded batch (no cache): every layer that works token by token (the embedding, the
+            norms, the projections, the MLP) runs on those n positions only, and the attention on
+            the (B, T) layout they go back into, so padding costs nothing outside the attention
+            kernel (flash-attn's "unpadded" inputs). The output is for those n: hidden
+            (n, d_model), logits (n, vocab_size), or the loss over their targets. The mask must
+            keep the real queries off the padding's keys (a causal mask does, for right padding).
         """
         B, T = ids.shape
         past = cache.length if cache is not None else 0
@@ -427,19 +445,31 @@ class Transformer(nn.Module):
             raise ScratchLMError("attn_mask takes explicit positions and no cache")
         if past + T > limit and not packed:
             raise ScratchLMError(f"sequence of {past + T} tokens exceeds the context length {limit}")
+        if real_index is not None and cache is not None:
+            raise ScratchLMError("real_index takes no cache")
         # ids are not range-checked here (no host sync, no graph break): see check_token_ids.
         default_positions = positions is None
         if default_positions and self.config.positions != "rope":
             positions = torch.arange(past, past + T, device=ids.device).unsqueeze(0)  # (1, T)
 
-        x = self.tok_emb(ids)  # (B, T, d_model)
+        unpadded = None
+        if real_index is not None:  # from here on the token-wise layers see the n real positions only
+            unpadded = Unpadded.of(real_index, B, T)
+            ids = ids.flatten().index_select(0, real_index)  # (n,)
+            if targets is not None:
+                targets = targets.flatten().index_select(0, real_index)
+
+        x = self.tok_emb(ids)  # (B, T, d_model), or (n, d_model) unpadded
         if self.config.scale_embeddings:  # Gemma: times sqrt(d_model), rounded to the weights' dtype as HF does
             x = x * self.embedding_scale[x.dtype]
         rope = rope_local = None
+        token_positions = positions  # (B or 1, T); unpadded (n,). Rope rotates q and k in the (B, T) layout.
+        if self.config.positions != "rope" and unpadded is not None:
+            token_positions = positions.expand(B, T).flatten().index_select(0, real_index)
         if self.config.positions == "learned":
-            x = x + self.pos_emb(positions)
+            x = x + self.pos_emb(token_positions)
         elif self.config.positions == "sinusoidal":
-            x = x + self.pos_table[positions].to(x.dtype)
+            x = x + self.pos_table[token_positions].to(x.dtype)
         else:
             rope = rope_local = self._rope(self.rope_tables(False), past, T, positions, x.dtype)
             if self.config.rope_local_theta is not None:
@@ -467,9 +497,13 @@ class Transformer(nn.Module):
         elif self.config.sliding_window:
             local_mask = self._local_mask(T, past, cache, mask, ids.device)
 
+        if packed and self.use_sdpa and not torch.is_autocast_enabled(x.device.type):
+            # The attention kernel takes a boolean mask as an additive one, converted on every call
+            # (forward and backward of every layer): converted once here instead.
+            mask, local_mask = _additive(mask, x.dtype), _additive(local_mask, x.dtype)
         for block in self.blocks:
             local = block.attn.local
-            x = block(x, rope_local if local else rope, local_mask if local else mask, cache)
+            x = block(x, rope_local if local else rope, local_mask if local else mask, cache, unpadded)
         if cache is not None:
             cache.length = past + T
         x = self.final_norm(x)
@@ -491,7 +525,8 @@ class Transformer(nn.Module):
         plain = torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()
         if type(head) is nn.Linear and head.bias is None and not plain:
             return linear_cross_entropy(x, head.weight, targets)
-        return F.cross_entropy(head(x).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        logits = head(x).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten(), ignore_index=-100)
 
 
     @staticmethod
@@ -524,6 +559,13 @@ class Transformer(nn.Module):
             real = cache.key_mask[:, keys.clamp(min=0)]  # (B, S): is the token at that position real?
             local = (local[None, None] & real[:, None, None, :]) | (k == q)[None, None]  # a padding query sees itself
         return local
+
+
+def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """A boolean attention mask (True: attend) as the additive one the kernel applies: 0 or -inf."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _diagonal(T: int, S: int, device) -> torch.Tensor:

@@ -165,8 +165,8 @@ class MoE(nn.Module):
         del self.gate_up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, d = x.shape
-        x = x.reshape(B * T, d)
+        shape, d = x.shape, x.shape[-1]
+        x = x.reshape(-1, d)  # (N, d): every token on its own, (B, T) or unpadded (n,)
         logits = self.router(x)  # (N, E)
         if self.training:  # kept for the load-balancing loss (Transformer.router_logits)
             self.router_logits = logits
@@ -174,7 +174,7 @@ class MoE(nn.Module):
             y = self.one_token(x, logits)
         else:
             y = self.many_tokens(x, *route(logits, self.k, self.norm_topk_prob))
-        return self.dropout(y.view(B, T, d))
+        return self.dropout(y.view(shape))
 
     def many_tokens(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """experts_forward for N tokens (training, a prompt, a batch), the fastest way the

@@ -125,8 +125,8 @@ def _layout_cost(model, prompts, starts, ends, packed_width: int, packed: bool) 
     d = model.config.d_model
     P, Wp = len(prompts), max(len(p) for p in prompts)
     Lc = max(max(e - s for s, e in zip(starts, ends)), 1)
-    if packed:
-        positions, pairs = P * packed_width, P * packed_width ** 2
+    if packed:  # the padding runs through the attention only (_packed_hidden)
+        positions, pairs = sum(len(p) for p in prompts) + sum(e - s for s, e in zip(starts, ends)), P * packed_width ** 2
     else:
         positions, pairs = P * Wp + len(starts) * Lc, P * Wp * Wp / 2 + len(starts) * Lc * (Wp + Lc / 2)
     return positions * 12 * d * d + pairs * 2 * d
@@ -156,8 +156,15 @@ def _packed_hidden(model, rows, prompts, owner, starts, ends, W: int) -> torch.T
         ids[k, :m], pos[k, :m], seg[k, :m] = torch.tensor(packed[k]), torch.tensor(positions[k]), torch.tensor(segment[k])
     causal = torch.ones(W, W, dtype=torch.bool).tril()
     mask = causal & ((seg[:, None, :] == seg[:, :, None]) | (seg[:, None, :] == 0))  # (P, W, W): key j for query i
-    hidden = model(ids.to(device), positions=pos.to(device), attn_mask=mask.to(device), return_hidden=True)
-    return hidden.flatten(0, 1).index_select(0, torch.tensor(columns, dtype=torch.long, device=device))
+    # Only the real positions go through the token-wise layers (Transformer.forward's real_index):
+    # the rows' widths differ, and the padding would be a sixth of a DPO batch.
+    real = seg.flatten() >= 0
+    real_index = real.nonzero()[:, 0]  # (n,) flat positions in (P, W)
+    row_of = torch.full((P * W,), -1, dtype=torch.long)
+    row_of[real_index] = torch.arange(len(real_index))  # flat position -> its row in the (n, d) output
+    hidden = model(ids.to(device), positions=pos.to(device), attn_mask=mask.to(device), return_hidden=True,
+                   real_index=real_index.to(device))  # (n, d_model)
+    return hidden.index_select(0, row_of[torch.tensor(columns, dtype=torch.long)].to(device))
 
 
 def _cached_hidden(model, rows, prompts, owner, starts, ends) -> torch.Tensor:
