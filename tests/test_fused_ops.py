@@ -92,6 +92,76 @@ def test_swiglu_values_and_gradient_equal_autograd(shape):
     assert torch.isnan(fused_ops.swiglu(torch.tensor([[float("nan"), 1.0]]))).all()  # NaN is not hidden
 
 
+def heads(B, H, T, D, seed):
+    """(B, H, T, D) as the model has it: a transposed view of (B, T, H, D), a leaf."""
+    torch.manual_seed(seed)
+    return torch.randn(B, T, H, D).transpose(1, 2).requires_grad_(True)
+
+
+def sdpa_reference(q, k, v, mask, causal):
+    """F.scaled_dot_product_attention with the causal mask aligned bottom-right, as model.causal_mask."""
+    T, S = q.shape[2], k.shape[2]
+    if causal:
+        keep = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+        causal_part = torch.zeros(T, S).masked_fill(~keep, float("-inf"))
+        mask = causal_part if mask is None else mask + causal_part
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,S,D", [(2, 4, 2, 7, 7, 16), (3, 6, 3, 5, 12, 48), (1, 2, 2, 37, 37, 32),
+                                           (8, 4, 2, 85, 85, 32), (2, 8, 1, 3, 40, 64)])
+@pytest.mark.parametrize("masked,causal", [(False, False), (False, True), (True, False), (True, True)])
+def test_attention_values_and_gradients_equal_sdpa(B, H, Hkv, T, S, D, masked, causal):
+    """Grouped heads (and MQA), T < S (the queries the last T positions), an additive mask
+    broadcast over heads, causal or not: out and dq, dk, dv as PyTorch's kernel gives them."""
+    q, k, v = heads(B, H, T, D, 0), heads(B, Hkv, S, D, 1), heads(B, Hkv, S, D, 2)
+    mask = None
+    if masked:
+        torch.manual_seed(3)
+        keep = torch.rand(B, 1, T, S) < 0.6
+        keep[..., 0] = True  # every query sees a key
+        mask = torch.zeros(B, 1, T, S).masked_fill(~keep, float("-inf"))
+    assert fused_ops.attention_fits(q, k, mask)
+    out = fused_ops.attention(q, k, v, mask, causal=causal)
+    expected = sdpa_reference(q, k, v, mask, causal)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+    g = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(expected, (q, k, v), g)
+    for a, b, name in zip(got, want, "qkv"):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # the inference path: the forward kernel alone, the same numbers
+        torch.testing.assert_close(fused_ops.attention(q, k, v, mask, causal=causal), out, atol=0, rtol=0)
+
+
+def test_attention_is_deterministic_and_masked_keys_get_no_gradient():
+    q, k, v = heads(4, 4, 30, 32, 0), heads(4, 2, 30, 32, 1), heads(4, 2, 30, 32, 2)
+    keep = torch.ones(4, 1, 30, 30, dtype=torch.bool)
+    keep[..., 20:] = False  # keys 20.. are padding: no query sees them
+    mask = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    g = torch.randn(4, 4, 30, 32)
+    first = torch.autograd.grad(fused_ops.attention(q, k, v, mask), (q, k, v), g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        second = torch.autograd.grad(fused_ops.attention(q, k, v, mask), (q, k, v), g)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert first[1][:, :, 20:].abs().max() == 0 and first[2][:, :, 20:].abs().max() == 0
+
+
+def test_attention_fits_only_what_it_takes():
+    q, k = torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32)
+    assert fused_ops.attention_fits(q, k, None)
+    assert not fused_ops.attention_fits(torch.randn(1, 2, 4, 24), torch.randn(1, 2, 4, 24), None)  # head_dim
+    assert not fused_ops.attention_fits(q, k, torch.ones(1, 1, 4, 4, dtype=torch.bool))  # a boolean mask
+    assert not fused_ops.attention_fits(q.bfloat16(), k.bfloat16(), None)
+    long_k = torch.randn(1, 2, fused_ops.ATTENTION_MAX_KEYS + 1, 32)
+    assert not fused_ops.attention_fits(q, long_k, None)
+
+
 @pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny", "gemma3-tiny", "olmo2-tiny"])
 def test_a_training_step_matches_the_plain_ops(preset, monkeypatch):
     """Loss and every gradient of a model equal those of the same model on PyTorch's ops."""
@@ -119,6 +189,8 @@ def test_a_training_step_matches_the_plain_ops(preset, monkeypatch):
     fused_loss, fused_grads = step()
     expected = {"rms_norm_forward", "rms_norm_backward", "rotate"} | ({"swiglu_forward", "swiglu_backward"}
                                                                        if model.config.mlp == "swiglu" else set())
+    if model.config.head_dim % 16 == 0:
+        expected |= {"attention_forward", "attention_backward"}
     assert expected <= set(calls)
     monkeypatch.setitem(fused_ops._built, "module", None)  # as where the extension cannot be built
     plain_loss, plain_grads = step()

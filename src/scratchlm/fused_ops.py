@@ -147,4 +147,54 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _silu_mul(gate, up)
 
 
-__all__ = ["kernels", "usable", "rms_norm", "rotate", "rotate_fits", "swiglu", "silu_mul"]
+# ----------------------------------------------------------------------------------------
+# Attention: softmax(scale q k^T + mask) v over short rows
+# ----------------------------------------------------------------------------------------
+ATTENTION_MAX_KEYS = 512  # beyond this PyTorch's flash kernel, which blocks the keys, is faster
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale):
+        out, lse = kernels().attention_forward(q, k, v, mask, causal, scale)  # out (B, T, H, D)
+        out = out.transpose(1, 2)  # (B, H, T, D), a view
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        g = g if g.stride(-1) == 1 else g.contiguous()
+        dq, dk, dv = kernels().attention_backward(g, q, k, v, out, lse, mask, ctx.causal, ctx.scale)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+
+
+def attention_fits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether attention takes these: float32 CPU tensors, at most ATTENTION_MAX_KEYS keys,
+    head_dim a multiple of 16, and a mask (if any) additive in float32, (B or 1, 1, T, S)."""
+    if mask is not None and (mask.dtype != torch.float32 or mask.dim() != 4 or mask.shape[1] != 1):
+        return False
+    return (q.dim() == k.dim() == 4 and k.shape[2] <= ATTENTION_MAX_KEYS and q.shape[1] % k.shape[1] == 0
+            and q.shape[-1] % 16 == 0 and usable(q, k))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+    enable_gqa=True) without dropout, for q (B, H, T, D), k and v (B, Hkv, S, D) (views with D
+    contiguous) and an additive float mask (B or 1, 1, T, S). Returns (B, H, T, D), a view of
+    a (B, T, H, D) tensor (so the heads side by side are a free reshape)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    scale = scale if scale is not None else D ** -0.5
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if mask is not None:
+        mask = mask[:, 0].expand(B, T, S)
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    if _needs_grad(q, k, v):
+        return _Attention.apply(q, k, v, mask, causal, scale)
+    return kernels().attention_forward(q, k, v, mask, causal, scale)[0].transpose(1, 2)
+
+
+__all__ = ["kernels", "usable", "rms_norm", "rotate", "rotate_fits", "swiglu", "silu_mul", "attention", "attention_fits"]

@@ -150,7 +150,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim), S = past + T
 
-        if self.use_sdpa and T == 1 and self.n_kv_heads != self.n_heads:
+        short = cache is None and not (self.training and self.dropout > 0)
+        if self.use_sdpa and short and fused_ops.attention_fits(q, k, mask):
+            # No cache: every mask here is causal (packed rows, a window), so the kernel skips
+            # the keys after each query as well (fused_ops.py: 2x the flash kernel, forward + backward).
+            y = fused_ops.attention(q, k, v, mask, causal=True, scale=self.scale)
+        elif self.use_sdpa and T == 1 and self.n_kv_heads != self.n_heads:
             y = self._decode_gqa(q, k, v, mask)
         elif self.use_sdpa:
             y = self._sdpa(q, k, v, mask)
@@ -421,8 +426,8 @@ class Transformer(nn.Module):
         positions: (B, T) position of each token; by default past .. past + T - 1. Batches of
             left-padded prompts pass their own so that every row starts at position 0.
         return_hidden: return the final normed hidden states (B, T, d_model) instead of logits.
-        attn_mask: (B, T, T) bool, True where query i may attend key j, in place of the causal
-            mask (no cache; a sliding window also hides keys W or more positions back): a row
+        attn_mask: (B, T, T) bool, True where query i may attend key j, within the causal mask
+            (no cache; a sliding window also hides keys W or more positions back): a row
             that packs several sequences, each seeing only its own keys (shared_prompt.py).
             With ``positions`` (each below context_length: the caller's to ensure) the row may
             be longer than the context.
@@ -479,8 +484,8 @@ class Transformer(nn.Module):
         # One mask for all layers, and only when the kernels' built-in causal masking does not
         # cover the case: padded rows in a batch, or several new tokens after a cached prefix.
         mask = None
-        if packed:
-            mask = attn_mask[:, None]  # (B, 1, T, T): the same for every head
+        if packed:  # (B, 1, T, T): the same for every head; a query never sees a later key
+            mask = (attn_mask & causal_mask(T, T, device=ids.device))[:, None]
         elif cache is not None and cache.key_mask is not None:
             S = past + T
             mask = causal_mask(T, S, device=ids.device)[None, None] & cache.key_mask[:, None, None, :S]

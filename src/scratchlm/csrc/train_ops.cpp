@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -217,6 +218,329 @@ at::Tensor swiglu_backward(const at::Tensor& g, const at::Tensor& gate_up) {
   return d;
 }
 
+
+// ---- Attention ------------------------------------------------------------------------------
+// softmax(scale q k^T + mask) v for the short rows a small model trains on (up to a few hundred
+// keys): a row's scores whole (no online softmax), four query rows at a time against sixteen
+// keys at a time, each block of products in registers; the grouped query heads of a key/value
+// head read its keys once. PyTorch's CPU flash kernel at these sizes spends most of its time
+// setting up blocks (benchmarks/fused_ops.py measures both).
+//
+// q (B, H, T, D), k and v (B, Hkv, S, D), any strides with the last dimension contiguous, D a
+// multiple of 16; mask: an additive float (B, T, S) (any strides, keys contiguous; 0 or -inf),
+// or none, with causal (query i at position S - T + i sees the keys up to it) or not.
+// Out (B, T, H, D) contiguous (the layout the output projection reads), lse (B, H, T): the
+// log of each row's softmax denominator, kept for the backward.
+constexpr int RB = 4, KB = 16;  // query rows x keys (or features) per block of products
+
+struct Heads {
+  const float* p;
+  int64_t sb, sh, st;
+  explicit Heads(const at::Tensor& t) : p(t.data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)), st(t.stride(2)) {}
+  const float* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+};
+
+void check_heads(const at::Tensor& t, const char* name) {
+  check_float(t, name);
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1 && t.size(3) % KB == 0, name,
+              " must be (B, heads, T, D), D contiguous and a multiple of 16");
+}
+
+int64_t round_up(int64_t n) { return (n + KB - 1) / KB * KB; }
+
+// out (D, Sp) <- the transpose of a head's S rows (S, D), zeros in the columns S .. Sp.
+void transpose_head(const Heads& x, int64_t b, int64_t h, int64_t S, int64_t Sp, int64_t D, float* out) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = S; j < Sp; ++j) out[d * Sp + j] = 0.f;
+  for (int64_t j = 0; j < S; ++j) {
+    const float* r = x.row(b, h, j);
+    for (int64_t d = 0; d < D; ++d) out[d * Sp + j] = r[d];
+  }
+}
+
+// s[r][j] = a_r . column j of bT (D, Sp), for four rows a_r and the columns j < n16 (a
+// multiple of 16). s is (RB, Sp). Thirty-two columns at a time where they fit: eight
+// independent sums in registers, enough to hide a multiply-add's latency.
+inline void rows_dot_columns(const float* const a[RB], const float* bT, int64_t Sp, int64_t n16, int64_t D,
+                             float* s) {
+  int64_t j0 = 0;
+  for (; j0 + 2 * KB <= n16; j0 += 2 * KB) {
+    float acc[RB][2 * KB] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* col = bT + d * Sp + j0;
+      for (int r = 0; r < RB; ++r) {
+        const float x = a[r][d];
+#pragma omp simd
+        for (int l = 0; l < 2 * KB; ++l) acc[r][l] = std::fma(x, col[l], acc[r][l]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int l = 0; l < 2 * KB; ++l) s[r * Sp + j0 + l] = acc[r][l];
+  }
+  for (; j0 < n16; j0 += KB) {
+    float acc[RB][KB] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* col = bT + d * Sp + j0;
+      for (int r = 0; r < RB; ++r) {
+        const float x = a[r][d];
+#pragma omp simd
+        for (int l = 0; l < KB; ++l) acc[r][l] = std::fma(x, col[l], acc[r][l]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int l = 0; l < KB; ++l) s[r * Sp + j0 + l] = acc[r][l];
+  }
+}
+
+// out_r = sum_{j < n} w[r][j] x_j for four weight rows w (RB, Sp) and rows x_j = x0 + j * stride (D);
+// thirty-two features at a time where they fit, as above.
+inline void weighted_rows(const float* w, int64_t Sp, int64_t n, const float* x0, int64_t stride, int64_t D,
+                          float* const out[RB]) {
+  int64_t d0 = 0;
+  for (; d0 + 2 * KB <= D; d0 += 2 * KB) {
+    float acc[RB][2 * KB] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* x = x0 + j * stride + d0;
+      for (int r = 0; r < RB; ++r) {
+        const float wj = w[r * Sp + j];
+#pragma omp simd
+        for (int l = 0; l < 2 * KB; ++l) acc[r][l] = std::fma(wj, x[l], acc[r][l]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int l = 0; l < 2 * KB; ++l) out[r][d0 + l] = acc[r][l];
+  }
+  for (; d0 < D; d0 += KB) {
+    float acc[RB][KB] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* x = x0 + j * stride + d0;
+      for (int r = 0; r < RB; ++r) {
+        const float wj = w[r * Sp + j];
+#pragma omp simd
+        for (int l = 0; l < KB; ++l) acc[r][l] = std::fma(wj, x[l], acc[r][l]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int l = 0; l < KB; ++l) out[r][d0 + l] = acc[r][l];
+  }
+}
+
+// y_j += sum_r w[r][j] a_r for the rows y_j = y0 + j * stride (D), j < n: the transposed
+// product. The four rows' terms as two sums of two (shorter chains of multiply-adds).
+inline void add_weighted_sums(const float* w, int64_t Sp, int64_t n, const float* const a[RB], float* y0,
+                              int64_t stride, int64_t D) {
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+  for (int64_t j = 0; j < n; ++j) {
+    float* y = y0 + j * stride;
+    const float w0 = w[j], w1 = w[Sp + j], w2 = w[2 * Sp + j], w3 = w[3 * Sp + j];
+#pragma omp simd
+    for (int64_t l = 0; l < D; ++l)
+      y[l] += std::fma(w0, a0[l], w1 * a1[l]) + std::fma(w2, a2[l], w3 * a3[l]);
+  }
+}
+
+// The largest of x[0, n), n a multiple of 16: sixteen running maxima (a float max does not
+// vectorize on its own, NaN being kept).
+inline float row_max(const float* x, int64_t n) {
+  float m[KB];
+  for (int l = 0; l < KB; ++l) m[l] = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; j += KB) {
+#pragma omp simd
+    for (int l = 0; l < KB; ++l) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+  }
+  float top = m[0];
+  for (int l = 1; l < KB; ++l) top = m[l] > top ? m[l] : top;
+  return top;
+}
+
+// p <- exp(s - lse) from the scores s (0 where s is -inf), and ds <- p (dp - Di) scale from
+// dp = dO . v: one row of the backward. Its own function: inlined, GCC would not vectorize it.
+__attribute__((noinline)) void probabilities_and_their_gradient(float* p, float* ds, int64_t n, float lse,
+                                                                float Di, float scale) {
+  const float inf = std::numeric_limits<float>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = p[j], e = x == -inf ? 0.f : exp_approx(x - lse);
+    p[j] = e;
+    ds[j] = e * (ds[j] - Di) * scale;
+  }
+}
+
+struct MaskRows {
+  const float* p = nullptr;
+  int64_t sb = 0, st = 0;
+  bool causal = false;
+  MaskRows(const c10::optional<at::Tensor>& mask, bool causal_, int64_t B, int64_t T, int64_t S) : causal(causal_) {
+    if (mask.has_value()) {
+      check_float(*mask, "mask");
+      TORCH_CHECK(mask->dim() == 3 && mask->size(0) == B && mask->size(1) == T && mask->size(2) == S &&
+                  mask->stride(2) == 1, "attention: mask (B, T, S), keys contiguous");
+      p = mask->data_ptr<float>();
+      sb = mask->stride(0);
+      st = mask->stride(1);
+    }
+  }
+  // The keys query i can see at all: all S, or up to its position when causal.
+  int64_t keys(int64_t i, int64_t T, int64_t S) const { return causal ? std::min<int64_t>(S, S - T + i + 1) : S; }
+};
+
+// The scores of rows i0 .. i0 + rows - 1 of head (b, h) into s (RB, Sp): scale q . k + mask,
+// -inf past each row's last key; rows past T repeat the last one. Returns the block's widest
+// row's key count rounded up to 16 (the columns of s that were written).
+inline int64_t block_scores(const Heads& qh, const float* kT, const MaskRows& m, int64_t b, int64_t h, int64_t i0,
+                            int64_t rows, int64_t T, int64_t S, int64_t Sp, int64_t D, float scale, float* s,
+                            int64_t n[RB]) {
+  const float* a[RB];
+  int64_t widest = 0;
+  for (int r = 0; r < RB; ++r) {
+    const int64_t i = i0 + std::min<int64_t>(r, rows - 1);
+    a[r] = qh.row(b, h, i);
+    n[r] = r < rows ? m.keys(i, T, S) : 0;
+    widest = std::max(widest, n[r]);
+  }
+  const int64_t n16 = round_up(widest);
+  rows_dot_columns(a, kT, Sp, n16, D, s);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + r * Sp;
+    const float* mr = m.p ? m.p + b * m.sb + (i0 + r) * m.st : nullptr;
+    const int64_t nr = n[r];
+#pragma omp simd
+    for (int64_t j = 0; j < nr; ++j) sr[j] = sr[j] * scale + (mr ? mr[j] : 0.f);
+    for (int64_t j = nr; j < n16; ++j) sr[j] = -inf;
+  }
+  return n16;
+}
+
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+  check_heads(q, "q");
+  check_heads(k, "k");
+  check_heads(v, "v");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Sp = round_up(S);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D,
+              "attention_forward: q (B, H, T, D), k and v (B, Hkv, S, D), H a multiple of Hkv");
+  const int64_t G = H / Hkv;
+  const MaskRows m(mask, causal, B, T, S);
+  auto out = at::empty({B, T, H, D}, q.options());
+  auto lse = at::empty({B, H, T}, q.options());
+  const Heads qh(q), kh(k), vh(v);
+  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const float sc = float(scale), inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kT(D * Sp), s(RB * Sp), spare(RB * D);
+    int64_t loaded = -1;  // the (b, kv head) whose keys kT holds
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, hk = h / G;
+      if (loaded != b * Hkv + hk) {
+        transpose_head(kh, b, hk, S, Sp, D, kT.data());
+        loaded = b * Hkv + hk;
+      }
+      for (int64_t i0 = 0; i0 < T; i0 += RB) {
+        const int64_t rows = std::min<int64_t>(RB, T - i0);
+        int64_t n[RB];
+        const int64_t n16 = block_scores(qh, kT.data(), m, b, h, i0, rows, T, S, Sp, D, sc, s.data(), n);
+        float inv[RB] = {0.f, 0.f, 0.f, 0.f};
+        for (int r = 0; r < RB; ++r) {
+          float* sr = s.data() + r * Sp;
+          if (r >= rows) {
+            for (int64_t j = 0; j < n16; ++j) sr[j] = 0.f;
+            continue;
+          }
+          const float top = row_max(sr, n16);
+          float total = 0.f;
+          if (top != -inf) {  // else a row that sees no key: zeros (the model never asks for one)
+#pragma omp simd reduction(+ : total)
+            for (int64_t j = 0; j < n16; ++j) {
+              const float x = sr[j], e = x == -inf ? 0.f : exp_approx(x - top);
+              sr[j] = e;
+              total += e;
+            }
+            inv[r] = 1.f / total;
+          } else {
+            for (int64_t j = 0; j < n16; ++j) sr[j] = 0.f;
+          }
+          lp[(b * H + h) * T + i0 + r] = top == -inf ? -inf : top + std::log(total);
+        }
+        float* o[RB];
+        for (int r = 0; r < RB; ++r) o[r] = r < rows ? op + ((b * T + i0 + r) * H + h) * D : spare.data() + r * D;
+        weighted_rows(s.data(), Sp, std::min(n16, S), vh.row(b, hk, 0), vh.st, D, o);
+        for (int r = 0; r < rows; ++r) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[r][d] *= inv[r];
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// The gradient, from the forward's out and lse: p = exp(s - lse), dP_j = dO . v_j,
+// dS_j = p_j (dP_j - dO . out), dq = scale sum_j dS_j k_j, dk_j += scale dS_j q, dv_j += p_j dO.
+// One task per (b, kv head): its query heads and rows in order, so the sums into dk and dv
+// have one order on every run. dq (B, T, H, D), dk and dv (B, S, Hkv, D), contiguous.
+std::vector<at::Tensor> attention_backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                           const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+  check_heads(g, "g");
+  check_heads(out, "out");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Sp = round_up(S), G = H / Hkv;
+  const MaskRows m(mask, causal, B, T, S);
+  auto dq = at::empty({B, T, H, D}, q.options());
+  auto dk = at::zeros({B, S, Hkv, D}, q.options());
+  auto dv = at::zeros({B, S, Hkv, D}, q.options());
+  const Heads qh(q), kh(k), vh(v), gh(g), oh(out);
+  const float* lp = lse.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const float sc = float(scale), inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kT(D * Sp), vT(D * Sp), p(RB * Sp), dp(RB * Sp), spare(RB * D);
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / Hkv, hk = bk % Hkv;
+      transpose_head(kh, b, hk, S, Sp, D, kT.data());
+      transpose_head(vh, b, hk, S, Sp, D, vT.data());
+      float* dk0 = dkp + (b * S * Hkv + hk) * D;
+      float* dv0 = dvp + (b * S * Hkv + hk) * D;
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        for (int64_t i0 = 0; i0 < T; i0 += RB) {
+          const int64_t rows = std::min<int64_t>(RB, T - i0);
+          int64_t n[RB];
+          const int64_t n16 = block_scores(qh, kT.data(), m, b, h, i0, rows, T, S, Sp, D, sc, p.data(), n);
+          const float *qa[RB], *ga[RB];
+          float* dqa[RB];
+          for (int r = 0; r < RB; ++r) {
+            const int64_t i = i0 + std::min<int64_t>(r, rows - 1);
+            qa[r] = qh.row(b, h, i);
+            ga[r] = gh.row(b, h, i);
+            dqa[r] = r < rows ? dqp + ((b * T + i) * H + h) * D : spare.data() + r * D;
+          }
+          rows_dot_columns(ga, vT.data(), Sp, n16, D, dp.data());  // dP = dO v^T
+          for (int r = 0; r < RB; ++r) {
+            float *pr = p.data() + r * Sp, *dsr = dp.data() + r * Sp;
+            const float L = r < rows ? lp[(b * H + h) * T + i0 + r] : -inf;
+            if (L == -inf) {  // a row past T, or one that saw no key: no gradient
+              for (int64_t j = 0; j < n16; ++j) pr[j] = dsr[j] = 0.f;
+              continue;
+            }
+            float Di = 0.f;
+            const float *oi = oh.row(b, h, i0 + r), *gi = ga[r];
+#pragma omp simd reduction(+ : Di)
+            for (int64_t d = 0; d < D; ++d) Di += gi[d] * oi[d];
+            probabilities_and_their_gradient(pr, dsr, n16, L, Di, sc);
+          }
+          const int64_t nk = std::min(n16, S);
+          weighted_rows(dp.data(), Sp, nk, kh.row(b, hk, 0), kh.st, D, dqa);  // dq = dS k
+          add_weighted_sums(dp.data(), Sp, nk, qa, dk0, Hkv * D, D);            // dk += dS^T q
+          add_weighted_sums(p.data(), Sp, nk, ga, dv0, Hkv * D, D);             // dv += p^T dO
+        }
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -225,4 +549,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotate", &rotate, "the rotary embedding (sign 1) or its inverse (sign -1)");
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up");
   m.def("swiglu_backward", &swiglu_backward, "the stacked gradient (..., 2F) of silu(gate) * up");
+  m.def("attention_forward", &attention_forward, "softmax(scale q k^T + mask) v: (out (B, T, H, D), lse (B, H, T))");
+  m.def("attention_backward", &attention_backward, "the attention's gradient: (dq (B, T, H, D), dk, dv (B, S, Hkv, D))");
 }
