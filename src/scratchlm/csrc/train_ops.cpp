@@ -61,6 +61,15 @@ std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& 
   return {y, rstd};
 }
 
+// sum over i of (g_i w_i) (x_i r). Its own function: inlined in the loop below, GCC vectorizes
+// it with gathers, 10x slower (measured).
+__attribute__((noinline)) float gw_dot_xhat(const float* g, const float* w, const float* x, float r, int64_t D) {
+  float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < D; ++i) dot += (g[i] * w[i]) * (x[i] * r);
+  return dot;
+}
+
 // The gradient in closed form, with xhat = x * r and gw = g * weight:
 //   dx = r * (gw - xhat * mean(gw * xhat)),   dweight = sum over rows of g * xhat.
 // dweight is summed per block of rows, then over the blocks: the same blocks whatever the
@@ -84,10 +93,7 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor&
         const float *gr = gp + r * D, *xr = xp + r * D;
         float* dr = dxp + r * D;
         const float inv = rp[r];
-        float dot = 0.f;  // sum of gw * xhat
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < D; ++i) dot += (gr[i] * wp[i]) * (xr[i] * inv);
-        const float mean = dot / float(D);
+        const float mean = gw_dot_xhat(gr, wp, xr, inv, D) / float(D);
 #pragma omp simd
         for (int64_t i = 0; i < D; ++i) {
           const float xhat = xr[i] * inv;
