@@ -399,6 +399,15 @@ def test_pad_and_unpad_are_each_others_backward():
     torch.autograd.gradcheck(lambda t: unpad(t, u), (torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True),))
 
 
+def test_select_rows_equals_index_select_with_repeated_rows():
+    from scratchlm.unpadding import select_rows
+
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([4, 0, 4, 2, 5, 0, 4])  # rows 4 and 0 used more than once, 1 and 3 never
+    assert torch.equal(select_rows(x, index), x.index_select(0, index))
+    torch.autograd.gradcheck(lambda t: select_rows(t, index), (x,))
+
+
 def test_training_norm_and_rope_backward_equal_autograd_of_the_plain_ops():
     # RMSNorm and apply_rope take a hand-written backward when they need a gradient
     # (norms._RMSNormWithBackward, positions._RopeWithBackward): gradcheck in float64 against

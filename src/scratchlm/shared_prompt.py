@@ -45,6 +45,7 @@ import torch
 
 from .kv_cache import KVCache
 from .model import Transformer
+from .unpadding import select_rows
 
 
 def can_share(model, ids: torch.Tensor, starts: Sequence[int], ends: Sequence[int]) -> bool:
@@ -164,7 +165,7 @@ def _packed_hidden(model, rows, prompts, owner, starts, ends, W: int) -> torch.T
     row_of[real_index] = torch.arange(len(real_index))  # flat position -> its row in the (n, d) output
     hidden = model(ids.to(device), positions=pos.to(device), attn_mask=mask.to(device), return_hidden=True,
                    real_index=real_index.to(device))  # (n, d_model)
-    return hidden.index_select(0, row_of[torch.tensor(columns, dtype=torch.long)].to(device))
+    return select_rows(hidden, row_of[torch.tensor(columns, dtype=torch.long)].to(device))
 
 
 def _cached_hidden(model, rows, prompts, owner, starts, ends) -> torch.Tensor:
@@ -202,7 +203,7 @@ def _cached_hidden(model, rows, prompts, owner, starts, ends) -> torch.Tensor:
                                   key_mask=cache.key_mask.index_select(0, owner_t), max_length=Wp + Lc)
     h_cont = model(cont, cache=shared, positions=cont_positions.to(device), return_hidden=True)
     hidden = torch.cat([h_prompt.index_select(0, owner_t)[:, None], h_cont[:, :-1]], dim=1)  # (N, Lc, d)
-    return hidden[valid.to(device)]  # (n, d), row by row
+    return select_rows(hidden.flatten(0, 1), valid.flatten().nonzero()[:, 0].to(device))  # (n, d), row by row
 
 
 __all__ = ["can_share", "continuation_hidden", "continuation_logits", "continuation_logprobs"]

@@ -33,7 +33,7 @@ import torch
 
 class Unpadded(NamedTuple):
     """Where the n real tokens of a (B, T) batch are. index (n,): their flat positions
-    (row * T + column, ascending); source (B * T,): for each position its row in the
+    (row * T + column, distinct; ascending keeps the rows' order); source (B * T,): for each position its row in the
     (n, C) tensor, n (a zero row) at the padding."""
 
     index: torch.Tensor
@@ -90,4 +90,37 @@ def unpad(y: torch.Tensor, u: Unpadded) -> torch.Tensor:
     return _Unpad.apply(y, u) if torch.is_grad_enabled() and y.requires_grad else _unpad(y, u)
 
 
-__all__ = ["Unpadded", "pad", "unpad"]
+class _SelectRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index, first, repeats):
+        ctx.N, ctx.index, ctx.first, ctx.repeats = x.shape[0], index, first, repeats
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Each row's first use scattered by an index_select, the few repeated uses added after.
+        grad = grad.contiguous()
+        first = ctx.first
+        dx = _pad(grad.index_select(0, first), Unpadded.of(ctx.index.index_select(0, first), 1, ctx.N))[0]
+        if ctx.repeats.numel():
+            dx.index_add_(0, ctx.index.index_select(0, ctx.repeats), grad.index_select(0, ctx.repeats))
+        return dx, None, None, None
+
+
+def select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x.index_select(0, index) for x (N, C) and rows ``index`` (n,), with a faster backward
+    on the CPU: PyTorch's (index_add) adds the n rows one by one, ~0.8 ms for 576 rows of 128
+    (a DPO step's hidden states); here an index_select scatters each row's first use and
+    index_add adds only the repeats (a pair's two rows share their prompt's last position)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.index_select(0, index)
+    seen: set[int] = set()
+    first, repeats = [], []
+    for i, row in enumerate(index.tolist()):
+        (repeats if row in seen else first).append(i)
+        seen.add(row)
+    as_index = lambda rows: torch.tensor(rows, dtype=torch.long, device=index.device)  # noqa: E731
+    return _SelectRows.apply(x, index, as_index(first), as_index(repeats))
+
+
+__all__ = ["Unpadded", "pad", "unpad", "select_rows"]
