@@ -152,6 +152,40 @@ def test_attention_is_deterministic_and_masked_keys_get_no_gradient():
     assert first[1][:, :, 20:].abs().max() == 0 and first[2][:, :, 20:].abs().max() == 0
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_unpadded_attention_equals_sdpa_on_the_padded_batch(masked):
+    """Per token (n, heads, D) through the position map: the real tokens' outputs and
+    gradients are those of SDPA over the padded (B, H, T, D) batch; padding costs nothing."""
+    from scratchlm.unpadding import Unpadded, pad
+
+    B, H, Hkv, T, D = 3, 4, 2, 13, 32
+    lengths = [13, 6, 9]
+    real = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    u = Unpadded.of(real.flatten().nonzero()[:, 0], B, T)
+    n = sum(lengths)
+    q, k, v = leaf(n, H, D, seed=0), leaf(n, Hkv, D, seed=1), leaf(n, Hkv, D, seed=2)
+    mask = None
+    if masked:  # a packed-row style mask: causal, and each query also off the keys 2..3
+        keep = torch.ones(B, 1, T, T, dtype=torch.bool)
+        keep[..., 2:4] = False
+        keep |= torch.eye(T, dtype=torch.bool)
+        mask = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    out = fused_ops.unpadded_attention(q, k, v, u.source, B, T, mask, causal=True)
+    assert out.shape == (n, H, D)
+
+    def padded(t):  # (n, heads, D) -> (B, heads, T, D)
+        return pad(t.flatten(1), u).view(B, T, t.shape[1], D).transpose(1, 2)
+
+    expected = sdpa_reference(padded(q), padded(k), padded(v), mask, causal=True)
+    expected = expected.transpose(1, 2).reshape(B * T, H, D)[u.index]
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(expected, (q, k, v), g)
+    for a, b, name in zip(got, want, "qkv"):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_attention_fits_only_what_it_takes():
     q, k = torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32)
     assert fused_ops.attention_fits(q, k, None)

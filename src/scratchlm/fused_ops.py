@@ -155,46 +155,100 @@ ATTENTION_MAX_KEYS = 512  # beyond this PyTorch's flash kernel, which blocks the
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal, scale):
-        out, lse = kernels().attention_forward(q, k, v, mask, causal, scale)  # out (B, T, H, D)
-        out = out.transpose(1, 2)  # (B, H, T, D), a view
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.causal, ctx.scale = causal, scale
+    def forward(ctx, q, k, v, mask, causal, scale, source, B, T):
+        out, lse = kernels().attention_forward(q, k, v, mask, causal, scale, source, B, T)  # out (tokens, H, D)
+        ctx.save_for_backward(q, k, v, out, lse, mask, source)
+        ctx.causal, ctx.scale, ctx.B, ctx.T = causal, scale, B, T
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, mask, source = ctx.saved_tensors
         g = g if g.stride(-1) == 1 else g.contiguous()
-        dq, dk, dv = kernels().attention_backward(g, q, k, v, out, lse, mask, ctx.causal, ctx.scale)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+        dq, dk, dv = kernels().attention_backward(g, q, k, v, out, lse, mask, ctx.causal, ctx.scale, source,
+                                                  ctx.B, ctx.T)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _tokens_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, D) -> (B * T, heads, D), the layout the kernel reads and writes."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+
+class _PaddedAttention(torch.autograd.Function):
+    """The padded layout's wrapper: q (B, H, T, D) views in, (B, H, T, D) out, a view of the
+    kernel's (B, T, H, D)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale):
+        out, lse = kernels().attention_forward(q, k, v, mask, causal, scale, None, 0, 0)  # (B * T, H, D)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        B, H, T, D = q.shape
+        return out.view(B, T, H, D).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        B, H, T, D = q.shape
+        S = k.shape[2]
+        dq, dk, dv = kernels().attention_backward(_tokens_major(g), q, k, v, out, lse, mask, ctx.causal, ctx.scale,
+                                                  None, 0, 0)
+        Hkv = k.shape[1]
+        return (dq.view(B, T, H, D).transpose(1, 2), dk.view(B, S, Hkv, D).transpose(1, 2),
+                dv.view(B, S, Hkv, D).transpose(1, 2), None, None, None)
 
 
 def attention_fits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether attention takes these: float32 CPU tensors, at most ATTENTION_MAX_KEYS keys,
-    head_dim a multiple of 16, and a mask (if any) additive in float32, (B or 1, 1, T, S)."""
+    """Whether attention takes these: float32 CPU tensors (B, heads, T, D), at most
+    ATTENTION_MAX_KEYS keys, head_dim a multiple of 16, and a mask (if any) additive in
+    float32, (B or 1, 1, T, S)."""
     if mask is not None and (mask.dtype != torch.float32 or mask.dim() != 4 or mask.shape[1] != 1):
         return False
     return (q.dim() == k.dim() == 4 and k.shape[2] <= ATTENTION_MAX_KEYS and q.shape[1] % k.shape[1] == 0
             and q.shape[-1] % 16 == 0 and usable(q, k))
 
 
+def _mask_rows(mask: torch.Tensor | None, B: int, T: int, S: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = mask[:, 0].expand(B, T, S)  # (B, T, S): the kernel's view
+    return mask if mask.stride(-1) == 1 else mask.contiguous()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-    enable_gqa=True) without dropout, for q (B, H, T, D), k and v (B, Hkv, S, D) (views with D
-    contiguous) and an additive float mask (B or 1, 1, T, S). Returns (B, H, T, D), a view of
-    a (B, T, H, D) tensor (so the heads side by side are a free reshape)."""
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    without dropout, for q (B, H, T, D), k and v (B, Hkv, S, D) (views with D contiguous) and
+    an additive float mask (B or 1, 1, T, S); ``causal``: query i (position S - T + i) sees
+    keys up to its own too. Returns (B, H, T, D), a view of a (B, T, H, D) tensor (so the heads
+    side by side are a free reshape)."""
     B, H, T, D = q.shape
-    S = k.shape[2]
     scale = scale if scale is not None else D ** -0.5
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if mask is not None:
-        mask = mask[:, 0].expand(B, T, S)
-        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    mask = _mask_rows(mask, B, T, k.shape[2])
     if _needs_grad(q, k, v):
-        return _Attention.apply(q, k, v, mask, causal, scale)
-    return kernels().attention_forward(q, k, v, mask, causal, scale)[0].transpose(1, 2)
+        return _PaddedAttention.apply(q, k, v, mask, causal, scale)
+    out = kernels().attention_forward(q, k, v, mask, causal, scale, None, 0, 0)[0]
+    return out.view(B, T, H, D).transpose(1, 2)
 
 
-__all__ = ["kernels", "usable", "rms_norm", "rotate", "rotate_fits", "swiglu", "silu_mul", "attention", "attention_fits"]
+def unpadded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, B: int, T: int,
+                       mask: torch.Tensor | None = None, causal: bool = True, scale: float | None = None
+                       ) -> torch.Tensor:
+    """attention over the n real tokens of a (B, T) batch, as they are: q (n, H, D), k and v
+    (n, Hkv, D), ``source`` (B * T,) each position's token (n at the padding: unpadding.Unpadded's),
+    the mask (B or 1, 1, T, T) over positions. Returns (n, H, D). The padding's queries are
+    skipped and its keys are zeros no query may see (the mask's or causality's job)."""
+    if not usable(q, k, v):
+        raise ValueError("unpadded_attention takes float32 CPU tensors and the built kernels")
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    mask = _mask_rows(mask, B, T, T)
+    if _needs_grad(q, k, v):
+        return _Attention.apply(q, k, v, mask, causal, scale, source, B, T)
+    return kernels().attention_forward(q, k, v, mask, causal, scale, source, B, T)[0]
+
+
+__all__ = ["kernels", "usable", "rms_norm", "rotate", "rotate_fits", "swiglu", "silu_mul", "attention", "attention_fits",
+           "unpadded_attention"]

@@ -117,40 +117,45 @@ class Attention(nn.Module):
                 unpadded: Unpadded | None = None):
         """x (B, T, d_model) -> q (B, n_heads, T, head_dim), k and v (B, n_kv_heads, T, head_dim),
         QK-normed and rotated. ``unpadded``: x is (n, d_model), the real tokens of a (B, T) batch
-        (Transformer.forward's real_index); their projections go back into the (B, T) layout,
-        zeros at the padding, for the attention kernel (unpadding.py)."""
-        qkv = self.qkv_proj(x)
-        if unpadded is not None:
-            qkv = pad(qkv, unpadded)  # (B, T, q_dim + 2 kv_dim)
-        B, T = qkv.shape[:2]
-        q, k, v = qkv.split(
+        (Transformer.forward's real_index), rope's tables are per token (n, 1, 1, head_dim), and
+        q, k, v stay per token: (n, heads, head_dim)."""
+        q, k, v = self.qkv_proj(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         if self.qk_norm == "projection":  # OLMo 2: one norm over all the heads of q, one over k's
-            q = self.q_norm(q)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+            q, k = self.q_norm(q), self.k_norm(k)
+        tokens = x.shape[:-1]  # (B, T), or (n,) unpadded
+        q = q.view(*tokens, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim) or (n, n_heads, head_dim)
+        k = k.view(*tokens, self.n_kv_heads, self.head_dim)
+        v = v.view(*tokens, self.n_kv_heads, self.head_dim)
         if self.qk_norm == "head":  # Qwen3, Gemma 3: each head's vector normed on its own
-            q = self.q_norm(q)
+            q, k = self.q_norm(q), self.k_norm(k)
+        # Heads before positions: (B, heads, T, head_dim); unpadded each token a batch of its own,
+        # (n, heads, 1, head_dim), for the rotation's per-token tables.
+        q, k = (t.transpose(1, 2) if unpadded is None else t[:, :, None] for t in (q, k))
         if rope is not None:
-            q = apply_rope(q, *rope)
-        if self.qk_norm == "projection":
-            k = self.k_norm(k)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm == "head":
-            k = self.k_norm(k)
-        if rope is not None:
-            k = apply_rope(k, *rope)
-        return q, k, v
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if unpadded is not None:
+            return q[:, :, 0], k[:, :, 0], v
+        return q, k, v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | None,
                 unpadded: Unpadded | None = None) -> torch.Tensor:
         q, k, v = self.project(x, rope, unpadded)
+        short = cache is None and not (self.training and self.dropout > 0)
+        if unpadded is not None:
+            if self.use_sdpa and short and _unpadded_fits(q, k, v, mask, unpadded):
+                # The real tokens as they are: the kernel skips the padding's queries and keys.
+                y = fused_ops.unpadded_attention(q, k, v, unpadded.source, unpadded.B, unpadded.T, mask,
+                                                 causal=True, scale=self.scale)  # (n, n_heads, head_dim)
+                return self.resid_dropout(self.out_proj(y.flatten(1)))
+            # Elsewhere into the (B, T) layout, zeros at the padding, for the kernels below.
+            q, k, v = (pad(t.flatten(1), unpadded).view(unpadded.B, unpadded.T, -1, self.head_dim).transpose(1, 2)
+                       for t in (q, k, v))
         B, T = q.shape[0], q.shape[2]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim), S = past + T
 
-        short = cache is None and not (self.training and self.dropout > 0)
         if self.use_sdpa and short and fused_ops.attention_fits(q, k, mask):
             # No cache: every mask here is causal (packed rows, a window), so the kernel skips
             # the keys after each query as well (fused_ops.py: 2x the flash kernel, forward + backward).
@@ -221,6 +226,14 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                            scale=self.scale)  # (B, Hkv, group, D)
         return y.reshape(B, H, 1, D)
+
+
+def _unpadded_fits(q, k, v, mask, unpadded: Unpadded) -> bool:
+    """Whether fused_ops.unpadded_attention takes these (as attention_fits, per token)."""
+    if mask is not None and (mask.dtype != torch.float32 or mask.dim() != 4 or mask.shape[1] != 1):
+        return False
+    return (unpadded.T <= fused_ops.ATTENTION_MAX_KEYS and q.shape[-1] % 16 == 0 and q.shape[1] % k.shape[1] == 0
+            and fused_ops.usable(q, k, v))
 
 
 def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
@@ -468,17 +481,18 @@ class Transformer(nn.Module):
         if self.config.scale_embeddings:  # Gemma: times sqrt(d_model), rounded to the weights' dtype as HF does
             x = x * self.embedding_scale[x.dtype]
         rope = rope_local = None
-        token_positions = positions  # (B or 1, T); unpadded (n,). Rope rotates q and k in the (B, T) layout.
-        if self.config.positions != "rope" and unpadded is not None:
-            token_positions = positions.expand(B, T).flatten().index_select(0, real_index)
+        token_positions = positions  # (B or 1, T) or None; unpadded each real token's, (n,)
+        if unpadded is not None:
+            every = positions if positions is not None else torch.arange(T, device=ids.device)[None]
+            token_positions = every.expand(B, T).flatten().index_select(0, real_index)
         if self.config.positions == "learned":
             x = x + self.pos_emb(token_positions)
         elif self.config.positions == "sinusoidal":
             x = x + self.pos_table[token_positions].to(x.dtype)
         else:
-            rope = rope_local = self._rope(self.rope_tables(False), past, T, positions, x.dtype)
+            rope = rope_local = self._rope(self.rope_tables(False), past, T, token_positions, x.dtype)
             if self.config.rope_local_theta is not None:
-                rope_local = self._rope(self.rope_tables(True), past, T, positions, x.dtype)
+                rope_local = self._rope(self.rope_tables(True), past, T, token_positions, x.dtype)
         x = self.drop(x)
 
         # One mask for all layers, and only when the kernels' built-in causal masking does not
@@ -537,8 +551,11 @@ class Transformer(nn.Module):
     @staticmethod
     def _rope(tables, past: int, T: int, positions: torch.Tensor | None, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (1 or B, 1, T, head_dim) of the T positions: a slice of the tables (a view,
-        no gather) for past .. past + T - 1, else the rows of ``positions`` (B, T)."""
+        no gather) for past .. past + T - 1, else the rows of ``positions`` (B, T); for the
+        positions (n,) of unpadded tokens, (n, 1, 1, head_dim) (Attention.project)."""
         cos, sin = tables
+        if positions is not None and positions.dim() == 1:
+            return cos[positions][:, None, None].to(dtype), sin[positions][:, None, None].to(dtype)
         if positions is None:
             return cos[past:past + T][None, None].to(dtype), sin[past:past + T][None, None].to(dtype)
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)

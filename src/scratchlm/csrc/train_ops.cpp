@@ -239,28 +239,50 @@ at::Tensor swiglu_backward(const at::Tensor& g, const at::Tensor& gate_up) {
 // log of each row's softmax denominator, kept for the backward.
 constexpr int RB = 4, KB = 16;  // query rows x keys (or features) per block of products
 
-struct Heads {
+// Row (b, h, t) of a (B, heads, T, D) view, or of the unpadded (n, heads, D) through the map
+// ``source`` (B * T,): each position's token, n or more at the padding (a null row).
+struct Rows {
   const float* p;
-  int64_t sb, sh, st;
-  explicit Heads(const at::Tensor& t) : p(t.data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)), st(t.stride(2)) {}
-  const float* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+  int64_t sb = 0, sh = 0, st = 0, T = 0, n = 0;
+  const int64_t* map = nullptr;
+  Rows(const at::Tensor& t, const int64_t* source, int64_t T_) : p(t.data_ptr<float>()), T(T_), map(source) {
+    if (map) {
+      n = t.size(0);
+      st = t.stride(0);
+      sh = t.stride(1);
+    } else {
+      sb = t.stride(0);
+      sh = t.stride(1);
+      st = t.stride(2);
+    }
+  }
+  const float* row(int64_t b, int64_t h, int64_t t) const {
+    if (!map) return p + b * sb + h * sh + t * st;
+    const int64_t m = map[b * T + t];
+    return m < n ? p + m * st + h * sh : nullptr;
+  }
 };
 
-void check_heads(const at::Tensor& t, const char* name) {
-  check_float(t, name);
-  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1 && t.size(3) % KB == 0, name,
-              " must be (B, heads, T, D), D contiguous and a multiple of 16");
-}
+// The token of position (b, t) in an output laid out (tokens, heads, D): b * T + t, or the map's.
+inline int64_t token_of(const int64_t* map, int64_t b, int64_t t, int64_t T) { return map ? map[b * T + t] : b * T + t; }
 
 int64_t round_up(int64_t n) { return (n + KB - 1) / KB * KB; }
 
-// out (D, Sp) <- the transpose of a head's S rows (S, D), zeros in the columns S .. Sp.
-void transpose_head(const Heads& x, int64_t b, int64_t h, int64_t S, int64_t Sp, int64_t D, float* out) {
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = S; j < Sp; ++j) out[d * Sp + j] = 0.f;
+// A key head's S rows (zeros for a null row), as kT (D, Sp) transposed with zeros in the
+// columns S .. Sp, and as rows (S, D); either may be nullptr.
+void load_head(const Rows& x, int64_t b, int64_t h, int64_t S, int64_t Sp, int64_t D, float* kT, float* rows) {
+  if (kT) {
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = S; j < Sp; ++j) kT[d * Sp + j] = 0.f;
+  }
   for (int64_t j = 0; j < S; ++j) {
     const float* r = x.row(b, h, j);
-    for (int64_t d = 0; d < D; ++d) out[d * Sp + j] = r[d];
+    if (kT) {
+      for (int64_t d = 0; d < D; ++d) kT[d * Sp + j] = r ? r[d] : 0.f;
+    }
+    if (rows) {
+      for (int64_t d = 0; d < D; ++d) rows[j * D + d] = r ? r[d] : 0.f;
+    }
   }
 }
 
@@ -390,26 +412,19 @@ struct MaskRows {
   int64_t keys(int64_t i, int64_t T, int64_t S) const { return causal ? std::min<int64_t>(S, S - T + i + 1) : S; }
 };
 
-// The scores of rows i0 .. i0 + rows - 1 of head (b, h) into s (RB, Sp): scale q . k + mask,
-// -inf past each row's last key; rows past T repeat the last one. Returns the block's widest
-// row's key count rounded up to 16 (the columns of s that were written).
-inline int64_t block_scores(const Heads& qh, const float* kT, const MaskRows& m, int64_t b, int64_t h, int64_t i0,
-                            int64_t rows, int64_t T, int64_t S, int64_t Sp, int64_t D, float scale, float* s,
-                            int64_t n[RB]) {
-  const float* a[RB];
+// The scores of four query rows a[r] into s (RB, Sp): scale q . k + mask for the keys j < n[r]
+// (n[r] = 0: a row past T or at the padding), -inf past them. Returns the widest row's key
+// count rounded up to 16 (the columns of s that were written).
+inline int64_t block_scores(const float* const a[RB], const int64_t n[RB], const float* kT, const MaskRows& m,
+                            int64_t b, int64_t i0, int64_t Sp, int64_t D, float scale, float* s) {
   int64_t widest = 0;
-  for (int r = 0; r < RB; ++r) {
-    const int64_t i = i0 + std::min<int64_t>(r, rows - 1);
-    a[r] = qh.row(b, h, i);
-    n[r] = r < rows ? m.keys(i, T, S) : 0;
-    widest = std::max(widest, n[r]);
-  }
+  for (int r = 0; r < RB; ++r) widest = std::max(widest, n[r]);
   const int64_t n16 = round_up(widest);
   rows_dot_columns(a, kT, Sp, n16, D, s);
   const float inf = std::numeric_limits<float>::infinity();
-  for (int r = 0; r < rows; ++r) {
+  for (int r = 0; r < RB; ++r) {
     float* sr = s + r * Sp;
-    const float* mr = m.p ? m.p + b * m.sb + (i0 + r) * m.st : nullptr;
+    const float* mr = m.p && n[r] ? m.p + b * m.sb + (i0 + r) * m.st : nullptr;
     const int64_t nr = n[r];
 #pragma omp simd
     for (int64_t j = 0; j < nr; ++j) sr[j] = sr[j] * scale + (mr ? mr[j] : 0.f);
@@ -418,61 +433,98 @@ inline int64_t block_scores(const Heads& qh, const float* kT, const MaskRows& m,
   return n16;
 }
 
+// The four query rows of a block from i0: their row pointers (a zero row where there is none)
+// and how many keys each sees.
+inline void block_rows(const Rows& qh, const MaskRows& m, int64_t b, int64_t h, int64_t i0, int64_t T, int64_t S,
+                       const float* zero, const float* a[RB], int64_t n[RB]) {
+  for (int r = 0; r < RB; ++r) {
+    const float* q = i0 + r < T ? qh.row(b, h, i0 + r) : nullptr;
+    a[r] = q ? q : zero;
+    n[r] = q ? m.keys(i0 + r, T, S) : 0;
+  }
+}
+
+struct Shape {
+  int64_t B, H, T, D, Hkv, S;
+};
+
+Shape attention_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const c10::optional<at::Tensor>& source, int64_t B, int64_t T) {
+  check_float(q, "q");
+  check_float(k, "k");
+  check_float(v, "v");
+  const bool unpadded = source.has_value();
+  const int64_t dims = unpadded ? 3 : 4;
+  TORCH_CHECK(q.dim() == dims && k.dim() == dims && v.sizes() == k.sizes() && q.stride(-1) == 1 &&
+              k.stride(-1) == 1 && v.stride(-1) == 1 && q.size(-1) % KB == 0 && k.size(-1) == q.size(-1),
+              "attention: q (B, H, T, D), k and v (B, Hkv, S, D) (unpadded: (n, heads, D)), D contiguous, "
+              "a multiple of 16");
+  Shape sh;
+  sh.D = q.size(-1);
+  if (unpadded) {
+    TORCH_CHECK(source->scalar_type() == at::kLong && source->is_contiguous() && source->numel() == B * T &&
+                k.size(0) == q.size(0), "attention: source (B * T,) int64, q, k, v of the same tokens");
+    sh.B = B, sh.T = T, sh.S = T, sh.H = q.size(1), sh.Hkv = k.size(1);
+  } else {
+    sh.B = q.size(0), sh.H = q.size(1), sh.T = q.size(2), sh.Hkv = k.size(1), sh.S = k.size(2);
+    TORCH_CHECK(k.size(0) == sh.B, "attention: q and k of different batches");
+  }
+  TORCH_CHECK(sh.Hkv > 0 && sh.H % sh.Hkv == 0, "attention: query heads a multiple of key heads");
+  return sh;
+}
+
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const c10::optional<at::Tensor>& mask, bool causal, double scale) {
-  check_heads(q, "q");
-  check_heads(k, "k");
-  check_heads(v, "v");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), S = k.size(2), Sp = round_up(S);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D,
-              "attention_forward: q (B, H, T, D), k and v (B, Hkv, S, D), H a multiple of Hkv");
-  const int64_t G = H / Hkv;
+                                          const c10::optional<at::Tensor>& mask, bool causal, double scale,
+                                          const c10::optional<at::Tensor>& source, int64_t batch, int64_t length) {
+  const Shape sh = attention_shape(q, k, v, source, batch, length);
+  const int64_t B = sh.B, H = sh.H, T = sh.T, D = sh.D, Hkv = sh.Hkv, S = sh.S, Sp = round_up(S), G = H / Hkv;
+  const int64_t* map = source.has_value() ? source->data_ptr<int64_t>() : nullptr;
   const MaskRows m(mask, causal, B, T, S);
-  auto out = at::empty({B, T, H, D}, q.options());
+  // Out (tokens, H, D): (B * T, H, D) padded, (n, H, D) unpadded; lse (B, H, T).
+  auto out = at::empty({map ? q.size(0) : B * T, H, D}, q.options());
   auto lse = at::empty({B, H, T}, q.options());
-  const Heads qh(q), kh(k), vh(v);
+  const Rows qh(q, map, T), kh(k, map, T), vh(v, map, T);
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const float sc = float(scale), inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kT(D * Sp), s(RB * Sp), spare(RB * D);
-    int64_t loaded = -1;  // the (b, kv head) whose keys kT holds
+    std::vector<float> kT(D * Sp), vrows(S * D), s(RB * Sp), spare(RB * D), zero(D, 0.f);
+    int64_t loaded = -1;  // the (b, kv head) whose keys and values the buffers hold
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, hk = h / G;
       if (loaded != b * Hkv + hk) {
-        transpose_head(kh, b, hk, S, Sp, D, kT.data());
+        load_head(kh, b, hk, S, Sp, D, kT.data(), nullptr);
+        load_head(vh, b, hk, S, Sp, D, nullptr, vrows.data());
         loaded = b * Hkv + hk;
       }
       for (int64_t i0 = 0; i0 < T; i0 += RB) {
-        const int64_t rows = std::min<int64_t>(RB, T - i0);
+        const float* a[RB];
         int64_t n[RB];
-        const int64_t n16 = block_scores(qh, kT.data(), m, b, h, i0, rows, T, S, Sp, D, sc, s.data(), n);
+        block_rows(qh, m, b, h, i0, T, S, zero.data(), a, n);
+        const int64_t n16 = block_scores(a, n, kT.data(), m, b, i0, Sp, D, sc, s.data());
         float inv[RB] = {0.f, 0.f, 0.f, 0.f};
+        float* o[RB];
         for (int r = 0; r < RB; ++r) {
           float* sr = s.data() + r * Sp;
-          if (r >= rows) {
+          const float top = n[r] ? row_max(sr, n16) : -inf;
+          o[r] = spare.data() + r * D;
+          if (i0 + r < T && n[r]) o[r] = op + (token_of(map, b, i0 + r, T) * H + h) * D;
+          if (top == -inf) {  // past T, the padding, or a row that sees no key: no weights
             for (int64_t j = 0; j < n16; ++j) sr[j] = 0.f;
+            if (i0 + r < T) lp[(b * H + h) * T + i0 + r] = -inf;
             continue;
           }
-          const float top = row_max(sr, n16);
           float total = 0.f;
-          if (top != -inf) {  // else a row that sees no key: zeros (the model never asks for one)
 #pragma omp simd reduction(+ : total)
-            for (int64_t j = 0; j < n16; ++j) {
-              const float x = sr[j], e = x == -inf ? 0.f : exp_approx(x - top);
-              sr[j] = e;
-              total += e;
-            }
-            inv[r] = 1.f / total;
-          } else {
-            for (int64_t j = 0; j < n16; ++j) sr[j] = 0.f;
+          for (int64_t j = 0; j < n16; ++j) {
+            const float x = sr[j], e = x == -inf ? 0.f : exp_approx(x - top);
+            sr[j] = e;
+            total += e;
           }
-          lp[(b * H + h) * T + i0 + r] = top == -inf ? -inf : top + std::log(total);
+          inv[r] = 1.f / total;
+          lp[(b * H + h) * T + i0 + r] = top + std::log(total);
         }
-        float* o[RB];
-        for (int r = 0; r < RB; ++r) o[r] = r < rows ? op + ((b * T + i0 + r) * H + h) * D : spare.data() + r * D;
-        weighted_rows(s.data(), Sp, std::min(n16, S), vh.row(b, hk, 0), vh.st, D, o);
-        for (int r = 0; r < rows; ++r) {
+        weighted_rows(s.data(), Sp, std::min(n16, S), vrows.data(), D, D, o);
+        for (int r = 0; r < RB; ++r) {
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) o[r][d] *= inv[r];
         }
@@ -485,62 +537,75 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
 // The gradient, from the forward's out and lse: p = exp(s - lse), dP_j = dO . v_j,
 // dS_j = p_j (dP_j - dO . out), dq = scale sum_j dS_j k_j, dk_j += scale dS_j q, dv_j += p_j dO.
 // One task per (b, kv head): its query heads and rows in order, so the sums into dk and dv
-// have one order on every run. dq (B, T, H, D), dk and dv (B, S, Hkv, D), contiguous.
+// have one order on every run. g and out as the forward's out; dq (tokens, H, D), dk and dv
+// (tokens, Hkv, D).
 std::vector<at::Tensor> attention_backward(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                           const c10::optional<at::Tensor>& mask, bool causal, double scale) {
-  check_heads(g, "g");
-  check_heads(out, "out");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), S = k.size(2), Sp = round_up(S), G = H / Hkv;
+                                           const c10::optional<at::Tensor>& mask, bool causal, double scale,
+                                           const c10::optional<at::Tensor>& source, int64_t batch, int64_t length) {
+  const Shape sh = attention_shape(q, k, v, source, batch, length);
+  const int64_t B = sh.B, H = sh.H, T = sh.T, D = sh.D, Hkv = sh.Hkv, S = sh.S, Sp = round_up(S), G = H / Hkv;
+  const int64_t* map = source.has_value() ? source->data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(g.sizes() == out.sizes() && g.stride(-1) == 1 && out.is_contiguous(),
+              "attention_backward: g and out (tokens, H, D), the forward's layout");
   const MaskRows m(mask, causal, B, T, S);
-  auto dq = at::empty({B, T, H, D}, q.options());
-  auto dk = at::zeros({B, S, Hkv, D}, q.options());
-  auto dv = at::zeros({B, S, Hkv, D}, q.options());
-  const Heads qh(q), kh(k), vh(v), gh(g), oh(out);
-  const float* lp = lse.data_ptr<float>();
+  const int64_t tokens = map ? q.size(0) : B * T, key_tokens = map ? k.size(0) : B * S;
+  auto dq = at::empty({tokens, H, D}, q.options());
+  auto dk = at::empty({key_tokens, Hkv, D}, q.options());
+  auto dv = at::empty({key_tokens, Hkv, D}, q.options());
+  const Rows qh(q, map, T), kh(k, map, T), vh(v, map, T);
+  const float *gp = g.data_ptr<float>(), *opp = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const int64_t gs = g.stride(0), ghs = g.stride(1);
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const float sc = float(scale), inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kT(D * Sp), vT(D * Sp), p(RB * Sp), dp(RB * Sp), spare(RB * D);
+    std::vector<float> kT(D * Sp), vT(D * Sp), krows(S * D), dkrows(S * D), dvrows(S * D);
+    std::vector<float> p(RB * Sp), dp(RB * Sp), spare(RB * D), zero(D, 0.f);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / Hkv, hk = bk % Hkv;
-      transpose_head(kh, b, hk, S, Sp, D, kT.data());
-      transpose_head(vh, b, hk, S, Sp, D, vT.data());
-      float* dk0 = dkp + (b * S * Hkv + hk) * D;
-      float* dv0 = dvp + (b * S * Hkv + hk) * D;
+      load_head(kh, b, hk, S, Sp, D, kT.data(), krows.data());
+      load_head(vh, b, hk, S, Sp, D, vT.data(), nullptr);
+      std::fill(dkrows.begin(), dkrows.end(), 0.f);
+      std::fill(dvrows.begin(), dvrows.end(), 0.f);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         for (int64_t i0 = 0; i0 < T; i0 += RB) {
-          const int64_t rows = std::min<int64_t>(RB, T - i0);
+          const float *qa[RB], *ga[RB], *oa[RB];
           int64_t n[RB];
-          const int64_t n16 = block_scores(qh, kT.data(), m, b, h, i0, rows, T, S, Sp, D, sc, p.data(), n);
-          const float *qa[RB], *ga[RB];
+          block_rows(qh, m, b, h, i0, T, S, zero.data(), qa, n);
           float* dqa[RB];
           for (int r = 0; r < RB; ++r) {
-            const int64_t i = i0 + std::min<int64_t>(r, rows - 1);
-            qa[r] = qh.row(b, h, i);
-            ga[r] = gh.row(b, h, i);
-            dqa[r] = r < rows ? dqp + ((b * T + i) * H + h) * D : spare.data() + r * D;
+            const bool real = n[r] > 0;
+            const int64_t t = real ? token_of(map, b, i0 + r, T) : 0;
+            ga[r] = real ? gp + t * gs + h * ghs : zero.data();
+            oa[r] = real ? opp + (t * H + h) * D : zero.data();
+            dqa[r] = real ? dqp + (t * H + h) * D : spare.data() + r * D;
           }
+          const int64_t n16 = block_scores(qa, n, kT.data(), m, b, i0, Sp, D, sc, p.data());
           rows_dot_columns(ga, vT.data(), Sp, n16, D, dp.data());  // dP = dO v^T
           for (int r = 0; r < RB; ++r) {
             float *pr = p.data() + r * Sp, *dsr = dp.data() + r * Sp;
-            const float L = r < rows ? lp[(b * H + h) * T + i0 + r] : -inf;
-            if (L == -inf) {  // a row past T, or one that saw no key: no gradient
+            const float L = n[r] ? lp[(b * H + h) * T + i0 + r] : -inf;
+            if (L == -inf) {  // past T, the padding, or a row that saw no key: no gradient
               for (int64_t j = 0; j < n16; ++j) pr[j] = dsr[j] = 0.f;
               continue;
             }
             float Di = 0.f;
-            const float *oi = oh.row(b, h, i0 + r), *gi = ga[r];
+            const float *oi = oa[r], *gi = ga[r];
 #pragma omp simd reduction(+ : Di)
             for (int64_t d = 0; d < D; ++d) Di += gi[d] * oi[d];
             probabilities_and_their_gradient(pr, dsr, n16, L, Di, sc);
           }
           const int64_t nk = std::min(n16, S);
-          weighted_rows(dp.data(), Sp, nk, kh.row(b, hk, 0), kh.st, D, dqa);  // dq = dS k
-          add_weighted_sums(dp.data(), Sp, nk, qa, dk0, Hkv * D, D);            // dk += dS^T q
-          add_weighted_sums(p.data(), Sp, nk, ga, dv0, Hkv * D, D);             // dv += p^T dO
+          weighted_rows(dp.data(), Sp, nk, krows.data(), D, D, dqa);        // dq = dS k
+          add_weighted_sums(dp.data(), Sp, nk, qa, dkrows.data(), D, D);   // dk += dS^T q
+          add_weighted_sums(p.data(), Sp, nk, ga, dvrows.data(), D, D);    // dv += p^T dO
         }
+      }
+      for (int64_t j = 0; j < S; ++j) {  // the real keys' rows out
+        const int64_t t = token_of(map, b, j, S);
+        if (t >= key_tokens) continue;
+        std::memcpy(dkp + (t * Hkv + hk) * D, dkrows.data() + j * D, D * sizeof(float));
+        std::memcpy(dvp + (t * Hkv + hk) * D, dvrows.data() + j * D, D * sizeof(float));
       }
     }
   });
