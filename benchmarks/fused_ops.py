@@ -1,5 +1,6 @@
 """The fused CPU training kernels (fused_ops.py) against the PyTorch ops they replace, per
-call, forward + backward, at the sizes of benchmarks/posttrain.py's DPO step (2 threads).
+call, forward + backward, at the sizes of benchmarks/posttrain.py's DPO step (2 threads);
+the attention on 8 packed rows of rows / 8 positions, against PyTorch's flash kernel.
 
     .venv/bin/python benchmarks/fused_ops.py              # rows 528, d_model 128, d_ff 341
     .venv/bin/python benchmarks/fused_ops.py --rows 4096 --d-model 576 --d-ff 1536   # smollm2-135m
@@ -36,6 +37,17 @@ def cases(rows: int, d_model: int, d_ff: int, head_dim: int = 32):
     gate_up = torch.randn(rows, 2 * d_ff, requires_grad=True)
     gh = torch.randn(rows, d_ff)
 
+    # Attention as a DPO step has it: 8 packed rows of T positions, half as many key heads,
+    # a packed mask (causal, and each row's second response off its first).
+    B, T, kv_heads = 8, rows // 8, max(heads // 2, 1)
+    aq = torch.randn(B, T, heads, head_dim).transpose(1, 2).requires_grad_(True)
+    ak = torch.randn(B, T, kv_heads, head_dim).transpose(1, 2).requires_grad_(True)
+    av = torch.randn(B, T, kv_heads, head_dim).transpose(1, 2).requires_grad_(True)
+    keep = torch.ones(T, T, dtype=torch.bool).tril()
+    keep[2 * T // 3:, T // 3:2 * T // 3] = False
+    amask = torch.zeros(1, 1, T, T).masked_fill(~keep, float("-inf")).expand(B, 1, T, T)
+    ga = torch.randn(B, heads, T, head_dim)
+
     def plain_swiglu():
         gate, up = gate_up.split(d_ff, dim=-1)
         return F.silu(gate) * up
@@ -44,13 +56,16 @@ def cases(rows: int, d_model: int, d_ff: int, head_dim: int = 32):
         return lambda: torch.autograd.grad(op(), inputs, grad)
 
     # plain: what runs without the kernels (the hand-written backwards of norms.py and
-    # positions.py, autograd through F.silu * up)
+    # positions.py, autograd through F.silu * up, PyTorch's flash attention kernel)
     return {
         "rms_norm": (step(lambda: _RMSNormWithBackward.apply(x, w, 1e-5), (x, w), gx),
                      step(lambda: fused_ops.rms_norm(x, w, 1e-5), (x, w), gx)),
         "rotation": (step(lambda: _RopeWithBackward.apply(q, cos, sin), (qkv,), gq),
                      step(lambda: fused_ops.rotate(q, cos, sin), (qkv,), gq)),
         "swiglu": (step(plain_swiglu, (gate_up,), gh), step(lambda: fused_ops.swiglu(gate_up), (gate_up,), gh)),
+        "attention": (step(lambda: F.scaled_dot_product_attention(aq, ak, av, attn_mask=amask, enable_gqa=True),
+                           (aq, ak, av), ga),
+                      step(lambda: fused_ops.attention(aq, ak, av, amask, causal=True), (aq, ak, av), ga)),
     }
 
 
