@@ -21,7 +21,6 @@ the machine hits both alike; the medians are reported, and their ratios.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -140,7 +139,6 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--preset", default="llama-tiny")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import random
 
     import torch

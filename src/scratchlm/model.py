@@ -142,9 +142,9 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None, cache: KVCache | None,
                 unpadded: Unpadded | None = None) -> torch.Tensor:
         q, k, v = self.project(x, rope, unpadded)
-        short = cache is None and not (self.training and self.dropout > 0)
+        no_dropout = not (self.training and self.dropout > 0)
         if unpadded is not None:
-            if self.use_sdpa and short and _unpadded_fits(q, k, v, mask, unpadded):
+            if self.use_sdpa and no_dropout and _unpadded_fits(q, k, v, mask, unpadded):
                 # The real tokens as they are: the kernel skips the padding's queries and keys.
                 y = fused_ops.unpadded_attention(q, k, v, unpadded.source, unpadded.B, unpadded.T, mask,
                                                  causal=True, scale=self.scale)  # (n, n_heads, head_dim)
@@ -156,9 +156,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim), S = past + T
 
-        if self.use_sdpa and short and fused_ops.attention_fits(q, k, mask):
-            # No cache: every mask here is causal (packed rows, a window), so the kernel skips
-            # the keys after each query as well (fused_ops.py: 2x the flash kernel, forward + backward).
+        # Every key is one of the T new ones, in order: no cache, or a prefill into an empty one.
+        # Every mask there is causal (packed rows, left padding, a window), so the kernel skips
+        # the keys after each query as well (fused_ops.py; faster than the flash kernel).
+        whole = cache is None or (cache.length == 0 and k.shape[2] == T)
+        if self.use_sdpa and whole and no_dropout and fused_ops.attention_fits(q, k, mask):
             y = fused_ops.attention(q, k, v, mask, causal=True, scale=self.scale)
         elif self.use_sdpa and T == 1 and self.n_kv_heads != self.n_heads:
             y = self._decode_gqa(q, k, v, mask)
@@ -516,8 +518,9 @@ class Transformer(nn.Module):
         elif self.config.sliding_window:
             local_mask = self._local_mask(T, past, cache, mask, ids.device)
 
-        if packed and self.use_sdpa and not torch.is_autocast_enabled(x.device.type):
-            # The attention kernel takes a boolean mask as an additive one, converted on every call
+        prefill = cache is not None and past == 0 and T > 1
+        if (packed or prefill) and self.use_sdpa and not torch.is_autocast_enabled(x.device.type):
+            # The attention kernels take a boolean mask as an additive one, converted on every call
             # (forward and backward of every layer): converted once here instead.
             mask, local_mask = _additive(mask, x.dtype), _additive(local_mask, x.dtype)
         for block in self.blocks:
