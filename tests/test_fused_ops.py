@@ -108,6 +108,14 @@ def sdpa_reference(q, k, v, mask, causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def assert_same_values_and_gradients(out, expected, inputs):
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+    g = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, inputs, g), torch.autograd.grad(expected, inputs, g)
+    for a, b, name in zip(got, want, "qkv"):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("B,H,Hkv,T,S,D", [(2, 4, 2, 7, 7, 16), (3, 6, 3, 5, 12, 48), (1, 2, 2, 37, 37, 32),
                                            (8, 4, 2, 85, 85, 32), (2, 8, 1, 3, 40, 64)])
 @pytest.mark.parametrize("masked,causal", [(False, False), (False, True), (True, False), (True, True)])
@@ -124,12 +132,7 @@ def test_attention_values_and_gradients_equal_sdpa(B, H, Hkv, T, S, D, masked, c
     assert fused_ops.attention_fits(q, k, mask)
     out = fused_ops.attention(q, k, v, mask, causal=causal)
     expected = sdpa_reference(q, k, v, mask, causal)
-    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
-    g = torch.randn_like(expected)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(expected, (q, k, v), g)
-    for a, b, name in zip(got, want, "qkv"):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_values_and_gradients(out, expected, (q, k, v))
     with torch.no_grad():  # the inference path: the forward kernel alone, the same numbers
         torch.testing.assert_close(fused_ops.attention(q, k, v, mask, causal=causal), out, atol=0, rtol=0)
 
@@ -178,12 +181,7 @@ def test_unpadded_attention_equals_sdpa_on_the_padded_batch(masked):
 
     expected = sdpa_reference(padded(q), padded(k), padded(v), mask, causal=True)
     expected = expected.transpose(1, 2).reshape(B * T, H, D)[u.index]
-    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(expected, (q, k, v), g)
-    for a, b, name in zip(got, want, "qkv"):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_values_and_gradients(out, expected, (q, k, v))
 
 
 def test_attention_fits_only_what_it_takes():

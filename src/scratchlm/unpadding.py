@@ -58,36 +58,27 @@ def _unpad(y: torch.Tensor, u: Unpadded) -> torch.Tensor:
     return y.reshape(u.B * u.T, y.shape[-1]).index_select(0, u.index)
 
 
-class _Pad(torch.autograd.Function):
+class _Move(torch.autograd.Function):
+    """pad (``to_padded``) or unpad, whose backward is the other move."""
+
     @staticmethod
-    def forward(ctx, x, u):
-        ctx.u = u
-        return _pad(x, u)
+    def forward(ctx, x, u, to_padded):
+        ctx.u, ctx.to_padded = u, to_padded
+        return _pad(x, u) if to_padded else _unpad(x, u)
 
     @staticmethod
     def backward(ctx, grad):
-        return _unpad(grad, ctx.u), None
-
-
-class _Unpad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, u):
-        ctx.u = u
-        return _unpad(y, u)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _pad(grad.contiguous(), ctx.u), None
+        return (_unpad(grad, ctx.u) if ctx.to_padded else _pad(grad.contiguous(), ctx.u)), None, None
 
 
 def pad(x: torch.Tensor, u: Unpadded) -> torch.Tensor:
     """(n, C) -> (B, T, C): row i of x at flat position u.index[i], zeros elsewhere."""
-    return _Pad.apply(x, u) if torch.is_grad_enabled() and x.requires_grad else _pad(x, u)
+    return _Move.apply(x, u, True) if torch.is_grad_enabled() and x.requires_grad else _pad(x, u)
 
 
 def unpad(y: torch.Tensor, u: Unpadded) -> torch.Tensor:
     """(B, T, C) -> (n, C): the rows at the real positions u.index."""
-    return _Unpad.apply(y, u) if torch.is_grad_enabled() and y.requires_grad else _unpad(y, u)
+    return _Move.apply(y, u, False) if torch.is_grad_enabled() and y.requires_grad else _unpad(y, u)
 
 
 class _SelectRows(torch.autograd.Function):

@@ -286,38 +286,48 @@ void load_head(const Rows& x, int64_t b, int64_t h, int64_t S, int64_t Sp, int64
   }
 }
 
+// s[r][j0 .. j0 + W) = a_r . columns j0 .. j0 + W of bT (D, Sp), for four rows a_r: the
+// RB x W products in registers.
+template <int W>
+inline void dot_block(const float* const a[RB], const float* bT, int64_t Sp, int64_t j0, int64_t D, float* s) {
+  float acc[RB][W] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* col = bT + d * Sp + j0;
+    for (int r = 0; r < RB; ++r) {
+      const float x = a[r][d];
+#pragma omp simd
+      for (int l = 0; l < W; ++l) acc[r][l] = std::fma(x, col[l], acc[r][l]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int l = 0; l < W; ++l) s[r * Sp + j0 + l] = acc[r][l];
+}
+
 // s[r][j] = a_r . column j of bT (D, Sp), for four rows a_r and the columns j < n16 (a
 // multiple of 16). s is (RB, Sp). Thirty-two columns at a time where they fit: eight
 // independent sums in registers, enough to hide a multiply-add's latency.
 inline void rows_dot_columns(const float* const a[RB], const float* bT, int64_t Sp, int64_t n16, int64_t D,
                              float* s) {
   int64_t j0 = 0;
-  for (; j0 + 2 * KB <= n16; j0 += 2 * KB) {
-    float acc[RB][2 * KB] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const float* col = bT + d * Sp + j0;
-      for (int r = 0; r < RB; ++r) {
-        const float x = a[r][d];
+  for (; j0 + 2 * KB <= n16; j0 += 2 * KB) dot_block<2 * KB>(a, bT, Sp, j0, D, s);
+  for (; j0 < n16; j0 += KB) dot_block<KB>(a, bT, Sp, j0, D, s);
+}
+
+// out_r[d0 .. d0 + W) = sum_{j < n} w[r][j] x_j[d0 .. d0 + W), in registers.
+template <int W>
+inline void weighted_block(const float* w, int64_t Sp, int64_t n, const float* x0, int64_t stride, int64_t d0,
+                           float* const out[RB]) {
+  float acc[RB][W] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float* x = x0 + j * stride + d0;
+    for (int r = 0; r < RB; ++r) {
+      const float wj = w[r * Sp + j];
 #pragma omp simd
-        for (int l = 0; l < 2 * KB; ++l) acc[r][l] = std::fma(x, col[l], acc[r][l]);
-      }
+      for (int l = 0; l < W; ++l) acc[r][l] = std::fma(wj, x[l], acc[r][l]);
     }
-    for (int r = 0; r < RB; ++r)
-      for (int l = 0; l < 2 * KB; ++l) s[r * Sp + j0 + l] = acc[r][l];
   }
-  for (; j0 < n16; j0 += KB) {
-    float acc[RB][KB] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const float* col = bT + d * Sp + j0;
-      for (int r = 0; r < RB; ++r) {
-        const float x = a[r][d];
-#pragma omp simd
-        for (int l = 0; l < KB; ++l) acc[r][l] = std::fma(x, col[l], acc[r][l]);
-      }
-    }
-    for (int r = 0; r < RB; ++r)
-      for (int l = 0; l < KB; ++l) s[r * Sp + j0 + l] = acc[r][l];
-  }
+  for (int r = 0; r < RB; ++r)
+    for (int l = 0; l < W; ++l) out[r][d0 + l] = acc[r][l];
 }
 
 // out_r = sum_{j < n} w[r][j] x_j for four weight rows w (RB, Sp) and rows x_j = x0 + j * stride (D);
@@ -325,32 +335,8 @@ inline void rows_dot_columns(const float* const a[RB], const float* bT, int64_t 
 inline void weighted_rows(const float* w, int64_t Sp, int64_t n, const float* x0, int64_t stride, int64_t D,
                           float* const out[RB]) {
   int64_t d0 = 0;
-  for (; d0 + 2 * KB <= D; d0 += 2 * KB) {
-    float acc[RB][2 * KB] = {};
-    for (int64_t j = 0; j < n; ++j) {
-      const float* x = x0 + j * stride + d0;
-      for (int r = 0; r < RB; ++r) {
-        const float wj = w[r * Sp + j];
-#pragma omp simd
-        for (int l = 0; l < 2 * KB; ++l) acc[r][l] = std::fma(wj, x[l], acc[r][l]);
-      }
-    }
-    for (int r = 0; r < RB; ++r)
-      for (int l = 0; l < 2 * KB; ++l) out[r][d0 + l] = acc[r][l];
-  }
-  for (; d0 < D; d0 += KB) {
-    float acc[RB][KB] = {};
-    for (int64_t j = 0; j < n; ++j) {
-      const float* x = x0 + j * stride + d0;
-      for (int r = 0; r < RB; ++r) {
-        const float wj = w[r * Sp + j];
-#pragma omp simd
-        for (int l = 0; l < KB; ++l) acc[r][l] = std::fma(wj, x[l], acc[r][l]);
-      }
-    }
-    for (int r = 0; r < RB; ++r)
-      for (int l = 0; l < KB; ++l) out[r][d0 + l] = acc[r][l];
-  }
+  for (; d0 + 2 * KB <= D; d0 += 2 * KB) weighted_block<2 * KB>(w, Sp, n, x0, stride, d0, out);
+  for (; d0 < D; d0 += KB) weighted_block<KB>(w, Sp, n, x0, stride, d0, out);
 }
 
 // y_j += sum_r w[r][j] a_r for the rows y_j = y0 + j * stride (D), j < n: the transposed
