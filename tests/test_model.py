@@ -353,10 +353,17 @@ def test_a_packed_row_gives_each_sequence_its_own_forward(preset):
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt-tiny", "moe-tiny", "gemma3-tiny", "olmo2-tiny", "qwen3-tiny"])
-def test_unpadded_forward_equals_the_padded_one_at_the_real_tokens(preset):
+@pytest.mark.parametrize("kernels", ["fused", "pytorch"])
+def test_unpadded_forward_equals_the_padded_one_at_the_real_tokens(preset, kernels, monkeypatch):
     """real_index: the token-wise layers run on the real tokens only. A right-padded batch
     (causal: no real query sees the padding) gives the padded forward's logits at those
-    positions, the loss over their targets, and the same gradients of every weight."""
+    positions, the loss over their targets, and the same gradients of every weight; with the
+    fused CPU kernels (the attention reads the tokens unpadded) and without them (the tokens
+    go back into the padded layout for PyTorch's attention, as on a GPU)."""
+    from scratchlm import fused_ops
+
+    if kernels == "pytorch":
+        monkeypatch.setitem(fused_ops._built, "module", None)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(preset, vocab_size=50)).train()
     model.config.dropout = 0.0
