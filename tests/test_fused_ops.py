@@ -192,6 +192,11 @@ def test_attention_fits_only_what_it_takes():
     assert not fused_ops.attention_fits(q.bfloat16(), k.bfloat16(), None)
     long_k = torch.randn(1, 2, fused_ops.ATTENTION_MAX_KEYS + 1, 32)
     assert not fused_ops.attention_fits(q, long_k, None)
+    per_token = torch.randn(6, 2, 32)
+    assert fused_ops.unpadded_attention_fits(per_token, per_token, per_token, None, 3)
+    assert not fused_ops.unpadded_attention_fits(per_token, per_token, per_token, None,
+                                                 fused_ops.ATTENTION_MAX_KEYS + 1)
+    assert not fused_ops.unpadded_attention_fits(q, k, k, None, 4)  # the padded layout
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny", "gemma3-tiny", "olmo2-tiny"])

@@ -365,8 +365,7 @@ def test_unpadded_forward_equals_the_padded_one_at_the_real_tokens(preset, kerne
     if kernels == "pytorch":
         monkeypatch.setitem(fused_ops._built, "module", None)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset(preset, vocab_size=50)).train()
-    model.config.dropout = 0.0
+    model = Transformer(ModelConfig.preset(preset, vocab_size=50, dropout=0.0)).train()
     lengths = [9, 4, 6]
     ids = torch.randint(0, 50, (3, 9))
     real = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]  # (3, 9)

@@ -150,7 +150,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Attention: softmax(scale q k^T + mask) v over short rows
 # ----------------------------------------------------------------------------------------
-ATTENTION_MAX_KEYS = 512  # beyond this PyTorch's flash kernel, which blocks the keys, is faster
+# A row's scores are held whole; longer rows go to PyTorch's flash kernel, which blocks the keys
+# (at 512 ours was still 0.7-0.9x its time, causal, no gradient; beyond, not measured).
+ATTENTION_MAX_KEYS = 512
 
 
 class _Attention(torch.autograd.Function):
@@ -199,14 +201,25 @@ class _PaddedAttention(torch.autograd.Function):
                 dv.view(B, S, Hkv, D).transpose(1, 2), None, None, None)
 
 
+def _attention_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     keys: int) -> bool:
+    if mask is not None and (mask.dtype != torch.float32 or mask.dim() != 4 or mask.shape[1] != 1):
+        return False
+    return keys <= ATTENTION_MAX_KEYS and q.shape[1] % k.shape[1] == 0 and q.shape[-1] % 16 == 0 and usable(q, k, v)
+
+
 def attention_fits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether attention takes these: float32 CPU tensors (B, heads, T, D), at most
     ATTENTION_MAX_KEYS keys, head_dim a multiple of 16, and a mask (if any) additive in
     float32, (B or 1, 1, T, S)."""
-    if mask is not None and (mask.dtype != torch.float32 or mask.dim() != 4 or mask.shape[1] != 1):
-        return False
-    return (q.dim() == k.dim() == 4 and k.shape[2] <= ATTENTION_MAX_KEYS and q.shape[1] % k.shape[1] == 0
-            and q.shape[-1] % 16 == 0 and usable(q, k))
+    return q.dim() == k.dim() == 4 and _attention_takes(q, k, k, mask, k.shape[2])
+
+
+def unpadded_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                            T: int) -> bool:
+    """Whether unpadded_attention takes these: as attention_fits, for per-token (n, heads, D)
+    tensors of a batch T positions wide."""
+    return q.dim() == k.dim() == 3 and _attention_takes(q, k, v, mask, T)
 
 
 def _mask_rows(mask: torch.Tensor | None, B: int, T: int, S: int) -> torch.Tensor | None:
@@ -251,4 +264,4 @@ def unpadded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source
 
 
 __all__ = ["kernels", "usable", "rms_norm", "rotate", "rotate_fits", "swiglu", "silu_mul", "attention", "attention_fits",
-           "unpadded_attention"]
+           "unpadded_attention", "unpadded_attention_fits"]

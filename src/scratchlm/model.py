@@ -144,7 +144,7 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope, unpadded)
         no_dropout = not (self.training and self.dropout > 0)
         if unpadded is not None:
-            if self.use_sdpa and no_dropout and _unpadded_fits(q, k, v, mask, unpadded):
+            if self.use_sdpa and no_dropout and fused_ops.unpadded_attention_fits(q, k, v, mask, unpadded.T):
                 # The real tokens as they are: the kernel skips the padding's queries and keys.
                 y = fused_ops.unpadded_attention(q, k, v, unpadded.source, unpadded.B, unpadded.T, mask,
                                                  causal=True, scale=self.scale)  # (n, n_heads, head_dim)
@@ -228,14 +228,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                            scale=self.scale)  # (B, Hkv, group, D)
         return y.reshape(B, H, 1, D)
-
-
-def _unpadded_fits(q, k, v, mask, unpadded: Unpadded) -> bool:
-    """Whether fused_ops.unpadded_attention takes these (as attention_fits, per token)."""
-    if mask is not None and (mask.dtype != torch.float32 or mask.dim() != 4 or mask.shape[1] != 1):
-        return False
-    return (unpadded.T <= fused_ops.ATTENTION_MAX_KEYS and q.shape[-1] % 16 == 0 and q.shape[1] % k.shape[1] == 0
-            and fused_ops.usable(q, k, v))
 
 
 def causal_mask(T: int, S: int, device=None) -> torch.Tensor:

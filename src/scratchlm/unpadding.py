@@ -33,8 +33,8 @@ import torch
 
 class Unpadded(NamedTuple):
     """Where the n real tokens of a (B, T) batch are. index (n,): their flat positions
-    (row * T + column, distinct; ascending keeps the rows' order); source (B * T,): for each position its row in the
-    (n, C) tensor, n (a zero row) at the padding."""
+    (row * T + column, distinct; ascending keeps the rows' order); source (B * T,): for
+    each position its row in the (n, C) tensor, n (a zero row) at the padding."""
 
     index: torch.Tensor
     source: torch.Tensor
