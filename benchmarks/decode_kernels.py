@@ -42,9 +42,10 @@ def main() -> None:
     G = args.group_size
     shapes = matrices(args.preset)
     gen = torch.Generator().manual_seed(0)
-    layouts = {"bf16": [], "int8": [], "int4": []}
+    layouts = {"fp32": [], "bf16": [], "int8": [], "int4": []}
     for N, K in shapes:
         w = torch.randn(N, K, generator=gen) * 0.02
+        layouts["fp32"].append(w)
         layouts["bf16"].append(w.bfloat16())
         q8, s8 = quantize_int8(w)
         layouts["int8"].append((q8, s8, s8.bfloat16()))
@@ -54,6 +55,11 @@ def main() -> None:
                   torch.stack([s4, z4], -1).transpose(0, 1).contiguous().bfloat16())
         layouts["int4"].append((ours, theirs))
     xs = {K: torch.randn(1, K, generator=gen).bfloat16() for _, K in shapes}
+    xs32 = {K: x.float() for K, x in xs.items()}
+
+    def fp32(ours):
+        for (_, K), w in zip(shapes, layouts["fp32"]):
+            kernels.linear(xs32[K], w, None) if ours else F.linear(xs32[K], w)
 
     def bf16(ours):
         for (_, K), w in zip(shapes, layouts["bf16"]):
@@ -70,10 +76,11 @@ def main() -> None:
             else:
                 torch.ops.aten._weight_int4pack_mm_for_cpu(xs[K], theirs[0], G, theirs[1])
 
-    runs = {("bf16", "oneDNN F.linear"): lambda: bf16(False), ("bf16", "ours"): lambda: bf16(True),
+    runs = {("fp32", "MKL F.linear"): lambda: fp32(False), ("fp32", "ours"): lambda: fp32(True),
+            ("bf16", "oneDNN F.linear"): lambda: bf16(False), ("bf16", "ours"): lambda: bf16(True),
             ("int8", "torch._weight_int8pack_mm"): lambda: int8(False), ("int8", "ours"): lambda: int8(True),
             ("int4", "torch._weight_int4pack_mm_for_cpu"): lambda: int4(False), ("int4", "ours"): lambda: int4(True)}
-    weight_bytes = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+    weight_bytes = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
     n_weights = sum(N * K for N, K in shapes)
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(args.rounds):

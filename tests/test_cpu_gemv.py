@@ -36,6 +36,10 @@ def test_float_weights_equal_matmul(kernels, M, N, K):
     expected = x.bfloat16().float() @ wb.float().T
     torch.testing.assert_close(cpu_gemv.linear(x.bfloat16(), wb).float(), expected, rtol=1e-2, atol=2e-2)
     assert cpu_gemv.linear(x.bfloat16(), wb).dtype == torch.bfloat16  # out in x's dtype
+    # fp32 x on bf16 weights: the sums of the exact products, in fp32 (with vdpbf16ps x is
+    # rounded to bf16 first; without it, the even / odd split or the widening loop keeps x)
+    x_seen = x.bfloat16().float() if kernels.BF16DOT and K % 32 == 0 else x
+    torch.testing.assert_close(cpu_gemv.linear(x, wb), x_seen @ wb.float().T, rtol=1e-5, atol=1e-4)
 
 
 def as_the_kernel_sees(x: torch.Tensor, kernels, levels: int = 32767) -> torch.Tensor:
