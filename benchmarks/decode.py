@@ -431,22 +431,25 @@ def main() -> None:
             tokens[name] = out
     # x hf: the median over rounds of (hf time / peer time) within the same round, which a
     # machine whose load drifts from round to round disturbs least. x llama.cpp: against the
-    # llama.cpp file of the same bits per weight (fp32 and bf16 against F16).
+    # llama.cpp file of the same bits per weight (fp32 and bf16 against F16). x ours fp32: the
+    # same median against our fp32 layout (the bf16 goal).
     same_bits = {"ours fp32": "llama.cpp F16", "ours bf16": "llama.cpp F16", "ours int8": "llama.cpp Q8_0",
                  "ours int4": "llama.cpp Q4_0"}
     same_bits |= {f"{name} compiled": peer for name, peer in same_bits.items()}
-    print("\nbatch 1             tok/s best / median   x hf    x llama.cpp   bytes/token   limit tok/s"
-          "   best of limit   greedy vs hf fp32")
+    print("\nbatch 1             tok/s best / median   x hf    x llama.cpp   x ours fp32   bytes/token"
+          "   limit tok/s   best of limit   greedy vs hf fp32")
     for name in peers:
         best, median = min(times[name]), statistics.median(times[name])
         ratio = statistics.median(h / t for h, t in zip(times["hf fp32"], times[name]))
         peer = same_bits.get(name)
         x_cpp = (f"{statistics.median(c / t for c, t in zip(times[peer], times[name])):8.2f}"
                  if peer in times else "       -")
+        x_fp32 = statistics.median(f / t for f, t in zip(times["ours fp32"], times[name]))
         per_token = gguf_bytes[name] if name in gguf_bytes else weight_bytes_per_token(models[name])
         limit = bandwidth / per_token
         same = agreement(tokens[name], tokens["hf fp32"]) if not name.startswith("llama.cpp") else "(own vocab)"
-        print(f"{name:18s} {n / best:10.1f} / {n / median:6.1f}   {ratio:5.2f}   {x_cpp}      {per_token / 1e6:8.0f} MB"
+        print(f"{name:18s} {n / best:10.1f} / {n / median:6.1f}   {ratio:5.2f}   {x_cpp}      {x_fp32:8.2f}"
+              f"      {per_token / 1e6:8.0f} MB"
               f"   {limit:10.1f}   {n / best / limit:10.0%}      {same}")
 
     if args.prefill_tokens:

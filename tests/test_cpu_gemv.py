@@ -171,3 +171,21 @@ def test_dequantize_gives_the_layers_own_matrices(kernels):
         assert torch.equal(cpu_gemv.dequantize(int4.weight_int4, int4.scales, int4.offsets, group), want)
         x = torch.randn(40, 192).bfloat16()  # a prompt of 40 rows: through the dequantized matrix
         torch.testing.assert_close(int4(x).float(), (x.float() @ want.float().T), rtol=2e-2, atol=2e-2)
+
+
+def test_builds_are_cached_per_cpu_instruction_set(tmp_path):
+    """A build made with -march=native on one CPU is never loaded on a CPU with other
+    instruction sets (it would die of SIGILL): the cache name carries the CPU's flags."""
+    from scratchlm.extension import cpu_tag
+
+    def info(name, flags):
+        path = tmp_path / name
+        path.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        return str(path)
+
+    zen4 = cpu_tag(info("zen4", "fpu sse2 avx2 avx512f avx512_bf16"))
+    icelake = cpu_tag(info("icelake", "fpu sse2 avx2 avx512f"))
+    assert zen4 != icelake
+    assert cpu_tag(info("reordered", "avx512_bf16 avx512f avx2 sse2 fpu")) == zen4
+    assert len(zen4) == 8 and int(zen4, 16) >= 0
+    assert cpu_tag(str(tmp_path / "missing")) == cpu_tag(str(tmp_path / "missing"))  # no /proc: still a name

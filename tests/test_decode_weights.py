@@ -130,3 +130,28 @@ def test_bf16_falls_back_to_fp32_without_our_kernels_or_native_bf16(monkeypatch)
         fast = dw.prepare_for_decode(model, "bf16")
     assert type(fast.blocks[0].mlp.up_proj).__name__ == "TransposedLinear"
     assert fast.tok_emb.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prompts_on_bf16_and_quantized_matrices_by_native_bf16(monkeypatch, native):
+    """A prompt (more rows than our kernels take) multiplies by the layer's bf16 matrix: in
+    oneDNN's bf16 matmul where the CPU has native bf16, else widened to fp32 for the call
+    (emulated bf16 matmuls are slower than fp32 ones): then the products are exact."""
+    import torch.nn.functional as F
+
+    import scratchlm.decode_weights as dw
+
+    monkeypatch.setattr(dw, "cpu_has_native_bf16", lambda: native)
+    lin = torch.nn.Linear(128, 48, bias=True)
+    x = torch.randn(40, 128).bfloat16()  # 40 rows: a prompt, past the kernels' 8 and 16
+    layers = {"bf16": dw.BF16Linear(lin), "int8": dw.Int8Linear.from_linear(lin),
+              "int4": dw.Int4Linear.from_linear(lin, group_size=32)}
+    matrices = {"bf16": lambda layer: layer.weight,  # the bf16 numbers each one multiplies by
+                "int8": lambda layer: (layer.weight_int8.float() * layer.scales.float()[:, None]).bfloat16(),
+                "int4": lambda layer: layer.dequantized(torch.bfloat16)}
+    for name, layer in layers.items():
+        w, y = matrices[name](layer), layer(x)
+        assert y.dtype == torch.bfloat16
+        expected = F.linear(x, w) if native else F.linear(x.float(), w.float()).bfloat16()
+        expected = expected + layer.bias
+        torch.testing.assert_close(y.float(), expected.float(), rtol=0, atol=0, msg=name)

@@ -10,6 +10,7 @@ ops) use it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -19,11 +20,32 @@ CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno"]
 
 
+def cpu_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """8 hex digits naming this CPU's instruction sets (Linux: the flags in /proc/cpuinfo).
+
+    -march=native compiles for the CPU it runs on, and torch keys its build cache on the name,
+    sources and flags only: a home directory shared by machines with different CPUs (a
+    cluster's, or a VM moved to another host) would load a build using instructions this CPU
+    lacks and die of SIGILL. One build per instruction set instead."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    if not flags:
+        import platform
+
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:8]
+
+
 def build(name: str, sources: list[str], what: str, switch_off: str, flags: list[str] | None = None):
     """The compiled module ``name`` from csrc/``sources``, or None where it cannot be built or
-    the environment variable ``switch_off`` is "1". ``what`` names it in the messages."""
+    the environment variable ``switch_off`` is "1". ``what`` names it in the messages. The
+    build is cached per CPU instruction set (``cpu_tag``)."""
     if os.environ.get(switch_off) == "1":
         return None
+    name = f"{name}_{cpu_tag()}"
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
@@ -36,4 +58,4 @@ def build(name: str, sources: list[str], what: str, switch_off: str, flags: list
         return None
 
 
-__all__ = ["build", "FLAGS", "CSRC"]
+__all__ = ["build", "cpu_tag", "FLAGS", "CSRC"]
