@@ -286,11 +286,22 @@ def llama_cpp_peer(path: str, n_new: int, threads: int, n_ctx: int):
     return run
 
 
-def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> str:
+def agreement(tokens: torch.Tensor, reference: torch.Tensor, hf_model=None, prompt=None) -> str:
+    """"same", or where row 0 first differs from the reference (hf fp32's greedy tokens) and by
+    how much hf's own fp32 logits there prefer its token over ours: a gap of a few thousandths
+    is a near tie that any change of rounding (bf16 sums, quantized weights) may flip."""
     if torch.equal(tokens, reference):
         return "same"
     row = tokens[0] != reference[0]
-    return f"differs from token {int(row.nonzero()[0])}" if row.any() else "same (row 0)"
+    if not row.any():
+        return "same (row 0)"
+    i = int(row.nonzero()[0])
+    if hf_model is None:
+        return f"differs from token {i}"
+    with torch.inference_mode():
+        logits = hf_model(torch.cat([prompt[0], reference[0, :i]])[None]).logits[0, -1].float()
+    gap = float(logits[reference[0, i]] - logits[tokens[0, i]])
+    return f"differs from token {i} (hf logit gap {gap:.4f}, logits' std {float(logits.std()):.2f})"
 
 
 def attention_per_call(config, cached: int = 85, repeats: int = 200) -> None:
@@ -447,7 +458,8 @@ def main() -> None:
         x_fp32 = statistics.median(f / t for f, t in zip(times["ours fp32"], times[name]))
         per_token = gguf_bytes[name] if name in gguf_bytes else weight_bytes_per_token(models[name])
         limit = bandwidth / per_token
-        same = agreement(tokens[name], tokens["hf fp32"]) if not name.startswith("llama.cpp") else "(own vocab)"
+        same = (agreement(tokens[name], tokens["hf fp32"], hf, prompt) if not name.startswith("llama.cpp")
+                else "(own vocab)")
         print(f"{name:18s} {n / best:10.1f} / {n / median:6.1f}   {ratio:5.2f}   {x_cpp}      {x_fp32:8.2f}"
               f"      {per_token / 1e6:8.0f} MB"
               f"   {limit:10.1f}   {n / best / limit:10.0%}      {same}")

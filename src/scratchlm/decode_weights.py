@@ -65,8 +65,17 @@ INT4_GROUP_SIZES = (32, 64, 128)
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 matmuls natively (AVX512-BF16 / AMX), not emulated."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """True where the CPU has bf16 instructions (AVX512-BF16 / AMX) and oneDNN uses them.
+
+    Not ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` alone: that is also True on AVX-512
+    CPUs without them (an Ice Lake server), where oneDNN emulates bf16 matmuls at ~0.3x the
+    speed of fp32 ones (512 x 576 by 576 x 1536 here: 15.2 against 4.6 ms)."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(check is None for check in checks):  # a torch without the probes: trust oneDNN's answer
+        return True
+    return any(check() for check in checks)
 
 
 class TransposedLinear(nn.Module):
