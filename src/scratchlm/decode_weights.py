@@ -180,15 +180,15 @@ def _dequantizes(x: torch.Tensor) -> bool:
             and cpu_gemv.kernels() is not None)  # the dequantizer's unit: runs of 64 inputs
 
 
-def prompt_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, in) times a bf16 weight (out, in) for a prompt (more rows than our kernels take):
+def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) times a bf16 weight (out, in), plus bias, for a prompt (more rows than our kernels take):
     oneDNN's bf16 matmul where the CPU has native bf16 (AVX512-BF16, AMX); elsewhere on a CPU
     the same bf16 numbers widened to fp32 for the call and MKL's fp32 matmul, since emulated bf16
     matmuls are slower than fp32 ones (a 512-token prompt of smollm2-135m on an Ice Lake server:
     213 tokens/s in bf16 against 596 in fp32). Out in x's dtype."""
     if x.device.type == "cpu" and not cpu_has_native_bf16():
-        return F.linear(x.float(), weight.float()).to(x.dtype)
-    return F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x.to(torch.bfloat16), weight, bias).to(x.dtype)
 
 
 class BF16Linear(nn.Module):
@@ -215,8 +215,7 @@ class BF16Linear(nn.Module):
             y = cpu_gemv.linear(x.reshape(-1, self.in_features), weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
-        y = prompt_linear(x.reshape(-1, self.in_features), weight).view(*x.shape[:-1], self.out_features)
-        return y if bias is None else y + bias
+        return prompt_linear(x.reshape(-1, self.in_features), weight, bias).view(*x.shape[:-1], self.out_features)
 
     def decode_spec(self) -> tuple:
         """This layer as decode_ops.cpp's FusedBlock runs it (a step of 1-8 rows: our kernel)."""
