@@ -143,13 +143,13 @@ def test_prompts_on_bf16_and_quantized_matrices_by_native_bf16(monkeypatch, nati
 
     monkeypatch.setattr(dw, "cpu_has_native_bf16", lambda: native)
     lin = torch.nn.Linear(128, 48, bias=True)
-    x = torch.randn(40, 128).bfloat16()  # 40 rows: a prompt, past the kernels' 8 and 16
     layers = {"bf16": dw.BF16Linear(lin), "int8": dw.Int8Linear.from_linear(lin),
               "int4": dw.Int4Linear.from_linear(lin, group_size=32)}
     matrices = {"bf16": lambda layer: layer.weight,  # the bf16 numbers each one multiplies by
                 "int8": lambda layer: (layer.weight_int8.float() * layer.scales.float()[:, None]).bfloat16(),
                 "int4": lambda layer: layer.dequantized(torch.bfloat16)}
     for name, layer in layers.items():
+        x = torch.randn(dw.kernel_rows(name) + 1, 128).bfloat16()  # a prompt: one row past the kernel's
         w, y = matrices[name](layer), layer(x)
         assert y.dtype == torch.bfloat16
         if name == "bf16":  # the bias inside the matmul, as F.linear adds it
@@ -158,3 +158,32 @@ def test_prompts_on_bf16_and_quantized_matrices_by_native_bf16(monkeypatch, nati
         else:
             expected = (F.linear(x, w) if native else F.linear(x.float(), w.float()).bfloat16()) + layer.bias
         torch.testing.assert_close(y.float(), expected.float(), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_short_prompts_go_through_the_kernel_up_to_kernel_rows(monkeypatch, native):
+    """Up to kernel_rows(weights) rows a bf16 / int8 / int4 layer multiplies through our kernel
+    (prompt_linear is not called), from one row more through prompt_linear; without native bf16
+    the kernel keeps longer prompts (the prompt path would widen every matrix to fp32)."""
+    import scratchlm.cpu_gemv as cpu_gemv
+    import scratchlm.decode_weights as dw
+
+    if cpu_gemv.kernels() is None:
+        pytest.skip("our CPU kernels are not built here")
+    monkeypatch.setattr(dw, "cpu_has_native_bf16", lambda: native)
+    calls = []
+    real = dw.prompt_linear
+    monkeypatch.setattr(dw, "prompt_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lin = torch.nn.Linear(128, 48, bias=False)
+    layers = {"bf16": dw.BF16Linear(lin), "int8": dw.Int8Linear.from_linear(lin),
+              "int4": dw.Int4Linear.from_linear(lin, group_size=32)}
+    for name, layer in layers.items():
+        rows = dw.kernel_rows(name)
+        assert rows >= cpu_gemv.MAX_ROWS
+        calls.clear()
+        y = layer(torch.randn(rows, 128).bfloat16())
+        assert y.shape == (rows, 48) and calls == [], name
+        layer(torch.randn(rows + 1, 128).bfloat16())
+        assert calls == [1], name
+    if not native:  # the widened fp32 path is the slow one: the kernel takes longer prompts
+        assert min(dw.kernel_rows(w) for w in layers) > cpu_gemv.MAX_ROWS_QUANTIZED
