@@ -113,8 +113,11 @@ inline Vec load16(const int8_t* p) { Vec r; for (int i = 0; i < LANES; ++i) r.v[
 #endif
 
 // Weight rows per pass: enough independent accumulators (M * R) to hide the multiply-add
-// latency, few enough to stay in registers.
-template <int M> constexpr int rows_per_pass() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
+// latency, few enough to stay in registers (at M = 8, R = 2: 16 accumulators). Two rows, not
+// one, from 5 rows of x on: each load of x then feeds two rows' multiply-adds. Measured (Ice
+// Lake server, all smollm2-135m matrices, 40 interleaved passes): bf16 at 5 / 8 rows 1.14x /
+// 1.47x less time, int8 1.24x / 1.15x, fp32 1.12x / 0.96x.
+template <int M> constexpr int rows_per_pass() { return M <= 2 ? 4 : 2; }
 
 // y[m, n] = scale[n] * sum_k x[m, k] * W[n, k] for the R rows n0..n0+R-1
 template <int M, int R, typename T>
