@@ -221,3 +221,32 @@ def test_nan_activations_stay_nan():
     x = torch.full((1, 40), float("nan"))
     for act in (0, 1):
         assert torch.isnan(ops.activation(x, None, act)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, Hkv, D", [(9, 3, 64), (4, 2, 24), (20, 2, 16)])
+def test_attend_one_equals_sdpa_on_the_cache(H, Hkv, D, dtype):
+    """The fused one-query attention (no rotary) against F.scaled_dot_product_attention on the
+    cache it wrote: D a multiple of 16 and up to 8 queries a key head take the register kernel
+    (9, 3, 64: SmolLM2's heads), the others the portable loop; with and without a key mask."""
+    ops = cpu_gemv.kernels()
+    gen = torch.Generator().manual_seed(5)
+    B, C, keys, column = 2, 40, 37, 36
+    Q, KV = H * D, Hkv * D
+    qkv = torch.randn(B, Q + 2 * KV, generator=gen).to(dtype)
+    for masked in (False, True):
+        k_cache = torch.randn(B, Hkv, C, D, generator=gen).to(dtype)
+        v_cache = torch.randn(B, Hkv, C, D, generator=gen).to(dtype)
+        mask = (torch.rand(B, keys, generator=gen) > 0.3) if masked else None
+        if mask is not None:
+            mask[:, column] = True
+        y = ops.attend_one(qkv, None, None, k_cache, v_cache, column, keys, mask, H, Hkv, 0.0, 0, 0, None, None, 1e-5)
+        k_new, v_new = qkv[:, Q:Q + KV].view(B, Hkv, D), qkv[:, Q + KV:].view(B, Hkv, D)
+        assert torch.equal(k_cache[:, :, column], k_new) and torch.equal(v_cache[:, :, column], v_new)
+        q = qkv[:, :Q].view(B, H, 1, D).float()
+        k, v = k_cache[:, :, :keys].float(), v_cache[:, :, :keys].float()
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True).view(B, Q)
+        assert y.dtype == dtype
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(y.float(), expected, **tol)

@@ -287,6 +287,94 @@ inline void rope_head(float* x, const float* cos, const float* sin, int64_t D, b
   }
 }
 
+// Each of the `rows` rows of scores (rows, keys) to e^(score - max), total[j] = 1 / its sum
+// (a masked key holds -inf: e^-inf = 0).
+inline void softmax_rows(float* scores, float* total, int64_t rows, int64_t keys) {
+  for (int64_t j = 0; j < rows; ++j) {
+    float* sj = scores + j * keys;
+    float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t t = 0; t < keys; ++t) top = std::max(top, sj[t]);
+    int64_t t0 = 0;
+#ifdef __AVX512F__
+    __m512 sums = _mm512_setzero_ps();
+    for (; t0 + 16 <= keys; t0 += 16) {
+      const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), _mm512_set1_ps(top)));
+      _mm512_storeu_ps(sj + t0, e);
+      sums = _mm512_add_ps(sums, e);
+    }
+    sum = _mm512_reduce_add_ps(sums);
+#endif
+    for (int64_t t = t0; t < keys; ++t) sum += sj[t] = exp_approx(sj[t] - top);
+    total[j] = 1.f / sum;
+  }
+}
+
+#ifdef __AVX512F__
+// 16 values of a cache row as floats: bf16 widened (shifted into the top half) or fp32 as is.
+template <bool BF16>
+inline __m512 cache16(const void* p, int64_t at) {
+  if constexpr (BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + at))), 16));
+  else
+    return _mm512_loadu_ps(static_cast<const float*>(p) + at);
+}
+
+// One (row, kv head): its `group` queries qg (group, D) against keys [0, keys) of the cache
+// rows at `base`, softmax, times the values -> acc (group, D), the same sums in the same order
+// as the portable loop below, with the partial sums in registers instead of memory: each key
+// (value) row is read 16 lanes at a time straight from the cache (bf16 widened in registers)
+// and multiplies all `group` queries (attention weights) while it is there. D a multiple of
+// 16 up to 256, group <= 8 (a template argument: the loops over it unrolled, its sums in registers).
+template <bool BF16, int group>
+void attend_group(const float* qg, const void* kc, const void* vc, int64_t base, int64_t keys, int64_t D,
+                  float s, const bool* mask, float* scores, float* total, float* acc) {
+  const int64_t slices = D / 16;
+  for (int64_t t = 0; t < keys; ++t) {
+    if (mask && !mask[t]) {
+      for (int64_t j = 0; j < group; ++j) scores[j * keys + t] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    __m512 dot[group];
+    for (int j = 0; j < group; ++j) dot[j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < slices; ++d) {
+      const __m512 k = cache16<BF16>(kc, base + t * D + 16 * d);
+      for (int j = 0; j < group; ++j) dot[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j * D + 16 * d), k, dot[j]);
+    }
+    for (int j = 0; j < group; ++j) scores[j * keys + t] = _mm512_reduce_add_ps(dot[j]) * s;
+  }
+  softmax_rows(scores, total, group, keys);
+  for (int64_t j = 0; j < group; ++j)  // the attention weights: e^(score - max) / sum
+    for (int64_t t = 0; t < keys; ++t) scores[j * keys + t] *= total[j];
+  for (int64_t d = 0; d < slices; ++d) {
+    __m512 sum[group];
+    for (int j = 0; j < group; ++j) sum[j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < keys; ++t) {
+      if (mask && !mask[t]) continue;
+      const __m512 v = cache16<BF16>(vc, base + t * D + 16 * d);
+      for (int j = 0; j < group; ++j) sum[j] = _mm512_fmadd_ps(_mm512_set1_ps(scores[j * keys + t]), v, sum[j]);
+    }
+    for (int j = 0; j < group; ++j) _mm512_storeu_ps(acc + j * D + 16 * d, sum[j]);
+  }
+}
+
+// attend_group with its group size as a constant (1 to 8).
+template <bool BF16>
+void attend_group_of(int64_t group, const float* qg, const void* kc, const void* vc, int64_t base, int64_t keys,
+                     int64_t D, float s, const bool* mask, float* scores, float* total, float* acc) {
+  switch (group) {
+    case 1: return attend_group<BF16, 1>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+    case 2: return attend_group<BF16, 2>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+    case 3: return attend_group<BF16, 3>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+    case 4: return attend_group<BF16, 4>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+    case 5: return attend_group<BF16, 5>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+    case 6: return attend_group<BF16, 6>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+    case 7: return attend_group<BF16, 7>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+    default: return attend_group<BF16, 8>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+  }
+}
+#endif
+
 // One new token per row attending to the cache (model.Attention.forward at T = 1):
 //   qkv (B, (H + 2 Hkv) D): the qkv_proj output;  cos, sin (1 or B, D), or None (no rotary);
 //   k_cache, v_cache (B, Hkv, C, D): the layer's buffers; the new key and value go to column
@@ -365,12 +453,23 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const c10::optional<torch::Te
   const int64_t work = B * Hkv, cost = group * keys * D * 2;
   // Threads only for long caches: waking the second core costs more than ~1M multiply-adds.
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, cost));
+  const bool fast = D % 16 == 0 && D <= 256 && group <= 8;  // attend_group's registers
   at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * keys), total(group), acc(group * D), row_f(D);  // total: 1 / sum
+    thread_local std::vector<float> scores, total, acc, row_f;  // total: 1 / sum
+    scores.resize(group * keys), total.resize(group), acc.resize(group * D), row_f.resize(D);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / Hkv, g = w % Hkv;
       const int64_t base = (b * Hkv + g) * C * D;
       const float* qg = q.data() + b * Q + g * group * D;  // the group's queries, side by side
+      const bool* mb = mk ? mk + b * mask_stride : nullptr;
+#ifdef __AVX512F__
+      if (fast) {
+        if (bf16) attend_group_of<true>(group, qg, kc.p, vc.p, base, keys, D, s, mb, scores.data(), total.data(), acc.data());
+        else attend_group_of<false>(group, qg, kc.p, vc.p, base, keys, D, s, mb, scores.data(), total.data(), acc.data());
+        out.store(b * Q + g * group * D, group * D, acc.data());
+        continue;
+      }
+#endif
       auto row_of = [&](const Floats& cache, int64_t t) -> const float* {  // key or value t as floats
         if (!cache.bf16) return static_cast<const float*>(cache.p) + base + t * D;
         cache.load(base + t * D, D, row_f.data());
@@ -378,31 +477,15 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const c10::optional<torch::Te
       };
       // scores (group, keys): each key row is read once for the group's queries
       for (int64_t t = 0; t < keys; ++t) {
-        const bool masked = mk && !mk[b * mask_stride + t];
+        const bool masked = mb && !mb[t];
         const float* kr = masked ? nullptr : row_of(kc, t);
         for (int64_t j = 0; j < group; ++j)
           scores[j * keys + t] = masked ? -std::numeric_limits<float>::infinity() : dot(qg + j * D, kr, D) * s;
       }
-      for (int64_t j = 0; j < group; ++j) {
-        float* sj = scores.data() + j * keys;
-        float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
-        for (int64_t t = 0; t < keys; ++t) top = std::max(top, sj[t]);
-        int64_t t0 = 0;
-#ifdef __AVX512F__
-        __m512 sums = _mm512_setzero_ps();
-        for (; t0 + 16 <= keys; t0 += 16) {
-          const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(sj + t0), _mm512_set1_ps(top)));
-          _mm512_storeu_ps(sj + t0, e);
-          sums = _mm512_add_ps(sums, e);
-        }
-        sum = _mm512_reduce_add_ps(sums);
-#endif
-        for (int64_t t = t0; t < keys; ++t) sum += sj[t] = exp_approx(sj[t] - top);  // a masked key: 0
-        total[j] = 1.f / sum;
-      }
+      softmax_rows(scores.data(), total.data(), group, keys);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < keys; ++t) {
-        if (mk && !mk[b * mask_stride + t]) continue;
+        if (mb && !mb[t]) continue;
         const float* vr = row_of(vc, t);
         for (int64_t j = 0; j < group; ++j) {
           const float p = scores[j * keys + t] * total[j];
