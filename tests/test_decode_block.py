@@ -45,10 +45,16 @@ class Counting:
         block, spy = self.ops.FusedBlock(*args), self
 
         class Step:
+            fused = block  # what run_blocks takes
+
             def step(self, *step_args):
                 spy.calls += 1
                 return block.step(*step_args)
         return Step()
+
+    def run_blocks(self, plans, *args):  # every block's step in one call: one count a block
+        self.calls += len(plans)
+        return self.ops.run_blocks([p.fused for p in plans], *args)
 
 
 @pytest.fixture
@@ -250,3 +256,44 @@ def test_attend_one_equals_sdpa_on_the_cache(H, Hkv, D, dtype):
         assert y.dtype == dtype
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(y.float(), expected, **tol)
+
+
+@pytest.mark.parametrize("preset, layout", [(p, "fp32") for p in FAMILIES] + [("llama-tiny", "bf16"),
+                                                                             ("gemma3-tiny", "int8")])
+def test_all_blocks_in_one_call_equal_the_block_by_block_steps(preset, layout, monkeypatch):
+    """DecodeBlocks (what prepare_for_decode installs) runs a one-token step of every block in
+    one C++ call (run_blocks): the same numbers as the DecodeBlocks called one by one, past
+    gemma3-tiny's sliding window (a ring cache, the local rope and mask) and with left padding;
+    a MoE block's step is not fusable, and the model's loop runs."""
+    import copy
+
+    from scratchlm.decode_block import DecodeBlocks
+
+    plain, _ = pair(preset, seed=6)
+    one_call = prepare_for_decode(copy.deepcopy(plain), layout)
+    assert isinstance(one_call.blocks, DecodeBlocks)
+    by_block = copy.deepcopy(one_call)
+    by_block.blocks = torch.nn.ModuleList(list(by_block.blocks))
+    calls = []
+    ops = cpu_gemv.kernels()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def run_blocks(self, *args):
+            calls.append(1)
+            return ops.run_blocks(*args)
+    monkeypatch.setitem(cpu_gemv._built, "module", Spy())
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 500, (2, 4), generator=gen)
+    new = torch.randint(0, 500, (2, 24), generator=gen)
+    for mask in (None, torch.tensor([[True] * 4, [False, False, True, True]])):
+        calls.clear()
+        a, cache_a = steps(by_block, prompt, new, mask)
+        b, cache_b = steps(one_call, prompt, new, mask)
+        assert len(calls) == (0 if preset == "moe-tiny" else new.shape[1])
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        for x, y in zip(cache_a.k + cache_a.v, cache_b.k + cache_b.v):
+            assert torch.equal(x, y)

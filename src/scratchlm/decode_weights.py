@@ -154,6 +154,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.to(scales.dtype))
         self.scales_fp32 = scales.float()  # the kernel's copy (N floats), not state
+        self.kernel_rows = kernel_rows("int8")  # asked once: a plain int for torch.compile
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
@@ -166,7 +167,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if x2.dtype != scales.dtype:
             x2 = x2.to(scales.dtype)
-        if cpu_gemv.fits(x2, self.in_features, kernel_rows("int8")):  # decoding, short prompts: our kernel (cpu_gemv.py)
+        if cpu_gemv.fits(x2, self.in_features, self.kernel_rows):  # decoding, short prompts: our kernel (cpu_gemv.py)
             y = cpu_gemv.linear(x2, weight, self.scales_fp32)
         elif _dequantizes(x2):  # a prompt: the matrix in bf16 for this call
             y = prompt_linear(x2, cpu_gemv.dequantize(weight, self.scales_fp32))
@@ -220,13 +221,14 @@ class BF16Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.kernel_rows = kernel_rows("bf16")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers  # as a dict: see Int8Linear.forward
         weight, bias = b["weight"], b["bias"]
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
-        if cpu_gemv.fits(x, self.in_features, kernel_rows("bf16")):
+        if cpu_gemv.fits(x, self.in_features, self.kernel_rows):
             y = cpu_gemv.linear(x.reshape(-1, self.in_features), weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
@@ -313,6 +315,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("offsets", offsets)
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        self.kernel_rows = kernel_rows("int4")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
@@ -336,7 +339,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers  # as a dict: see Int8Linear.forward
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if cpu_gemv.fits(x2, self.in_features, kernel_rows("int4")):  # any float x: fp32 sums
+        if cpu_gemv.fits(x2, self.in_features, self.kernel_rows):  # any float x: fp32 sums
             y = cpu_gemv.linear_int4(x2, b["weight_int4"], b["scales"], b["offsets"], self.group_size)
         elif x2.dtype == torch.float32:
             y = F.linear(x2, self.dequantized(torch.float32))
@@ -463,9 +466,9 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     if fused is None:
         fused = on_cpu
     if fused and on_cpu and isinstance(model, Transformer) and cpu_gemv.kernels() is not None:
-        from .decode_block import DecodeBlock
+        from .decode_block import DecodeBlock, DecodeBlocks
 
-        model.blocks = nn.ModuleList(DecodeBlock(b) for b in model.blocks)
+        model.blocks = DecodeBlocks(DecodeBlock(b) for b in model.blocks)
     model.requires_grad_(False)
     if hasattr(model, "config"):
         model.config = model.config.replace(dtype="float32" if dtype == torch.float32 else "bfloat16")

@@ -515,9 +515,16 @@ class Transformer(nn.Module):
             # The attention kernels take a boolean mask as an additive one, converted on every call
             # (forward and backward of every layer): converted once here instead.
             mask, local_mask = _additive(mask, x.dtype), _additive(local_mask, x.dtype)
-        for block in self.blocks:
-            local = block.attn.local
-            x = block(x, rope_local if local else rope, local_mask if local else mask, cache, unpadded)
+        # decode_block.DecodeBlocks (prepare_for_decode on a CPU) runs a one-token step of every
+        # block in one call, or returns None where it does not apply; a plain ModuleList has none.
+        one_call = getattr(self.blocks, "one_token_step", None)
+        stepped = one_call(x, rope, rope_local, mask, local_mask, cache) if one_call and unpadded is None else None
+        if stepped is not None:
+            x = stepped
+        else:
+            for block in self.blocks:
+                local = block.attn.local
+                x = block(x, rope_local if local else rope, local_mask if local else mask, cache, unpadded)
         if cache is not None:
             cache.length = past + T
         x = self.final_norm(x)
