@@ -146,9 +146,11 @@ def test_layers_decode_the_same_with_and_without_the_kernels(kernels, layout, mo
         cache = model.new_cache(1, 8)
         model(ids[:, :3], cache=cache)
         slow = model(ids[:, 3:], cache=cache)[:, -1].float()
-        x = torch.randn(1, layer.in_features).bfloat16()
-        reference = F.linear(x, layer.dequantized() if layout == "int4" else
-                             layer.weight_int8.bfloat16() * layer.scales[:, None] if layout == "int8" else layer.weight)
+        dtype = model.tok_emb.weight.dtype  # the activations': fp32 where the CPU lacks native bf16
+        x = torch.randn(1, layer.in_features).to(dtype)
+        matrix = (layer.dequantized() if layout == "int4" else
+                  layer.weight_int8.bfloat16() * layer.scales.bfloat16()[:, None] if layout == "int8" else layer.weight)
+        reference = F.linear(x, matrix.to(dtype))
     assert float((fast - slow).norm() / slow.norm()) < 0.02
     assert fast.argmax() == slow.argmax()
     monkeypatch.undo()
@@ -192,3 +194,17 @@ def test_builds_are_cached_per_cpu_instruction_set(tmp_path):
     assert re.fullmatch("[0-9a-f]{8}", cpu_tag(str(tmp_path / "missing")))  # no /proc: still a name
     if cpu_gemv.kernels() is not None:  # the build in use is this CPU's
         assert cpu_gemv.kernels().__name__ == f"scratchlm_gemv_{cpu_tag()}"
+
+
+@pytest.mark.skipif(cpu_gemv.kernels() is None, reason="the decode kernels cannot be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_strided_x_gives_the_contiguous_result(dtype):
+    """x a non-contiguous view (the last position of each row of a prompt's hidden states, as
+    the head sees it) multiplies like its contiguous copy, for every weight format."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 64).to(dtype)
+    x = hidden[:, -1]  # (3, 64), strides (320, 1)
+    assert not x.is_contiguous()
+    w = torch.randn(32, 64)
+    for weight in (w, w.bfloat16()):
+        torch.testing.assert_close(cpu_gemv.linear(x, weight), cpu_gemv.linear(x.contiguous(), weight), rtol=0, atol=0)

@@ -20,10 +20,15 @@ how well the matrix-vector kernel streams those bytes. The ways to store the wei
     dot-product instructions where it has them. Per matrix at one row of x, against PyTorch's
     kernels on the same weights (benchmarks/decode_kernels.py, one 2-core Sapphire Rapids
     machine): bf16 ~2.3x oneDNN's F.linear, int8 ~1.6x torch._weight_int8pack_mm, int4 ~1.1x
-    torch's int4 kernel. Up to 8 rows of x (bf16) or 16 (int8, int4) go through the kernels;
-    a longer prompt multiplies the matrix dequantized to bf16 for the call (our
-    ``cpu_gemv.dequantize``) with oneDNN's bf16 matmul, AMX where the CPU has it. Where the
-    kernels cannot be built (no C++ compiler), PyTorch's kernels serve decoding too.
+    torch's int4 kernel. Up to ``kernel_rows`` rows of x go through the kernels; a longer
+    prompt multiplies the matrix dequantized to bf16 for the call (our ``cpu_gemv.dequantize``)
+    with oneDNN's bf16 matmul, AMX where the CPU has it (widened to fp32 where it has no
+    native bf16). Where the kernels cannot be built (no C++ compiler), PyTorch's kernels serve
+    decoding too.
+
+    The activations between the matrices (and the norms, the embeddings, the cache) are bf16,
+    except for "bf16" on a CPU without native bf16: fp32 there, since our kernel widens x to
+    fp32 anyway and PyTorch's emulated bf16 ops are slower than its fp32 ones.
 
     "int8-dynamic"  int8 weights and int8 activations (each row of x quantized on the fly
             to uint8 with its own range; fbgemm's VNNI kernel). Not weight-only: about
@@ -87,10 +92,14 @@ def kernel_rows(weights: str) -> int:
     matrix to fp32 for MKL (allocating, and faulting in, a float copy of every matrix each
     call), and the kernel stays ahead much longer: all of smollm2-135m's matrices on an Ice Lake
     server, 2 threads, kernel against prompt path, bf16 32 rows 137 against 174-260 ms, 48 rows
-    197 / 185; int8 64 rows 129-136 / 160-166, 128 rows 292 / 240; int4 128 rows 335 / 402."""
+    197 / 185; int8 64 rows 129-136 / 160-166, 128 rows 292 / 240; int4 64 rows 126-143 /
+    217-297, 128 rows 335 / 402. int4 stops at 64 all the same: its kernel takes x in 15 bits a
+    run of 64 inputs, coarser than bf16 next to a massive activation, and a long prompt is where
+    that precision shows (SmolLM2-Instruct from its GGUF, three chats as one 114-row batch: a
+    first token 0.08 from a tie flipped; tests/test_gguf_quant.py)."""
     if cpu_has_native_bf16():
         return cpu_gemv.MAX_ROWS if weights == "bf16" else cpu_gemv.MAX_ROWS_QUANTIZED
-    return {"bf16": 32, "int8": 64, "int4": 128}[weights]
+    return {"bf16": 32, "int8": 64, "int4": 64}[weights]
 
 
 class TransposedLinear(nn.Module):
@@ -212,22 +221,26 @@ class BF16Linear(nn.Module):
 
     Decoding and short prompts (up to ``kernel_rows("bf16")`` rows of x) go through our kernel
     (cpu_gemv.py): vdpbf16ps where the CPU has AVX512-BF16, else each bf16 weight widened to
-    fp32 as it is streamed, so no native bf16 matmul is needed; more rows go to prompt_linear: oneDNN's bf16 matmul, or
-    the matrix widened to fp32 for the call where the CPU lacks native bf16.
+    fp32 as it is streamed, so no native bf16 matmul is needed; more rows go to prompt_linear:
+    oneDNN's bf16 matmul, or the matrix widened to fp32 for the call where the CPU lacks native
+    bf16. x and y are in ``dtype`` (bf16, or fp32: prepare_for_decode's choice).
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+        # x and y's dtype (bf16, or fp32 where the CPU lacks native bf16: prepare_for_decode) as an
+        # empty buffer, not state: model.to(dtype) moves it with the norms and the embeddings.
+        self.register_buffer("activations", torch.empty(0, dtype=dtype), persistent=False)
         self.kernel_rows = kernel_rows("bf16")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers  # as a dict: see Int8Linear.forward
-        weight, bias = b["weight"], b["bias"]
-        if x.dtype != torch.bfloat16:
-            x = x.to(torch.bfloat16)
+        weight, bias, dtype = b["weight"], b["bias"], b["activations"].dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if cpu_gemv.fits(x, self.in_features, self.kernel_rows):
             y = cpu_gemv.linear(x.reshape(-1, self.in_features), weight)
             y = y.view(*x.shape[:-1], self.out_features)
@@ -237,10 +250,11 @@ class BF16Linear(nn.Module):
     def decode_spec(self) -> tuple:
         """This layer as decode_ops.cpp's FusedBlock runs it (a step of 1-8 rows: our kernel)."""
         b = self._buffers
-        return 0, b["weight"], None, None, b["bias"], 0, 1
+        return 0, b["weight"], None, None, b["bias"], 0, 1 if b["activations"].dtype == torch.bfloat16 else 2
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"activations={str(self.activations.dtype).removeprefix('torch.')}")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,7 +447,16 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
         weights = "fp32"
     if weights == "int4" and not on_cpu:
         raise ScratchLMError("int4 weights use PyTorch's CPU int4 kernel: move the model to the CPU first")
-    dtype = torch.float32 if weights in ("fp32", "int8-dynamic") else torch.bfloat16
+    # The activations (and the norms, the embeddings, the cache): bf16 for "bf16" where the CPU
+    # has native bf16 (its kernel multiplies bf16 x) or off the CPU; fp32 where our kernel runs
+    # without native bf16, as llama.cpp keeps them with F16 weights: the kernel widens x to fp32
+    # anyway, and PyTorch's bf16 ops between the matrices are emulated, slower than fp32 ones
+    # (smollm2-135m on an Ice Lake server, 64 tokens: bf16 weights 1.44x our fp32 with bf16
+    # activations, 1.52x with fp32 ones, interleaved rounds). int8 and int4 keep bf16 ones: their
+    # weights are quantized from the bf16-rounded matrices, as a GGUF file's are (gguf_io/quant.py).
+    float_activations = (on_cpu and weights == "bf16" and cpu_gemv.kernels() is not None
+                         and not cpu_has_native_bf16())
+    dtype = torch.float32 if weights in ("fp32", "int8-dynamic") or float_activations else torch.bfloat16
     tied = isinstance(model, Transformer) and model.lm_head.weight is model.tok_emb.weight
     if weights == "fp32" and tied:  # one transposed table serves the head and the lookups
         table_t = model.tok_emb.weight.detach().to(dtype).t().contiguous()  # (d_model, vocab)
@@ -445,7 +468,7 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
         if weights == "fp32":
             return TransposedLinear.from_linear(linear)
         if weights == "bf16" and on_cpu:
-            return BF16Linear(linear)
+            return BF16Linear(linear, dtype)
         if weights == "int8" or (weights == "int4" and not int4_fits(linear.out_features, linear.in_features, group_size)):
             return Int8Linear.from_linear(linear, dtype)
         if weights == "int4":

@@ -471,6 +471,10 @@ inline const float* floats_of(const torch::Tensor& x, std::vector<float>& buffer
   if (x.scalar_type() == torch::kFloat32 && x.is_contiguous()) return x.data_ptr<float>();
   const torch::Tensor xc = x.contiguous();
   buffer.resize(xc.numel());
+  if (xc.scalar_type() == torch::kFloat32) {  // a strided fp32 x (the last position of a prompt's rows)
+    std::memcpy(buffer.data(), xc.data_ptr<float>(), xc.numel() * sizeof(float));
+    return buffer.data();
+  }
   const auto* h = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   for (int64_t i = 0; i < xc.numel(); ++i) {
     const uint32_t bits = uint32_t(h[i]) << 16;
