@@ -297,3 +297,11 @@ def test_all_blocks_in_one_call_equal_the_block_by_block_steps(preset, layout, m
             assert torch.equal(x, y)
         for x, y in zip(cache_a.k + cache_a.v, cache_b.k + cache_b.v):
             assert torch.equal(x, y)
+    seen = []  # a forward hook on a block: the loop calls the blocks, so it runs every step
+    handle = one_call.blocks[0].register_forward_hook(lambda module, args, out: seen.append(1))
+    calls.clear()
+    hooked, _ = steps(one_call, prompt, new)
+    handle.remove()
+    assert len(seen) == 1 + new.shape[1] and calls == []
+    for x, y in zip(steps(by_block, prompt, new)[0], hooked):
+        assert torch.equal(x, y)

@@ -196,12 +196,15 @@ class DecodeBlocks(nn.ModuleList):
 
     def one_token_step(self, x: torch.Tensor, rope, rope_local, mask, local_mask, cache) -> torch.Tensor | None:
         """x (B, 1, d) through every block, as model.forward's loop computes it; None unless
-        every block is a DecodeBlock whose fused C++ step takes this call (DecodeBlock.fused)."""
+        every block is a DecodeBlock whose fused C++ step takes this call (DecodeBlock.fused)
+        and none has a forward hook (the loop calls the blocks, so their hooks run)."""
         if cache is None or x.shape[0] > cpu_gemv.MAX_ROWS:
             return None
         plans, local = [], []
         for block in self:
-            plan = block._fused_plan() if isinstance(block, DecodeBlock) and block.fused(x, cache) else None
+            hooked = block._forward_hooks or block._forward_pre_hooks
+            plan = (block._fused_plan() if isinstance(block, DecodeBlock) and not hooked and block.fused(x, cache)
+                    else None)
             if plan is None:
                 return None
             plans.append(plan)
