@@ -40,12 +40,22 @@ import time
 import torch
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s that summing a large fp32 tensor reaches (the best of a few tries)."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()
-    best = min(_timed(x.sum)[0] for _ in range(repeats))
-    return x.numel() * 4 / best
+class ReadBandwidth:
+    """Bytes/s that summing a large fp32 tensor reaches, the best of every try. The benchmark
+    tries once a round, beside the decoders, so that a moment of load on this shared machine
+    when it starts does not set the limit (one such start measured 12.8 GB/s, the rounds 20+)."""
+
+    def __init__(self, gib: float = 1.0, repeats: int = 3):
+        self.x = torch.ones(int(gib * 2**30) // 4)
+        self.x.sum()  # fault the pages in
+        self.best = min(_timed(self.x.sum)[0] for _ in range(repeats))
+
+    def measure(self) -> None:
+        self.best = min(self.best, _timed(self.x.sum)[0])
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.x.numel() * 4 / self.best
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -424,10 +434,9 @@ def main() -> None:
         except ImportError:
             print("llama.cpp peers skipped: pip install gguf llama-cpp-python")
 
-    bandwidth = read_bandwidth()
+    read = ReadBandwidth()
     print(f"{args.model}, random weights, {args.threads} threads, prompt {args.prompt_tokens} tokens, "
           f"{n} new tokens, {args.rounds} interleaved rounds")
-    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor)")
     vocab = plain.config.vocab_size
     prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
     for name, run in peers.items():  # warm up
@@ -440,6 +449,10 @@ def main() -> None:
             t, out = _timed(run, prompt)
             times[name].append(t)
             tokens[name] = out
+        read.measure()
+    bandwidth = read.bytes_per_s
+    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum of a 1 GiB tensor, best of {args.rounds + 3} tries "
+          "beside the rounds)")
     # x hf: the median over rounds of (hf time / peer time) within the same round, which a
     # machine whose load drifts from round to round disturbs least. x llama.cpp: against the
     # llama.cpp file of the same bits per weight (fp32 and bf16 against F16). x ours fp32: the
