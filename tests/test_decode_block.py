@@ -258,6 +258,40 @@ def test_attend_one_equals_sdpa_on_the_cache(H, Hkv, D, dtype):
         torch.testing.assert_close(y.float(), expected, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_one_split_over_the_keys_equals_sdpa(dtype):
+    """A long cache at batch 1 (SmolLM2's 3 key heads) is cut into runs of keys, one task each,
+    as many as makes the tasks divide among the threads (2 threads: 2 runs, 4 threads: 4; 1
+    thread or 3: none); the runs' softmaxes are combined into the softmax over all keys. Left
+    padding masks the whole first run (it must weigh nothing, not turn into a NaN)."""
+    ops = cpu_gemv.kernels()
+    gen = torch.Generator().manual_seed(7)
+    H, Hkv, D, C, keys = 9, 3, 64, 700, 650
+    Q, KV = H * D, Hkv * D
+    qkv = torch.randn(1, Q + 2 * KV, generator=gen).to(dtype)
+    k_cache = torch.randn(1, Hkv, C, D, generator=gen).to(dtype)
+    v_cache = torch.randn(1, Hkv, C, D, generator=gen).to(dtype)
+    padded = torch.ones(1, keys, dtype=torch.bool)
+    padded[:, :400] = False
+    scattered = torch.rand(1, keys, generator=gen) > 0.5
+    scattered[:, keys - 1] = True
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3, 4):
+            torch.set_num_threads(n_threads)
+            for mask in (None, padded, scattered):
+                y = ops.attend_one(qkv, None, None, k_cache, v_cache, keys - 1, keys, mask, H, Hkv, 0.0, 0, 0,
+                                   None, None, 1e-5)
+                q = qkv[:, :Q].view(1, H, 1, D).float()
+                k, v = k_cache[:, :, :keys].float(), v_cache[:, :, :keys].float()
+                attn_mask = None if mask is None else mask[:, None, None, :]
+                expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True).view(1, Q)
+                tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+                torch.testing.assert_close(y.float(), expected, **tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("preset, layout", [(p, "fp32") for p in FAMILIES] + [("llama-tiny", "bf16"),
                                                                              ("gemma3-tiny", "int8")])
 def test_all_blocks_in_one_call_equal_the_block_by_block_steps(preset, layout, monkeypatch):

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -288,8 +289,8 @@ inline void rope_head(float* x, const float* cos, const float* sin, int64_t D, b
 }
 
 // Each of the `rows` rows of scores (rows, keys) to e^(score - max), total[j] = 1 / its sum
-// (a masked key holds -inf: e^-inf = 0).
-inline void softmax_rows(float* scores, float* total, int64_t rows, int64_t keys) {
+// (a masked key holds -inf: e^-inf = 0), top[j] its max where top is given.
+inline void softmax_rows(float* scores, float* total, int64_t rows, int64_t keys, float* top_out = nullptr) {
   for (int64_t j = 0; j < rows; ++j) {
     float* sj = scores + j * keys;
     float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
@@ -306,6 +307,7 @@ inline void softmax_rows(float* scores, float* total, int64_t rows, int64_t keys
 #endif
     for (int64_t t = t0; t < keys; ++t) sum += sj[t] = exp_approx(sj[t] - top);
     total[j] = 1.f / sum;
+    if (top_out) top_out[j] = top;
   }
 }
 
@@ -328,7 +330,7 @@ inline __m512 cache16(const void* p, int64_t at) {
 // 16 up to 256, group <= 8 (a template argument: the loops over it unrolled, its sums in registers).
 template <bool BF16, int group>
 void attend_group(const float* qg, const void* kc, const void* vc, int64_t base, int64_t keys, int64_t D,
-                  float s, const bool* mask, float* scores, float* total, float* acc) {
+                  float s, const bool* mask, float* scores, float* total, float* acc, float* top) {
   const int64_t slices = D / 16;
   for (int64_t t = 0; t < keys; ++t) {
     if (mask && !mask[t]) {
@@ -343,7 +345,7 @@ void attend_group(const float* qg, const void* kc, const void* vc, int64_t base,
     }
     for (int j = 0; j < group; ++j) scores[j * keys + t] = _mm512_reduce_add_ps(dot[j]) * s;
   }
-  softmax_rows(scores, total, group, keys);
+  softmax_rows(scores, total, group, keys, top);
   for (int64_t j = 0; j < group; ++j)  // the attention weights: e^(score - max) / sum
     for (int64_t t = 0; t < keys; ++t) scores[j * keys + t] *= total[j];
   for (int64_t d = 0; d < slices; ++d) {
@@ -361,16 +363,81 @@ void attend_group(const float* qg, const void* kc, const void* vc, int64_t base,
 // attend_group with its group size as a constant (1 to 8).
 template <bool BF16>
 void attend_group_of(int64_t group, const float* qg, const void* kc, const void* vc, int64_t base, int64_t keys,
-                     int64_t D, float s, const bool* mask, float* scores, float* total, float* acc) {
+                     int64_t D, float s, const bool* mask, float* scores, float* total, float* acc, float* top) {
   switch (group) {
-    case 1: return attend_group<BF16, 1>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
-    case 2: return attend_group<BF16, 2>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
-    case 3: return attend_group<BF16, 3>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
-    case 4: return attend_group<BF16, 4>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
-    case 5: return attend_group<BF16, 5>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
-    case 6: return attend_group<BF16, 6>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
-    case 7: return attend_group<BF16, 7>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
-    default: return attend_group<BF16, 8>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc);
+    case 1: return attend_group<BF16, 1>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc, top);
+    case 2: return attend_group<BF16, 2>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc, top);
+    case 3: return attend_group<BF16, 3>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc, top);
+    case 4: return attend_group<BF16, 4>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc, top);
+    case 5: return attend_group<BF16, 5>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc, top);
+    case 6: return attend_group<BF16, 6>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc, top);
+    case 7: return attend_group<BF16, 7>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc, top);
+    default: return attend_group<BF16, 8>(qg, kc, vc, base, keys, D, s, mask, scores, total, acc, top);
+  }
+}
+#endif
+
+// How many runs of keys each (row, kv head) is cut into, one task each (flash-decoding's split):
+// at batch 1 SmolLM2 has 3 key heads for 2 threads, so the longest thread did 2 of the 3 and a
+// long cache's attention was two thirds serial. Enough runs that the tasks divide evenly among
+// the threads, each at least 64 keys; 1 (no split) for a batch with enough (row, head) pairs, a
+// single thread, or less work than ATTEND_PARALLEL multiply-adds in all (where waking the other
+// core costs more than it saves).
+#ifndef ATTEND_PARALLEL
+#define ATTEND_PARALLEL (1 << 16)
+#endif
+inline int64_t key_splits(int64_t pairs, int64_t keys, int64_t work) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || work < ATTEND_PARALLEL || pairs >= 4 * threads) return 1;
+  const int64_t even = threads / std::gcd(pairs, threads);  // pairs * even is a multiple of threads
+  return std::max<int64_t>(1, std::min(even, keys / 64));
+}
+
+#ifdef __AVX512F__
+// attend_one's attention with each (row, kv head)'s keys in `splits` runs: each run's softmax
+// and weighted values are those of attend_group over its keys alone (max m_r, sum l_r, output
+// o_r); a query's output is then sum_r w_r o_r / sum_r w_r with w_r = l_r e^(m_r - max_r m_r),
+// the softmax over all the keys. A run whose keys are all masked (left padding) has l_r = 0.
+void attend_split(const float* q, const Floats& kc, const Floats& vc, const bool* mk, int64_t mask_stride,
+                  const Floats& out, int64_t B, int64_t Hkv, int64_t C, int64_t D, int64_t group, int64_t keys,
+                  int64_t splits, float s) {
+  const int64_t chunk = (keys + splits - 1) / splits, pairs = B * Hkv, Q = Hkv * group * D;
+  std::vector<float> parts(pairs * splits * group * D), tops(pairs * splits * group), totals(pairs * splits * group);
+  at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores;
+    scores.resize(group * chunk);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t pair = w / splits, t0 = (w % splits) * chunk, n = std::min(chunk, keys - t0);
+      const int64_t b = pair / Hkv, g = pair % Hkv;
+      float *acc = parts.data() + w * group * D, *top = tops.data() + w * group, *total = totals.data() + w * group;
+      if (n <= 0) {  // (chunks rounded up: the last may be empty)
+        std::fill(top, top + group, -std::numeric_limits<float>::infinity());
+        continue;
+      }
+      const int64_t base = ((b * Hkv + g) * C + t0) * D;
+      const float* qg = q + b * Q + g * group * D;
+      const bool* mb = mk ? mk + b * mask_stride + t0 : nullptr;
+      if (kc.bf16) attend_group_of<true>(group, qg, kc.p, vc.p, base, n, D, s, mb, scores.data(), total, acc, top);
+      else attend_group_of<false>(group, qg, kc.p, vc.p, base, n, D, s, mb, scores.data(), total, acc, top);
+    }
+  });
+  std::vector<float> y(group * D), weight(splits);
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    for (int64_t j = 0; j < group; ++j) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t r = 0; r < splits; ++r) top = std::max(top, tops[(pair * splits + r) * group + j]);
+      float sum = 0.f;
+      for (int64_t r = 0; r < splits; ++r) {  // totals hold 1 / l_r
+        const int64_t at = (pair * splits + r) * group + j;
+        weight[r] = tops[at] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(tops[at] - top) / totals[at];
+        sum += weight[r];
+      }
+      float* yj = y.data() + j * D;
+      std::fill(yj, yj + D, 0.f);
+      for (int64_t r = 0; r < splits; ++r)
+        if (weight[r] > 0.f) axpy(weight[r] / sum, parts.data() + ((pair * splits + r) * group + j) * D, yj, D);
+    }
+    out.store(pair * group * D, group * D, y.data());  // pair = b * Hkv + g: (b, g)'s heads in y
   }
 }
 #endif
@@ -454,6 +521,13 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const c10::optional<torch::Te
   // Threads only for long caches: waking the second core costs more than ~1M multiply-adds.
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, cost));
   const bool fast = D % 16 == 0 && D <= 256 && group <= 8;  // attend_group's registers
+  const int64_t splits = fast ? key_splits(work, keys, work * cost) : 1;
+  if (splits > 1) {
+#ifdef __AVX512F__
+    attend_split(q.data(), kc, vc, mk, mask_stride, out, B, Hkv, C, D, group, keys, splits, s);
+    return y;
+#endif
+  }
   at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scores, total, acc, row_f;  // total: 1 / sum
     scores.resize(group * keys), total.resize(group), acc.resize(group * D), row_f.resize(D);
@@ -464,8 +538,8 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const c10::optional<torch::Te
       const bool* mb = mk ? mk + b * mask_stride : nullptr;
 #ifdef __AVX512F__
       if (fast) {
-        if (bf16) attend_group_of<true>(group, qg, kc.p, vc.p, base, keys, D, s, mb, scores.data(), total.data(), acc.data());
-        else attend_group_of<false>(group, qg, kc.p, vc.p, base, keys, D, s, mb, scores.data(), total.data(), acc.data());
+        if (bf16) attend_group_of<true>(group, qg, kc.p, vc.p, base, keys, D, s, mb, scores.data(), total.data(), acc.data(), nullptr);
+        else attend_group_of<false>(group, qg, kc.p, vc.p, base, keys, D, s, mb, scores.data(), total.data(), acc.data(), nullptr);
         out.store(b * Q + g * group * D, group * D, acc.data());
         continue;
       }
