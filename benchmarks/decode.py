@@ -24,6 +24,7 @@ row, and a tied output head is the embedding matrix).
     python benchmarks/decode.py --quick              # fewer tokens and rounds
     python benchmarks/decode.py --compile fp32 bf16  # also the torch.compile'd decode step
     python benchmarks/decode.py --attention          # only the per-call attention timings
+    python benchmarks/decode.py --attention --cached 85 512 2048
     python benchmarks/decode.py --profile            # only a profile of one decode step
 
 Needs the bench extra (pip install -e '.[bench]'), pip install --no-deps llms-from-scratch,
@@ -314,30 +315,45 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor, hf_model=None, prom
     return f"differs from token {i} (hf logit gap {gap:.4f}, logits' std {float(logits.std()):.2f})"
 
 
-def attention_per_call(config, cached: int = 85, repeats: int = 200) -> None:
+def attention_per_call(config, cached: int = 85, repeats: int = 20) -> None:
     """Per-call time of the decode attention (one query token, ``cached`` keys) in the
-    layouts and kernel choices that were considered, best of interleaved rounds."""
+    layouts and kernel choices that were considered, best of interleaved rounds. Each call reads
+    one of n_layers caches in turn, as a decode step does (a layer's cache, then the weights
+    until the next layer's), so that a long cache comes from memory, not from a warm L2."""
     import torch.nn.functional as F
 
-    H, Hkv, D = config.n_heads, config.n_kv_heads, config.head_dim
-    print(f"attention per call: {H} query heads, {Hkv} kv heads, head_dim {D}, {cached} cached positions")
+    from scratchlm import cpu_gemv
+
+    ops = cpu_gemv.kernels()
+    H, Hkv, D, L = config.n_heads, config.n_kv_heads, config.head_dim, config.n_layers
+    print(f"attention per call: {H} query heads, {Hkv} kv heads, head_dim {D}, {cached} cached positions, "
+          f"{L} layers' caches in turn")
     for dtype in (torch.float32, torch.bfloat16):
         for B in (1, 8):
             q = torch.randn(B, 1, H, D, dtype=dtype).transpose(1, 2)  # (B, H, 1, D) as the model makes it
-            k_buf, v_buf = (torch.randn(B, Hkv, 1024, D, dtype=dtype) for _ in range(2))
-            k, v = k_buf[:, :, :cached], v_buf[:, :, :cached]  # the cache's views
-            kc, vc = k.contiguous(), v.contiguous()
+            qkv = torch.randn(B, (H + 2 * Hkv) * D, dtype=dtype)  # what attend_one takes
+            bufs = [(torch.randn(B, Hkv, cached + 1, D, dtype=dtype), torch.randn(B, Hkv, cached + 1, D, dtype=dtype))
+                    for _ in range(L)]
+            views = [(k[:, :, :cached], v[:, :, :cached]) for k, v in bufs]  # the cache's views
+            packed = [(k.contiguous(), v.contiguous()) for k, v in views]
             grouped = q.reshape(B, Hkv, H // Hkv, D)
-            calls = {"enable_gqa on the cache views": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-                     "enable_gqa on contiguous keys": lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True),
-                     "repeat_interleave to MHA": lambda: F.scaled_dot_product_attention(
-                         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)),
-                     "group folded into queries (ours)": lambda: F.scaled_dot_product_attention(grouped, k, v)}
+            calls = {"enable_gqa on the cache views": lambda: [F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                                                               for k, v in views],
+                     "enable_gqa on contiguous keys": lambda: [F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                                                               for k, v in packed],
+                     "repeat_interleave to MHA": lambda: [F.scaled_dot_product_attention(
+                         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)) for k, v in views],
+                     "group folded into queries": lambda: [F.scaled_dot_product_attention(grouped, k, v)
+                                                           for k, v in views]}
+            if ops is not None:  # the fused decode path's (rotary off): the new key written, then read
+                calls["attend_one (ours, fused)"] = lambda: [ops.attend_one(qkv, None, None, k, v, cached, cached + 1,
+                                                                            None, H, Hkv, 0.0, 0, 0, None, None, 1e-5)
+                                                             for k, v in bufs]
             best = {name: float("inf") for name in calls}
             with torch.inference_mode():
                 for _ in range(5):
                     for name, fn in calls.items():
-                        best[name] = min(best[name], _timed(lambda: [fn() for _ in range(repeats)])[0] / repeats)
+                        best[name] = min(best[name], _timed(lambda: [fn() for _ in range(repeats)])[0] / (repeats * L))
             print(f"  {str(dtype)[6:]:8s} batch {B}: " + ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in best.items()))
 
 
@@ -377,6 +393,8 @@ def main() -> None:
                          "the compilation happens in the warm-up and is not timed")
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 3 rounds")
     ap.add_argument("--attention", action="store_true", help="only time the decode attention per call")
+    ap.add_argument("--cached", type=int, nargs="+", default=[85],
+                    help="with --attention: the cache lengths to time it at (e.g. 85 512 2048)")
     ap.add_argument("--profile", action="store_true", help="only profile decode steps (fp32 and bf16)")
     args = ap.parse_args()
     if args.quick:
@@ -389,7 +407,9 @@ def main() -> None:
     hf = hf_model_for(args.model)
     plain = from_hf_model(hf).eval()  # nn.Linear layout, as trained
     if args.attention:
-        return attention_per_call(plain.config)
+        for cached in args.cached:
+            attention_per_call(plain.config, cached)
+        return
     if args.profile:
         for layout in ("fp32", "bf16"):
             print(f"--- {layout}")

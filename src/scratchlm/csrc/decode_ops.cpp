@@ -518,8 +518,8 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const c10::optional<torch::Te
   // 2. Each (row, kv head): its `group` queries against the keys, softmax, values (fp32).
   const float s = scale > 0 ? float(scale) : 1.f / std::sqrt(float(D));
   const int64_t work = B * Hkv, cost = group * keys * D * 2;
-  // Threads only for long caches: waking the second core costs more than ~1M multiply-adds.
-  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, cost));
+  // Threads only for enough work (ATTEND_PARALLEL multiply-adds, key_splits).
+  const int64_t grain = std::max<int64_t>(1, ATTEND_PARALLEL / std::max<int64_t>(1, cost));
   const bool fast = D % 16 == 0 && D <= 256 && group <= 8;  // attend_group's registers
   const int64_t splits = fast ? key_splits(work, keys, work * cost) : 1;
   if (splits > 1) {
