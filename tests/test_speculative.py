@@ -31,6 +31,26 @@ def test_greedy_is_the_target_alone_whatever_the_draft(k):
     assert perfect.rounds == math.ceil(20 / (k + 1))
 
 
+def test_a_fused_draft_catches_up_one_token_at_a_time():
+    """A draft with a fused one-token step (prepare_for_decode) is fed the tokens its cache
+    lacks after a fully kept round (two) as one-token steps, not a two-token pass; the output
+    is still the target's alone."""
+    import copy
+
+    from scratchlm.decode_weights import prepare_for_decode
+
+    target = _model(0)
+    draft = prepare_for_decode(copy.deepcopy(target), "fp32")
+    fed = []
+    draft.register_forward_pre_hook(lambda module, args, kwargs: fed.append(args[0].shape[1]), with_kwargs=True)
+    prompt = [5, 17, 42]
+    expected = generate(target, None, [prompt], max_new_tokens=20)[0].token_ids
+    out = speculative_generate(target, draft, prompt, max_new_tokens=20, k=3)
+    assert out.token_ids == expected
+    assert out.accepted > 0 and fed[0] == len(prompt) - 1  # the prompt at once, then
+    assert set(fed[1:]) == {1}, fed  # every catch-up a one-token step
+
+
 def test_sampling_is_distributed_as_the_target():
     """Vocabulary of 4: the distribution of the first two sampled tokens (16 outcomes) from
     speculative decoding with a very different draft matches the target's exact one."""
