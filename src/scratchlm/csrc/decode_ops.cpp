@@ -521,13 +521,12 @@ torch::Tensor attend_one(const torch::Tensor& qkv, const c10::optional<torch::Te
   // Threads only for enough work (ATTEND_PARALLEL multiply-adds, key_splits).
   const int64_t grain = std::max<int64_t>(1, ATTEND_PARALLEL / std::max<int64_t>(1, cost));
   const bool fast = D % 16 == 0 && D <= 256 && group <= 8;  // attend_group's registers
-  const int64_t splits = fast ? key_splits(work, keys, work * cost) : 1;
-  if (splits > 1) {
 #ifdef __AVX512F__
+  if (const int64_t splits = fast ? key_splits(work, keys, work * cost) : 1; splits > 1) {
     attend_split(q.data(), kc, vc, mk, mask_stride, out, B, Hkv, C, D, group, keys, splits, s);
     return y;
-#endif
   }
+#endif
   at::parallel_for(0, work, grain, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scores, total, acc, row_f;  // total: 1 / sum
     scores.resize(group * keys), total.resize(group), acc.resize(group * D), row_f.resize(D);
