@@ -102,7 +102,7 @@ def test_repeated_prompts_prefill_once_and_sample_as_each_apart(preset, monkeypa
     shared = generate(model, None, prompts, max_new_tokens=12, temperature=1.0, seed=3)
 
     def every_row(self):
-        return self._sample(self._forward(0, self.length))
+        return self._pick(self._forward(0, self.length))
 
     monkeypatch.setattr(gen._Decoder, "first", torch.inference_mode()(every_row))
     apart = generate(model, None, prompts, max_new_tokens=12, temperature=1.0, seed=3)

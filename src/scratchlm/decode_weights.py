@@ -123,6 +123,12 @@ class TransposedLinear(nn.Module):
         y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The outputs ``ids`` only: x (N, in) -> (N, len(ids)) (HeadScreen's exact check)."""
+        b = self._buffers
+        y = x @ b["weight_t"].index_select(1, ids)  # a strided gather of a few columns
+        return y if b["bias"] is None else y + b["bias"][ids]
+
     def decode_spec(self) -> tuple:
         """This layer as decode_ops.cpp's FusedBlock runs it (its Projection's fields)."""
         b = self._buffers
@@ -247,6 +253,15 @@ class BF16Linear(nn.Module):
             return y if bias is None else y + bias
         return prompt_linear(x.reshape(-1, self.in_features), weight, bias).view(*x.shape[:-1], self.out_features)
 
+    def rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The outputs ``ids`` only, x (N, in) -> (N, len(ids)), in fp32 rounded to the layer's dtype
+        as its kernel's are (HeadScreen's exact check)."""
+        b = self._buffers
+        y = x.float() @ b["weight"].index_select(0, ids).float().t()
+        if b["bias"] is not None:
+            y = y + b["bias"][ids].float()
+        return y.to(b["activations"].dtype)
+
     def decode_spec(self) -> tuple:
         """This layer as decode_ops.cpp's FusedBlock runs it (a step of 1-8 rows: our kernel)."""
         b = self._buffers
@@ -263,6 +278,94 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+class HeadScreen(nn.Module):
+    """The greedy token of an output head, found from an int8 copy of the head instead of all of it.
+
+    Greedy decoding needs one thing from the head W (vocab, d): the row with the largest
+    W[i] . x, not every logit. The head is the largest matrix of a small model (SmolLM2-135M:
+    113 of 538 MB a token in fp32; GPT-2: 154 of 498), and its int8 copy (quantize_int8, one
+    scale a row) is a quarter of it. That copy gives each logit to within a bound b_i known in
+    advance up to three numbers of x (below): a row whose approx_i + b_i is under the best
+    approx_j - b_j cannot be the largest, so only the rows left (on SmolLM2-135M-Instruct's real
+    weights 3 at the median, 63 at most over 120 steps) are computed again from the exact
+    weights. The result is the exact head's argmax; only ties closer than fp32 rounding could
+    go either way, as between any two kernels.
+
+    The bound on |exact_i - approx_i|, with d = W - s q the rounding of the copy (known here),
+    n1 = |x|_1, n2 = |x|_2:
+      the copy's rounding    |d_i . x| <= min(max|d_i| n1, |d_i|_2 n2)
+      the kernel's x         s_i |q_i . (x - x')| <= s_i |q_i|_2 sqrt(d) max|x| / 65534
+                             (gemv.cpp rounds each run of 64 inputs of x to 16-bit integers)
+      fp32 sums, both sides  <= (d + d/64 + 2) 2^-24 127 s_i n1
+    The last two are folded into one coefficient of n1 (max|x| <= n1), all with 1% to spare.
+
+    >>> w = torch.randn(1000, 64)
+    >>> x = torch.randn(3, 64)
+    >>> keep = HeadScreen(w).candidates(x, len(w))
+    >>> bool(torch.isin((x @ w.t()).argmax(-1), keep).all()), len(keep) < 20
+    (True, True)
+    """
+
+    def __init__(self, weight: torch.Tensor, output_dtype: torch.dtype = torch.float32, chunk: int = 8192):
+        super().__init__()
+        vocab, d = weight.shape
+        # bf16 logits tie where they round alike: the rows that may round to the largest stay.
+        self.output_rounding = 2.0 ** -8 if output_dtype == torch.bfloat16 else 0.0
+        self.max_keep = 256  # more rows left than this: the whole head is cheaper
+        q, scales = quantize_int8(weight)
+        q = q.contiguous()  # (a transposed table's rows come out strided)
+        # The copy's rounding per row, in float64 and a few thousand rows at a time (a large
+        # vocabulary's float64 copy would be ~1 GB).
+        worst, l2 = torch.empty(vocab, dtype=torch.float64), torch.empty(vocab, dtype=torch.float64)
+        q_l2 = torch.empty(vocab, dtype=torch.float64)
+        for start in range(0, vocab, chunk):
+            rows = slice(start, start + chunk)
+            q64 = q[rows].double()
+            rounding = weight[rows].double() - scales[rows].double()[:, None] * q64
+            worst[rows], l2[rows], q_l2[rows] = rounding.abs().amax(1), rounding.norm(dim=1), q64.norm(dim=1)
+        s = scales.double()
+        tail = s * q_l2 * d ** 0.5 / 65534 + (d + d / 64 + 2) * 2.0 ** -24 * 127 * s
+        self.register_buffer("weight_int8", q, persistent=False)  # derived from the head: not state
+        self.register_buffer("scales", scales.float(), persistent=False)
+        self.register_buffer("per_n1", (worst * 1.01).float(), persistent=False)
+        self.register_buffer("per_n2", (l2 * 1.01).float(), persistent=False)
+        self.register_buffer("per_n1_tail", (tail * 1.01).float(), persistent=False)
+
+    def candidates(self, x: torch.Tensor, limit: int) -> torch.Tensor | None:
+        """Ids (sorted) among the first ``limit`` rows that may hold the largest logit of some
+        row of x (N, d); None where the screen cannot tell (a NaN in x, or over 256 rows left)."""
+        b = self._buffers  # as a dict: see Int8Linear.forward
+        x = x.float().contiguous()
+        ops = cpu_gemv.kernels()
+        if ops is not None:  # the same as below in one call (gemv.cpp screen_int8)
+            keep = ops.screen_int8(x, b["weight_int8"], b["scales"], b["per_n1"], b["per_n2"], b["per_n1_tail"],
+                                   limit, self.output_rounding, self.max_keep)
+            return keep if len(keep) else None
+        approx = (x @ b["weight_int8"][:limit].float().t()) * b["scales"][:limit]  # (N, limit)
+        n1 = x.abs().sum(-1, keepdim=True)  # (N, 1)
+        n2 = x.norm(dim=-1, keepdim=True)
+        bound = torch.minimum(b["per_n1"][:limit] * n1, b["per_n2"][:limit] * n2)
+        bound += b["per_n1_tail"][:limit] * n1
+        bound += approx.abs() * 1e-6  # the rounding of these sums themselves
+        floor = (approx - bound).amax(-1, keepdim=True)  # (N, 1): some row's exact logit reaches it
+        floor -= floor.abs() * self.output_rounding
+        keep = (approx + bound >= floor).any(0).nonzero()[:, 0]  # NaN compares False: none kept
+        return keep if 0 < len(keep) <= self.max_keep else None
+
+
+def greedy_ids(head: nn.Module, x: torch.Tensor, limit: int | None = None) -> torch.Tensor | None:
+    """argmax over the first ``limit`` logits of ``head(x)``, x (N, d) -> ids (N,), through the
+    head's HeadScreen: the exact logits of the few rows it leaves. None where the head has no
+    screen or it cannot tell: then compute all logits."""
+    screen = getattr(head, "screen", None)
+    if screen is None or x.device.type != "cpu" or cpu_gemv.kernels() is None:
+        return None
+    keep = screen.candidates(x, head.out_features if limit is None else limit)
+    if keep is None:
+        return None
+    return keep[head.rows(x, keep).float().argmax(-1)]  # ties: the lowest id, as torch.argmax
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -415,7 +518,7 @@ def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
 
 
 def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int = 64,
-                       fused: bool | None = None) -> nn.Module:
+                       fused: bool | None = None, screen_head: bool = True) -> nn.Module:
     """Store ``model``'s weights the fast way for decoding (one of WEIGHTS), in
     place. Only the Transformer's own Linear layers are swapped (merge LoRA adapters first).
 
@@ -430,6 +533,10 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
     matrices fused in C++: 1.4-1.8x a step of smollm2-135m). None: on the CPU. That builds our
     kernels the first time on a machine (about a minute, cached after; a line on stderr says
     so); where they cannot be built, the model's own Block runs.
+
+    screen_head: give an fp32 or bf16 output head a HeadScreen (on the CPU, with our kernels),
+    through which greedy decoding reads an int8 copy of the head instead of the whole of it
+    and gets the same tokens (generate.py; a quarter of the head's fp32 bytes more in memory).
     """
     from .model import MLP, Attention, Transformer
     from .moe import MoE
@@ -486,6 +593,11 @@ def prepare_for_decode(model: nn.Module, weights: str = "fp32", group_size: int 
         if isinstance(module, MoE):  # each expert's two matrices become layers of the layout
             module.set_expert_layers([[swap(_linear(w)) for w in pair]
                                       for pair in zip(module.gate_up_proj.detach(), module.down_proj.detach())])
+    head = getattr(model, "lm_head", None)
+    if screen_head and on_cpu and isinstance(head, (TransposedLinear, BF16Linear)) and cpu_gemv.kernels() is not None:
+        weight = head.weight_t.t() if isinstance(head, TransposedLinear) else head.weight
+        head.screen = HeadScreen(weight, torch.bfloat16 if isinstance(head, BF16Linear) and dtype == torch.bfloat16
+                                 else torch.float32)
     if fused is None:
         fused = on_cpu
     if fused and on_cpu and isinstance(model, Transformer) and cpu_gemv.kernels() is not None:

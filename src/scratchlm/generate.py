@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .compiled_decode import compile_decode_step
+from .decode_weights import greedy_ids
 from .errors import ScratchLMError
 from .model import check_token_ids
 from .sampling import (  # noqa: F401 - sampling's names, re-exported for older imports
@@ -301,6 +302,10 @@ class _Decoder:
                     firsts.setdefault(k, i)
                 self.owner = torch.tensor(owner, device=device)
                 self.distinct = torch.tensor(list(firsts.values()), device=device)  # each prompt's first row
+        # Greedy on plain logits (no penalty, no blocker): a head with a screen (decode_weights.HeadScreen)
+        # gives the argmax from an int8 copy of itself and the exact logits of the few rows it leaves.
+        self.screened = (options.greedy and self.seen is None and self.blocker is None
+                         and getattr(model.lm_head, "screen", None) is not None)
         # compile: the one-token steps run through a compiled static-shape step (compiled_decode.py);
         # the prefill stays eager (its length changes from call to call).
         self.step = None
@@ -313,7 +318,7 @@ class _Decoder:
         """Prefill: read the prompts, return the first sampled ids (B,)."""
         if self.owner is not None:
             return self._sample(self._shared_prefill())
-        return self._sample(self._forward(0, self.length))
+        return self._pick(self._forward(0, self.length))
 
     def _shared_prefill(self) -> torch.Tensor:
         """The prefill's last-position logits (B, V), each distinct prompt computed once: its
@@ -343,10 +348,10 @@ class _Decoder:
         if self.step is not None:
             return self._sample(self._compiled_step(previous))
         start = self.length - 1 if self.use_cache else 0
-        return self._sample(self._forward(start, self.length))
+        return self._pick(self._forward(start, self.length))
 
     def _forward(self, start: int, end: int) -> torch.Tensor:
-        """Logits (B, V) of the last position, having fed columns [start, end)."""
+        """Hidden states (B, d_model) of the last position, having fed columns [start, end)."""
         model, cache = self.model, self.cache
         positions = self.positions[:, start:end] if self.padded else None
         if not self.use_cache and self.padded:  # no cache, but the padding mask lives on a cache
@@ -354,7 +359,7 @@ class _Decoder:
             cache.key_mask = self.key_mask[:, :end]
         with _eval_mode(model):
             hidden = model(self.ids[:, start:end], cache=cache, positions=positions, return_hidden=True)
-        return model.lm_head(hidden[:, -1])  # only the last position's logits are needed
+        return hidden[:, -1]  # only the last position's logits are needed
 
     def _compiled_step(self, previous: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after feeding previous (B,) at column length - 1, through the compiled step."""
@@ -364,6 +369,14 @@ class _Decoder:
             logits = self.step(previous[:, None], self.column, self.positions, self.key_mask, cache.k, cache.v)
         cache.length = self.length
         return logits
+
+    def _pick(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The next ids (B,) from the last position's hidden states (B, d_model)."""
+        if self.screened:
+            ids = greedy_ids(self.model.lm_head, hidden, self.vocab_limit)
+            if ids is not None:
+                return ids
+        return self._sample(self.model.lm_head(hidden))
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         if self.blocker is not None:

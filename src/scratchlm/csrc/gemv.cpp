@@ -664,6 +664,50 @@ torch::Tensor dequantize(const torch::Tensor& q, const torch::Tensor& scale, con
   return w;
 }
 
+// decode_weights.HeadScreen: which rows of an output head may hold the largest logit, from its
+// int8 copy q (N, K) with scale (N,). For each row m of x (M, K) fp32: approx = the int8 logits,
+// b[i] = min(per_n1[i] n1, per_n2[i] n2) + per_n1_tail[i] n1 + 1e-6 |approx[i]| (n1, n2: x's
+// L1 and L2 norms) bounds |exact - approx|, floor = max_i (approx[i] - b[i]) - rounding |floor|;
+// row i < limit stays if approx[i] + b[i] >= floor for some m. Returns the sorted ids, or no ids
+// where none stay (a NaN) or more than max_keep do: then the caller computes every logit.
+// One call instead of ~10 torch ops over the vocabulary (~0.45 ms a step of smollm2-135m).
+torch::Tensor screen_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const torch::Tensor& per_n1, const torch::Tensor& per_n2, const torch::Tensor& per_n1_tail,
+                          int64_t limit, double rounding, int64_t max_keep) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "screen: x must be contiguous float32");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(limit >= 1 && limit <= N, "screen: limit must be in [1, ", N, "]");
+  for (const auto* t : {&per_n1, &per_n2, &per_n1_tail})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == N,
+                "screen: one float32 coefficient per head row");
+  const torch::Tensor approx = (linear)(x, q, scale);  // (M, N) fp32 (parenthesized: not at::linear)
+  const float* a = approx.data_ptr<float>();
+  const float *c1 = per_n1.data_ptr<float>(), *c2 = per_n2.data_ptr<float>(), *ct = per_n1_tail.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> bound(limit);
+  std::vector<uint8_t> keep(limit, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t k = 0; k < K; ++k) s1 += std::fabs(xp[m * K + k]), s2 += double(xp[m * K + k]) * xp[m * K + k];
+    const float n1 = float(s1 * (1.0 + 1e-6)), n2 = float(std::sqrt(s2) * (1.0 + 1e-6));
+    const float* am = a + m * N;
+    float floor = -INFINITY;
+    for (int64_t i = 0; i < limit; ++i) {
+      bound[i] = std::min(c1[i] * n1, c2[i] * n2) + ct[i] * n1 + 1e-6f * std::fabs(am[i]);
+      floor = std::max(floor, am[i] - bound[i]);  // (a NaN never wins the max)
+    }
+    floor -= float(rounding) * std::fabs(floor);
+    for (int64_t i = 0; i < limit; ++i) keep[i] |= am[i] + bound[i] >= floor;  // NaN: false
+  }
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < limit; ++i)
+    if (keep[i] && int64_t(ids.size()) < max_keep + 1) ids.push_back(i);
+  if (int64_t(ids.size()) > max_keep) ids.clear();
+  torch::Tensor out = torch::empty({int64_t(ids.size())}, torch::kLong);
+  std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
 }  // namespace
 
 // For decode_ops.cpp's FusedBlock: the same kernels, called from C++.
@@ -681,6 +725,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
   m.def("linear", &linear, "y = x @ W^T (times one scale per output row), 8 rows of x a pass; W fp32, bf16 or int8");
   m.def("dequantize", &dequantize, "an int8 (N, K) or int4 (N, K / 2) matrix as bf16 (N, K), for prompts");
+  m.def("screen_int8", &screen_int8, "the rows of an int8 head that may hold the largest exact logit");
   m.def("linear_int4", &linear_int4, "y = x @ (scale * q + offset)^T, group-wise, 8 rows of x a pass");
   m.attr("MAX_M") = MAX_M;
 #ifdef GEMV_VNNI
