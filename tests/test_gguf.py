@@ -443,6 +443,32 @@ def test_real_model_greedy_tokens_equal_transformers(smollm):
     assert "Paris" in answer
 
 
+def test_real_model_screened_head_gives_transformers_tokens(smollm):
+    """The fp32 decode layout's greedy tokens come from an int8 copy of the head and the exact
+    logits of the rows it leaves (decode_weights.HeadScreen): on the real weights, transformers'
+    tokens still, and only a few rows left a step."""
+    import copy
+    import statistics
+
+    from scratchlm.decode_weights import HeadScreen, prepare_for_decode
+    from scratchlm.generate import generate
+
+    ours, tok, hf_model, _, _ = smollm
+    fast = prepare_for_decode(copy.deepcopy(ours), "fp32")
+    if not hasattr(fast.lm_head, "screen"):
+        pytest.skip("scratchlm's CPU kernels are not built")
+    kept = []
+    screen = fast.lm_head.screen
+    screen.candidates = lambda x, limit: kept.append(HeadScreen.candidates(screen, x, limit)) or kept[-1]
+    for prompt in RAW:
+        ids = tok.encode(prompt)
+        expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert generate(fast, tok, [ids], max_new_tokens=24, ignore_eos=True)[0].token_ids == expected, prompt
+    assert len(kept) == 24 * len(RAW) and all(k is not None for k in kept)
+    assert statistics.median(len(k) for k in kept) <= 16
+
+
 TOKENIZER_TEXTS = [
     "Hello, world! It's a test.", "def f(x):\n\treturn x ** 2  # square\n", "    four spaces\n\n\n  two",
     "emoji 🦙🚀 and CJK 日本語のテキスト 中文", "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>", "naïve café — “quotes”",

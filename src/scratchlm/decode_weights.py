@@ -287,7 +287,7 @@ class HeadScreen(nn.Module):
     W[i] . x, not every logit. The head is the largest matrix of a small model (SmolLM2-135M:
     113 of 538 MB a token in fp32; GPT-2: 154 of 498), and its int8 copy (quantize_int8, one
     scale a row) is a quarter of it. That copy gives each logit to within a bound b_i known in
-    advance up to three numbers of x (below): a row whose approx_i + b_i is under the best
+    advance up to a few numbers of x (below): a row whose approx_i + b_i is under the best
     approx_j - b_j cannot be the largest, so only the rows left (on SmolLM2-135M-Instruct's real
     weights 3 at the median, 63 at most over 120 steps) are computed again from the exact
     weights. The result is the exact head's argmax; only ties closer than fp32 rounding could
@@ -296,10 +296,10 @@ class HeadScreen(nn.Module):
     The bound on |exact_i - approx_i|, with d = W - s q the rounding of the copy (known here),
     n1 = |x|_1, n2 = |x|_2:
       the copy's rounding    |d_i . x| <= min(max|d_i| n1, |d_i|_2 n2)
-      the kernel's x         s_i |q_i . (x - x')| <= s_i |q_i|_2 sqrt(d) max|x| / 65534
-                             (gemv.cpp rounds each run of 64 inputs of x to 16-bit integers)
+      the kernel's x         s_i |q_i . (x - x')| <= s_i |q_i|_2 |x - x'|_2 (gemv.cpp rounds each
+                             run of 64 inputs of x to 16-bit integers, x'; screen_int8 redoes it)
       fp32 sums, both sides  <= (d + d/64 + 2) 2^-24 127 s_i n1
-    The last two are folded into one coefficient of n1 (max|x| <= n1), all with 1% to spare.
+    each coefficient with 1% to spare.
 
     >>> w = torch.randn(1000, 64)
     >>> x = torch.randn(3, 64)
@@ -326,12 +326,13 @@ class HeadScreen(nn.Module):
             rounding = weight[rows].double() - scales[rows].double()[:, None] * q64
             worst[rows], l2[rows], q_l2[rows] = rounding.abs().amax(1), rounding.norm(dim=1), q64.norm(dim=1)
         s = scales.double()
-        tail = s * q_l2 * d ** 0.5 / 65534 + (d + d / 64 + 2) * 2.0 ** -24 * 127 * s
+        sums = (d + d / 64 + 2) * 2.0 ** -24 * 127 * s
         self.register_buffer("weight_int8", q, persistent=False)  # derived from the head: not state
         self.register_buffer("scales", scales.float(), persistent=False)
         self.register_buffer("per_n1", (worst * 1.01).float(), persistent=False)
         self.register_buffer("per_n2", (l2 * 1.01).float(), persistent=False)
-        self.register_buffer("per_n1_tail", (tail * 1.01).float(), persistent=False)
+        self.register_buffer("per_x_rounding", (s * q_l2 * 1.01).float(), persistent=False)
+        self.register_buffer("per_n1_sums", (sums * 1.01).float(), persistent=False)
 
     def candidates(self, x: torch.Tensor, limit: int) -> torch.Tensor | None:
         """Ids (sorted) among the first ``limit`` rows that may hold the largest logit of some
@@ -340,14 +341,14 @@ class HeadScreen(nn.Module):
         x = x.float().contiguous()
         ops = cpu_gemv.kernels()
         if ops is not None:  # the same as below in one call (gemv.cpp screen_int8)
-            keep = ops.screen_int8(x, b["weight_int8"], b["scales"], b["per_n1"], b["per_n2"], b["per_n1_tail"],
-                                   limit, self.output_rounding, self.max_keep)
+            keep = ops.screen_int8(x, b["weight_int8"], b["scales"], b["per_n1"], b["per_n2"], b["per_x_rounding"],
+                                   b["per_n1_sums"], limit, self.output_rounding, self.max_keep)
             return keep if len(keep) else None
         approx = (x @ b["weight_int8"][:limit].float().t()) * b["scales"][:limit]  # (N, limit)
         n1 = x.abs().sum(-1, keepdim=True)  # (N, 1)
         n2 = x.norm(dim=-1, keepdim=True)
         bound = torch.minimum(b["per_n1"][:limit] * n1, b["per_n2"][:limit] * n2)
-        bound += b["per_n1_tail"][:limit] * n1
+        bound += b["per_n1_sums"][:limit] * n1  # (x is not rounded here)
         bound += approx.abs() * 1e-6  # the rounding of these sums themselves
         floor = (approx - bound).amax(-1, keepdim=True)  # (N, 1): some row's exact logit reaches it
         floor -= floor.abs() * self.output_rounding

@@ -666,34 +666,50 @@ torch::Tensor dequantize(const torch::Tensor& q, const torch::Tensor& scale, con
 
 // decode_weights.HeadScreen: which rows of an output head may hold the largest logit, from its
 // int8 copy q (N, K) with scale (N,). For each row m of x (M, K) fp32: approx = the int8 logits,
-// b[i] = min(per_n1[i] n1, per_n2[i] n2) + per_n1_tail[i] n1 + 1e-6 |approx[i]| (n1, n2: x's
-// L1 and L2 norms) bounds |exact - approx|, floor = max_i (approx[i] - b[i]) - rounding |floor|;
+// b[i] = min(per_n1[i] n1, per_n2[i] n2) + per_x_rounding[i] e + per_n1_sums[i] n1 + 1e-6 |approx[i]|
+// (n1, n2: x's L1 and L2 norms; e = |x - x'|_2, x' the 16-bit x the int8 kernel multiplies,
+// rounded here as quantize_runs does) bounds |exact - approx|, floor = max_i (approx[i] - b[i]) - rounding |floor|;
 // row i < limit stays if approx[i] + b[i] >= floor for some m. Returns the sorted ids, or no ids
 // where none stay (a NaN) or more than max_keep do: then the caller computes every logit.
 // One call instead of ~10 torch ops over the vocabulary (~0.45 ms a step of smollm2-135m).
 torch::Tensor screen_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                          const torch::Tensor& per_n1, const torch::Tensor& per_n2, const torch::Tensor& per_n1_tail,
-                          int64_t limit, double rounding, int64_t max_keep) {
+                          const torch::Tensor& per_n1, const torch::Tensor& per_n2, const torch::Tensor& per_x_rounding,
+                          const torch::Tensor& per_n1_sums, int64_t limit, double rounding, int64_t max_keep) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "screen: x must be contiguous float32");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(limit >= 1 && limit <= N, "screen: limit must be in [1, ", N, "]");
-  for (const auto* t : {&per_n1, &per_n2, &per_n1_tail})
+  for (const auto* t : {&per_n1, &per_n2, &per_x_rounding, &per_n1_sums})
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == N,
                 "screen: one float32 coefficient per head row");
   const torch::Tensor approx = (linear)(x, q, scale);  // (M, N) fp32 (parenthesized: not at::linear)
   const float* a = approx.data_ptr<float>();
-  const float *c1 = per_n1.data_ptr<float>(), *c2 = per_n2.data_ptr<float>(), *ct = per_n1_tail.data_ptr<float>();
+  const float *c1 = per_n1.data_ptr<float>(), *c2 = per_n2.data_ptr<float>();
+  const float *cx = per_x_rounding.data_ptr<float>(), *cs = per_n1_sums.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   std::vector<float> bound(limit);
   std::vector<uint8_t> keep(limit, 0);
   for (int64_t m = 0; m < M; ++m) {
-    double s1 = 0.0, s2 = 0.0;
+    double s1 = 0.0, s2 = 0.0, e2 = 0.0;
     for (int64_t k = 0; k < K; ++k) s1 += std::fabs(xp[m * K + k]), s2 += double(xp[m * K + k]) * xp[m * K + k];
+#ifdef GEMV_VNNI
+    if (K % RUN == 0)  // linear's int8 path rounds x: the same float ops as quantize_runs
+      for (int64_t r = 0; r < K / RUN; ++r) {
+        const float* p = xp + m * K + r * RUN;
+        float amax = 0.f;
+        for (int j = 0; j < RUN; ++j) amax = std::max(amax, std::fabs(p[j]));
+        const float scale = amax / 32767.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+        for (int j = 0; j < RUN; ++j) {
+          const double e = double(p[j]) - double(std::nearbyint(p[j] * inv)) * scale;
+          e2 += e * e;
+        }
+      }
+#endif
     const float n1 = float(s1 * (1.0 + 1e-6)), n2 = float(std::sqrt(s2) * (1.0 + 1e-6));
+    const float ex = float(std::sqrt(e2) * 1.01);
     const float* am = a + m * N;
     float floor = -INFINITY;
     for (int64_t i = 0; i < limit; ++i) {
-      bound[i] = std::min(c1[i] * n1, c2[i] * n2) + ct[i] * n1 + 1e-6f * std::fabs(am[i]);
+      bound[i] = std::min(c1[i] * n1, c2[i] * n2) + cx[i] * ex + cs[i] * n1 + 1e-6f * std::fabs(am[i]);
       floor = std::max(floor, am[i] - bound[i]);  // (a NaN never wins the max)
     }
     floor -= float(rounding) * std::fabs(floor);
