@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .decode_weights import greedy_ids
 from .errors import ScratchLMError
 from .generate import SamplingOptions, filter_logits
 
@@ -75,6 +76,15 @@ class _Cached:
         device = self.model.tok_emb.weight.device
         ids = torch.tensor([seq[self.cache.length:] + list(extra)], device=device)
         return self.model(ids, cache=self.cache)[0]
+
+    def argmax_last(self, seq: list[int], extra: list[int], n: int) -> list[int]:
+        """Feed seq[cache.length:] + extra; the argmax of the last n tokens' logits, through the
+        head's screen where it has one (decode_weights.greedy_ids: the same ids, an int8 read)."""
+        device = self.model.tok_emb.weight.device
+        ids = torch.tensor([seq[self.cache.length:] + list(extra)], device=device)
+        hidden = self.model(ids, cache=self.cache, return_hidden=True)[0, -n:]  # (n, d_model)
+        best = greedy_ids(self.model.lm_head, hidden)
+        return (best if best is not None else self.model.lm_head(hidden).argmax(dim=-1)).tolist()
 
     def next_logits(self, seq: list[int]) -> torch.Tensor:
         """Logits (V,) after seq. The draft's cache lacks one token, or two after a round whose
@@ -136,19 +146,18 @@ def speculative_generate(target, draft, prompt: list[int], *, max_new_tokens: in
                 logits = small.next_logits(seq + drafted)
         # One target pass over [the tokens its cache lacks, d_1..d_want]: the last want + 1
         # rows score d_1..d_want and the bonus position.
-        scores = big.logits(seq, drafted)[-(want + 1):]  # (want + 1, V)
         rounds += 1
         proposed += want
         new = []
         if greedy:
-            best = scores.argmax(dim=-1).tolist()
+            best = big.argmax_last(seq, drafted, want + 1)
             for i, token in enumerate(drafted):
                 if token != best[i]:
                     break
                 new.append(token)
             new.append(best[len(new)])  # the correction, or the bonus if all were accepted
         else:
-            p = _probs(scores, options)  # (want + 1, V)
+            p = _probs(big.logits(seq, drafted)[-(want + 1):], options)  # (want + 1, V)
             for i, token in enumerate(drafted):
                 ratio = p[i, token] / q[i][token]
                 if torch.rand((), generator=generator) < ratio:
