@@ -707,17 +707,51 @@ torch::Tensor screen_int8(const torch::Tensor& x, const torch::Tensor& q, const 
     const float n1 = float(s1 * (1.0 + 1e-6)), n2 = float(std::sqrt(s2) * (1.0 + 1e-6));
     const float ex = float(std::sqrt(e2) * 1.01);
     const float* am = a + m * N;
+    const auto bound_at = [&](int64_t i) {
+      return std::min(c1[i] * n1, c2[i] * n2) + cx[i] * ex + cs[i] * n1 + 1e-6f * std::fabs(am[i]);
+    };
     float floor = -INFINITY;
-    for (int64_t i = 0; i < limit; ++i) {
-      bound[i] = std::min(c1[i] * n1, c2[i] * n2) + cx[i] * ex + cs[i] * n1 + 1e-6f * std::fabs(am[i]);
-      floor = std::max(floor, am[i] - bound[i]);  // (a NaN never wins the max)
+    int64_t i = 0;
+#ifdef GEMV_AVX512  // 16 rows an instruction: the scalar loop is ~0.15 ms a row of x over 49K rows
+    const __m512 vn1 = _mm512_set1_ps(n1), vn2 = _mm512_set1_ps(n2), vex = _mm512_set1_ps(ex);
+    const __m512 tiny = _mm512_set1_ps(1e-6f);
+    __m512 vfloor = _mm512_set1_ps(-INFINITY);
+    for (; i + LANES <= limit; i += LANES) {
+      const __m512 ai = _mm512_loadu_ps(am + i);
+      __m512 b = _mm512_min_ps(_mm512_mul_ps(_mm512_loadu_ps(c1 + i), vn1), _mm512_mul_ps(_mm512_loadu_ps(c2 + i), vn2));
+      b = _mm512_add_ps(b, _mm512_mul_ps(_mm512_loadu_ps(cx + i), vex));
+      b = _mm512_add_ps(b, _mm512_mul_ps(_mm512_loadu_ps(cs + i), vn1));
+      b = _mm512_add_ps(b, _mm512_mul_ps(tiny, _mm512_abs_ps(ai)));
+      _mm512_storeu_ps(bound.data() + i, b);
+      vfloor = _mm512_max_ps(_mm512_sub_ps(ai, b), vfloor);  // a NaN lane keeps the floor (the second operand)
+    }
+    floor = _mm512_reduce_max_ps(vfloor);
+#endif
+    for (int64_t j = i; j < limit; ++j) {
+      bound[j] = bound_at(j);
+      floor = std::max(floor, am[j] - bound[j]);  // (a NaN never wins the max)
     }
     floor -= float(rounding) * std::fabs(floor);
-    for (int64_t i = 0; i < limit; ++i) keep[i] |= am[i] + bound[i] >= floor;  // NaN: false
+    i = 0;
+#ifdef GEMV_AVX512
+    const __m512 vf = _mm512_set1_ps(floor);
+    for (; i + LANES <= limit; i += LANES) {
+      __mmask16 hit = _mm512_cmp_ps_mask(_mm512_add_ps(_mm512_loadu_ps(am + i), _mm512_loadu_ps(bound.data() + i)),
+                                         vf, _CMP_GE_OQ);  // ordered: NaN is false
+      for (; hit; hit &= hit - 1) keep[i + __builtin_ctz(hit)] = 1;
+    }
+#endif
+    for (; i < limit; ++i) keep[i] |= am[i] + bound[i] >= floor;  // NaN: false
   }
   std::vector<int64_t> ids;
-  for (int64_t i = 0; i < limit; ++i)
+  for (int64_t i = 0; i < limit; ++i) {
+    if (i + 8 <= limit) {  // mostly none kept: 8 at a time
+      uint64_t eight;
+      std::memcpy(&eight, keep.data() + i, 8);
+      if (!eight) { i += 7; continue; }
+    }
     if (keep[i] && int64_t(ids.size()) < max_keep + 1) ids.push_back(i);
+  }
   if (int64_t(ids.size()) > max_keep) ids.clear();
   torch::Tensor out = torch::empty({int64_t(ids.size())}, torch::kLong);
   std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
