@@ -213,3 +213,35 @@ def test_generate_with_the_screen_gives_the_whole_heads_tokens(layout):
     sampled = generate(screened, None, prompts, max_new_tokens=8, temperature=0.8, seed=1)
     assert [c.token_ids for c in sampled] == [c.token_ids for c in generate(whole, None, prompts, max_new_tokens=8,
                                                                               temperature=0.8, seed=1)]
+
+
+@needs_kernels
+def test_the_servers_engine_takes_greedy_rows_through_the_screen():
+    """A batch of greedy rows (and one sampling row, which needs the logits) on the serving engine:
+    the same tokens as generate() on the model without a screen; the screen chose the greedy steps."""
+    from scratchlm.serve.engine import Engine, SamplingParams, Sequence
+
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig.preset("llama-tiny").replace(vocab_size=512, context_length=64)).eval()
+    screened = prepare_for_decode(copy.deepcopy(base), "fp32")
+    whole = prepare_for_decode(copy.deepcopy(base), "fp32", screen_head=False)
+    screen, calls = screened.lm_head.screen, []
+    screen.candidates = lambda x, limit: calls.append(len(x)) or HeadScreen.candidates(screen, x, limit)
+    prompts = [[5, 17, 42, 8], [7, 9], list(range(100, 120)), [3]]
+    for sampled in (False, True):
+        engine = Engine(screened, None, max_batch=4).start()
+        try:
+            params = [SamplingParams(max_tokens=12, temperature=0.9 if sampled and i == 3 else 0.0, seed=1)
+                      for i in range(len(prompts))]
+            sequences = [Sequence(p, q, lambda event: None) for p, q in zip(prompts, params)]
+            engine.submit(sequences)
+            assert all(s.done.wait(30) for s in sequences)
+        finally:
+            engine.close()
+        for s in sequences[:3]:
+            [ref] = generate(whole, None, [s.prompt_ids], max_new_tokens=12)
+            assert s.generated == ref.token_ids
+        if not sampled:
+            assert max(calls) == 4  # a step of all four rows went through the screen
+            calls.clear()
+    assert max(calls, default=0) < 4  # with a sampling row in the batch, its steps make every logit

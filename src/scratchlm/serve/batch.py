@@ -85,17 +85,18 @@ class RunningBatch:
                 self._shift(-unused)  # at the context limit (or plenty unused): slide left
         self.cache.key_mask[:len(self.rows), self.length] = True  # the column this step writes
 
-    def forward(self, rows: slice) -> torch.Tensor:
+    def forward(self, rows: slice, return_hidden: bool = False) -> torch.Tensor:
         """Feed ``rows`` (all of them, or one row again after a failed batched step) their last
-        sampled token; return the next logits (len(rows), V). Each row writes column
-        ``length``, so running a row a second time overwrites what a failed pass left."""
+        sampled token; return the next logits (len(rows), V), or the final hidden states
+        (len(rows), d_model) with return_hidden. Each row writes column ``length``, so running
+        a row a second time overwrites what a failed pass left."""
         seqs = self.rows[rows]
         device = self.cache.key_mask.device
         ids = torch.tensor([[s.generated[-1]] for s in seqs], dtype=torch.long, device=device)
         positions = torch.tensor([[s.cached_tokens] for s in seqs], dtype=torch.long, device=device)
         view = self.cache.view(rows, length=self.length)  # these rows, written in place
         hidden = self.model(ids, cache=view, positions=positions, return_hidden=True)
-        return self.model.lm_head(hidden[:, -1])
+        return hidden[:, -1] if return_hidden else self.model.lm_head(hidden[:, -1])
 
     def advance(self) -> None:
         """After a step: every row's keys now end one column further right."""

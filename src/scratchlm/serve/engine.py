@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..decode_weights import greedy_ids
 from ..errors import ScratchLMError
 from ..generate import StopRule, left_pad
 from ..model import KVCache, check_token_ids
@@ -354,9 +355,7 @@ class Engine:
                 self._fail_with(seq, e)
             return
         try:
-            logits = batch.forward(slice(0, len(rows)))  # (B, V)
-            per_row = [logits[i:i + 1] for i in range(len(rows))]
-            greedy = logits.float().argmax(dim=-1).tolist()  # one sync for every greedy row
+            per_row, greedy = self._head(rows, batch.forward(slice(0, len(rows)), return_hidden=True))
         except Exception as e:  # noqa: BLE001 - find the row that broke it
             log.warning("a batched decode step failed (%s): running its %d rows one by one", e, len(rows))
             per_row, broken = [], []
@@ -381,7 +380,19 @@ class Engine:
                 finished.append(seq)
         batch.remove(finished)
 
-    def _next(self, seq: Sequence, logits: torch.Tensor, greedy: int | None) -> bool:
+    def _head(self, rows: list[Sequence], hidden: torch.Tensor) -> tuple[list, list[int]]:
+        """Each row's logits (1, V) and the batch's argmax, from the final hidden states (B, d).
+        When every row is plainly greedy, the head's screen (decode_weights.greedy_ids) gives the
+        argmax from its int8 copy and no logits are made (each row's are None)."""
+        head = self.model.lm_head
+        if all(s._options.greedy and s._seen is None for s in rows):
+            ids = greedy_ids(head, hidden)
+            if ids is not None:
+                return [None] * len(rows), ids.tolist()
+        logits = head(hidden)  # (B, V)
+        return [logits[i:i + 1] for i in range(len(rows))], logits.float().argmax(dim=-1).tolist()  # one sync
+
+    def _next(self, seq: Sequence, logits: torch.Tensor | None, greedy: int | None) -> bool:
         return self._accept(seq, self._sample(seq, logits, greedy))
 
     def _sample(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> int:
