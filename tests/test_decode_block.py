@@ -339,3 +339,48 @@ def test_all_blocks_in_one_call_equal_the_block_by_block_steps(preset, layout, m
     assert len(seen) == 1 + new.shape[1] and calls == []
     for x, y in zip(steps(by_block, prompt, new)[0], hooked):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("preset, layout", [(p, "fp32") for p in FAMILIES] + [("llama-tiny", layout) for layout in
+                                                                             ("bf16", "int8", "int4")])
+def test_tokens_of_one_row_in_one_call_equal_model_pys_pass(preset, layout, monkeypatch):
+    """A few new tokens of one row after its cache (a speculative verify pass, a prompt of up
+    to 8 tokens) go through run_blocks together, each token attending up to its own key: the
+    logits and the cache of model.py's causal pass over the same tokens. Declined (model.py
+    runs) with a local layer (gemma3), a MoE block, a batch of rows, or more than 8 tokens."""
+    import copy
+
+    plain, _ = pair(preset, seed=8)
+    fused = prepare_for_decode(copy.deepcopy(plain), layout)
+    loop = copy.deepcopy(fused)
+    loop.blocks = torch.nn.ModuleList(list(loop.blocks))  # each DecodeBlock: model.py's Block for T > 1
+    seen = []
+    ops = cpu_gemv.kernels()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def run_blocks(self, plans, x, *args):
+            seen.append(x.shape[1])
+            return ops.run_blocks(plans, x, *args)
+    monkeypatch.setitem(cpu_gemv._built, "module", Spy())
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 500, (1, 40), generator=gen)
+    tolerance = {"fp32": 1e-4}.get(layout, 2e-2)
+    with torch.inference_mode():
+        caches = [m.new_cache(1, 40) for m in (fused, loop)]
+        at = 0
+        for T in (5, 1, 8, 3, 9, 6):  # 9: more than 8 tokens, model.py for both
+            seen.clear()
+            a, b = (m(ids[:, at:at + T], cache=c) for m, c in zip((fused, loop), caches))
+            at += T
+            declined = preset == "moe-tiny" or T > 8 or (preset == "gemma3-tiny" and T > 1)
+            assert seen == ([] if declined else [T])
+            torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance)
+        for x, y in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+            torch.testing.assert_close(x[:, :, :at].float(), y[:, :, :at].float(), rtol=tolerance, atol=tolerance)
+        seen.clear()
+        two = fused.new_cache(2, 40)
+        fused(ids[:, :4].expand(2, 4), cache=two)  # a batch of rows: model.py's pass
+        assert seen == []

@@ -197,18 +197,29 @@ class DecodeBlocks(nn.ModuleList):
     def one_token_step(self, x: torch.Tensor, rope, rope_local, mask, local_mask, cache) -> torch.Tensor | None:
         """x (B, 1, d) through every block, as model.forward's loop computes it; None unless
         every block is a DecodeBlock whose fused C++ step takes this call (DecodeBlock.fused)
-        and none has a forward hook (the loop calls the blocks, so their hooks run)."""
-        if cache is None or x.shape[0] > cpu_gemv.MAX_ROWS:
+        and none has a forward hook (the loop calls the blocks, so their hooks run).
+
+        Also x (1, T, d), T <= MAX_ROWS new tokens of one unpadded row after its cache (a
+        speculative round's verify pass, a draft catching up): every matrix is read once for the
+        T rows and each token attends to the keys up to its own, the causal mask model.forward
+        builds. Not where a local layer's window or a ring buffer would need more than that."""
+        B, T = x.shape[:2]
+        if cache is None or B * T > cpu_gemv.MAX_ROWS:
+            return None
+        if T > 1 and (B > 1 or cache.key_mask is not None
+                      or any(cache.length + T > k.shape[2] for k in cache.k)):
             return None
         plans, local = [], []
         for block in self:
             hooked = block._forward_hooks or block._forward_pre_hooks
-            plan = (block._fused_plan() if isinstance(block, DecodeBlock) and not hooked and block.fused(x, cache)
+            plan = (block._fused_plan() if isinstance(block, DecodeBlock) and not hooked and block.fused(x[:, -1:], cache)
                     else None)
-            if plan is None:
+            if plan is None or (T > 1 and block._modules["attn"].local):
                 return None
             plans.append(plan)
             local.append(block._modules["attn"].local)
+        if T > 1:
+            mask = None  # each token's keys end at its own: run_blocks' causal steps
         cos, sin = rope if rope is not None else (None, None)
         cos_local, sin_local = rope_local if rope_local is not None else (None, None)
         return cpu_gemv.kernels().run_blocks(plans, x, local, cos, sin, cos_local, sin_local, mask, local_mask,

@@ -88,12 +88,8 @@ class _Cached:
 
     def next_logits(self, seq: list[int]) -> torch.Tensor:
         """Logits (V,) after seq. The draft's cache lacks one token, or two after a round whose
-        drafts were all kept; two are fed as two one-token steps where the model has a fused
-        one (decode_block.DecodeBlocks), the first without the head: smollm2-135m in int4, two
-        steps took 10 ms and one two-token pass (model.py's per-op path) 20 ms."""
-        if len(seq) - self.cache.length == 2 and getattr(self.model.blocks, "one_token_step", None) is not None:
-            device = self.model.tok_emb.weight.device
-            self.model(torch.tensor([[seq[-2]]], device=device), cache=self.cache, return_hidden=True)
+        drafts were all kept: fed together, one pass (a fused model's run_blocks takes a few
+        tokens of one row in one call, decode_block.DecodeBlocks, at about one step's cost)."""
         return self.logits(seq)[-1]
 
 

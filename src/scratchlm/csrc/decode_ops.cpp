@@ -692,12 +692,16 @@ class FusedBlock {
     for (const auto& p : projections) projections_.push_back(projection(p));
   }
 
-  // x (B, 1, d): the block's one-token step, as DecodeBlock.forward's fused path.
+  // x (B, 1, d): the block's one-token step, as DecodeBlock.forward's fused path. Or x (1, T, d):
+  // T tokens of one sequence (a speculative round's verify pass), their keys and values going to
+  // columns column .. column + T - 1 and token t reading keys [0, keys + t): causal, with each
+  // token's attention a call of its own (a few us) and every matrix read once for all T rows.
   torch::Tensor step(const torch::Tensor& x, const c10::optional<torch::Tensor>& cos,
                      const c10::optional<torch::Tensor>& sin, const torch::Tensor& k_cache,
                      const torch::Tensor& v_cache, int64_t column, int64_t keys,
                      const c10::optional<torch::Tensor>& mask) const {
-    const int64_t B = x.size(0);
+    const int64_t T = x.size(1), B = x.size(0) * T;  // B: rows of the matrices
+    TORCH_CHECK(T == 1 || (x.size(0) == 1 && !mask.has_value()), "FusedBlock: T tokens of one row, no mask");
     const NormSpec none{NONE, c10::nullopt, c10::nullopt};
     // [x + post(delta), pre(x + post(delta))], as residual_norm
     auto land = [&](const torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const NormSpec& post,
@@ -708,9 +712,24 @@ class FusedBlock {
     const Projection &qkv_proj = projections_[0], &out_proj = projections_[1], &gate_proj = projections_[2],
                      &up_proj = projections_[3], &down_proj = projections_[4];
     const torch::Tensor h = land(x, c10::nullopt, none, norms_[0])[1].view({B, -1});  // attn_norm(x)
-    const torch::Tensor y = attend_one(qkv_proj(h), cos, sin, k_cache, v_cache, column, keys, mask, n_heads_,
-                                       n_kv_heads_, scale_, qk_norm_, qk_norm_kind_, std::get<1>(norms_[4]),
-                                       std::get<1>(norms_[5]), eps_);  // (B, n_heads * head_dim)
+    const auto attend = [&](const torch::Tensor& qkv, const c10::optional<torch::Tensor>& c,
+                            const c10::optional<torch::Tensor>& s, int64_t col, int64_t n_keys) {
+      return attend_one(qkv, c, s, k_cache, v_cache, col, n_keys, mask, n_heads_, n_kv_heads_, scale_, qk_norm_,
+                        qk_norm_kind_, std::get<1>(norms_[4]), std::get<1>(norms_[5]), eps_);
+    };
+    torch::Tensor y;  // (B, n_heads * head_dim)
+    if (T == 1) {
+      y = attend(qkv_proj(h), cos, sin, column, keys);
+    } else {
+      const torch::Tensor qkv = qkv_proj(h);  // (T, (H + 2 Hkv) D)
+      c10::optional<torch::Tensor> c, s;
+      if (cos.has_value()) c = cos->reshape({T, -1}).contiguous(), s = sin->reshape({T, -1}).contiguous();
+      std::vector<torch::Tensor> ys;
+      for (int64_t t = 0; t < T; ++t)
+        ys.push_back(attend(qkv.narrow(0, t, 1), c ? c10::optional<torch::Tensor>(c->narrow(0, t, 1)) : c10::nullopt,
+                            s ? c10::optional<torch::Tensor>(s->narrow(0, t, 1)) : c10::nullopt, column + t, keys + t));
+      y = at::cat(ys, 0);
+    }
     const auto xh = land(x, out_proj(y).view(x.sizes()), norms_[1], norms_[2]);  // x, mlp_norm(x)
     const torch::Tensor h2 = xh[1].view({B, -1});
     const torch::Tensor a = gate_proj.kind >= 0 ? activation(gate_proj(h2), up_proj(h2), act_)
@@ -742,8 +761,10 @@ torch::Tensor run_blocks(const std::vector<const FusedBlock*>& blocks, torch::Te
   const size_t n = blocks.size();
   TORCH_CHECK(local.size() == n && k_caches.size() == n && v_caches.size() == n,
               "run_blocks: one local flag and one key and value cache per block");
+  const int64_t T = x.size(1);  // > 1: tokens of one row, none past the end of a buffer (DecodeBlocks checks)
   for (size_t i = 0; i < n; ++i) {
     const int64_t columns = k_caches[i].size(2);
+    TORCH_CHECK(T == 1 || start + T <= columns, "run_blocks: T tokens past the end of a cache buffer");
     const int64_t column = start < columns ? start : start % columns, keys = start < columns ? start + 1 : columns;
     x = local[i] ? blocks[i]->step(x, cos_local, sin_local, k_caches[i], v_caches[i], column, keys, local_mask)
                  : blocks[i]->step(x, cos, sin, k_caches[i], v_caches[i], column, keys, mask);
