@@ -43,6 +43,41 @@ def test_float_weights_equal_matmul(kernels, M, N, K):
     torch.testing.assert_close(cpu_gemv.linear(x, wb), x_seen @ wb.float().T, rtol=1e-5, atol=1e-4)
 
 
+# The transposed (in, out) fp32 layout: N = 80 is 4 vectors of a tile and one more (the tail of
+# one-vector tiles), N = 48 one 3-vector tile at 7-8 rows; K = 17 is not a multiple of anything.
+@pytest.mark.parametrize("M", [1, 2, 4, 6, 7, 8, 13])
+@pytest.mark.parametrize("K,N", [(576, 960), (17, 80), (1536, 48), (64, 16)])
+def test_transposed_weights_equal_matmul(kernels, M, K, N):
+    w_t, x, bias = (torch.randn(K, N, generator=gen(2)), torch.randn(M, K, generator=gen(3)),
+                    torch.randn(N, generator=gen(4)))
+    torch.testing.assert_close(cpu_gemv.linear_transposed(x, w_t), x @ w_t, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu_gemv.linear_transposed(x, w_t, bias), torch.addmm(bias, x, w_t),
+                               rtol=1e-5, atol=1e-4)
+    strided = torch.randn(M, 2 * K, generator=gen(5))[:, ::2]  # copied to contiguous rows first
+    torch.testing.assert_close(cpu_gemv.linear_transposed(strided, w_t), strided @ w_t, rtol=1e-5, atol=1e-4)
+    assert cpu_gemv.transposed_fits(x, w_t) == (2 <= M <= cpu_gemv.TRANSPOSED_ROWS)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_gemv.linear_transposed(x, torch.randn(K, N + 1))
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_gemv.linear_transposed(x.bfloat16(), w_t)
+
+
+def test_transposed_layer_takes_our_kernel_at_two_to_eight_rows(kernels, monkeypatch):
+    """TransposedLinear (the fp32 layout) on 1-9 rows against nn.Linear: at 2-8 rows our kernel
+    runs, at 1 and 9 MKL (a fused block's Projection likewise: test_decode_block.py)."""
+    from scratchlm.decode_weights import TransposedLinear
+    linear = torch.nn.Linear(64, 96)
+    layer = TransposedLinear.from_linear(linear)
+    calls = []
+    real = cpu_gemv.linear_transposed
+    monkeypatch.setattr(cpu_gemv, "linear_transposed", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for M in range(1, 10):
+        x = torch.randn(3, M, 64, generator=gen(M))[1]
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert calls == list(range(2, 9))
+
+
 def as_the_kernel_sees(x: torch.Tensor, kernels, levels: int = 32767) -> torch.Tensor:
     """x as the int8 / int4 kernels multiply it: with the integer dot products (VNNI), each run
     of 64 inputs rounded to steps of its own max|x| / levels (int8: 16 bits, 32767; int4: 15
@@ -127,6 +162,9 @@ def test_torch_compile_sees_one_op_not_a_graph_break(kernels):
     w, x = torch.randn(48, 64, generator=gen(9)), torch.randn(1, 64, generator=gen(10))
     step = torch.compile(lambda x: cpu_gemv.linear(x, w).relu(), backend="eager", fullgraph=True)
     torch.testing.assert_close(step(x), (x @ w.T).relu(), rtol=1e-5, atol=1e-4)
+    w_t, x4 = w.T.contiguous(), torch.randn(4, 64, generator=gen(11))
+    step = torch.compile(lambda x: cpu_gemv.linear_transposed(x, w_t).relu(), backend="eager", fullgraph=True)
+    torch.testing.assert_close(step(x4), (x4 @ w_t).relu(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["bf16", "int8", "int4"])

@@ -35,6 +35,9 @@ from .extension import build
 # wins from ~16 rows on (measured per smollm2-135m matrix: 0.2-0.5 against 0.4-0.8 ms at 32 rows).
 MAX_ROWS = 8
 MAX_ROWS_QUANTIZED = 16
+# fp32 on the transposed (in, out) layout: MKL's GEMV at one row (our kernel's equal), ours
+# (linear_transposed) at 2-8 rows, where MKL's product costs 1.5-1.8x its one-row time.
+TRANSPOSED_ROWS = 8  # decode_ops.cpp's too
 SOURCES = ["gemv.cpp", "decode_ops.cpp"]  # in csrc/
 
 
@@ -90,6 +93,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if torch.compiler.is_compiling():  # the registered op: one node of the graph
         return _gemv(x, weight, scale)
     return kernels().linear(x, weight, scale)  # eager: straight in (the op's dispatch costs ~25 us a call)
+
+
+@torch.library.custom_op("scratchlm::gemv_transposed", mutates_args=())
+def _gemv_transposed(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return kernels().linear_transposed(x, weight_t, bias)
+
+
+@_gemv_transposed.register_fake
+def _(x, weight_t, bias):
+    return x.new_empty(x.shape[0], weight_t.shape[1])
+
+
+def transposed_fits(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
+    """Whether x (..., in) @ weight_t (in, out) goes through linear_transposed: CPU, fp32, 2 to
+    TRANSPOSED_ROWS rows, out a multiple of 16."""
+    in_features, out_features = weight_t.shape
+    rows = x.numel() // in_features if in_features else 0
+    return (x.device.type == "cpu" and 2 <= rows <= TRANSPOSED_ROWS and out_features % 16 == 0
+            and x.dtype == weight_t.dtype == torch.float32 and kernels() is not None)
+
+
+def linear_transposed(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) fp32 @ weight_t (in, out) fp32 (+ bias (out,)) -> (M, out): M x J outputs at a
+    time in registers, each weight row of the tile read once for all M rows of x."""
+    if torch.compiler.is_compiling():
+        return _gemv_transposed(x, weight_t, bias)
+    return kernels().linear_transposed(x, weight_t, bias)
 
 
 def linear_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

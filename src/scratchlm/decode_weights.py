@@ -7,7 +7,9 @@ how well the matrix-vector kernel streams those bytes. The ways to store the wei
     "fp32"  the same numbers, each Linear stored transposed, (in, out). y = x @ W_t walks
             W_t row by row, adding x[k] * W_t[k, :] into y: contiguous, vectorised reads.
             The (out, in) layout of nn.Linear needs one dot product per output instead,
-            which streams ~1.4-1.7x slower on CPU (benchmarks/decode.py).
+            which streams ~1.4-1.7x slower on CPU (benchmarks/decode.py). At 2-8 rows of x
+            (a batch, a speculative verify pass) MKL's product costs 1.5-1.8x its one-row
+            time; ours (cpu_gemv.linear_transposed) reads each weight once for all the rows.
     "bf16"  half the bytes (BF16Linear).
     "int8"  a quarter of the fp32 bytes: w ~= scale[n] * q[n, k] with q in [-127, 127], one
             scale per output row (Int8Linear).
@@ -120,7 +122,10 @@ class TransposedLinear(nn.Module):
         b = self._buffers  # as a dict: see Int8Linear.forward
         weight_t, bias = b["weight_t"], b["bias"]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
+        if cpu_gemv.transposed_fits(x2, weight_t):  # 2-8 rows: ours, 1.2-1.3x MKL's product there
+            y = cpu_gemv.linear_transposed(x2, weight_t, bias)
+        else:  # one row (MKL's GEMV, ours's equal) or a prompt
+            y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)
         return y.view(*x.shape[:-1], self.out_features)
 
     def rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

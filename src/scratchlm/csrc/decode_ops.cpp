@@ -630,6 +630,8 @@ torch::Tensor activation(const torch::Tensor& a, const c10::optional<torch::Tens
 
 // gemv.cpp's kernels
 torch::Tensor gemv_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale);
+torch::Tensor gemv_linear_transposed(const torch::Tensor& x, const torch::Tensor& w_t,
+                                     const c10::optional<torch::Tensor>& bias);
 torch::Tensor gemv_linear_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                                const torch::Tensor& offset, int64_t G);
 
@@ -644,7 +646,9 @@ namespace {
 // One decode layer of decode_weights.py, as its decode_spec() describes it:
 //   (kind, a, b, c, bias, group_size, cast) with kind 0 gemv (a the bf16 / fp32 / int8 weight,
 //   b the int8 layer's fp32 scales), 1 int4 (a, b, c: q, scales, offsets), 2 fp32 transposed
-//   (a the (in, out) weight, MKL's GEMV as TransposedLinear); cast 1 / 2: x to bf16 / fp32 first.
+//   (a the (in, out) weight, as TransposedLinear: MKL's GEMV at one row, gemv.cpp's
+//   linear_transposed at 2-8); cast 1 / 2: x to bf16 / fp32 first.
+constexpr int64_t TRANSPOSED_ROWS = 8;  // cpu_gemv.TRANSPOSED_ROWS
 struct Projection {
   int64_t kind = -1;
   torch::Tensor a;
@@ -658,7 +662,10 @@ struct Projection {
     torch::Tensor y;
     if (kind == 0) y = gemv_linear(x2, a, b);
     else if (kind == 1) y = gemv_linear_int4(x2, a, *b, *c, group);
-    else return bias.has_value() ? at::addmm(*bias, x2, a) : at::mm(x2, a);
+    else if (x2.size(0) >= 2 && x2.size(0) <= TRANSPOSED_ROWS && a.size(1) % 16 == 0 &&
+             a.scalar_type() == torch::kFloat32 && x2.scalar_type() == torch::kFloat32)
+      return gemv_linear_transposed(x2, a, bias);  // 2-8 rows: our kernel on the (in, out) layout
+    else return bias.has_value() ? at::addmm(*bias, x2, a) : at::mm(x2, a);  // 1 row: MKL's GEMV
     return bias.has_value() ? y + *bias : y;
   }
 };

@@ -466,6 +466,66 @@ inline const float* split_even_odd(const float* x, int64_t rows, int64_t K, std:
 }
 #endif
 
+// ---- fp32 on the transposed (K, N) layout, 2-8 rows of x ---------------------------------------
+// The fp32 layout keeps W^T (K, N) for MKL, whose GEMV on it is our kernel's equal at one row
+// of x; at 2-8 rows (a batch, a speculative verify pass, a short prompt) its product costs
+// 1.5-1.8x the one-row time where the weights are read once either way. Here a thread takes
+// tiles of 16 J adjacent outputs: for each k it loads W^T[k, n0 : n0 + 16 J] (J vectors) and
+// multiplies them by x[m, k] broadcast, M x J accumulators in registers, so no sum is reduced
+// across lanes. The tile's rows are N floats apart, a stride the hardware prefetchers follow
+// badly at large N: each load prefetches its line PREFETCH_ROWS rows ahead.
+constexpr int PREFETCH_ROWS = 32;
+template <int M> constexpr int tile_vectors() { return M <= 6 ? 4 : 3; }  // M * J <= 24 accumulators
+
+#ifdef GEMV_AVX512
+inline Vec vset1(float a) { return _mm512_set1_ps(a); }
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+#else
+inline Vec vset1(float a) { Vec r; for (int i = 0; i < LANES; ++i) r.v[i] = a; return r; }
+inline void vstore(float* p, Vec a) { std::memcpy(p, a.v, sizeof a.v); }
+inline void prefetch_line(const void*) {}
+#endif
+
+// y[m, n0 : n0 + 16 J] = x[m, :] @ Wt[:, n0 : n0 + 16 J] (+ bias)
+template <int M, int J>
+inline void transposed_tile(const float* Wt, const float* x, int64_t N, int64_t K, const float* bias, float* y,
+                            int64_t n0) {
+  Vec acc[M][J];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < J; ++j) acc[m][j] = vzero();
+  const float* row = Wt + n0;
+  const int64_t ahead = std::min<int64_t>(PREFETCH_ROWS, K) * N;
+  for (int64_t k = 0; k < K; ++k, row += N) {
+    Vec w[J];
+    for (int j = 0; j < J; ++j) {
+      if (k + PREFETCH_ROWS < K) prefetch_line(row + ahead + j * LANES);
+      w[j] = vload(row + j * LANES);
+    }
+    for (int m = 0; m < M; ++m) {
+      const Vec xm = vset1(x[m * K + k]);
+      for (int j = 0; j < J; ++j) acc[m][j] = vfma(xm, w[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < J; ++j) {
+      Vec out = acc[m][j];
+      if (bias) out = vfma(vset1(1.f), vload(bias + n0 + j * LANES), out);
+      vstore(y + m * N + n0 + j * LANES, out);
+    }
+}
+
+template <int M>
+void gemv_transposed(const float* Wt, const float* x, int64_t N, int64_t K, const float* bias, float* y) {
+  constexpr int J = tile_vectors<M>();
+  const int64_t tiles = N / (J * LANES), rest = (N - tiles * J * LANES) / LANES;  // rest: one-vector tiles
+  at::parallel_for(0, tiles + rest, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t < tiles) transposed_tile<M, J>(Wt, x, N, K, bias, y, t * J * LANES);
+      else transposed_tile<M, 1>(Wt, x, N, K, bias, y, tiles * J * LANES + (t - tiles) * LANES);
+    }
+  });
+}
+
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "gemv: x must be (M, ", K, "), got ", x.sizes());
   TORCH_CHECK(x.size(0) >= 1, "gemv: x has no rows");
@@ -559,6 +619,29 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
     });
   }
   return output(x, sums, M, N);
+}
+
+// x (M, K) fp32; w_t (K, N) fp32, N a multiple of 16; bias (N,) fp32 or None -> y (M, N) fp32.
+torch::Tensor linear_transposed(const torch::Tensor& x, const torch::Tensor& w_t, const c10::optional<torch::Tensor>& bias) {
+  const int64_t K = w_t.size(0), N = w_t.size(1), M = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && M >= 1 && x.scalar_type() == torch::kFloat32,
+              "gemv: x must be float32 (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(w_t.scalar_type() == torch::kFloat32 && w_t.is_contiguous() && N % LANES == 0,
+              "gemv: the transposed weight must be contiguous float32 with a multiple of ", LANES, " outputs");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+                "gemv: one float32 bias per output");
+    b = bias->data_ptr<float>();
+  }
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_M)
+    with_m(std::min<int64_t>(MAX_M, M - m0), [&](auto m) {
+      gemv_transposed<decltype(m)::value>(w_t.data_ptr<float>(), xc.data_ptr<float>() + m0 * K, N, K, b,
+                                          y.data_ptr<float>() + m0 * N);
+    });
+  return y;
 }
 
 // x (M, K) fp32 or bf16; q (N, K / 2) uint8; scale, offset (N, K / G) fp16 -> y (M, N) in x's dtype.
@@ -768,12 +851,17 @@ torch::Tensor gemv_linear_int4(const torch::Tensor& x, const torch::Tensor& q, c
                                const torch::Tensor& offset, int64_t G) {
   return linear_int4(x, q, scale, offset, G);
 }
+torch::Tensor gemv_linear_transposed(const torch::Tensor& x, const torch::Tensor& w_t,
+                                     const c10::optional<torch::Tensor>& bias) {
+  return linear_transposed(x, w_t, bias);
+}
 
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp: the small ops between the matrices
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
   m.def("linear", &linear, "y = x @ W^T (times one scale per output row), 8 rows of x a pass; W fp32, bf16 or int8");
+  m.def("linear_transposed", &linear_transposed, "y = x @ W_t (+ bias), W_t (K, N) fp32, 8 rows of x a pass");
   m.def("dequantize", &dequantize, "an int8 (N, K) or int4 (N, K / 2) matrix as bf16 (N, K), for prompts");
   m.def("screen_int8", &screen_int8, "the rows of an int8 head that may hold the largest exact logit");
   m.def("linear_int4", &linear_int4, "y = x @ (scale * q + offset)^T, group-wise, 8 rows of x a pass");
