@@ -5,10 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm import ModelConfig, Transformer
+from scratchlm.errors import ScratchLMError
 from scratchlm.generate import Completion, generate, stream
 from scratchlm.sampling import (
+    NEG_INF,
     SamplingOptions,
     apply_repetition_penalty,
+    draw,
     min_p_filter,
     sample_next,
     top_k_filter,
@@ -281,6 +284,23 @@ def test_filters_match_a_torch_reference_on_random_rows():
     assert torch.equal(torch.isfinite(min_p_filter(logits, 0.05)), ref_minp)
 
 
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked rows: the 256 most likely suffice; flat: the whole sort
+def test_top_p_on_a_large_vocabulary_equals_sorting_it_all(scale):
+    """top_p_filter sorts only the 256 most likely tokens where they hold p: the same set as
+    sorting the whole row (a mutation keeping one more token, or one fewer, fails)."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5000) * scale
+    logits[1, :4000] = NEG_INF  # a row whose tail an earlier filter removed
+    probs = logits.softmax(-1)
+    for p in (0.5, 0.9, 0.99):
+        ordered, order = probs.sort(-1, descending=True)
+        keep_sorted = (ordered.cumsum(-1) - ordered) < p
+        expected = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        got = torch.isfinite(top_p_filter(logits, p))
+        assert torch.equal(got, expected), (scale, p)
+        assert 1 <= int(got[0].sum()) < 5000
+
+
 def test_filtered_logits_renormalize_to_the_kept_mass():
     got = F.softmax(top_p_filter(PROBS.log(), 0.71), -1)
     assert torch.allclose(got, torch.tensor([0, 0.30, 0, 0.40, 0.15]) / 0.85)
@@ -297,6 +317,33 @@ def test_samples_stay_inside_the_filtered_set():
     # With no filter, the frequencies follow the distribution.
     freq = torch.bincount(sample_next(logits, SamplingOptions(1.0), g), minlength=5).float() / 2000
     assert torch.allclose(freq, PROBS, atol=0.04)
+
+
+def test_draw_follows_the_distribution_and_never_a_zero():
+    """sampling.draw (the inverse of the running sum at one uniform a row) against the
+    distribution it is given: a chi-square test on 40,000 draws (critical value 20.5 for 5
+    degrees of freedom at p = 0.001), unnormalized rows, zero-probability tokens anywhere
+    (first, between, last) never drawn, and a uniform that rounds up to the total."""
+    probs = torch.tensor([0.0, 0.05, 0.30, 0.0, 0.10, 0.40, 0.15, 0.0]) * 3.0  # sum 3, not 1
+    g = torch.Generator().manual_seed(5)
+    drawn = draw(probs.repeat(40_000, 1), g)
+    counts = torch.bincount(drawn, minlength=8).double()
+    assert counts[[0, 3, 7]].sum() == 0
+    expected = probs.double() / probs.sum() * 40_000
+    kept = expected > 0
+    chi2 = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+    assert chi2 < 20.5, chi2
+    # the same seed, the same draws; one row at a time, the same as a batch of rows
+    assert torch.equal(draw(probs.repeat(5, 1), torch.Generator().manual_seed(1)),
+                       draw(probs.repeat(5, 1), torch.Generator().manual_seed(1)))
+    # a uniform of 1.0 (u * total rounded up to the total): the last token with mass, not past it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "rand", lambda *a, **k: torch.ones(a[0], a[1], dtype=torch.float64))
+        assert draw(probs[None]).tolist() == [6]
+        assert draw(torch.tensor([[0.0, 0.0, 2.0, 0.0]])).tolist() == [2]
+    for bad in (torch.tensor([[0.0, 0.0]]), torch.tensor([[float("nan"), 1.0]]), torch.tensor([[float("inf"), 1.0]])):
+        with pytest.raises(ScratchLMError, match="cannot sample"):
+            draw(bad)
 
 
 def test_temperature_reshapes_the_distribution():

@@ -27,6 +27,7 @@ import torch
 from .errors import ScratchLMError
 
 NEG_INF = float("-inf")
+NUCLEUS_FIRST = 256  # top_p_filter: candidates sorted first, before the whole row
 MIN_TEMPERATURE = 1e-6  # logits (|x| < 1e30) / 1e-6 stay finite in float32
 
 
@@ -90,13 +91,18 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """
     if p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of all more likely tokens
-    drop_sorted = mass_before >= p  # the set was already complete before this token
-    drop_sorted[..., 0] = False  # the most likely token stays, even when p underflows float32 to 0
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, NEG_INF)
+    probs = logits.softmax(dim=-1)
+    # The set is a prefix of the tokens sorted by probability. Where the NUCLEUS_FIRST most
+    # likely tokens of every row already hold p, it lies among them and only they are sorted
+    # (torch.topk): a full sort of 49,152 took 3.3 ms a row here, a fifth of a step.
+    top, order = torch.topk(probs, min(NUCLEUS_FIRST, probs.shape[-1]), dim=-1)  # (..., k), descending
+    if not bool((top.sum(dim=-1) >= p).all()):  # a flat row: sort it all
+        top, order = probs.sort(dim=-1, descending=True)
+    mass_before = top.cumsum(dim=-1) - top  # probability of all more likely tokens
+    keep_sorted = mass_before < p  # the set was not yet complete before this token
+    keep_sorted[..., 0] = True  # the most likely token stays, even when p underflows float32 to 0
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, keep_sorted)  # vocabulary order
+    return logits.masked_fill(~keep, NEG_INF)
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -202,6 +208,33 @@ def filter_logits(logits: torch.Tensor, options: SamplingOptions) -> torch.Tenso
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of probs (B, V) (>= 0, each row's sum > 0, need not be 1): index i of
+    row b with probability probs[b, i] / sum(probs[b]). -> (B,) int64.
+
+    The inverse of the cumulative sum at one uniform number a row: the first i whose running
+    sum exceeds u * total. A zero-probability index is never chosen (its running sum equals
+    the one before it, which is found first). torch.multinomial draws the same distribution
+    but spends ~1.2 ms a row of 49,152 (9 ms for 8 rows) on this project's CPU, against
+    0.07 ms here: 5% of a sampled SmolLM2-135M step at batch 1, a fifth at batch 8.
+    The sums are float64, so 49k float32 terms add up with no drift that shows.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> draw(torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]), g).tolist()[0]
+    1
+    """
+    running = torch.cumsum(probs, -1, dtype=torch.float64)  # (B, V)
+    total = running[:, -1:].contiguous()  # (B, 1)
+    if not bool(((total > 0) & torch.isfinite(total)).all()):
+        raise ScratchLMError("cannot sample: the probabilities of a row are NaN, infinite or all zero "
+                             "(are the model's logits NaN?)")
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device) * total
+    choice = torch.searchsorted(running, u, right=True)  # (B, 1): first i with running[i] > u
+    # u * total may round up to total, past every running sum: the last index with mass is the
+    # first whose running sum reaches the total.
+    return torch.minimum(choice, torch.searchsorted(running, total)).squeeze(-1)
+
+
 def sample_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None = None,
                 seen: torch.Tensor | None = None) -> torch.Tensor:
     """Choose one token per row. logits (B, V) -> ids (B,).
@@ -219,7 +252,7 @@ def sample_next(logits: torch.Tensor, options: SamplingOptions, generator: torch
         logits, candidates = torch.topk(logits, options.top_k, dim=-1)  # (B, k) each
     logits = filter_logits(logits, SamplingOptions(options.temperature, None, options.top_p, options.min_p))
     probs = logits.softmax(dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    choice = draw(probs, generator)  # (B,)
     if candidates is not None:
-        choice = candidates.gather(-1, choice)
-    return choice.squeeze(-1)
+        choice = candidates.gather(-1, choice[:, None]).squeeze(-1)
+    return choice

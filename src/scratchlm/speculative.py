@@ -40,6 +40,7 @@ import torch
 from .decode_weights import greedy_ids
 from .errors import ScratchLMError
 from .generate import SamplingOptions, filter_logits
+from .sampling import draw
 
 
 @dataclass
@@ -123,8 +124,8 @@ def speculative_generate(target, draft, prompt: list[int], *, max_new_tokens: in
         small.logits(seq[:-1])
     proposed = accepted = rounds = 0
 
-    def draw(p: torch.Tensor) -> int:
-        return int(torch.multinomial(p, 1, generator=generator))
+    def draw_one(p: torch.Tensor) -> int:  # p (V,)
+        return int(draw(p[None], generator)[0])
 
     while len(seq) - n_prompt < max_new_tokens:
         n = len(seq)
@@ -136,7 +137,7 @@ def speculative_generate(target, draft, prompt: list[int], *, max_new_tokens: in
                 token = int(logits.argmax())
             else:
                 q.append(_probs(logits[None], options)[0])
-                token = draw(q[-1])
+                token = draw_one(q[-1])
             drafted.append(token)
             if i + 1 < want:
                 logits = small.next_logits(seq + drafted)
@@ -160,10 +161,10 @@ def speculative_generate(target, draft, prompt: list[int], *, max_new_tokens: in
                     new.append(token)
                     continue
                 residual = (p[i] - q[i]).clamp(min=0)  # where the target wants more than the draft gave
-                new.append(draw(residual / residual.sum()) if residual.sum() > 0 else draw(p[i]))
+                new.append(draw_one(residual) if residual.sum() > 0 else draw_one(p[i]))
                 break
             else:
-                new.append(draw(p[want]))
+                new.append(draw_one(p[want]))
         accepted += len(new) - 1  # the accepted drafts, then one target token
         seq += new
         # Drop what the caches hold beyond the kept tokens (all of seq but its last).
