@@ -489,7 +489,7 @@ def main() -> None:
     same_bits = {"ours fp32": "llama.cpp F16", "ours bf16": "llama.cpp F16", "ours int8": "llama.cpp Q8_0",
                  "ours int4": "llama.cpp Q4_0"}
     same_bits |= {f"{name} compiled": peer for name, peer in same_bits.items()}
-    print("\nbatch 1             tok/s best / median   x hf    x llama.cpp   x ours fp32   bytes/token"
+    print("\nbatch 1                 tok/s best / median   x hf    x llama.cpp   x ours fp32   bytes/token"
           "   limit tok/s   best of limit   greedy vs hf fp32")
     for name in peers:
         best, median = min(times[name]), statistics.median(times[name])
@@ -503,7 +503,7 @@ def main() -> None:
         limit = bandwidth / per_token
         same = (agreement(tokens[name], tokens["hf fp32"], hf, prompt) if not name.startswith("llama.cpp")
                 else "(own vocab)")
-        print(f"{name:18s} {n / best:10.1f} / {n / median:6.1f}   {ratio:5.2f}   {x_cpp}      {x_fp32:8.2f}"
+        print(f"{name:22s} {n / best:10.1f} / {n / median:6.1f}   {ratio:5.2f}   {x_cpp}      {x_fp32:8.2f}"
               f"      {per_token / 1e6:8.0f} MB"
               f"   {limit:10.1f}   {n / best / limit:10.0%}      {same}")
 
@@ -518,10 +518,10 @@ def main() -> None:
         for _ in range(max(2, args.rounds // 2)):
             for name, run in first.items():
                 ptimes[name].append(_timed(run, long)[0])
-        print(f"\nprefill of {args.prefill_tokens} tokens   prompt tokens/s best   x hf (median of rounds)")
+        print(f"\nprefill of {args.prefill_tokens} tokens       prompt tokens/s best   x hf (median of rounds)")
         for name in first:
             ratio = statistics.median(h / t for h, t in zip(ptimes["hf fp32"], ptimes[name]))
-            print(f"{name:18s} {args.prefill_tokens / min(ptimes[name]):14.1f}          {ratio:10.2f}")
+            print(f"{name:22s} {args.prefill_tokens / min(ptimes[name]):14.1f}          {ratio:10.2f}")
 
     if args.batch:
         batch = torch.randint(0, vocab, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
@@ -531,10 +531,10 @@ def main() -> None:
         for _ in range(max(2, args.rounds // 2)):
             for name, run in batched.items():
                 btimes[name].append(_timed(run, batch)[0])
-        print(f"\nbatch {args.batch}            tokens/s best (all rows)   x hf (median of rounds)")
+        print(f"\nbatch {args.batch:<3d}                tokens/s best (all rows)   x hf (median of rounds)")
         for name in batched:
             ratio = statistics.median(h / t for h, t in zip(btimes["hf fp32"], btimes[name]))
-            print(f"{name:18s} {args.batch * n / min(btimes[name]):14.1f}          {ratio:10.2f}")
+            print(f"{name:22s} {args.batch * n / min(btimes[name]):14.1f}          {ratio:10.2f}")
 
     if args.draft_k:
         speculative_run(models, prompt[0].tolist(), n, args.draft_k, args.rounds)

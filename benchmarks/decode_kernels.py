@@ -7,6 +7,11 @@ round by round; the best pass of each is printed with the read rate it implies.
 
     python benchmarks/decode_kernels.py
     python benchmarks/decode_kernels.py --preset qwen3-0.6b --rounds 9
+    python benchmarks/decode_kernels.py --rows 1 2 5 8   # also fp32 (in, out) at 2-8 rows of x
+
+A second table (``--rows``) times the fp32 layout's (in, out) matrices at several rows of x
+(a batch, a speculative verify pass): MKL's ``x @ W_t`` against our ``linear_transposed``,
+which decode_weights uses at 2-8 rows (MKL's GEMV at one).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--rows", type=int, nargs="*", default=[],
+                    help="rows of x for the fp32 (in, out) table (e.g. 1 2 5 8; none: skip it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kernels = cpu_gemv.kernels()
@@ -96,6 +103,36 @@ def main() -> None:
         ours = best[layout, "ours"]
         print(f"{layout:6s} {name:36s} {t * 1e3:10.2f} {n_weights * weight_bytes[layout] / t / 1e9:7.1f} "
               f"{t / ours:7.2f}")
+    if args.rows:
+        transposed_rows(shapes, layouts["fp32"], args.rows, args.rounds, kernels)
+
+
+def transposed_rows(shapes, weights, rows: list[int], rounds: int, kernels) -> None:
+    """fp32 (in, out) matrices times M rows of x: MKL against linear_transposed, interleaved."""
+    gen = torch.Generator().manual_seed(1)
+    weights_t = [w.t().contiguous() for w in weights]
+    xs = {(M, K): torch.randn(M, K, generator=gen) for M in rows for _, K in shapes}
+
+    def mkl(M):
+        for (_, K), w_t in zip(shapes, weights_t):
+            xs[M, K] @ w_t
+
+    def ours(M):
+        for (_, K), w_t in zip(shapes, weights_t):
+            kernels.linear_transposed(xs[M, K], w_t, None)
+
+    best = {(name, M): float("inf") for M in rows for name in ("MKL x @ W_t", "ours linear_transposed")}
+    for _ in range(rounds):
+        for M in rows:
+            for name, run in (("MKL x @ W_t", mkl), ("ours linear_transposed", ours)):
+                start = time.perf_counter()
+                run(M)
+                best[name, M] = min(best[name, M], time.perf_counter() - start)
+    n_bytes = 4 * sum(N * K for N, K in shapes)
+    print(f"\nfp32 (in, out), rows of x {rows}: best of {rounds} interleaved passes")
+    print(f"{'rows':>4s} {'kernel':28s} {'ms / pass':>10s} {'GB/s':>7s} {'x MKL':>7s}")
+    for (name, M), t in best.items():
+        print(f"{M:4d} {name:28s} {t * 1e3:10.2f} {n_bytes / t / 1e9:7.1f} {best['MKL x @ W_t', M] / t:7.2f}")
 
 
 if __name__ == "__main__":
