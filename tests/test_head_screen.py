@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from scratchlm import ModelConfig, Transformer, cpu_gemv
-from scratchlm.decode_weights import BF16Linear, HeadScreen, TransposedLinear, greedy_ids, prepare_for_decode
+from scratchlm.decode_weights import (
+    BF16Linear,
+    HeadScreen,
+    TransposedLinear,
+    greedy_ids,
+    prepare_for_decode,
+    top_logits,
+)
 from scratchlm.generate import generate
 
 needs_kernels = pytest.mark.skipif(cpu_gemv.kernels() is None, reason="scratchlm's CPU kernels are not built")
@@ -119,6 +126,63 @@ def test_the_screen_without_our_kernels_is_as_sound(monkeypatch):
     assert greedy_ids(head, torch.randn(1, 128)) is None  # slower than the head itself without our kernels
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("k", [5, 50])
+def test_the_screen_with_top_k_keeps_every_row_of_the_exact_top_k(k, kernels, monkeypatch):
+    """top = k: the floor is the k-th largest lower bound, so the k largest exact logits
+    (float64) always stay (the floor of top = 1 would drop most of them: checked too)."""
+    if kernels and cpu_gemv.kernels() is None:
+        pytest.skip("scratchlm's CPU kernels are not built")
+    weight = near_tie_head(vocab=2048, seed=5)
+    screen = HeadScreen(weight)
+    if not kernels:
+        monkeypatch.setattr(cpu_gemv, "kernels", lambda: None)
+    narrower = 0
+    for x in trials(128, n=30):
+        keep = screen.candidates(x, len(weight), k)
+        assert keep is not None and len(keep) >= k
+        exact_top = (x.double() @ weight.double().t())[0].topk(k).indices
+        assert torch.isin(exact_top, keep).all()
+        assert len(keep) < len(weight) // 4  # it does screen
+        greedy_keep = screen.candidates(x, len(weight))
+        narrower += greedy_keep is not None and not bool(torch.isin(exact_top, greedy_keep).all())
+    assert narrower > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_logits_equal_torch_topk_of_the_whole_head(dtype):
+    vocab, d = 2048, 128
+    weight = near_tie_head(vocab, d, spread=0.2, seed=6)
+    linear = torch.nn.Linear(d, vocab)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.mul_(0.01)
+    if dtype == torch.float32:
+        head = TransposedLinear.from_linear(linear)
+        head.screen = HeadScreen(weight)
+    else:
+        head = BF16Linear(linear, torch.bfloat16)
+        head.screen = HeadScreen(head.weight, torch.bfloat16)
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8  # the logits' own rounding, relative
+    g = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        x = torch.randn(1, d, generator=g).to(dtype)
+        w_used, b_used = (weight, linear.bias.detach()) if dtype == torch.float32 else (head.weight, head.bias)
+        exact = (x.double() @ w_used.double().t() + b_used.double())[0]  # float64, of the weights it holds
+        for k, limit in ((1, None), (20, None), (20, 1000)):
+            values, ids = top_logits(head, x, k, limit)
+            values, ids = values[0].double(), ids[0]
+            assert len(set(ids.tolist())) == k and int(ids.max()) < (limit or vocab)
+            assert bool((values[:-1] >= values[1:]).all())  # descending, as torch.topk
+            assert bool(((values - exact[ids]).abs() <= tol * exact[ids].abs() + 1e-4).all())
+            kth = exact[:limit].topk(k).values[-1]
+            margin = 2 * tol * abs(kth) + 2e-4
+            assert exact[ids].min() >= kth - margin  # no row clearly below the k-th taken
+            clearly_in = torch.nonzero(exact[:limit] > kth + margin).flatten()
+            assert torch.isin(clearly_in, ids).all()  # none clearly in the top k missed
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_ids_equal_the_whole_heads_argmax(dtype):
@@ -213,6 +277,41 @@ def test_generate_with_the_screen_gives_the_whole_heads_tokens(layout):
     sampled = generate(screened, None, prompts, max_new_tokens=8, temperature=0.8, seed=1)
     assert [c.token_ids for c in sampled] == [c.token_ids for c in generate(whole, None, prompts, max_new_tokens=8,
                                                                               temperature=0.8, seed=1)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["fp32", "bf16"])
+def test_top_k_sampling_through_the_screen_gives_the_whole_heads_tokens(layout):
+    """Top-k sampling (with temperature and top-p on the k) of one row draws from the screen's k
+    largest logits: for a seed, the same tokens as the whole head's, the tokenizer's limit kept."""
+    torch.manual_seed(1)
+    cfg = ModelConfig.preset("llama-tiny").replace(vocab_size=512, context_length=128)
+    base = Transformer(cfg).eval()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(6.0)  # peaked logits, as a trained model's
+    screened = prepare_for_decode(copy.deepcopy(base), layout)
+    whole = prepare_for_decode(copy.deepcopy(base), layout, screen_head=False)
+
+    class Ids:
+        vocab_size, eot_id = 500, None
+
+        def decode(self, ids):
+            return ""
+
+    calls = []
+    real = HeadScreen.candidates
+    screened.lm_head.screen.candidates = lambda x, limit, top=1: calls.append((limit, top)) or real(
+        screened.lm_head.screen, x, limit, top)
+    for tokenizer, k in ((None, 8), (Ids(), 40)):
+        options = dict(max_new_tokens=24, temperature=0.9, top_k=k, top_p=0.95, seed=3)
+        got = generate(screened, tokenizer, [[5, 17, 42]], **options)[0].token_ids
+        assert got == generate(whole, tokenizer, [[5, 17, 42]], **options)[0].token_ids
+        assert len(set(got)) > 3  # it did sample
+        assert ((tokenizer.vocab_size if tokenizer else 512), k) in calls
+    # a batch of rows takes the whole head (the union of their candidates would overflow)
+    calls.clear()
+    generate(screened, None, [[5, 17, 42], [1, 2]], max_new_tokens=4, temperature=0.9, top_k=8, seed=3)
+    assert calls == []
 
 
 @needs_kernels

@@ -339,15 +339,18 @@ class HeadScreen(nn.Module):
         self.register_buffer("per_x_rounding", (s * q_l2 * 1.01).float(), persistent=False)
         self.register_buffer("per_n1_sums", (sums * 1.01).float(), persistent=False)
 
-    def candidates(self, x: torch.Tensor, limit: int) -> torch.Tensor | None:
+    def candidates(self, x: torch.Tensor, limit: int, top: int = 1) -> torch.Tensor | None:
         """Ids (sorted) among the first ``limit`` rows that may hold the largest logit of some
-        row of x (N, d); None where the screen cannot tell (a NaN in x, or over 256 rows left)."""
+        row of x (N, d), or with ``top`` = k one of its k largest (top-k sampling: the floor is
+        then the k-th largest lower bound, which k rows' exact logits reach); None where the
+        screen cannot tell (a NaN in x, or over max(256, 8 k) rows left)."""
         b = self._buffers  # as a dict: see Int8Linear.forward
         x = x.float().contiguous()
         ops = cpu_gemv.kernels()
+        max_keep = max(self.max_keep, 8 * top)
         if ops is not None:  # the same as below in one call (gemv.cpp screen_int8)
             keep = ops.screen_int8(x, b["weight_int8"], b["scales"], b["per_n1"], b["per_n2"], b["per_x_rounding"],
-                                   b["per_n1_sums"], limit, self.output_rounding, self.max_keep)
+                                   b["per_n1_sums"], limit, self.output_rounding, max_keep, top)
             return keep if len(keep) else None
         approx = (x @ b["weight_int8"][:limit].float().t()) * b["scales"][:limit]  # (N, limit)
         n1 = x.abs().sum(-1, keepdim=True)  # (N, 1)
@@ -355,10 +358,11 @@ class HeadScreen(nn.Module):
         bound = torch.minimum(b["per_n1"][:limit] * n1, b["per_n2"][:limit] * n2)
         bound += b["per_n1_sums"][:limit] * n1  # (x is not rounded here)
         bound += approx.abs() * 1e-6  # the rounding of these sums themselves
-        floor = (approx - bound).amax(-1, keepdim=True)  # (N, 1): some row's exact logit reaches it
+        lower = (approx - bound).nan_to_num(nan=float("-inf"))
+        floor = lower.topk(top, dim=-1).values[:, -1:]  # (N, 1): `top` rows' exact logits reach it
         floor -= floor.abs() * self.output_rounding
         keep = (approx + bound >= floor).any(0).nonzero()[:, 0]  # NaN compares False: none kept
-        return keep if 0 < len(keep) <= self.max_keep else None
+        return keep if 0 < len(keep) <= max_keep else None
 
 
 def greedy_ids(head: nn.Module, x: torch.Tensor, limit: int | None = None) -> torch.Tensor | None:
@@ -372,6 +376,22 @@ def greedy_ids(head: nn.Module, x: torch.Tensor, limit: int | None = None) -> to
     if keep is None:
         return None
     return keep[head.rows(x, keep).float().argmax(-1)]  # ties: the lowest id, as torch.argmax
+
+
+def top_logits(head: nn.Module, x: torch.Tensor, k: int, limit: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The k largest of the first ``limit`` logits of ``head(x)`` through the head's screen, as
+    torch.topk gives them: (values (N, k) descending, in the head's output dtype; ids (N, k)).
+    None where the head has no screen or it cannot tell. Top-k sampling needs only these."""
+    screen = getattr(head, "screen", None)
+    limit = head.out_features if limit is None else limit
+    if screen is None or x.device.type != "cpu" or cpu_gemv.kernels() is None or not 1 <= k <= limit:
+        return None
+    keep = screen.candidates(x, limit, k)
+    if keep is None or len(keep) < k:
+        return None
+    values, at = torch.topk(head.rows(x, keep), k, dim=-1)
+    return values, keep[at]
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .compiled_decode import compile_decode_step
-from .decode_weights import greedy_ids
+from .decode_weights import greedy_ids, top_logits
 from .errors import ScratchLMError
 from .model import check_token_ids
 from .sampling import (  # noqa: F401 - sampling's names, re-exported for older imports
@@ -302,9 +302,10 @@ class _Decoder:
                     firsts.setdefault(k, i)
                 self.owner = torch.tensor(owner, device=device)
                 self.distinct = torch.tensor(list(firsts.values()), device=device)  # each prompt's first row
-        # Greedy on plain logits (no penalty, no blocker): a head with a screen (decode_weights.HeadScreen)
-        # gives the argmax from an int8 copy of itself and the exact logits of the few rows it leaves.
-        self.screened = (options.greedy and self.seen is None and self.blocker is None
+        # Greedy or top-k sampling on plain logits (no penalty, no blocker): a head with a screen
+        # (decode_weights.HeadScreen) gives the argmax, or the k largest logits, from an int8 copy of
+        # itself and the exact logits of the few rows it leaves.
+        self.screened = ((options.greedy or bool(options.top_k)) and self.seen is None and self.blocker is None
                          and getattr(model.lm_head, "screen", None) is not None)
         # compile: the one-token steps run through a compiled static-shape step (compiled_decode.py);
         # the prefill stays eager (its length changes from call to call).
@@ -372,10 +373,18 @@ class _Decoder:
 
     def _pick(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next ids (B,) from the last position's hidden states (B, d_model)."""
-        if self.screened:
+        if self.screened and self.options.greedy:
             ids = greedy_ids(self.model.lm_head, hidden, self.vocab_limit)
             if ids is not None:
                 return ids
+        elif self.screened and hidden.shape[0] == 1:
+            # Top-k sampling draws from the k largest logits alone, as sample_next would. One row
+            # only: the union of 8 rows' candidates (~100-250 each at k = 50 on SmolLM2's real
+            # weights) mostly overflows, and the screen would be paid for nothing.
+            top = top_logits(self.model.lm_head, hidden, self.options.top_k, self.vocab_limit)
+            if top is not None:
+                values, ids = top  # (B, k) each, values descending: what sample_next's torch.topk gives
+                return ids.gather(-1, sample_next(values, self.options, self.generator)[:, None]).squeeze(-1)
         return self._sample(self.model.lm_head(hidden))
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
