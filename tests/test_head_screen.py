@@ -126,6 +126,23 @@ def test_the_screen_without_our_kernels_is_as_sound(monkeypatch):
     assert greedy_ids(head, torch.randn(1, 128)) is None  # slower than the head itself without our kernels
 
 
+def screened_head(vocab: int, d: int, dtype: torch.dtype, seed: int):
+    """(weight, the nn.Linear with it and a small bias, that layer as the fp32 or bf16 decode layout
+    with a HeadScreen; the bf16 one's logits in bf16, as on a CPU with native bf16)."""
+    weight = near_tie_head(vocab, d, spread=0.2, seed=seed)
+    linear = torch.nn.Linear(d, vocab)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.mul_(0.01)
+    if dtype == torch.float32:
+        head = TransposedLinear.from_linear(linear)
+        head.screen = HeadScreen(weight)
+    else:
+        head = BF16Linear(linear, torch.bfloat16)
+        head.screen = HeadScreen(head.weight, torch.bfloat16)
+    return weight, linear, head
+
+
 @pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("k", [5, 50])
 def test_the_screen_with_top_k_keeps_every_row_of_the_exact_top_k(k, kernels, monkeypatch):
@@ -153,17 +170,7 @@ def test_the_screen_with_top_k_keeps_every_row_of_the_exact_top_k(k, kernels, mo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_top_logits_equal_torch_topk_of_the_whole_head(dtype):
     vocab, d = 2048, 128
-    weight = near_tie_head(vocab, d, spread=0.2, seed=6)
-    linear = torch.nn.Linear(d, vocab)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.mul_(0.01)
-    if dtype == torch.float32:
-        head = TransposedLinear.from_linear(linear)
-        head.screen = HeadScreen(weight)
-    else:
-        head = BF16Linear(linear, torch.bfloat16)
-        head.screen = HeadScreen(head.weight, torch.bfloat16)
+    weight, linear, head = screened_head(vocab, d, dtype, seed=6)
     tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8  # the logits' own rounding, relative
     g = torch.Generator().manual_seed(7)
     for _ in range(20):
@@ -189,17 +196,7 @@ def test_greedy_ids_equal_the_whole_heads_argmax(dtype):
     """fp32 and bf16 heads with a bias, over a head of near ties; the bf16 head's logits in bf16
     (as on a CPU with native bf16), a tokenizer's limit on the ids too."""
     vocab, d = 2048, 128
-    weight = near_tie_head(vocab, d, spread=0.2, seed=3)
-    linear = torch.nn.Linear(d, vocab)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.mul_(0.01)
-    if dtype == torch.float32:
-        head = TransposedLinear.from_linear(linear)
-        head.screen = HeadScreen(weight)
-    else:
-        head = BF16Linear(linear, torch.bfloat16)
-        head.screen = HeadScreen(head.weight, torch.bfloat16)
+    weight, linear, head = screened_head(vocab, d, dtype, seed=3)
     g = torch.Generator().manual_seed(4)
     for _ in range(40):
         x = torch.randn(3, d, generator=g).to(dtype)
