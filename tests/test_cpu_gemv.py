@@ -56,6 +56,10 @@ def test_transposed_weights_equal_matmul(kernels, M, K, N):
     strided = torch.randn(M, 2 * K, generator=gen(5))[:, ::2]  # copied to contiguous rows first
     torch.testing.assert_close(cpu_gemv.linear_transposed(strided, w_t), strided @ w_t, rtol=1e-5, atol=1e-4)
     assert cpu_gemv.transposed_fits(x, w_t) == (2 <= M <= cpu_gemv.TRANSPOSED_ROWS)
+    for ids in (torch.tensor([0]), torch.tensor([N - 1, 3 % N, 0]), torch.arange(N)):  # any order, tails of 16
+        torch.testing.assert_close(kernels.columns_transposed(x, w_t, ids), x @ w_t[:, ids], rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.columns_transposed(x, w_t, torch.tensor([N]))
     with pytest.raises(RuntimeError, match="multiple of 16"):
         cpu_gemv.linear_transposed(x, torch.randn(K, N + 1))
     with pytest.raises(RuntimeError, match="float32"):
