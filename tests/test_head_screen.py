@@ -341,3 +341,32 @@ def test_the_servers_engine_takes_greedy_rows_through_the_screen():
             assert max(calls) == 4  # a step of all four rows went through the screen
             calls.clear()
     assert max(calls, default=0) < 4  # with a sampling row in the batch, its steps make every logit
+
+
+@needs_kernels
+def test_the_servers_engine_samples_a_lone_top_k_row_through_the_screen():
+    """One request sampling with top-k: its steps draw from the screen's k largest logits, and its
+    tokens are those of the same request on the model without a screen (the same seed)."""
+    from scratchlm.serve.engine import Engine, SamplingParams, Sequence
+
+    torch.manual_seed(2)
+    base = Transformer(ModelConfig.preset("llama-tiny").replace(vocab_size=512, context_length=64)).eval()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(6.0)  # peaked logits, as a trained model's
+    screened = prepare_for_decode(copy.deepcopy(base), "fp32")
+    whole = prepare_for_decode(copy.deepcopy(base), "fp32", screen_head=False)
+    screen, calls = screened.lm_head.screen, []
+    screen.candidates = lambda x, limit, top=1: calls.append(top) or HeadScreen.candidates(screen, x, limit, top)
+    out = []
+    for model in (screened, whole):
+        engine = Engine(model, None, max_batch=2).start()
+        try:
+            seq = Sequence([5, 17, 42], SamplingParams(max_tokens=16, temperature=0.9, top_k=12, seed=4),
+                           lambda event: None)
+            engine.submit([seq])
+            assert seq.done.wait(30)
+        finally:
+            engine.close()
+        out.append(seq.generated)
+    assert out[0] == out[1] and len(set(out[0])) > 3
+    assert calls.count(12) >= 15  # every step after the prompt's took the screen

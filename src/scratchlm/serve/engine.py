@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..decode_weights import greedy_ids
+from ..decode_weights import greedy_ids, top_logits
 from ..errors import ScratchLMError
 from ..generate import StopRule, left_pad
 from ..model import KVCache, check_token_ids
@@ -383,12 +383,20 @@ class Engine:
     def _head(self, rows: list[Sequence], hidden: torch.Tensor) -> tuple[list, list[int]]:
         """Each row's logits (1, V) and the batch's argmax, from the final hidden states (B, d).
         When every row is plainly greedy, the head's screen (decode_weights.greedy_ids) gives the
-        argmax from its int8 copy and no logits are made (each row's are None)."""
+        argmax from its int8 copy and no logits are made (each row's are None, its token chosen);
+        a lone row sampling with top-k draws from the screen's k largest logits likewise
+        (decode_weights.top_logits), as generate() does."""
         head = self.model.lm_head
         if all(s._options.greedy and s._seen is None for s in rows):
             ids = greedy_ids(head, hidden)
             if ids is not None:
                 return [None] * len(rows), ids.tolist()
+        elif len(rows) == 1 and rows[0]._options.top_k and rows[0]._seen is None:
+            seq = rows[0]
+            top = top_logits(head, hidden, seq._options.top_k)
+            if top is not None:
+                values, ids = top  # (1, k) each, descending: what sample_next's torch.topk gives
+                return [None], [int(ids[0, sample_next(values, seq._options, seq._generator)[0]])]
         logits = head(hidden)  # (B, V)
         return [logits[i:i + 1] for i in range(len(rows))], logits.float().argmax(dim=-1).tolist()  # one sync
 
@@ -397,7 +405,10 @@ class Engine:
 
     def _sample(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> int:
         """One row's next token from its logits (1, V) with its own options and generator.
-        Greedy rows (the common case) take ``greedy``, the batch's argmax, when given."""
+        Greedy rows (the common case) take ``greedy``, the batch's argmax, when given; a row
+        without logits takes ``greedy`` as the token the head's screen chose for it."""
+        if logits is None:
+            return greedy
         if seq._options.greedy and seq._seen is None:
             return greedy if greedy is not None else int(logits.float().argmax())
         return int(sample_next(logits, seq._options, seq._generator, seq._seen)[0])
