@@ -12,6 +12,7 @@ import torch
 
 from scratchlm import ModelConfig, Transformer, cpu_gemv
 from scratchlm.decode_weights import (
+    TOP_K_SCREENED,
     BF16Linear,
     HeadScreen,
     TransposedLinear,
@@ -188,6 +189,10 @@ def test_top_logits_equal_torch_topk_of_the_whole_head(dtype):
             assert exact[ids].min() >= kth - margin  # no row clearly below the k-th taken
             clearly_in = torch.nonzero(exact[:limit] > kth + margin).flatten()
             assert torch.isin(clearly_in, ids).all()  # none clearly in the top k missed
+    x = torch.randn(1, d, generator=g).to(dtype)
+    assert top_logits(head, x, TOP_K_SCREENED) is not None
+    assert top_logits(head, x, TOP_K_SCREENED + 1) is None  # too many rows would be left to check
+    assert top_logits(head, x, 20, limit=20) is None  # top-k of everything: sample_next's own order
 
 
 @needs_kernels

@@ -382,14 +382,21 @@ def greedy_ids(head: nn.Module, x: torch.Tensor, limit: int | None = None) -> to
     return keep[head.rows(x, keep).float().argmax(-1)]  # ties: the lowest id, as torch.argmax
 
 
+TOP_K_SCREENED = 64  # top_logits' largest k: at 50, SmolLM2's real head leaves ~224 rows (1 ms to check)
+
+
 def top_logits(head: nn.Module, x: torch.Tensor, k: int, limit: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The k largest of the first ``limit`` logits of ``head(x)`` through the head's screen, as
     torch.topk gives them: (values (N, k) descending, in the head's output dtype; ids (N, k)).
-    None where the head has no screen or it cannot tell. Top-k sampling needs only these."""
+    None where the head has no screen or it cannot tell, and for k over TOP_K_SCREENED (the
+    rows left, ~4k, would cost more to check than the whole head) or not under ``limit`` (then
+    sample_next draws over the vocabulary in id order, not from a sorted top-k). Top-k sampling
+    needs only these."""
     screen = getattr(head, "screen", None)
     limit = head.out_features if limit is None else limit
-    if screen is None or x.device.type != "cpu" or cpu_gemv.kernels() is None or not 1 <= k <= limit:
+    if (screen is None or x.device.type != "cpu" or cpu_gemv.kernels() is None
+            or not 1 <= k <= min(TOP_K_SCREENED, limit - 1)):
         return None
     keep = screen.candidates(x, limit, k)
     if keep is None or len(keep) < k:
