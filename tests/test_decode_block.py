@@ -294,7 +294,7 @@ def test_attend_one_split_over_the_keys_equals_sdpa(dtype):
 
 @pytest.mark.parametrize("preset, layout", [(p, "fp32") for p in FAMILIES] + [("llama-tiny", "bf16"),
                                                                              ("gemma3-tiny", "int8")])
-def test_all_blocks_in_one_call_equal_the_block_by_block_steps(preset, layout, monkeypatch):
+def test_all_blocks_in_one_call_equal_the_block_by_block_steps(preset, layout, run_blocks_calls):
     """DecodeBlocks (what prepare_for_decode installs) runs a one-token step of every block in
     one C++ call (run_blocks): the same numbers as the DecodeBlocks called one by one, past
     gemma3-tiny's sliding window (a ring cache, the local rope and mask) and with left padding;
@@ -308,17 +308,7 @@ def test_all_blocks_in_one_call_equal_the_block_by_block_steps(preset, layout, m
     assert isinstance(one_call.blocks, DecodeBlocks)
     by_block = copy.deepcopy(one_call)
     by_block.blocks = torch.nn.ModuleList(list(by_block.blocks))
-    calls = []
-    ops = cpu_gemv.kernels()
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(ops, name)
-
-        def run_blocks(self, *args):
-            calls.append(1)
-            return ops.run_blocks(*args)
-    monkeypatch.setitem(cpu_gemv._built, "module", Spy())
+    calls = run_blocks_calls
     gen = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, 500, (2, 4), generator=gen)
     new = torch.randint(0, 500, (2, 24), generator=gen)
@@ -343,7 +333,7 @@ def test_all_blocks_in_one_call_equal_the_block_by_block_steps(preset, layout, m
 
 @pytest.mark.parametrize("preset, layout", [(p, "fp32") for p in FAMILIES] + [("llama-tiny", layout) for layout in
                                                                              ("bf16", "int8", "int4")])
-def test_tokens_of_one_row_in_one_call_equal_model_pys_pass(preset, layout, monkeypatch):
+def test_tokens_of_one_row_in_one_call_equal_model_pys_pass(preset, layout, run_blocks_calls):
     """A few new tokens of one row after its cache (a speculative verify pass, a prompt of up
     to 8 tokens) go through run_blocks together, each token attending up to its own key: the
     logits and the cache of model.py's causal pass over the same tokens. Declined (model.py
@@ -354,17 +344,7 @@ def test_tokens_of_one_row_in_one_call_equal_model_pys_pass(preset, layout, monk
     fused = prepare_for_decode(copy.deepcopy(plain), layout)
     loop = copy.deepcopy(fused)
     loop.blocks = torch.nn.ModuleList(list(loop.blocks))  # each DecodeBlock: model.py's Block for T > 1
-    seen = []
-    ops = cpu_gemv.kernels()
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(ops, name)
-
-        def run_blocks(self, plans, x, *args):
-            seen.append(x.shape[1])
-            return ops.run_blocks(plans, x, *args)
-    monkeypatch.setitem(cpu_gemv._built, "module", Spy())
+    seen = run_blocks_calls
     gen = torch.Generator().manual_seed(9)
     ids = torch.randint(0, 500, (1, 40), generator=gen)
     tolerance = {"fp32": 1e-4}.get(layout, 2e-2)

@@ -31,33 +31,21 @@ def test_greedy_is_the_target_alone_whatever_the_draft(k):
     assert perfect.rounds == math.ceil(20 / (k + 1))
 
 
-def test_fused_models_take_a_rounds_tokens_in_one_call(monkeypatch):
+def test_fused_models_take_a_rounds_tokens_in_one_call(run_blocks_calls):
     """Target and draft fused (prepare_for_decode): the verify pass (k + 1 or k + 2 tokens) and a
     draft catching up on two tokens after a fully kept round each go through run_blocks in one
     call of several tokens; the output is still the target's alone."""
     import copy
 
-    from scratchlm import cpu_gemv
     from scratchlm.decode_weights import prepare_for_decode
 
     plain = _model(0)
     target = prepare_for_decode(copy.deepcopy(plain), "fp32")
     draft = prepare_for_decode(copy.deepcopy(plain), "int8")
-    ops = cpu_gemv.kernels()
-    if ops is None:
-        pytest.skip("scratchlm's CPU kernels are not built")
-    tokens = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(ops, name)
-
-        def run_blocks(self, plans, x, *args):
-            tokens.append(x.shape[1])
-            return ops.run_blocks(plans, x, *args)
     prompt = [5, 17, 42, 8, 3, 99, 1, 7, 9, 11]  # a prefill of 9: model.py's pass, not run_blocks
     expected = generate(plain, None, [prompt], max_new_tokens=20)[0].token_ids
-    monkeypatch.setitem(cpu_gemv._built, "module", Spy())
+    tokens = run_blocks_calls
+    tokens.clear()
     out = speculative_generate(target, draft, prompt, max_new_tokens=20, k=3)
     assert out.token_ids == expected and out.accepted > 0
     assert {4, 5} & set(tokens) and 2 in tokens  # verify passes; a draft's two-token catch-up

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from . import cpu_gemv
 from .errors import ScratchLMError
+from .sampling import SamplingOptions, sample_next
 
 WEIGHTS = ("fp32", "bf16", "int8", "int4", "int8-dynamic")
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -403,6 +404,19 @@ def top_logits(head: nn.Module, x: torch.Tensor, k: int, limit: int | None = Non
         return None
     values, at = torch.topk(head.rows(x, keep), k, dim=-1)
     return values, keep[at]
+
+
+def sampled_top_k_ids(head: nn.Module, x: torch.Tensor, options: SamplingOptions,
+                      generator: torch.Generator | None = None, limit: int | None = None) -> torch.Tensor | None:
+    """Top-k sampling (options.top_k, then its temperature, top-p and min-p) of one id per row
+    of x (N, d) -> (N,), from the k logits ``top_logits`` gives: sorted as sample_next's own
+    torch.topk sorts them, so a seed draws what it would from the whole head. None where
+    top_logits is."""
+    top = top_logits(head, x, options.top_k, limit)
+    if top is None:
+        return None
+    values, ids = top  # (N, k) each
+    return ids.gather(-1, sample_next(values, options, generator)[:, None]).squeeze(-1)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

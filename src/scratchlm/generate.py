@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .compiled_decode import compile_decode_step
-from .decode_weights import greedy_ids, top_logits
+from .decode_weights import greedy_ids, sampled_top_k_ids
 from .errors import ScratchLMError
 from .model import check_token_ids
 from .sampling import (  # noqa: F401 - sampling's names, re-exported for older imports
@@ -381,10 +381,9 @@ class _Decoder:
             # Top-k sampling draws from the k largest logits alone, as sample_next would. One row
             # only: the union of 8 rows' candidates (~100-250 each at k = 50 on SmolLM2's real
             # weights) mostly overflows, and the screen would be paid for nothing.
-            top = top_logits(self.model.lm_head, hidden, self.options.top_k, self.vocab_limit)
-            if top is not None:
-                values, ids = top  # (B, k) each, values descending: what sample_next's torch.topk gives
-                return ids.gather(-1, sample_next(values, self.options, self.generator)[:, None]).squeeze(-1)
+            ids = sampled_top_k_ids(self.model.lm_head, hidden, self.options, self.generator, self.vocab_limit)
+            if ids is not None:
+                return ids
         return self._sample(self.model.lm_head(hidden))
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..decode_weights import greedy_ids, top_logits
+from ..decode_weights import greedy_ids, sampled_top_k_ids
 from ..errors import ScratchLMError
 from ..generate import StopRule, left_pad
 from ..model import KVCache, check_token_ids
@@ -385,18 +385,16 @@ class Engine:
         When every row is plainly greedy, the head's screen (decode_weights.greedy_ids) gives the
         argmax from its int8 copy and no logits are made (each row's are None, its token chosen);
         a lone row sampling with top-k draws from the screen's k largest logits likewise
-        (decode_weights.top_logits), as generate() does."""
+        (decode_weights.sampled_top_k_ids), as generate() does."""
         head = self.model.lm_head
         if all(s._options.greedy and s._seen is None for s in rows):
             ids = greedy_ids(head, hidden)
             if ids is not None:
                 return [None] * len(rows), ids.tolist()
         elif len(rows) == 1 and rows[0]._options.top_k and rows[0]._seen is None:
-            seq = rows[0]
-            top = top_logits(head, hidden, seq._options.top_k)
-            if top is not None:
-                values, ids = top  # (1, k) each, descending: what sample_next's torch.topk gives
-                return [None], [int(ids[0, sample_next(values, seq._options, seq._generator)[0]])]
+            ids = sampled_top_k_ids(head, hidden, rows[0]._options, rows[0]._generator)
+            if ids is not None:
+                return [None], ids.tolist()
         logits = head(hidden)  # (B, V)
         return [logits[i:i + 1] for i in range(len(rows))], logits.float().argmax(dim=-1).tolist()  # one sync
 
